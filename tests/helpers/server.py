@@ -1,0 +1,106 @@
+"""Start the real server the way a user does (`vllm-batch-server serve ...`) as a subprocess on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    data_dir: Path
+    port: int
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    api_key: str | None = None
+    starts: int = field(default=0)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> RunningServer:
+        self.starts += 1
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        log.write(f"\n===== start #{self.starts} =====\n".encode())
+        log.flush()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vllm_batch_server.cli", "serve", *self.args],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.root_url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"server did not become healthy within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-8000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """kill -9 the whole process group: the server and any engine process it spawned."""
+        if self.process and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def stop(self) -> None:
+        """A graceful stop (SIGTERM), falling back to kill -9."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+
+
+def make_server(data_dir: Path, *, engine: str = "echo", models: list[str] | None = None,
+                extra_args: list[str] | None = None, api_key: str | None = None,
+                env: dict[str, str] | None = None, port: int | None = None) -> RunningServer:
+    """Build (not start) a server on a free loopback port with its data in `data_dir`."""
+    port = port or free_port()
+    args = ["--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), "--engine", engine]
+    for model in models or (["echo-model", "echo-embed"] if engine == "echo" else []):
+        args += ["--model", model]
+    if api_key:
+        args += ["--api-key", api_key]
+    args += extra_args or []
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BATCH_")}
+    full_env.update(env or {})
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return RunningServer(data_dir=data_dir, port=port, args=args, env=full_env,
+                         log_path=data_dir.parent / f"{data_dir.name}-server.log", api_key=api_key)

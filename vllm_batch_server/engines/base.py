@@ -1,0 +1,99 @@
+"""The contract between the scheduler and whatever computes a request.
+
+The scheduler and runner know nothing of vLLM: they hand an engine one OpenAI request body at a time and get
+back the HTTP status and body that an OpenAI-compatible server would have answered. That keeps the durable
+part of the system testable at full speed with the echo engine, and keeps vLLM's version drift in one module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+# The endpoints a batch may target; the API refuses any other at batch creation.
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+SUPPORTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Usage:
+        """Read the OpenAI `usage` object of a response body (chat, completion or embedding)."""
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if not isinstance(usage, dict):
+            return cls()
+        details = usage.get("prompt_tokens_details") or {}
+        return cls(
+            input_tokens=int(usage.get("prompt_tokens") or 0),
+            cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+            output_tokens=int(usage.get("completion_tokens") or 0),
+        )
+
+
+@dataclass
+class Result:
+    """What an OpenAI-compatible server would answer for one request.
+
+    `status_code` 200 means success: the line goes to the output file. Anything else goes to the error file,
+    with `body` being an OpenAI error object `{"error": {...}}`.
+    """
+
+    status_code: int
+    body: dict[str, Any]
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code == 200
+
+    @classmethod
+    def error(cls, status_code: int, message: str, *, type: str = "invalid_request_error",
+              param: str | None = None, code: str | None = None) -> Result:
+        return cls(status_code, {"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+class EngineError(RuntimeError):
+    """The engine itself failed (died, hung, could not load): not the request's fault.
+
+    The scheduler restarts the engine and resumes the batch from its last checkpoint; after a bounded number
+    of attempts it fails the batch, keeping the results already committed.
+    """
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One model loaded at a time; many requests in flight."""
+
+    @property
+    def capacity(self) -> int:
+        """How many requests in flight keep the engine fully busy (the runner's window)."""
+        ...
+
+    @property
+    def model(self) -> str | None:
+        """The model currently loaded, or None."""
+        ...
+
+    async def start(self, model: str) -> None:
+        """Load `model` (a name from the server's configured models). Raises EngineError on failure."""
+        ...
+
+    async def stop(self) -> None:
+        """Release the model and everything it holds. Safe to call when nothing is loaded."""
+        ...
+
+    async def run(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
+        """Compute one request. Request-level problems come back as a non-200 Result, never as an exception;
+        an exception means the engine is broken (EngineError) or the request was aborted (CancelledError)."""
+        ...
+
+    async def abort(self, request_ids: list[str]) -> None:
+        """Stop computing these requests; their `run` calls end with CancelledError."""
+        ...
