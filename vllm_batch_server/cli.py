@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -55,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the HTTP server and the batch scheduler",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter
-                           if False else argparse.HelpFormatter)
+    serve = sub.add_parser("serve", help="run the HTTP server and the batch scheduler")
     _flag(serve, "--host", "HOST", "address to listen on", default="127.0.0.1")
     _flag(serve, "--port", "PORT", "port to listen on", type=int, default=4080)
     _flag(serve, "--data-dir", "DATA_DIR", "where the database, uploads and results live", type=Path,
@@ -129,6 +128,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from vllm_batch_server.app import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",

@@ -1,0 +1,31 @@
+"""Optional Bearer-token check on every route but /health, compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from vllm_batch_server.api.errors import error_response
+
+OPEN_PATHS = ("/health",)
+
+
+class BearerAuth:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+        if hmac.compare_digest(given, self._expected):
+            await self.app(scope, receive, send)
+            return
+        message = ("Incorrect API key provided." if given else
+                   "You didn't provide an API key. Send it as a Bearer token in the Authorization header.")
+        response = error_response(401, message, type="invalid_request_error", code="invalid_api_key",
+                                  headers={"www-authenticate": "Bearer"})
+        await response(scope, receive, send)

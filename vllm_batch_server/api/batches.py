@@ -1,0 +1,150 @@
+"""/v1/batches: create, retrieve, list (newest first, cursor-paginated), cancel."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from vllm_batch_server import ids
+from vllm_batch_server.api.context import context
+from vllm_batch_server.api.errors import APIError, bad_request, not_found
+from vllm_batch_server.api.params import checked_id, expiry_seconds, json_object, query_int
+from vllm_batch_server.engines.base import SUPPORTED_ENDPOINTS
+from vllm_batch_server.schemas import batch_object, page
+from vllm_batch_server.store import BatchRow
+
+CREATE_FIELDS = {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
+# OpenAI's metadata limits.
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+# OpenAI accepts only "24h"; shorter windows are our extension (handy for deadlines and tests).
+_WINDOW = re.compile(r"([1-9][0-9]{0,6})([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW_SECONDS = 30 * 86400
+
+
+def window_seconds(value: Any) -> int:
+    match = _WINDOW.fullmatch(value) if isinstance(value, str) else None
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)] if match else 0
+    if not 0 < seconds <= MAX_WINDOW_SECONDS:
+        raise bad_request("Invalid 'completion_window': expected '24h' (or a duration such as '90m', '2h' "
+                          "or '30s', at most 30 days).", "completion_window")
+    return seconds
+
+
+def checked_metadata(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("Invalid 'metadata': expected an object of string keys and values.", "metadata")
+    if len(value) > MAX_METADATA_PAIRS:
+        raise bad_request(f"Invalid 'metadata': at most {MAX_METADATA_PAIRS} key-value pairs are allowed.",
+                          "metadata")
+    for key, item in value.items():
+        if len(key) > MAX_METADATA_KEY:
+            raise bad_request(f"Invalid 'metadata': keys are at most {MAX_METADATA_KEY} characters.",
+                              f"metadata.{key[:MAX_METADATA_KEY]}")
+        if not isinstance(item, str):
+            raise bad_request("Invalid 'metadata': values must be strings.", f"metadata.{key}")
+        if len(item) > MAX_METADATA_VALUE:
+            raise bad_request(f"Invalid 'metadata': values are at most {MAX_METADATA_VALUE} characters.",
+                              f"metadata.{key}")
+    return value
+
+
+async def create_batch(request: Request) -> Response:
+    ctx = context(request)
+    body = await json_object(request)
+    unknown = sorted(set(body) - CREATE_FIELDS)
+    if unknown:
+        raise bad_request(f"Unrecognized request argument supplied: {unknown[0][:100]}", unknown[0][:100],
+                          "unknown_parameter")
+    for name in ("input_file_id", "endpoint", "completion_window"):
+        if body.get(name) is None:
+            raise bad_request(f"Missing required parameter: '{name}'.", name, "missing_required_parameter")
+    endpoint = body["endpoint"]
+    if endpoint not in SUPPORTED_ENDPOINTS:
+        raise bad_request(f"Invalid 'endpoint' {str(endpoint)[:100]!r}: this server supports "
+                          f"{', '.join(SUPPORTED_ENDPOINTS)}.", "endpoint", "unsupported_endpoint")
+    window = window_seconds(body["completion_window"])
+    metadata = checked_metadata(body.get("metadata"))
+    output_expiry = None
+    if (policy := body.get("output_expires_after")) is not None:
+        if not isinstance(policy, dict):
+            raise bad_request("Invalid 'output_expires_after': expected an object.", "output_expires_after")
+        output_expiry = expiry_seconds(policy.get("anchor"), policy.get("seconds"), "output_expires_after")
+
+    input_file_id = body["input_file_id"]
+    file = None
+    if isinstance(input_file_id, str) and ids.is_file_id(input_file_id):
+        file = await ctx.store.get_file(input_file_id)
+    if file is None:
+        raise APIError(404, f"No such File: '{str(input_file_id)[:100]}'", param="input_file_id",
+                       code="file_not_found")
+    if file.purpose != "batch":
+        raise bad_request(f"The input file has purpose {file.purpose!r}; a batch needs a file uploaded with "
+                          "purpose 'batch'.", "input_file_id", "invalid_file_purpose")
+
+    created = int(time.time())
+    batch = BatchRow(id=ids.new_batch_id(), endpoint=endpoint, input_file_id=file.id,
+                     completion_window=body["completion_window"], status="validating", created_at=created,
+                     expires_at=created + window, metadata=metadata, output_expires_after=output_expiry)
+    await ctx.store.insert_batch(batch)
+    ctx.scheduler.notify()
+    return JSONResponse(batch_object(batch))
+
+
+async def _batch(request: Request) -> BatchRow:
+    raw = request.path_params["batch_id"]
+    batch_id = checked_id(raw, ids.is_batch_id(raw), "Batch")
+    batch = await context(request).store.get_batch(batch_id)
+    if batch is None:
+        raise not_found("Batch", batch_id)
+    return batch
+
+
+async def retrieve_batch(request: Request) -> Response:
+    return JSONResponse(batch_object(await _batch(request)))
+
+
+async def list_batches(request: Request) -> Response:
+    ctx = context(request)
+    limit = query_int(request, "limit", 20, 1, 100)
+    after_seq = None
+    if after := request.query_params.get("after"):
+        anchor = await ctx.store.get_batch(after) if ids.is_batch_id(after) else None
+        if anchor is None:
+            raise bad_request(f"Invalid 'after': no batch {after[:100]!r}.", "after")
+        after_seq = anchor.seq
+    rows = await ctx.store.list_batches(after_seq=after_seq, limit=limit)
+    return JSONResponse(page([batch_object(b) for b in rows[:limit]], len(rows) > limit))
+
+
+async def cancel_batch(request: Request) -> Response:
+    ctx = context(request)
+    batch = await _batch(request)
+    if batch.status in ("cancelling", "cancelled"):
+        return JSONResponse(batch_object(batch))
+    moved = await ctx.store.update_batch(batch.id, only_if_status=["validating", "in_progress"],
+                                         status="cancelling", cancelling_at=int(time.time()))
+    current = await ctx.store.get_batch(batch.id)
+    assert current is not None
+    if not moved:
+        if current.status in ("cancelling", "cancelled"):
+            return JSONResponse(batch_object(current))
+        raise APIError(409, f"Cannot cancel a batch that is {current.status}.", param="batch_id",
+                       code="batch_not_cancellable")
+    await ctx.scheduler.cancel(current)
+    return JSONResponse(batch_object(await ctx.store.get_batch(batch.id) or current))
+
+
+routes = [
+    Route("/v1/batches", create_batch, methods=["POST"]),
+    Route("/v1/batches", list_batches, methods=["GET"]),
+    Route("/v1/batches/{batch_id:str}", retrieve_batch, methods=["GET"]),
+    Route("/v1/batches/{batch_id:str}/cancel", cancel_batch, methods=["POST"]),
+]

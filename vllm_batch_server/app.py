@@ -1,0 +1,55 @@
+"""The ASGI application: routes, error handlers, optional auth, and a lifespan that runs the scheduler."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+
+from vllm_batch_server.api import batches, files, models
+from vllm_batch_server.api.auth import BearerAuth
+from vllm_batch_server.api.context import Context
+from vllm_batch_server.api.errors import APIError, on_api_error, on_http_exception, on_unexpected
+from vllm_batch_server.engines import create_engine
+from vllm_batch_server.scheduler import Scheduler
+from vllm_batch_server.settings import Settings
+from vllm_batch_server.storage import Storage
+from vllm_batch_server.store import Store
+
+log = logging.getLogger("vllm_batch_server")
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        storage = Storage(settings.data_dir)
+        storage.prepare()
+        store = await Store.open(settings.db_path)
+        scheduler = Scheduler(store, storage, create_engine(settings), settings)
+        app.state.context = Context(settings, store, storage, scheduler)
+        app.state.started_at = int(time.time())
+        await scheduler.start()
+        log.info("serving %s with the %s engine; data in %s", ", ".join(settings.models), settings.engine,
+                 settings.data_dir)
+        try:
+            yield
+        finally:
+            await scheduler.stop()
+            await store.close()
+
+    middleware = [Middleware(BearerAuth, api_key=settings.api_key)] if settings.api_key else []
+    return Starlette(
+        routes=[*files.routes, *batches.routes, *models.routes],
+        middleware=middleware,
+        exception_handlers={
+            APIError: on_api_error,
+            HTTPException: on_http_exception,
+            Exception: on_unexpected,
+        },
+        lifespan=lifespan,
+    )

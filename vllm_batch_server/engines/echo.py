@@ -1,0 +1,170 @@
+"""The echo engine: deterministic OpenAI-shaped answers, no model. Opt-in only (`--engine echo`).
+
+For users it is a dry run of their whole pipeline (files, ids, parsing) at no cost; for us it drives the
+scheduler and runner at full speed. Answers depend only on the request, so a re-run after a crash produces the
+same bytes, which is what lets crash tests compare outputs exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import struct
+import time
+from typing import Any
+
+from vllm_batch_server.engines.base import CHAT, COMPLETIONS, EMBEDDINGS, Result, Usage
+from vllm_batch_server.settings import Settings
+
+EMBED_DIM = 384
+
+
+def _tokens(text: str) -> int:
+    return len(text.split())
+
+
+def _text_of(content: Any) -> str:
+    """The text of a chat message's content: a string, or a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _embedding(text: str) -> list[float]:
+    """A unit-norm vector derived from the text's hash."""
+    seed = hashlib.sha256(text.encode()).digest()
+    values: list[float] = []
+    counter = 0
+    while len(values) < EMBED_DIM:
+        block = hashlib.sha256(seed + counter.to_bytes(4, "little")).digest()
+        values.extend((b - 127.5) / 127.5 for b in block)
+        counter += 1
+    values = values[:EMBED_DIM]
+    norm = sum(v * v for v in values) ** 0.5 or 1.0
+    return [v / norm for v in values]
+
+
+class EchoEngine:
+    def __init__(self, settings: Settings) -> None:
+        self._delay = settings.echo_delay
+        self._capacity = settings.window or 256
+        self._model: str | None = None
+        self._served = set(settings.models)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def model(self) -> str | None:
+        return self._model
+
+    async def start(self, model: str) -> None:
+        self._model = model
+
+    async def stop(self) -> None:
+        self._model = None
+
+    async def abort(self, request_ids: list[str]) -> None:
+        # Nothing to release: the runner cancels the tasks awaiting `run`, which ends their sleep.
+        return None
+
+    async def run(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
+        if self._delay > 0:
+            await asyncio.sleep(self._delay)
+        model = body.get("model")
+        if model != self._model:
+            return Result.error(400, f"The model {model!r} is not loaded.", param="model",
+                                code="model_not_found")
+        if url == CHAT:
+            return self._chat(request_id, body)
+        if url == COMPLETIONS:
+            return self._completion(request_id, body)
+        if url == EMBEDDINGS:
+            return self._embeddings(body)
+        return Result.error(404, f"Unsupported endpoint {url!r}.", code="unknown_url")
+
+    @staticmethod
+    def _max_tokens(body: dict[str, Any]) -> int | None:
+        value = body.get("max_completion_tokens", body.get("max_tokens"))
+        return value if isinstance(value, int) and value >= 0 else None
+
+    def _answer(self, prompt: str, body: dict[str, Any]) -> tuple[str, str, Usage]:
+        words = prompt.split()
+        limit = self._max_tokens(body)
+        finish = "stop"
+        if limit is not None and len(words) > limit:
+            words, finish = words[:limit], "length"
+        text = " ".join(words)
+        return text, finish, Usage(input_tokens=_tokens(prompt), output_tokens=len(words))
+
+    @staticmethod
+    def _usage(usage: Usage) -> dict[str, Any]:
+        return {
+            "prompt_tokens": usage.input_tokens,
+            "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
+
+    def _chat(self, request_id: str, body: dict[str, Any]) -> Result:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return Result.error(400, "'messages' must be a non-empty list.", param="messages")
+        last_user = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
+                         messages[-1])
+        prompt = _text_of(last_user.get("content") if isinstance(last_user, dict) else "")
+        text, finish, usage = self._answer(prompt, body)
+        n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+        return Result(200, {
+            "id": "chatcmpl-" + request_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                 "finish_reason": finish}
+                for i in range(n)
+            ],
+            "usage": self._usage(usage),
+        }, usage)
+
+    def _completion(self, request_id: str, body: dict[str, Any]) -> Result:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            return Result.error(400, "'prompt' must be a string.", param="prompt")
+        text, finish, usage = self._answer(prompt, body)
+        return Result(200, {
+            "id": "cmpl-" + request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": self._usage(usage),
+        }, usage)
+
+    def _embeddings(self, body: dict[str, Any]) -> Result:
+        raw = body.get("input")
+        inputs = [raw] if isinstance(raw, str) else raw
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
+            return Result.error(400, "'input' must be a string or a non-empty list of strings.", param="input")
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            return Result.error(400, "'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+        data = []
+        for index, text in enumerate(inputs):
+            vector = _embedding(text)
+            embedding: Any = vector
+            if encoding == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        usage = Usage(input_tokens=sum(_tokens(t) for t in inputs))
+        return Result(200, {
+            "object": "list",
+            "data": data,
+            "model": body["model"],
+            "usage": {"prompt_tokens": usage.input_tokens, "total_tokens": usage.input_tokens},
+        }, usage)

@@ -1,0 +1,145 @@
+"""Runs one batch: stream its input into the engine through a bounded window of workers, log every result.
+
+A fixed pool of `window` workers pulls the next request as soon as it has finished its last one, so the engine
+always has `window` requests in flight and never waits at a chunk boundary for the slowest request of a chunk.
+Only the input's read position and the current in-flight requests are in memory, whatever the batch's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from vllm_batch_server.checkpoint import ResultLog
+from vllm_batch_server.engines.base import Engine, EngineError
+from vllm_batch_server.settings import Settings
+from vllm_batch_server.storage import Storage
+from vllm_batch_server.store import BatchRow, Store
+from vllm_batch_server.validate import iter_requests
+
+log = logging.getLogger(__name__)
+
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+
+# Why a runner stopped before its input ran out.
+CANCELLED, EXPIRED, SHUTDOWN = "cancelled", "expired", "shutdown"
+
+
+class BatchRunner:
+    def __init__(self, store: Store, storage: Storage, engine: Engine, settings: Settings,
+                 batch: BatchRow) -> None:
+        self.batch = batch
+        self._store = store
+        self._storage = storage
+        self._engine = engine
+        self._settings = settings
+        self.window = max(1, settings.window or engine.capacity)
+        self.input_exhausted = asyncio.Event()  # every request handed out: the next batch may overlap
+        self.stop_reason: str | None = None
+        self._stopped = asyncio.Event()
+        self._in_flight: dict[str, float] = {}  # engine request id -> start time
+        self._engine_error: BaseException | None = None
+
+    def stop(self, reason: str) -> None:
+        """Ask the runner to wind down: in-flight requests are aborted, finished results are kept."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stopped.set()
+
+    async def run(self) -> str:
+        """Returns how the batch ended: "completed", or the stop reason. Raises EngineError."""
+        input_path = self._storage.file_path(self.batch.input_file_id)
+        done = await asyncio.to_thread(ResultLog.recover, self._storage, self.batch)
+        results = ResultLog(self._store, self._storage, self._settings, self.batch)
+        try:
+            if self.stop_reason is None:
+                await self._feed(results, iter_requests(input_path), done)
+            if self.stop_reason == EXPIRED:
+                await self._expire_rest(results, input_path, done)
+            await results.checkpoint(final=True)
+        finally:
+            results.close()
+            self.input_exhausted.set()
+        if self._engine_error is not None:
+            raise EngineError(str(self._engine_error)) from self._engine_error
+        return self.stop_reason or "completed"
+
+    async def _feed(self, results: ResultLog, requests: Iterator[tuple[int, str, dict[str, Any]]],
+                    done: set[str]) -> None:
+        batch_id, url = self.batch.id, self.batch.endpoint
+
+        def next_request() -> tuple[int, str, dict[str, Any]] | None:
+            for line_no, custom_id, body in requests:
+                if custom_id not in done:
+                    return line_no, custom_id, body
+            self.input_exhausted.set()
+            return None
+
+        async def worker() -> None:
+            while (item := next_request()) is not None:
+                line_no, custom_id, body = item
+                request_id = f"{batch_id}-{line_no}"
+                self._in_flight[request_id] = time.monotonic()
+                try:
+                    result = await self._engine.run(request_id, url, body)
+                finally:
+                    del self._in_flight[request_id]
+                results.append(custom_id, result)
+                done.add(custom_id)
+                if results.due():
+                    ticker.set()
+                    await asyncio.sleep(0)  # let the checkpointer snapshot now, even if the engine never waits
+
+        ticker = asyncio.Event()
+        workers = [asyncio.create_task(worker()) for _ in range(self.window)]
+        checkpointer = asyncio.create_task(self._checkpoints(results, ticker))
+        all_done = asyncio.ensure_future(asyncio.gather(*workers))
+        stopped = asyncio.create_task(self._stopped.wait())
+        try:
+            await asyncio.wait([all_done, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            running = [task for task in workers if not task.done()]
+            if running:
+                # Stopping (cancel, expiry, shutdown or an engine failure): abort what is in flight.
+                with contextlib.suppress(Exception):
+                    await self._engine.abort(list(self._in_flight))
+                for task in running:
+                    task.cancel()
+            stopped.cancel()
+            await asyncio.gather(all_done, return_exceptions=True)
+            checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checkpointer
+        error = next((t.exception() for t in workers if not t.cancelled() and t.exception()), None)
+        if error is not None and self._engine_error is None:
+            self._engine_error = error
+
+    async def _checkpoints(self, results: ResultLog, ticker: asyncio.Event) -> None:
+        """Checkpoint when the workers say enough results piled up, or every few seconds; watch for hangs."""
+        period = max(0.05, min(self._settings.checkpoint_seconds, 1.0))
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ticker.wait(), timeout=period)
+            ticker.clear()
+            # Shielded: a checkpoint interrupted between fsync and commit would still be safe, but finishing
+            # it means less to recompute after the stop that cancelled us.
+            await asyncio.shield(results.checkpoint())
+            oldest = min(self._in_flight.values(), default=None)
+            if oldest is not None and time.monotonic() - oldest > self._settings.request_timeout:
+                self._engine_error = EngineError(
+                    f"a request has been running for more than {self._settings.request_timeout:.0f}s; "
+                    "the engine appears to hang")
+                self.stop(SHUTDOWN)
+
+    async def _expire_rest(self, results: ResultLog, input_path: Any, done: set[str]) -> None:
+        """Every request without a result gets a `batch_expired` error line, as OpenAI does."""
+        for _, custom_id, _ in iter_requests(input_path):
+            if custom_id not in done:
+                results.append_error(custom_id, "batch_expired", EXPIRED_MESSAGE)
+                done.add(custom_id)
+                if results.due():
+                    await results.checkpoint()

@@ -1,0 +1,291 @@
+"""The batch queue: validates new batches, runs them FIFO on the engine, finalizes, cancels and expires them.
+
+It owns the one engine and decides which model is loaded: a batch whose model differs from the loaded one
+waits for the running batches to finish, then the engine switches. While a batch's last requests are still
+in flight, the next batch of the same model may start, so the engine is never idle at a batch's tail.
+
+All state lives in SQLite; the scheduler's memory is only which runners are live. A restart rebuilds
+everything: batches that were running resume from their checkpoint, half-finalized ones finish finalizing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from vllm_batch_server import ids
+from vllm_batch_server.engines.base import Engine, EngineError
+from vllm_batch_server.runner import CANCELLED, EXPIRED, SHUTDOWN, BatchRunner
+from vllm_batch_server.settings import Settings
+from vllm_batch_server.storage import Storage
+from vllm_batch_server.store import ACTIVE_STATUSES, BatchRow, FileRow, Store
+from vllm_batch_server.validate import validate_input
+
+log = logging.getLogger(__name__)
+
+# The column that records when a batch reached each terminal status.
+_ENDED_AT = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at",
+             "failed": "failed_at"}
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Scheduler:
+    def __init__(self, store: Store, storage: Storage, engine: Engine, settings: Settings) -> None:
+        self.store = store
+        self.storage = storage
+        self.engine = engine
+        self.settings = settings
+        self._runners: dict[str, BatchRunner] = {}
+        self._drivers: set[asyncio.Task[None]] = set()
+        self._queue_changed = asyncio.Event()
+        self._new_batch = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._engine_lock = asyncio.Lock()
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._recover()
+        for loop in (self._validate_loop, self._run_loop, self._sweep_loop):
+            self._tasks.append(asyncio.create_task(loop(), name=loop.__name__))
+
+    async def stop(self) -> None:
+        """Graceful shutdown: running batches checkpoint and stay in_progress, to resume at next start."""
+        for runner in self._runners.values():
+            runner.stop(SHUTDOWN)
+        if self._drivers:
+            await asyncio.wait(self._drivers, timeout=30)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.engine.stop()
+
+    def notify(self) -> None:
+        """A batch was created: validate it soon."""
+        self._new_batch.set()
+
+    async def _recover(self) -> None:
+        for batch in await self.store.batches_in(ACTIVE_STATUSES):
+            if batch.status == "finalizing" or batch.outcome:
+                await self._finalize(batch, batch.outcome or "completed")
+            elif batch.status == "cancelling":
+                await self._finalize(batch, CANCELLED)
+        # Blobs that no row names: an upload or output that crashed between rename and commit.
+        known = await self.store.all_file_ids()
+        for batch in await self.store.batches_in(ACTIVE_STATUSES):
+            known.update(i for i in (batch.output_file_id, batch.error_file_id) if i)
+        for orphan in self.storage.stored_file_ids() - known:
+            log.info("removing orphaned blob %s", orphan)
+            self.storage.remove_file(orphan)
+
+    # ---- validation --------------------------------------------------------------------------------------
+
+    async def _validate_loop(self) -> None:
+        while True:
+            for batch in await self.store.batches_in(["validating"]):
+                await self._guarded(self._validate(batch), batch.id)
+            self._new_batch.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._new_batch.wait(), timeout=5)
+
+    async def _validate(self, batch: BatchRow) -> None:
+        path = self.storage.file_path(batch.input_file_id)
+        report = await asyncio.to_thread(
+            validate_input, path, endpoint=batch.endpoint, served_models=self.settings.models,
+            max_lines=self.settings.max_batch_lines, max_errors=self.settings.max_errors_reported)
+        if report.ok:
+            changed = await self.store.update_batch(
+                batch.id, only_if_status=["validating"], status="in_progress", in_progress_at=now(),
+                total=report.total, model=report.model)
+            if changed:
+                self._queue_changed.set()
+        else:
+            await self.store.update_batch(
+                batch.id, only_if_status=["validating"], status="failed", failed_at=now(),
+                errors=[e.as_dict() for e in report.errors], total=report.total)
+
+    # ---- running -----------------------------------------------------------------------------------------
+
+    async def _run_loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch is None:
+                self._queue_changed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._queue_changed.wait(), timeout=self.settings.sweep_seconds)
+                continue
+            if self.engine.model != batch.model:
+                await self._wait_runners()  # never switch models under a running batch
+                batch = await self.store.get_batch(batch.id)
+                if batch is None or batch.status != "in_progress":
+                    continue
+                if not await self._load(batch):
+                    continue
+            runner = BatchRunner(self.store, self.storage, self.engine, self.settings, batch)
+            self._runners[batch.id] = runner
+            driver = asyncio.create_task(self._drive(runner), name=f"run {batch.id}")
+            self._drivers.add(driver)
+            driver.add_done_callback(self._drivers.discard)
+            # Start the next batch once this one has handed out all its requests (or ended).
+            exhausted = asyncio.create_task(runner.input_exhausted.wait())
+            await asyncio.wait([exhausted, driver], return_when=asyncio.FIRST_COMPLETED)
+            exhausted.cancel()
+
+    async def _next_batch(self) -> BatchRow | None:
+        for batch in await self.store.batches_in(["in_progress"]):
+            if batch.id not in self._runners:
+                return batch
+        return None
+
+    async def _wait_runners(self) -> None:
+        while self._drivers:
+            await asyncio.wait(set(self._drivers))
+
+    async def _load(self, batch: BatchRow) -> bool:
+        """Switch the engine to the batch's model; a model that cannot load fails the batch."""
+        assert batch.model is not None
+        async with self._engine_lock:
+            try:
+                await self.engine.stop()
+                log.info("loading model %s", batch.model)
+                await self.engine.start(batch.model)
+                return True
+            except Exception as exc:  # the model, not the server, is broken: fail this batch only
+                log.exception("could not load model %s", batch.model)
+                with contextlib.suppress(Exception):
+                    await self.engine.stop()
+                await self._fail(batch, "model_load_failed", f"The model {batch.model!r} could not be loaded: "
+                                 f"{exc}")
+                return False
+
+    async def _drive(self, runner: BatchRunner) -> None:
+        batch = runner.batch
+        try:
+            outcome = await runner.run()
+        except EngineError as exc:
+            await self._engine_failed(batch, exc)
+            return
+        except Exception as exc:
+            log.exception("batch %s stopped on an unexpected error", batch.id)
+            await self._fail(batch, "server_error", f"The batch stopped on an internal error: {exc}")
+            return
+        finally:
+            self._runners.pop(batch.id, None)
+            self._queue_changed.set()
+        if outcome == SHUTDOWN:
+            return  # stays in_progress; resumes at next start
+        current = await self.store.get_batch(batch.id)
+        if current is None:
+            return
+        if current.status == "cancelling":
+            outcome = CANCELLED
+        await self._finalize(current, outcome)
+
+    async def _engine_failed(self, batch: BatchRow, exc: Exception) -> None:
+        current = await self.store.get_batch(batch.id) or batch
+        failures = current.engine_failures + 1
+        log.error("engine failed on batch %s (%d/%d): %s", batch.id, failures,
+                  self.settings.engine_max_restarts, exc)
+        if current.status == "cancelling":
+            await self._finalize(current, CANCELLED)
+        elif failures > self.settings.engine_max_restarts:
+            await self._fail(current, "engine_error", f"The engine failed {failures} times while running this "
+                             f"batch; last error: {exc}. Results computed so far are kept.")
+        else:
+            await self.store.update_batch(batch.id, engine_failures=failures)
+        async with self._engine_lock:
+            with contextlib.suppress(Exception):
+                await self.engine.stop()  # the run loop reloads it for whatever runs next
+
+    # ---- ending ------------------------------------------------------------------------------------------
+
+    async def cancel(self, batch: BatchRow) -> None:
+        """Called after the API moved the batch to `cancelling`."""
+        runner = self._runners.get(batch.id)
+        if runner is not None:
+            runner.stop(CANCELLED)
+        else:
+            await self._finalize(batch, CANCELLED)
+
+    async def _fail(self, batch: BatchRow, code: str, message: str) -> None:
+        errors = [{"code": code, "line": None, "message": message, "param": None}]
+        await self.store.update_batch(batch.id, errors=errors)
+        await self._finalize(batch, "failed")
+
+    async def _finalize(self, batch: BatchRow, outcome: str) -> None:
+        """Turn the committed result parts into registered files and end the batch. Idempotent: a crash
+        anywhere in here is repaired by running it again at start-up."""
+        batch = await self.store.get_batch(batch.id) or batch
+        if batch.status not in ACTIVE_STATUSES:
+            return
+        if not batch.outcome:
+            # Decide the file ids before any rename, so a crash mid-way can be finished with the same ids.
+            changes: dict[str, object] = {
+                "outcome": outcome,
+                "output_file_id": ids.new_file_id() if batch.output_offset > 0 else None,
+                "error_file_id": ids.new_file_id() if batch.error_offset > 0 else None,
+            }
+            if outcome == "completed":
+                changes.update(status="finalizing", finalizing_at=now())
+            await self.store.update_batch(batch.id, **changes)
+            batch = await self.store.get_batch(batch.id) or batch
+        outcome = batch.outcome or outcome
+        out_part, err_part = self.storage.part_paths(batch.id)
+        ended = now()
+        expires = ended + batch.output_expires_after if batch.output_expires_after else None
+        files: list[FileRow] = []
+        for file_id, part, offset, name in (
+            (batch.output_file_id, out_part, batch.output_offset, "output"),
+            (batch.error_file_id, err_part, batch.error_offset, "errors"),
+        ):
+            if file_id:
+                size = await asyncio.to_thread(self.storage.promote_part, part, offset, file_id)
+                files.append(FileRow(id=file_id, filename=f"{batch.id}_{name}.jsonl", purpose="batch_output",
+                                     bytes=size, created_at=ended, expires_at=expires))
+        await self.store.finish_batch(batch.id, files, status=outcome, **{_ENDED_AT[outcome]: ended})
+        await asyncio.to_thread(self.storage.remove_batch_dir, batch.id)
+        log.info("batch %s %s", batch.id, outcome)
+
+    # ---- time-driven: expiry of batches and files --------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_seconds)
+            with contextlib.suppress(Exception):
+                await self._sweep()
+
+    async def _sweep(self) -> None:
+        moment = now()
+        for batch in await self.store.batches_in(["validating", "in_progress"]):
+            if batch.expires_at is None or batch.expires_at > moment:
+                continue
+            runner = self._runners.get(batch.id)
+            if runner is not None:
+                runner.stop(EXPIRED)
+            elif batch.status == "validating" or batch.total == 0:
+                await self._finalize(batch, EXPIRED)
+            else:
+                # Never started: every request gets its batch_expired line, through the same durable path.
+                runner = BatchRunner(self.store, self.storage, self.engine, self.settings, batch)
+                runner.stop(EXPIRED)
+                self._runners[batch.id] = runner
+                await self._drive(runner)
+        for file in await self.store.expired_files(moment):
+            if await self.store.file_in_use(file.id) is None:
+                await self.store.delete_file(file.id)
+                self.storage.remove_file(file.id)
+
+    async def _guarded(self, work: object, batch_id: str) -> None:
+        try:
+            await work  # type: ignore[misc]
+        except Exception:
+            log.exception("could not validate batch %s", batch_id)
+            batch = await self.store.get_batch(batch_id)
+            if batch is not None:
+                await self._fail(batch, "server_error", "The input file could not be validated.")

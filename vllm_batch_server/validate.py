@@ -1,0 +1,156 @@
+"""The batch input file: validated once, line by line, before a batch is accepted for running.
+
+Both validation and the runner stream the file, so a batch's memory does not grow with its size. Errors name
+the 1-based line, the offending parameter and a code, as OpenAI's `errors.data[]` does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads(raw: bytes) -> Any:
+    """Strict JSON: NaN and Infinity are refused, as the JSON standard (and OpenAI) does."""
+    return json.loads(raw, parse_constant=_reject_constant)
+
+
+def iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, content) for every non-blank line, without BOM or line ending."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if number == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            raw = raw.strip()
+            if raw:
+                yield number, raw
+
+
+def iter_requests(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, custom_id, body) of a file that passed validation."""
+    for number, raw in iter_raw_lines(path):
+        line = loads(raw)
+        yield number, line["custom_id"], line["body"]
+
+
+@dataclass
+class LineError:
+    code: str
+    message: str
+    line: int | None = None
+    param: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "line": self.line, "message": self.message, "param": self.param}
+
+
+@dataclass
+class Report:
+    total: int = 0
+    model: str | None = None
+    errors: list[LineError] = field(default_factory=list)
+    truncated: bool = False  # more errors existed than were kept
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class _Validator:
+    def __init__(self, endpoint: str, served_models: list[str], max_lines: int, max_errors: int) -> None:
+        self.endpoint = endpoint
+        self.served = set(served_models)
+        self.max_lines = max_lines
+        self.max_errors = max_errors
+        self.report = Report()
+        self.seen: set[str] = set()
+
+    def error(self, code: str, message: str, line: int | None = None, param: str | None = None) -> None:
+        if len(self.report.errors) < self.max_errors:
+            self.report.errors.append(LineError(code, message, line, param))
+        else:
+            self.report.truncated = True
+
+    def check(self, number: int, raw: bytes) -> None:
+        try:
+            line = loads(raw)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            reason = "is not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "is not valid JSON"
+            self.error("invalid_json_line", f"Line {number} {reason}.", number)
+            return
+        if not isinstance(line, dict):
+            self.error("invalid_json_line", f"Line {number} is not a JSON object.", number)
+            return
+
+        custom_id = line.get("custom_id")
+        if custom_id is None:
+            self.error("missing_required_parameter", "Missing required parameter: 'custom_id'.", number,
+                       "custom_id")
+        elif not isinstance(custom_id, str) or not custom_id:
+            self.error("invalid_custom_id", "'custom_id' must be a non-empty string.", number, "custom_id")
+        elif custom_id in self.seen:
+            self.error("duplicate_custom_id",
+                       f"The custom_id '{custom_id[:200]}' is used on more than one line; each request in a "
+                       "batch needs a unique custom_id.", number, "custom_id")
+        else:
+            self.seen.add(custom_id)
+
+        method = line.get("method")
+        if method is None:
+            self.error("missing_required_parameter", "Missing required parameter: 'method'.", number, "method")
+        elif method != "POST":
+            self.error("invalid_method", f"Invalid method {str(method)[:20]!r}: only 'POST' is supported.",
+                       number, "method")
+
+        url = line.get("url")
+        if url is None:
+            self.error("missing_required_parameter", "Missing required parameter: 'url'.", number, "url")
+        elif url != self.endpoint:
+            self.error("invalid_url", f"The url {str(url)[:200]!r} does not match the batch's endpoint "
+                       f"{self.endpoint!r}.", number, "url")
+
+        body = line.get("body")
+        if body is None:
+            self.error("missing_required_parameter", "Missing required parameter: 'body'.", number, "body")
+            return
+        if not isinstance(body, dict):
+            self.error("invalid_type", "'body' must be a JSON object.", number, "body")
+            return
+        model = body.get("model")
+        if model is None:
+            self.error("missing_required_parameter", "Missing required parameter: 'body.model'.", number,
+                       "body.model")
+        elif not isinstance(model, str) or model not in self.served:
+            served = ", ".join(sorted(self.served)) or "none"
+            self.error("model_not_found", f"The model {str(model)[:200]!r} is not served here (served: "
+                       f"{served}).", number, "body.model")
+        elif self.report.model is None:
+            self.report.model = model
+        elif model != self.report.model:
+            self.error("mismatched_model", f"The model {model!r} differs from {self.report.model!r} on earlier "
+                       "lines; all requests in a batch must use the same model.", number, "body.model")
+
+
+def validate_input(path: Path, *, endpoint: str, served_models: list[str], max_lines: int,
+                   max_errors: int = 100) -> Report:
+    validator = _Validator(endpoint, served_models, max_lines, max_errors)
+    report = validator.report
+    for number, raw in iter_raw_lines(path):
+        report.total += 1
+        if report.total > max_lines:
+            validator.error("too_many_requests", f"The input file has more than the {max_lines} requests "
+                            "allowed in one batch; split it into several batches.", number)
+            break
+        validator.check(number, raw)
+    if report.total == 0:
+        validator.error("empty_file", "The input file contains no requests.")
+    return report
