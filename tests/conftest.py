@@ -1,0 +1,99 @@
+"""Shared fixtures: real servers started as a user starts them, and the official openai SDK as the client."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.helpers.server import RunningServer, make_server
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+ServerFactory = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+    """Start echo-engine servers (any CLI flags via extra_args); all are killed at teardown."""
+    started: list[RunningServer] = []
+
+    def start(name: str = "server", **kwargs: Any) -> RunningServer:
+        server = make_server(tmp_path / name, **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One echo server for the tests that only read and write their own objects."""
+    server = make_server(tmp_path_factory.mktemp("shared") / "data").start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def client(shared_server: RunningServer) -> openai.OpenAI:
+    return sdk(shared_server)
+
+
+def sdk(server: RunningServer, **kwargs: Any) -> openai.OpenAI:
+    kwargs.setdefault("api_key", server.api_key or "unused")
+    kwargs.setdefault("max_retries", 0)
+    return openai.OpenAI(base_url=server.base_url, **kwargs)
+
+
+def request_line(custom_id: str, content: str = "hello there", *, model: str = "echo-model",
+                 url: str = "/v1/chat/completions", **body: Any) -> dict[str, Any]:
+    if url == "/v1/embeddings":
+        payload: dict[str, Any] = {"model": model, "input": content, **body}
+    elif url == "/v1/completions":
+        payload = {"model": model, "prompt": content, **body}
+    else:
+        payload = {"model": model, "messages": [{"role": "user", "content": content}], **body}
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": payload}
+
+
+def jsonl(lines: list[Any]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def chat_lines(n: int, prefix: str = "req", **kwargs: Any) -> list[dict[str, Any]]:
+    return [request_line(f"{prefix}-{i}", f"message number {i}", **kwargs) for i in range(n)]
+
+
+def upload(client: openai.OpenAI, data: bytes, name: str = "input.jsonl", purpose: str = "batch") -> str:
+    return client.files.create(file=(name, data), purpose=purpose).id  # type: ignore[arg-type]
+
+
+def submit(client: openai.OpenAI, lines: list[Any] | bytes, endpoint: str = "/v1/chat/completions",
+           **kwargs: Any) -> Any:
+    data = lines if isinstance(lines, bytes) else jsonl(lines)
+    return client.batches.create(input_file_id=upload(client, data), endpoint=endpoint,  # type: ignore[arg-type]
+                                 completion_window=kwargs.pop("completion_window", "24h"), **kwargs)
+
+
+def wait_for(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...] = TERMINAL,
+             timeout: float = 60.0, until: Callable[[Any], bool] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in statuses or (until is not None and until(batch)):
+            return batch
+        if time.monotonic() > deadline:
+            raise AssertionError(f"batch {batch_id} still {batch.status} after {timeout}s: {batch}")
+        time.sleep(0.05)
+
+
+def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines() if line]
