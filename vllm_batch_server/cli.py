@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
           type=int, default=500)
     _flag(serve, "--checkpoint-seconds", "CHECKPOINT_SECONDS", "... or every T seconds, whichever first",
           type=float, default=1.0)
+    _flag(serve, "--checkpointing", "CHECKPOINTING", "fsync and commit results as they come (turn off only to "
+          "measure what durability costs: a crash then loses the running batch's progress)", default=True,
+          action=argparse.BooleanOptionalAction)
     _flag(serve, "--window", "WINDOW", "requests kept in flight (default: sized from the engine)", type=int)
     _flag(serve, "--echo-delay", "ECHO_DELAY", "seconds the echo engine takes per request", type=float,
           default=0.0)
@@ -112,6 +115,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_batch_lines=args.max_batch_lines,
         checkpoint_every=args.checkpoint_every,
         checkpoint_seconds=args.checkpoint_seconds,
+        checkpointing=args.checkpointing,
         window=args.window,
         echo_delay=args.echo_delay,
         max_model_len=args.max_model_len,
