@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--window", "WINDOW", "requests kept in flight (default: sized from the engine)", type=int)
     _flag(serve, "--echo-delay", "ECHO_DELAY", "seconds the echo engine takes per request", type=float,
           default=0.0)
+    _flag(serve, "--echo-fault", "ECHO_FAULT", "fault injection for reliability tests: comma-separated "
+          "crash-after=N, hang-after=N (per engine start), times=K (faults in all), journal=PATH")
+    _flag(serve, "--request-timeout", "REQUEST_TIMEOUT", "a request running longer than this many seconds "
+          "counts as an engine hang", type=float, default=600.0)
+    _flag(serve, "--engine-max-restarts", "ENGINE_MAX_RESTARTS", "engine failures tolerated per batch before "
+          "it is failed (its committed results are kept)", type=int, default=3)
     engine = serve.add_argument_group("vLLM engine")
     _flag(engine, "--max-model-len", "MAX_MODEL_LEN", "context length", type=int)
     _flag(engine, "--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION", "fraction of GPU memory for vLLM",
@@ -118,6 +124,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         checkpointing=args.checkpointing,
         window=args.window,
         echo_delay=args.echo_delay,
+        echo_fault=args.echo_fault or None,
+        request_timeout=args.request_timeout,
+        engine_max_restarts=args.engine_max_restarts,
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size,

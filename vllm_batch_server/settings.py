@@ -54,6 +54,9 @@ class Settings:
 
     # Echo engine.
     echo_delay: float = 0.0
+    # Opt-in fault injection for reliability tests, e.g. "crash-after=20" or "hang-after=5,times=1"
+    # (see engines/echo.py). Never set in production.
+    echo_fault: str | None = None
 
     # vLLM engine.
     max_model_len: int | None = None

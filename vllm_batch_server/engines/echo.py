@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import struct
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from vllm_batch_server.engines.base import CHAT, COMPLETIONS, EMBEDDINGS, Result, Usage
+from vllm_batch_server.engines.base import CHAT, COMPLETIONS, EMBEDDINGS, EngineError, Result, Usage
 from vllm_batch_server.settings import Settings
 
 EMBED_DIM = 384
@@ -47,12 +49,58 @@ def _embedding(text: str) -> list[float]:
     return [v / norm for v in values]
 
 
+@dataclass
+class FaultPlan:
+    """Opt-in fault injection (`--echo-fault`), so reliability tests can break the engine on purpose.
+
+    `crash-after=N`: after N requests since the engine (re)started, every request raises EngineError, as a
+    dead engine process would, until the scheduler restarts the engine. `hang-after=N`: instead, requests
+    never return, as a wedged engine's would, until aborted. `times=K` limits how many faults are injected
+    over the process's life (default: one per engine start, forever). `journal=PATH` appends the id of every
+    request the engine computed, so a soak test can count work done twice.
+    """
+
+    crash_after: int | None = None
+    hang_after: int | None = None
+    times: int | None = None
+    journal: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str | None) -> FaultPlan:
+        plan = cls()
+        for item in (spec or "").split(","):
+            if not item.strip():
+                continue
+            key, sep, value = item.strip().partition("=")
+            if not sep:
+                raise ValueError(f"--echo-fault: expected KEY=VALUE, got {item!r}")
+            if key == "crash-after":
+                plan.crash_after = int(value)
+            elif key == "hang-after":
+                plan.hang_after = int(value)
+            elif key == "times":
+                plan.times = int(value)
+            elif key == "journal":
+                plan.journal = value
+            else:
+                raise ValueError(f"--echo-fault: unknown key {key!r}; expected crash-after, hang-after, "
+                                 "times or journal")
+        return plan
+
+
 class EchoEngine:
     def __init__(self, settings: Settings) -> None:
         self._delay = settings.echo_delay
         self._capacity = settings.window or 256
         self._model: str | None = None
         self._served = set(settings.models)
+        self._fault = FaultPlan.parse(settings.echo_fault)
+        self._started_requests = 0  # since the last start(): what crash-after / hang-after count
+        self._faults_injected = 0
+        self._broken: str | None = None  # "crash" or "hang" once a fault fired, until the next start()
+        # O_APPEND writes of one short line are atomic and reach the kernel at once, so a kill -9 loses none.
+        self._journal = (os.open(self._fault.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                         if self._fault.journal else None)
 
     @property
     def capacity(self) -> int:
@@ -64,6 +112,8 @@ class EchoEngine:
 
     async def start(self, model: str) -> None:
         self._model = model
+        self._started_requests = 0
+        self._broken = None
 
     async def stop(self) -> None:
         self._model = None
@@ -72,9 +122,33 @@ class EchoEngine:
         # Nothing to release: the runner cancels the tasks awaiting `run`, which ends their sleep.
         return None
 
+    def _inject_fault(self) -> None:
+        """Count a started request and, past a configured point, break the engine until it restarts."""
+        self._started_requests += 1
+        plan = self._fault
+        if self._broken is None and (plan.times is None or self._faults_injected < plan.times):
+            if plan.crash_after is not None and self._started_requests > plan.crash_after:
+                self._broken = "crash"
+            elif plan.hang_after is not None and self._started_requests > plan.hang_after:
+                self._broken = "hang"
+            if self._broken is not None:
+                self._faults_injected += 1
+
     async def run(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
+        self._inject_fault()
+        if self._broken == "crash":
+            raise EngineError(f"echo engine crashed (fault injected after {self._fault.crash_after} "
+                              "requests)")
+        if self._broken == "hang":
+            await asyncio.Event().wait()  # never set: only an abort (task cancellation) ends this
         if self._delay > 0:
             await asyncio.sleep(self._delay)
+        result = self._compute(request_id, url, body)
+        if self._journal is not None:
+            os.write(self._journal, f"{request_id}\n".encode())
+        return result
+
+    def _compute(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
         model = body.get("model")
         if model != self._model:
             return Result.error(400, f"The model {model!r} is not loaded.", param="model",

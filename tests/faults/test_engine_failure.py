@@ -1,0 +1,70 @@
+"""The engine dies or hangs mid-batch: the server restarts it, resumes from the checkpoint, and after a
+bounded number of attempts fails the batch with a clear error, keeping what was computed."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
+from tests.faults.checks import assert_at_most_once, assert_echo_answers, assert_exactly_once
+
+N = 120
+IDS = {f"req-{i}" for i in range(N)}
+
+
+def test_engine_crash_once_is_survived(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=["--echo-fault", "crash-after=40,times=1", "--window", "4",
+                                        "--checkpoint-every", "5", "--echo-delay", "0.002"])
+    client = sdk(server)
+    batch = wait_for(client, submit(client, chat_lines(N)).id, timeout=60)
+    assert batch.status == "completed", batch
+    assert batch.errors is None
+    lines = assert_exactly_once(client, batch, IDS)
+    assert_echo_answers(lines)
+    assert batch.request_counts.completed == N
+    assert "engine failed on batch" in server.log()
+
+
+def test_engine_that_keeps_crashing_fails_the_batch_keeping_results(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=["--echo-fault", "crash-after=10", "--engine-max-restarts", "2",
+                                        "--window", "2", "--checkpoint-every", "1", "--echo-delay", "0.002"])
+    client = sdk(server)
+    batch = wait_for(client, submit(client, chat_lines(N)).id, timeout=60)
+    assert batch.status == "failed", batch
+    assert batch.errors is not None and batch.errors.data
+    error = batch.errors.data[0]
+    assert error.code == "engine_error"
+    assert "3 times" in (error.message or "") and "echo engine crashed" in (error.message or "")
+    # Three attempts of at most ten requests each: the partial results are kept, none twice.
+    lines = assert_at_most_once(client, batch, IDS)
+    assert 3 <= len(lines) <= 30, len(lines)
+    assert_echo_answers(lines)
+    # The server itself is fine: the next batch runs on a restarted engine (which crashes again after 10,
+    # so keep it small).
+    small = wait_for(client, submit(client, chat_lines(5, prefix="next")).id, timeout=30)
+    assert small.status == "completed"
+    assert httpx.get(server.root_url + "/health").json()["status"] == "ok"
+
+
+def test_hung_engine_is_detected_restarted_and_resumed(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=["--echo-fault", "hang-after=30,times=1", "--request-timeout", "1",
+                                        "--window", "4", "--checkpoint-every", "5"])
+    client = sdk(server)
+    batch = wait_for(client, submit(client, chat_lines(N)).id, timeout=60)
+    assert batch.status == "completed", batch
+    assert_exactly_once(client, batch, IDS)
+    assert "appears to hang" in server.log()
+
+
+def test_engine_that_always_hangs_fails_the_batch_with_a_clear_error(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=["--echo-fault", "hang-after=5", "--request-timeout", "0.5",
+                                        "--engine-max-restarts", "1", "--window", "2",
+                                        "--checkpoint-every", "1"])
+    client = sdk(server)
+    batch = wait_for(client, submit(client, chat_lines(40)).id, timeout=60)
+    assert batch.status == "failed", batch
+    assert batch.errors is not None
+    message = batch.errors.data[0].message or ""
+    assert batch.errors.data[0].code == "engine_error" and "hang" in message, message
+    lines = assert_at_most_once(client, batch, {f"req-{i}" for i in range(40)})
+    assert 2 <= len(lines) <= 10
