@@ -224,10 +224,12 @@ class EchoEngine:
         raw = body.get("input")
         inputs = [raw] if isinstance(raw, str) else raw
         if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
-            return Result.error(400, "'input' must be a string or a non-empty list of strings.", param="input")
+            return Result.error(400, "'input' must be a string or a non-empty list of strings.",
+                                param="input")
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
-            return Result.error(400, "'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+            return Result.error(400, "'encoding_format' must be 'float' or 'base64'.",
+                                param="encoding_format")
         data = []
         for index, text in enumerate(inputs):
             vector = _embedding(text)
