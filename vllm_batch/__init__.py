@@ -1,0 +1,66 @@
+"""vllm_batch: a client for OpenAI-compatible Batch APIs — our server, OpenAI, Parasail, or any other.
+
+from vllm_batch import VLLMBatch
+
+with VLLMBatch() as batch:
+    batch.add_to_batch(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hello"}])
+    status, output_path, error_path = batch.submit_wait_download()
+    for result in batch.results():
+        print(result.custom_id, result.text or result.error)
+"""
+
+from vllm_batch._async import AsyncVLLMBatch
+from vllm_batch._core import BatchStatus, RequestCounts
+from vllm_batch._errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    BatchFailedError,
+    BatchStateError,
+    BatchTimeoutError,
+    BatchValidationError,
+    ConfigurationError,
+    ConflictError,
+    InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    VLLMBatchError,
+)
+from vllm_batch._providers import PRESETS, Provider
+from vllm_batch._results import BatchResult, Comparison, ResultError
+from vllm_batch._retry import RetryPolicy
+from vllm_batch._sync import VLLMBatch
+
+__all__ = [
+    "PRESETS",
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AsyncVLLMBatch",
+    "AuthenticationError",
+    "BadRequestError",
+    "BatchFailedError",
+    "BatchResult",
+    "BatchStateError",
+    "BatchStatus",
+    "BatchTimeoutError",
+    "BatchValidationError",
+    "Comparison",
+    "ConfigurationError",
+    "ConflictError",
+    "InternalServerError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "Provider",
+    "RateLimitError",
+    "RequestCounts",
+    "ResultError",
+    "RetryPolicy",
+    "VLLMBatch",
+    "VLLMBatchError",
+]

@@ -1,0 +1,322 @@
+"""Request lines: validation, endpoint inference, custom ids, and the on-disk spool they are written to.
+
+Requests are validated when added (the error names the field), written straight to a JSONL spool, and
+indexed by custom_id in a small SQLite file next to it. The index checks uniqueness and later lets results
+be joined back to their requests in input order — all without holding a million requests in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vllm_batch._errors import BatchValidationError
+from vllm_batch._providers import ENDPOINTS, Provider
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
+
+_ALIASES = {
+    "chat": CHAT,
+    "chat/completions": CHAT,
+    "completions": COMPLETIONS,
+    "embeddings": EMBEDDINGS,
+    "responses": RESPONSES,
+}
+
+
+class _Body(BaseModel):
+    # Unknown parameters pass through untouched: backends add their own (vLLM's `top_k`, `guided_json`, ...).
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    # A batch cannot stream its answers; a backend would fail the line, so refuse it here instead.
+    stream: Literal[False] | None = None
+
+
+class _Sampling(_Body):
+    max_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingBody(_Body):
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(None, ge=1)
+
+
+class ResponsesBody(_Body):
+    input: str | list[dict[str, Any]]
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
+BODY_MODELS: dict[str, type[_Body]] = {
+    CHAT: ChatBody,
+    COMPLETIONS: CompletionBody,
+    EMBEDDINGS: EmbeddingBody,
+    RESPONSES: ResponsesBody,
+}
+
+
+def normalize_endpoint(endpoint: str) -> str:
+    key = endpoint.strip().lstrip("/")
+    key = key[3:] if key.startswith("v1/") else key
+    resolved = _ALIASES.get(key)
+    if resolved is None:
+        raise BatchValidationError(
+            f"unknown endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)}", field="endpoint"
+        )
+    return resolved
+
+
+def infer_endpoint(body: Mapping[str, Any], endpoint: str | None = None) -> str:
+    """The endpoint a request body is meant for: explicit, else from its shape."""
+    if endpoint is not None:
+        return normalize_endpoint(endpoint)
+    shapes = [name for name in ("messages", "prompt", "input") if name in body]
+    if len(shapes) > 1:
+        raise BatchValidationError(
+            f"ambiguous request: has {' and '.join(shapes)}; pass endpoint=", field=shapes[1]
+        )
+    if not shapes:
+        raise BatchValidationError(
+            "cannot tell the endpoint: pass messages (chat), prompt (completions), input (embeddings), "
+            "or endpoint='/v1/responses' with input",
+            field="messages",
+        )
+    return {"messages": CHAT, "prompt": COMPLETIONS, "input": EMBEDDINGS}[shapes[0]]
+
+
+def validate_body(endpoint: str, body: Mapping[str, Any], index: int | None = None) -> None:
+    try:
+        BODY_MODELS[endpoint].model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or None
+        raise BatchValidationError(first["msg"], field=field, index=index) from None
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+@dataclass
+class SpoolStats:
+    count: int = 0
+    bytes: int = 0
+    longest_line: int = 0
+
+
+class RequestSpool:
+    """An append-only JSONL file of request lines plus a SQLite index custom_id → (line, offset).
+
+    `models` is the set of distinct model names seen (small in practice); `endpoint` the one endpoint a
+    batch may use (the Batch API takes a single endpoint per batch).
+    """
+
+    def __init__(
+        self, directory: Path, provider: Provider, *, compare_models: list[str] | None = None
+    ) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "requests.jsonl"
+        self.provider = provider
+        self.compare_models = compare_models
+        self.endpoint: str | None = None
+        self.models: list[str] = []
+        self.stats = SpoolStats()
+        self.db = open_index(directory / "index.sqlite3")
+        self._fh = open(self.path, "ab")  # noqa: SIM115 - closed by close()
+        self._uncommitted = 0
+        self.closed = False
+
+    # -- adding ---------------------------------------------------------------------------------------
+
+    def add(
+        self,
+        request: Mapping[str, Any],
+        *,
+        custom_id: str | None = None,
+        endpoint: str | None = None,
+        method: str = "POST",
+    ) -> str:
+        index = self.stats.count
+        body = dict(request)
+        if "custom_id" in body:
+            # Never let it leak into the body the model sees.
+            custom_id = body.pop("custom_id") if custom_id is None else custom_id
+        if self.compare_models:
+            if "model" in body:
+                raise BatchValidationError(
+                    "with models=[...] the model is set per comparison; leave it out",
+                    field="model",
+                    index=index,
+                )
+            body["model"] = self.compare_models[0]
+        if method.upper() != "POST":
+            raise BatchValidationError(f"method must be POST, got {method!r}", field="method", index=index)
+        url = self._check_endpoint(infer_endpoint(body, endpoint), index)
+        validate_body(url, body, index)
+        self._check_model(body["model"], index)
+        if url == EMBEDDINGS and self.provider.base64_embeddings and body.get("encoding_format") is None:
+            # base64 floats are ~4x smaller than JSON decimals; results() decodes them back.
+            body["encoding_format"] = "base64"
+
+        if custom_id is not None:
+            if not isinstance(custom_id, str) or not custom_id:
+                raise BatchValidationError(
+                    "custom_id must be a non-empty string", field="custom_id", index=index
+                )
+            line = dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+            self._check_size(line, index)
+            if (first := self._index(custom_id, index)) is not None:
+                raise BatchValidationError(
+                    f"duplicate custom_id {custom_id!r} (first used by request {first})",
+                    field="custom_id",
+                    index=index,
+                )
+        else:
+            custom_id = f"request-{index}"
+            suffix = 0
+            # A user may already have taken "request-N" for an earlier line; pick the next free variant.
+            while self._index(custom_id, index) is not None:
+                suffix += 1
+                custom_id = f"request-{index}.{suffix}"
+            line = dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+            self._check_size(line, index, undo=custom_id)
+
+        # Only now, with the request accepted, does it fix the batch's endpoint and models.
+        self.endpoint = url
+        if body["model"] not in self.models:
+            self.models.append(body["model"])
+        self._fh.write(line)
+        self.stats.count += 1
+        self.stats.bytes += len(line)
+        self.stats.longest_line = max(self.stats.longest_line, len(line))
+        self._uncommitted += 1
+        if self._uncommitted >= 20_000:
+            self.db.commit()
+            self._uncommitted = 0
+        return custom_id
+
+    def add_line(self, obj: Mapping[str, Any]) -> str:
+        """A line of a JSONL file: a full request line (`custom_id`, `url`, `body`) or a bare body."""
+        if isinstance(obj.get("body"), Mapping):
+            return self.add(
+                obj["body"],
+                custom_id=obj.get("custom_id"),
+                endpoint=obj.get("url"),
+                method=str(obj.get("method", "POST")),
+            )
+        return self.add(obj)
+
+    def _check_endpoint(self, url: str, index: int) -> str:
+        if url not in self.provider.endpoints:
+            raise BatchValidationError(
+                f"{self.provider.name} does not offer {url} batches", field="endpoint", index=index
+            )
+        if self.endpoint is not None and url != self.endpoint:
+            raise BatchValidationError(
+                f"a batch has one endpoint: this batch is {self.endpoint}, this request is {url}",
+                field="endpoint",
+                index=index,
+            )
+        return url
+
+    def _check_model(self, model: str, index: int) -> None:
+        if model in self.models:
+            return
+        if self.models and not self.provider.mixed_models:
+            raise BatchValidationError(
+                f"{self.provider.name} takes one model per batch: this batch is {self.models[0]!r}, "
+                f"this request is {model!r} (use models=[...] to run the same requests on several models)",
+                field="model",
+                index=index,
+            )
+
+    def _check_size(self, line: bytes, index: int, undo: str | None = None) -> None:
+        # In a comparison the longest model name decides how big the line gets.
+        extra = 0
+        if self.compare_models:
+            extra = max(len(m.encode()) for m in self.compare_models) - len(self.compare_models[0].encode())
+        if len(line) + extra > self.provider.max_bytes:
+            if undo is not None:
+                self.db.execute("DELETE FROM requests WHERE custom_id = ?", (undo,))
+            raise BatchValidationError(
+                f"request is {len(line) + extra} bytes, over {self.provider.name}'s "
+                f"{self.provider.max_bytes} "
+                "byte limit for a whole batch file",
+                field="body",
+                index=index,
+            )
+
+    def _index(self, custom_id: str, index: int) -> int | None:
+        """Claim `custom_id` for request `index`; if it is taken, the index of the request that has it."""
+        try:
+            self.db.execute("INSERT INTO requests (custom_id, idx) VALUES (?, ?)", (custom_id, index))
+        except sqlite3.IntegrityError:
+            row = self.db.execute("SELECT idx FROM requests WHERE custom_id = ?", (custom_id,)).fetchone()
+            return int(row[0])
+        return None
+
+    # -- reading back ---------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        if not self.closed:
+            self._fh.flush()
+        self.db.commit()
+        self._uncommitted = 0
+
+    def freeze(self) -> None:
+        """No more requests: close the file (the index stays open for results)."""
+        if not self.closed:
+            self._fh.close()
+            self.closed = True
+        self.db.commit()
+
+    def lines(self) -> Iterator[bytes]:
+        self.flush()
+        with open(self.path, "rb") as fh:
+            yield from fh
+
+    def close(self) -> None:
+        self.freeze()
+        self.db.close()
+
+
+def open_index(path: Path) -> sqlite3.Connection:
+    # A scratch index, rebuilt from the files if lost: no journal, no fsync. check_same_thread is off because
+    # the async client reads results in a worker thread; it never uses the connection from two at once.
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
+    db.execute("PRAGMA journal_mode=OFF")
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS requests (custom_id TEXT PRIMARY KEY, idx INTEGER NOT NULL) WITHOUT ROWID"
+    )
+    return db
