@@ -46,6 +46,7 @@ class Scheduler:
         self._new_batch = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._engine_lock = asyncio.Lock()
+        self._finalizing: set[str] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -122,11 +123,14 @@ class Scheduler:
                 continue
             if self.engine.model != batch.model:
                 await self._wait_runners()  # never switch models under a running batch
-                batch = await self.store.get_batch(batch.id)
-                if batch is None or batch.status != "in_progress":
-                    continue
                 if not await self._load(batch):
                     continue
+            # Look again right before registering: a cancel or expiry may have ended it meanwhile. No await
+            # separates this read from the registration, so the API's cancel either sees the runner or
+            # finds the batch unclaimed and finalizes it itself.
+            batch = await self.store.get_batch(batch.id)
+            if batch is None or batch.status != "in_progress" or batch.id in self._runners:
+                continue
             runner = BatchRunner(self.store, self.storage, self.engine, self.settings, batch)
             self._runners[batch.id] = runner
             driver = asyncio.create_task(self._drive(runner), name=f"run {batch.id}")
@@ -165,27 +169,29 @@ class Scheduler:
                 return False
 
     async def _drive(self, runner: BatchRunner) -> None:
+        """Run a batch and end it. The runner stays registered until the batch is finalized, so neither the
+        run loop nor the expiry sweep can start a second runner for it in between."""
         batch = runner.batch
         try:
-            outcome = await runner.run()
-        except EngineError as exc:
-            await self._engine_failed(batch, exc)
-            return
+            try:
+                outcome = await runner.run()
+            except EngineError as exc:
+                await self._engine_failed(batch, exc)
+                return
+            if outcome == SHUTDOWN:
+                return  # stays in_progress; resumes at next start
+            current = await self.store.get_batch(batch.id)
+            if current is None:
+                return
+            if current.status == "cancelling":
+                outcome = CANCELLED
+            await self._finalize(current, outcome)
         except Exception as exc:
             log.exception("batch %s stopped on an unexpected error", batch.id)
             await self._fail(batch, "server_error", f"The batch stopped on an internal error: {exc}")
-            return
         finally:
             self._runners.pop(batch.id, None)
             self._queue_changed.set()
-        if outcome == SHUTDOWN:
-            return  # stays in_progress; resumes at next start
-        current = await self.store.get_batch(batch.id)
-        if current is None:
-            return
-        if current.status == "cancelling":
-            outcome = CANCELLED
-        await self._finalize(current, outcome)
 
     async def _engine_failed(self, batch: BatchRow, exc: Exception) -> None:
         current = await self.store.get_batch(batch.id) or batch
@@ -221,6 +227,15 @@ class Scheduler:
     async def _finalize(self, batch: BatchRow, outcome: str) -> None:
         """Turn the committed result parts into registered files and end the batch. Idempotent: a crash
         anywhere in here is repaired by running it again at start-up."""
+        if batch.id in self._finalizing:
+            return
+        self._finalizing.add(batch.id)
+        try:
+            await self._finalize_once(batch, outcome)
+        finally:
+            self._finalizing.discard(batch.id)
+
+    async def _finalize_once(self, batch: BatchRow, outcome: str) -> None:
         batch = await self.store.get_batch(batch.id) or batch
         if batch.status not in ACTIVE_STATUSES:
             return
@@ -257,8 +272,10 @@ class Scheduler:
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_seconds)
-            with contextlib.suppress(Exception):
+            try:
                 await self._sweep()
+            except Exception:
+                log.exception("expiry sweep failed; retrying in %ss", self.settings.sweep_seconds)
 
     async def _sweep(self) -> None:
         moment = now()

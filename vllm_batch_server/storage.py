@@ -131,6 +131,9 @@ class Storage:
         handles = []
         for path, offset in zip(self.part_paths(batch_id), (output_offset, error_offset), strict=True):
             fh = open(path, "ab")  # noqa: SIM115 - the runner owns and closes them
+            if fh.seek(0, os.SEEK_END) < offset:
+                fh.close()
+                raise OSError(f"{path} is shorter than its committed {offset} bytes: results were lost on disk")
             fh.truncate(offset)
             fh.seek(offset)
             handles.append(fh)
