@@ -22,7 +22,8 @@ def _env(name: str, default: Any = None) -> Any:
     return os.environ.get(ENV_PREFIX + name, default)
 
 
-def _flag(parser: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: Any) -> None:
+def _flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, env: str, help: str,
+          **kwargs: Any) -> None:
     default = kwargs.pop("default", None)
     conv = kwargs.get("type", str)
     raw = _env(env)

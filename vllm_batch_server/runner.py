@@ -97,10 +97,10 @@ class BatchRunner:
         ticker = asyncio.Event()
         workers = [asyncio.create_task(worker()) for _ in range(self.window)]
         checkpointer = asyncio.create_task(self._checkpoints(results, ticker))
-        all_done = asyncio.ensure_future(asyncio.gather(*workers))
-        stopped = asyncio.create_task(self._stopped.wait())
+        all_done: asyncio.Future[list[None]] = asyncio.gather(*workers)
+        stopped: asyncio.Task[bool] = asyncio.create_task(self._stopped.wait())
         try:
-            await asyncio.wait([all_done, stopped], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([all_done, stopped], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
         finally:
             running = [task for task in workers if not task.done()]
             if running:

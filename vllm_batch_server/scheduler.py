@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from vllm_batch_server import ids
 from vllm_batch_server.engines.base import Engine, EngineError
@@ -241,7 +242,7 @@ class Scheduler:
             return
         if not batch.outcome:
             # Decide the file ids before any rename, so a crash mid-way can be finished with the same ids.
-            changes: dict[str, object] = {
+            changes: dict[str, Any] = {
                 "outcome": outcome,
                 "output_file_id": ids.new_file_id() if batch.output_offset > 0 else None,
                 "error_file_id": ids.new_file_id() if batch.error_offset > 0 else None,

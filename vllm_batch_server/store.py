@@ -210,7 +210,8 @@ class Store:
     async def list_files(self, *, after_seq: int | None, limit: int, descending: bool,
                          purpose: str | None) -> list[FileRow]:
         """One page plus one row, so the caller can tell whether there is more."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if after_seq is not None:
             where.append("seq < ?" if descending else "seq > ?")
             params.append(after_seq)
@@ -267,6 +268,7 @@ class Store:
 
     async def list_batches(self, *, after_seq: int | None, limit: int) -> list[BatchRow]:
         """Newest first, one page plus one row."""
+        params: tuple[int, ...]
         if after_seq is None:
             sql, params = "SELECT * FROM batches ORDER BY seq DESC LIMIT ?", (limit + 1,)
         else:

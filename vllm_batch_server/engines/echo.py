@@ -192,7 +192,9 @@ class EchoEngine:
                          messages[-1])
         prompt = _text_of(last_user.get("content") if isinstance(last_user, dict) else "")
         text, finish, usage = self._answer(prompt, body)
-        n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+        n = body.get("n", 1)
+        if not isinstance(n, int) or n < 1:
+            n = 1
         return Result(200, {
             "id": "chatcmpl-" + request_id,
             "object": "chat.completion",
