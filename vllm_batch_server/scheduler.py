@@ -85,6 +85,12 @@ class Scheduler:
         for orphan in self.storage.stored_file_ids() - known:
             log.info("removing orphaned blob %s", orphan)
             self.storage.remove_file(orphan)
+        # Result parts of batches that already ended: a crash between the final commit and the clean-up.
+        active = {batch.id for batch in await self.store.batches_in(ACTIVE_STATUSES)}
+        for directory in list(self.storage.batches_dir.iterdir()):
+            if ids.is_batch_id(directory.name) and directory.name not in active:
+                log.info("removing the leftover result parts of ended batch %s", directory.name)
+                await asyncio.to_thread(self.storage.remove_batch_dir, directory.name)
 
     # ---- validation --------------------------------------------------------------------------------------
 
