@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from tests.conftest import chat_lines, read_jsonl, sdk, submit, wait_for
@@ -54,3 +55,24 @@ def test_kill9_three_times_mid_batch_then_every_custom_id_exactly_once(tmp_path:
     assert done.error_file_id is None
     # the batch's working directory is gone once it is finalized
     assert not any((tmp_path / "data" / "batches").iterdir())
+
+
+def test_graceful_stop_checkpoints_and_resumes(tmp_path: Path) -> None:
+    server = make_server(tmp_path / "data", extra_args=["--echo-delay", "0.05", "--window", "4",
+                                                         "--checkpoint-every", "1000", "--checkpoint-seconds", "60"])
+    server.start()
+    try:
+        client = sdk(server)
+        batch_id = submit(client, chat_lines(200)).id
+        wait_for(client, batch_id, until=lambda b: b.status == "in_progress" and b.in_progress_at is not None)
+        time.sleep(1.0)  # ~80 results done, none committed by the (long) interval yet
+        server.stop()  # SIGTERM: the runner stops and makes what it finished durable
+        server.start()
+        resumed = client.batches.retrieve(batch_id)
+        assert resumed.request_counts is not None and resumed.request_counts.completed >= 40
+        done = wait_for(client, batch_id, timeout=60)
+        assert done.status == "completed"
+        ids = [line["custom_id"] for line in read_jsonl(client, done.output_file_id)]
+    finally:
+        server.kill()
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(200))
