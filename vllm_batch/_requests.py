@@ -85,33 +85,38 @@ BODY_MODELS: dict[str, type[_Body]] = {
 }
 
 
-def normalize_endpoint(endpoint: str) -> str:
+def normalize_endpoint(endpoint: str, index: int | None = None) -> str:
     key = endpoint.strip().lstrip("/")
     key = key[3:] if key.startswith("v1/") else key
     resolved = _ALIASES.get(key)
     if resolved is None:
         raise BatchValidationError(
-            f"unknown endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)}", field="endpoint"
+            f"unknown endpoint {endpoint!r}; use one of {', '.join(ENDPOINTS)}", field="endpoint", index=index
         )
     return resolved
 
 
-def infer_endpoint(body: Mapping[str, Any], endpoint: str | None = None) -> str:
+def infer_endpoint(body: Mapping[str, Any], endpoint: str | None = None, index: int | None = None) -> str:
     """The endpoint a request body is meant for: explicit, else from its shape."""
     if endpoint is not None:
-        return normalize_endpoint(endpoint)
+        return normalize_endpoint(endpoint, index)
     shapes = [name for name in ("messages", "prompt", "input") if name in body]
     if len(shapes) > 1:
         raise BatchValidationError(
-            f"ambiguous request: has {' and '.join(shapes)}; pass endpoint=", field=shapes[1]
+            f"ambiguous request: has {' and '.join(shapes)}; pass endpoint=", field=shapes[1], index=index
         )
     if not shapes:
         raise BatchValidationError(
             "cannot tell the endpoint: pass messages (chat), prompt (completions), input (embeddings), "
             "or endpoint='/v1/responses' with input",
             field="messages",
+            index=index,
         )
     return {"messages": CHAT, "prompt": COMPLETIONS, "input": EMBEDDINGS}[shapes[0]]
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in {"str", "int", "float", "bool", "list", "dict"} or "[" in part
 
 
 def validate_body(endpoint: str, body: Mapping[str, Any], index: int | None = None) -> None:
@@ -119,7 +124,10 @@ def validate_body(endpoint: str, body: Mapping[str, Any], index: int | None = No
         BODY_MODELS[endpoint].model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or None
+        # For a union pydantic adds the member it tried ("prompt.str", "prompt.list[int]"); callers want
+        # the path in their own request.
+        parts = [str(p) for p in first["loc"] if isinstance(p, int) or not _is_type_tag(str(p))]
+        field = ".".join(parts) or None
         raise BatchValidationError(first["msg"], field=field, index=index) from None
 
 
@@ -181,7 +189,7 @@ class RequestSpool:
             body["model"] = self.compare_models[0]
         if method.upper() != "POST":
             raise BatchValidationError(f"method must be POST, got {method!r}", field="method", index=index)
-        url = self._check_endpoint(infer_endpoint(body, endpoint), index)
+        url = self._check_endpoint(infer_endpoint(body, endpoint, index), index)
         validate_body(url, body, index)
         self._check_model(body["model"], index)
         if url == EMBEDDINGS and self.provider.base64_embeddings and body.get("encoding_format") is None:

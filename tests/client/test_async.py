@@ -1,0 +1,70 @@
+"""AsyncVLLMBatch runs the same flows with awaits: the same behaviour, asserted on the same fake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.client.conftest import BASE, FakeBatchAPI, chat
+from vllm_batch import AsyncVLLMBatch, BatchFailedError, BatchStatus
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_async_full_cycle(api: FakeBatchAPI, tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    async def callback(status: BatchStatus) -> None:
+        seen.append(status.status)
+
+    async with AsyncVLLMBatch(base_url=BASE, output_dir=tmp_path) as batch:
+        ids = [batch.add_to_batch(**chat(f"q{i}")) for i in range(4)]
+        status, out, err = await batch.submit_wait_download(callback=callback, progress=False)
+        assert status.status == "completed" and out is not None and out.exists() and err is None
+        assert await batch.submit() == status.id  # idempotent
+        results = [r async for r in batch.results()]
+    assert [r.custom_id for r in results] == ids
+    assert [r.text for r in results] == [f"m1:q{i}" for i in range(4)]
+    assert seen[-1] == "completed" and len(seen) == api.retrieve.call_count
+    assert api.create.call_count == 1
+
+
+async def test_async_sharded_compare_and_resume(api: FakeBatchAPI, tmp_path: Path) -> None:
+    async with AsyncVLLMBatch(base_url=BASE, models=["a", "b"], max_requests=2) as batch:
+        for i in range(3):
+            batch.add_to_batch(custom_id=f"k{i}", messages=[{"role": "user", "content": str(i)}])
+        bid = await batch.submit()
+        assert len(batch.batch_ids) == 4
+    again = await AsyncVLLMBatch.resume(bid, base_url=BASE, output_dir=tmp_path)
+    async with again:
+        await again.wait(progress=False)
+        rows = [c async for c in again.compare()]
+        out, _ = await again.download()
+    assert [c.custom_id for c in rows] == ["k0", "k1", "k2"]
+    assert rows[2].results["b"].text == "b:2"
+    assert out is not None and len(out.read_text().splitlines()) == 6
+
+
+async def test_async_cancel_and_failure(api: FakeBatchAPI) -> None:
+    async with AsyncVLLMBatch(base_url=BASE) as batch:
+        batch.add_to_batch(**chat("x"))
+        batch.add_to_batch(**chat("y"))
+        await batch.submit()
+        assert (await batch.cancel()).status == "cancelled"
+        assert api.cancel.call_count == 1
+        results = [r async for r in batch.results()]
+        assert [r.ok for r in results] == [True, False]
+    api.steps = ["validating", "failed"]
+    async with AsyncVLLMBatch(base_url=BASE) as batch:
+        batch.add_to_batch(**chat("x"))
+        await batch.submit()
+        with pytest.raises(BatchFailedError):
+            await batch.wait(progress=False)
+
+
+async def test_async_list(api: FakeBatchAPI) -> None:
+    async with AsyncVLLMBatch(base_url=BASE) as batch:
+        batch.add_to_batch(**chat("x"))
+        bid = await batch.submit()
+        assert [b.id for b in await batch.list_batches()] == [bid]

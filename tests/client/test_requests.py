@@ -1,0 +1,159 @@
+"""Requests are checked when added: the error names the field, and nothing bad reaches the spool."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.client.conftest import chat
+from vllm_batch import BatchValidationError, Provider, VLLMBatch
+
+LOCAL = "http://batch.test/v1"
+
+
+@pytest.fixture
+def batch(tmp_path: Path):
+    with VLLMBatch(base_url=LOCAL, workdir=tmp_path / "work") as b:
+        yield b
+
+
+def spooled(batch: VLLMBatch) -> list[dict]:
+    spool = batch._core.spool
+    return [json.loads(x) for x in spool.lines()]
+
+
+@pytest.mark.parametrize(
+    ("request_", "field", "message"),
+    [
+        ({"model": "m", "messages": []}, "messages", "at least 1"),
+        ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "system"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "model", "required"),
+        ({"model": "", "messages": [{"role": "user", "content": "x"}]}, "model", "at least 1"),
+        ({"model": 3, "messages": [{"role": "user", "content": "x"}]}, "model", "string"),
+        (chat("x", temperature=3), "temperature", "less than or equal"),
+        (chat("x", max_tokens=0), "max_tokens", "greater than or equal"),
+        (chat("x", stream=True), "stream", "False"),
+        ({"model": "m", "prompt": {"a": 1}}, "prompt", "Input should be"),
+        ({"model": "m"}, "messages", "cannot tell the endpoint"),
+        ({"model": "m", "messages": [], "prompt": "x"}, "prompt", "ambiguous"),
+    ],
+)
+def test_invalid_requests_name_the_field(batch: VLLMBatch, request_, field: str, message: str) -> None:
+    with pytest.raises(BatchValidationError, match=message) as info:
+        batch.add_to_batch(**request_)
+    assert info.value.field == field and info.value.index == 0
+    assert field in str(info.value)
+    assert len(batch) == 0
+
+
+def test_endpoint_inference(tmp_path: Path) -> None:
+    cases = [
+        (chat("x"), None, "/v1/chat/completions"),
+        ({"model": "m", "prompt": "x"}, None, "/v1/completions"),
+        ({"model": "m", "input": ["a", "b"]}, None, "/v1/embeddings"),
+        ({"model": "m", "input": "x"}, "/v1/responses", "/v1/responses"),
+        ({"model": "m", "input": "x"}, "responses", "/v1/responses"),
+    ]
+    for n, (request, endpoint, expected) in enumerate(cases):
+        with VLLMBatch(base_url=LOCAL, workdir=tmp_path / str(n)) as b:
+            b.add_to_batch(endpoint=endpoint, **request)
+            assert spooled(b)[0]["url"] == expected
+
+
+def test_unknown_endpoint(batch: VLLMBatch) -> None:
+    with pytest.raises(BatchValidationError, match="unknown endpoint") as info:
+        batch.add_to_batch(endpoint="/v1/images", model="m", prompt="x")
+    assert info.value.field == "endpoint"
+
+
+def test_one_endpoint_per_batch(batch: VLLMBatch) -> None:
+    batch.add_to_batch(**chat("x"))
+    with pytest.raises(BatchValidationError, match="one endpoint") as info:
+        batch.add_to_batch(model="m1", prompt="x")
+    assert info.value.field == "endpoint" and info.value.index == 1
+
+
+def test_a_rejected_request_leaves_no_trace(batch: VLLMBatch) -> None:
+    with pytest.raises(BatchValidationError):
+        batch.add_to_batch(model="m1", prompt="x", temperature=9)
+    # The rejected completion request did not fix the endpoint: a chat batch is still possible.
+    batch.add_to_batch(**chat("ok"))
+    assert len(batch) == 1 and spooled(batch)[0]["url"] == "/v1/chat/completions"
+
+
+def test_custom_ids_unique_and_generated(batch: VLLMBatch) -> None:
+    assert batch.add_to_batch(**chat("a")) == "request-0"
+    assert batch.add_to_batch(custom_id="request-2", **chat("b")) == "request-2"
+    # The generated id for line 2 is taken by the user's: the next free variant is used.
+    assert batch.add_to_batch(**chat("c")) == "request-2.1"
+    with pytest.raises(BatchValidationError, match=r"duplicate custom_id 'request-2' .*request 1") as info:
+        batch.add_to_batch(custom_id="request-2", **chat("d"))
+    assert info.value.field == "custom_id"
+    with pytest.raises(BatchValidationError, match="non-empty string"):
+        batch.add_to_batch(custom_id="", **chat("d"))
+    assert [line["custom_id"] for line in spooled(batch)] == ["request-0", "request-2", "request-2.1"]
+
+
+def test_custom_id_in_the_request_dict_is_taken_out_of_the_body(batch: VLLMBatch) -> None:
+    batch.add_requests([chat("a", custom_id="x1")])
+    [line] = spooled(batch)
+    assert line["custom_id"] == "x1" and "custom_id" not in line["body"]
+
+
+def test_one_model_per_batch_unless_the_provider_mixes(tmp_path: Path) -> None:
+    with VLLMBatch(base_url=LOCAL, workdir=tmp_path / "a") as b:
+        b.add_to_batch(**chat("x", model="m1"))
+        with pytest.raises(BatchValidationError, match="one model per batch") as info:
+            b.add_to_batch(**chat("x", model="m2"))
+        assert info.value.field == "model"
+    mixing = Provider("mix", LOCAL, mixed_models=True)
+    with VLLMBatch(provider=mixing, workdir=tmp_path / "b") as b:
+        b.add_to_batch(**chat("x", model="m1"))
+        b.add_to_batch(**chat("x", model="m2"))
+        assert b.models == ["m1", "m2"]
+
+
+def test_provider_endpoints_are_enforced(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PARASAIL_API_KEY", "k")
+    with VLLMBatch(provider="parasail", workdir=tmp_path) as b, \
+            pytest.raises(BatchValidationError, match="parasail does not offer /v1/responses"):
+        b.add_to_batch(endpoint="/v1/responses", model="m", input="x")
+
+
+def test_embeddings_encoding(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with VLLMBatch(base_url=LOCAL, workdir=tmp_path / "a") as b:
+        b.add_to_batch(model="e", input="x")
+        b.add_to_batch(model="e", input="y", encoding_format="float")
+        assert [x["body"].get("encoding_format") for x in spooled(b)] == ["base64", "float"]
+    monkeypatch.setenv("PARASAIL_API_KEY", "k")
+    with VLLMBatch(provider="parasail", workdir=tmp_path / "b") as b:
+        b.add_to_batch(model="e", input="x")
+        assert "encoding_format" not in spooled(b)[0]["body"]
+
+
+def test_a_line_larger_than_a_whole_batch_file(tmp_path: Path) -> None:
+    with VLLMBatch(base_url=LOCAL, max_bytes=200, workdir=tmp_path) as b:
+        b.add_to_batch(**chat("small"))
+        with pytest.raises(BatchValidationError, match="over") as info:
+            b.add_to_batch(**chat("x" * 300))
+        assert info.value.field == "body"
+        with pytest.raises(BatchValidationError, match="over"):
+            b.add_to_batch(custom_id="big", **chat("x" * 300))
+        # The refused generated id was released again.
+        assert b.add_to_batch(**chat("fits")) == "request-1"
+
+
+def test_from_jsonl_reports_the_bad_line(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(chat("a")) + "\n{oops\n")
+    with pytest.raises(BatchValidationError, match=r"in.jsonl:2: not JSON"):
+        VLLMBatch.from_jsonl(src, base_url=LOCAL)
+
+
+def test_validation_happens_when_added_not_at_submit(tmp_path: Path) -> None:
+    requests = [chat("a"), chat("b"), {"model": "m1", "messages": [{"role": "user"}], "n": 0}]
+    with pytest.raises(BatchValidationError) as info:
+        VLLMBatch.from_requests(requests, base_url=LOCAL)
+    assert info.value.index == 2 and info.value.field == "n"
