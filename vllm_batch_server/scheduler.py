@@ -96,9 +96,13 @@ class Scheduler:
 
     async def _validate_loop(self) -> None:
         while True:
+            self._new_batch.clear()  # before looking, so a batch created meanwhile wakes us again
             for batch in await self.store.batches_in(["validating"]):
-                await self._guarded(self._validate(batch), batch.id)
-            self._new_batch.clear()
+                try:
+                    await self._validate(batch)
+                except Exception:
+                    log.exception("could not validate batch %s", batch.id)
+                    await self._fail(batch, "server_error", "The input file could not be validated.")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._new_batch.wait(), timeout=5)
 
@@ -122,9 +126,9 @@ class Scheduler:
 
     async def _run_loop(self) -> None:
         while True:
+            self._queue_changed.clear()  # before looking, so a change made meanwhile wakes us again
             batch = await self._next_batch()
             if batch is None:
-                self._queue_changed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._queue_changed.wait(), timeout=self.settings.sweep_seconds)
                 continue
@@ -304,12 +308,3 @@ class Scheduler:
             if await self.store.file_in_use(file.id) is None:
                 await self.store.delete_file(file.id)
                 self.storage.remove_file(file.id)
-
-    async def _guarded(self, work: object, batch_id: str) -> None:
-        try:
-            await work  # type: ignore[misc]
-        except Exception:
-            log.exception("could not validate batch %s", batch_id)
-            batch = await self.store.get_batch(batch_id)
-            if batch is not None:
-                await self._fail(batch, "server_error", "The input file could not be validated.")

@@ -75,8 +75,10 @@ class Storage:
         self.batches_dir = data_dir / "batches"
 
     def prepare(self) -> None:
+        # Users' prompts and results live here: readable by the server's user only.
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for directory in (self.files_dir, self.tmp_dir, self.batches_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, exist_ok=True)
         # Whatever was being received when the server stopped was never acknowledged: drop it.
         for leftover in self.tmp_dir.iterdir():
             if leftover.is_dir():
