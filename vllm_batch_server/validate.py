@@ -7,6 +7,8 @@ the 1-based line, the offending parameter and a code, as OpenAI's `errors.data[]
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,34 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # A literal like 1e999 is valid JSON syntax but overflows to inf, which would reach the engine and be
+    # written back out as the non-JSON token `Infinity`: refuse it like NaN.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:50]} is too large")
+    return value
+
+
 def loads(raw: bytes) -> Any:
-    """Strict JSON: NaN and Infinity are refused, as the JSON standard (and OpenAI) does."""
-    return json.loads(raw, parse_constant=_reject_constant)
+    """Strict JSON: NaN and Infinity (spelled out or overflowing) are refused, as the JSON standard (and
+    OpenAI) does."""
+    return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+# A \uD800-\uDFFF escape. Python's json decodes an unpaired one into a str that cannot be encoded as UTF-8,
+# so the result line would fail to be written mid-run; only lines containing one pay for the full check.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def has_lone_surrogate(raw: bytes, value: Any) -> bool:
+    if not _SURROGATE_ESCAPE.search(raw):
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -89,6 +116,10 @@ class _Validator:
             return
         if not isinstance(line, dict):
             self.error("invalid_json_line", f"Line {number} is not a JSON object.", number)
+            return
+        if has_lone_surrogate(raw, line):
+            self.error("invalid_json_line", f"Line {number} contains an unpaired UTF-16 surrogate escape "
+                       "(\\uD800-\\uDFFF), which is not valid Unicode.", number)
             return
 
         custom_id = line.get("custom_id")

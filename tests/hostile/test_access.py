@@ -1,0 +1,123 @@
+"""With --api-key, every route but /health refuses a missing or wrong key; ids never reach outside the data
+directory."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from starlette.routing import Route
+
+from tests.conftest import chat_lines, jsonl, sdk, submit, wait_for
+from tests.helpers.server import RunningServer, make_server
+from tests.hostile.errors import assert_openai_error
+from vllm_batch_server.app import create_app
+from vllm_batch_server.settings import Settings
+from vllm_batch_server.storage import Storage
+
+KEY = "sk-test-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = make_server(tmp_path_factory.mktemp("access") / "data", api_key=KEY).start()
+    yield running
+    running.kill()
+
+
+def every_route() -> list[tuple[str, str]]:
+    """(method, concrete path) for every route the app serves, read from the app so a new route is covered
+    the day it is added."""
+    app = create_app(Settings(engine="echo", models=["echo-model"], api_key=KEY))
+    found = []
+    for route in app.routes:
+        assert isinstance(route, Route)
+        path = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: {"file_id": "file-abc", "batch_id": "batch_abc"}.get(
+            m.group(1), "echo-model"), route.path)
+        for method in sorted((route.methods or set()) - {"HEAD"}):
+            found.append((method, path))
+    return found
+
+
+ROUTES = every_route()
+WRONG = {
+    "missing": {},
+    "wrong key": {"authorization": "Bearer sk-wrong"},
+    "bare scheme": {"authorization": "Bearer"},
+    "lower-case scheme": {"authorization": f"bearer {KEY}x"},
+    "prefix of the key": {"authorization": f"Bearer {KEY[:-1]}"},
+    "key plus more": {"authorization": f"Bearer {KEY}x"},
+    "no scheme": {"authorization": KEY},
+    "basic scheme": {"authorization": f"Basic {KEY}"},
+    "key in another header": {"x-api-key": KEY},
+}
+
+
+def test_the_route_table_is_what_we_think() -> None:
+    assert len(ROUTES) >= 10
+    assert ("GET", "/health") in ROUTES and ("POST", "/v1/files") in ROUTES
+
+
+@pytest.mark.parametrize("method,path", [r for r in ROUTES if r[1] != "/health"])
+@pytest.mark.parametrize("case", sorted(WRONG))
+def test_every_route_refuses_a_missing_or_wrong_key(server: RunningServer, method: str, path: str,
+                                                    case: str) -> None:
+    response = httpx.request(method, server.root_url + path, headers=WRONG[case], timeout=10)
+    error = assert_openai_error(response, 401)
+    assert error["code"] == "invalid_api_key"
+    assert KEY not in response.text
+
+
+def test_unknown_paths_are_refused_before_they_are_routed(server: RunningServer) -> None:
+    assert_openai_error(httpx.get(server.root_url + "/v1/nothing/here"), 401)
+
+
+def test_health_is_open_and_the_right_key_works(server: RunningServer) -> None:
+    assert httpx.get(server.root_url + "/health").status_code == 200
+    client = sdk(server)
+    batch = wait_for(client, submit(client, chat_lines(3)).id)
+    assert batch.status == "completed"
+    with pytest.raises(openai.AuthenticationError):
+        sdk(server, api_key="sk-wrong").batches.retrieve(batch.id)
+    # no key has been written anywhere into the data directory
+    for path in server.data_dir.rglob("*"):
+        if path.is_file() and not path.name.startswith("vllm-batch.sqlite3"):
+            assert KEY.encode() not in path.read_bytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_no_string_names_a_path_outside_files_dir(value: str) -> None:
+    storage = Storage(Path("/srv/data"))
+    for resolve in (storage.file_path, storage.batch_dir):
+        try:
+            path = resolve(value)
+        except ValueError:
+            continue
+        # accepted only when it is one of our ids: then it is a direct child of its directory
+        assert path.parent in (storage.files_dir, storage.batches_dir)
+        assert path.name == value and "/" not in value and value not in (".", "..")
+
+
+@pytest.mark.parametrize("value", ["../x", "..", ".", "file-../x", "file-a/b", "batch_a/../b", "/etc/passwd",
+                                   "file-a\x00", "file-" + "a" * 65, ""])
+def test_path_like_ids_are_refused_by_storage(value: str) -> None:
+    storage = Storage(Path("/srv/data"))
+    with pytest.raises(ValueError):
+        storage.file_path(value)
+    with pytest.raises(ValueError):
+        storage.batch_dir(value)
+
+
+def test_a_file_uploaded_under_a_key_is_readable_only_with_it(server: RunningServer) -> None:
+    client = sdk(server)
+    file_id = client.files.create(file=("in.jsonl", jsonl(chat_lines(1))), purpose="batch").id
+    response = httpx.get(f"{server.base_url}/files/{file_id}/content")
+    assert_openai_error(response, 401)
+    assert client.files.content(file_id).content == jsonl(chat_lines(1))
