@@ -68,6 +68,7 @@ PRESETS: dict[str, Provider] = {
         512 * 1024 * 1024,
         mixed_models=False,
         base64_embeddings=True,
+        endpoints=("/v1/chat/completions", "/v1/completions", "/v1/embeddings"),
     ),
     "openai": Provider(
         "openai",
@@ -190,8 +191,11 @@ def _for_url(url: str) -> Provider:
         if preset.origin == origin and preset.name != "local":
             return replace(preset, base_url=url.rstrip("/"))
     local = PRESETS["local"]
-    # Any other URL: our server or something like it, with OpenAI-sized limits unless told otherwise.
-    return replace(local, name="custom" if origin != local.origin else "local", base_url=url.rstrip("/"))
+    if origin == local.origin:
+        return replace(local, base_url=url.rstrip("/"))
+    # Any other URL: our server elsewhere or another OpenAI-compatible service. OpenAI's limits (the
+    # safest common ground) and every endpoint; the server itself refuses what it does not offer.
+    return replace(local, name="custom", base_url=url.rstrip("/"), endpoints=ENDPOINTS, max_bytes=200 * MB)
 
 
 class OpenAIClient(openai.OpenAI):

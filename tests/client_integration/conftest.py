@@ -1,0 +1,52 @@
+"""Real servers (echo engine) on loopback for the client's integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.server import RunningServer, make_server
+
+CHAT_MODEL = "echo-model"
+EMBED_MODEL = "echo-embed"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One echo server per test module."""
+    running = make_server(tmp_path_factory.mktemp("client-server") / "data").start()
+    yield running
+    running.kill()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Start a dedicated server with extra CLI flags; killed at teardown."""
+    started: list[RunningServer] = []
+
+    def start(name: str = "data", **kwargs: Any) -> RunningServer:
+        running = make_server(tmp_path / name, **kwargs)
+        started.append(running)
+        return running.start()
+
+    yield start
+    for running in started:
+        running.kill()
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("BATCH_BASE_URL", "BATCH_API_KEY", "BATCH_PROVIDER", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def ask(text: str, model: str = CHAT_MODEL) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 16}
