@@ -1,0 +1,55 @@
+"""Every example in examples/ runs against a real local server (echo engine), as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.server import RunningServer, make_server
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.py"))
+COMPARE = ["echo-model", "echo-b", "echo-c"]
+
+
+@pytest.fixture(scope="module")
+def example_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = make_server(tmp_path_factory.mktemp("examples") / "data", models=[*COMPARE, "echo-embed"]).start()
+    yield running
+    running.kill()
+
+
+def run_example(path: Path, server: RunningServer, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCH_", "OPENAI_", "PARASAIL_"))}
+    env.update(PYTHONPATH=str(REPO), BATCH_BASE_URL=server.base_url, MODEL="echo-model", EMBED_MODEL="echo-embed",
+               COMPARE_MODELS=",".join(COMPARE))
+    return subprocess.run([sys.executable, str(path), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=180, check=False)
+
+
+def test_every_example_is_tested() -> None:
+    assert {p.name for p in EXAMPLES} == set(EXPECTED)
+
+
+EXPECTED = {
+    "quickstart.py": ["3 requests ready", "question-0: 'What is the capital of France?' -> 'What is the capital",
+                      "resumed: completed"],
+    "async_app.py": ["[job]", "completed 3/3", "stayed responsive", "... -> Quarterly revenue grew by twelve percent"],
+    "switch_provider.py": ["provider: custom", "Loved it, would buy again."],
+    "embeddings.py": ["5 embeddings of dimension 384", "closest to 'baking at home':"],
+    "compare_models.py": ["(3 batches for 3 models)", "== math: What is 17 times 3?",
+                          "echo-c: What is 17 times 3?"],
+}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_runs(path: Path, example_server: RunningServer, tmp_path: Path) -> None:
+    done = run_example(path, example_server, tmp_path)
+    assert done.returncode == 0, f"{path.name} failed:\n{done.stdout}\n{done.stderr}"
+    for expected in EXPECTED[path.name]:
+        assert expected in done.stdout, f"{expected!r} not in the output of {path.name}:\n{done.stdout}"
