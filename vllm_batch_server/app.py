@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,13 @@ from starlette.middleware import Middleware
 from vllm_batch_server.api import batches, files, models
 from vllm_batch_server.api.auth import BearerAuth
 from vllm_batch_server.api.context import Context
-from vllm_batch_server.api.errors import APIError, on_api_error, on_http_exception, on_unexpected
+from vllm_batch_server.api.errors import (
+    APIError,
+    on_api_error,
+    on_http_exception,
+    on_storage_error,
+    on_unexpected,
+)
 from vllm_batch_server.engines import create_engine
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
@@ -49,6 +56,9 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={
             APIError: on_api_error,
             HTTPException: on_http_exception,
+            # Before the catch-all: a full disk is answered 507 (see api/errors.py), not 500.
+            OSError: on_storage_error,
+            sqlite3.Error: on_storage_error,
             Exception: on_unexpected,
         },
         lifespan=lifespan,

@@ -17,7 +17,7 @@ from typing import Any
 from vllm_batch_server.checkpoint import ResultLog
 from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.storage import Storage
+from vllm_batch_server.storage import Storage, is_disk_full
 from vllm_batch_server.store import BatchRow, Store
 from vllm_batch_server.validate import iter_requests
 
@@ -65,6 +65,8 @@ class BatchRunner:
             results.close()
             self.input_exhausted.set()
         if self._engine_error is not None:
+            if is_disk_full(self._engine_error):
+                raise self._engine_error  # our disk, not the engine: the scheduler pauses the batch
             raise EngineError(str(self._engine_error)) from self._engine_error
         return self.stop_reason or "completed"
 

@@ -20,7 +20,7 @@ from vllm_batch_server import ids
 from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.runner import CANCELLED, EXPIRED, SHUTDOWN, BatchRunner
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.storage import Storage
+from vllm_batch_server.storage import Storage, is_disk_full
 from vllm_batch_server.store import ACTIVE_STATUSES, BatchRow, FileRow, Store
 from vllm_batch_server.validate import validate_input
 
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 # The column that records when a batch reached each terminal status.
 _ENDED_AT = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at",
              "failed": "failed_at"}
+
+
+# How long a batch that ran out of disk space waits before it tries again.
+DISK_FULL_RETRY_SECONDS = 2.0
 
 
 def now() -> int:
@@ -48,6 +52,7 @@ class Scheduler:
         self._tasks: list[asyncio.Task[None]] = []
         self._engine_lock = asyncio.Lock()
         self._finalizing: set[str] = set()
+        self._paused_until: dict[str, float] = {}  # batch id -> monotonic time: out of disk space, wait
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -154,7 +159,8 @@ class Scheduler:
 
     async def _next_batch(self) -> BatchRow | None:
         for batch in await self.store.batches_in(["in_progress"]):
-            if batch.id not in self._runners:
+            # A batch with an outcome is being finalized; a paused one waits for disk space.
+            if batch.id not in self._runners and not batch.outcome and batch.id not in self._paused_until:
                 return batch
         return None
 
@@ -198,6 +204,9 @@ class Scheduler:
                 outcome = CANCELLED
             await self._finalize(current, outcome)
         except Exception as exc:
+            if is_disk_full(exc):
+                self._pause_for_space(batch.id, exc)
+                return
             log.exception("batch %s stopped on an unexpected error", batch.id)
             await self._fail(batch, "server_error", f"The batch stopped on an internal error: {exc}")
         finally:
@@ -219,6 +228,32 @@ class Scheduler:
         async with self._engine_lock:
             with contextlib.suppress(Exception):
                 await self.engine.stop()  # the run loop reloads it for whatever runs next
+
+    def _pause_for_space(self, batch_id: str, exc: BaseException) -> None:
+        """Out of disk space: failing the batch would drop accepted work, and nothing committed is lost (the
+        parts are cut back to the last checkpoint on resume), so wait and try again."""
+        log.error("batch %s paused: out of disk space (%s); retrying in %.0fs", batch_id, exc,
+                  DISK_FULL_RETRY_SECONDS)
+        self._paused_until[batch_id] = time.monotonic() + DISK_FULL_RETRY_SECONDS
+        # With the scheduler's own loops, so a shutdown cancels it, and apart from the drivers, so a model
+        # switch does not wait for the disk to be freed.
+        task = asyncio.create_task(self._resume_after_pause(batch_id), name=f"resume {batch_id}")
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _resume_after_pause(self, batch_id: str) -> None:
+        await asyncio.sleep(DISK_FULL_RETRY_SECONDS)
+        self._paused_until.pop(batch_id, None)
+        batch = await self.store.get_batch(batch_id)
+        if batch is not None and batch.id not in self._runners and (
+                batch.outcome or batch.status in ("finalizing", "cancelling")):
+            try:  # it was ending when the disk filled: finish that (idempotent)
+                await self._finalize(batch, batch.outcome or CANCELLED)
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                self._pause_for_space(batch_id, exc)
+        self._queue_changed.set()  # an in_progress batch is picked up again by the run loop
 
     # ---- ending ------------------------------------------------------------------------------------------
 

@@ -13,9 +13,11 @@ by fsyncing the directory, so a crash leaves either nothing or a whole file, nev
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import secrets
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,6 +30,16 @@ class TooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"file exceeds the {limit}-byte limit")
         self.limit = limit
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write failed for lack of space (or quota), on a blob or inside SQLite: the operator's to fix, and
+    nothing committed is lost, so callers get a 507 and running batches pause instead of failing."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return False
 
 
 def fsync_dir(path: Path) -> None:

@@ -13,6 +13,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from vllm_batch_server.storage import is_disk_full
+
 log = logging.getLogger(__name__)
 
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
@@ -65,6 +67,21 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
     headers = dict(exc.headers or {})
     return error_response(exc.status_code, message, type=_TYPES.get(exc.status_code, "invalid_request_error"),
                           code=code, headers=headers)
+
+
+def insufficient_storage() -> JSONResponse:
+    return error_response(507, "The server is out of disk space and cannot store this request; nothing was "
+                          "stored. Retry once space has been freed.", type="server_error",
+                          code="insufficient_storage")
+
+
+async def on_storage_error(request: Request, exc: Exception) -> Response:
+    """OSError and SQLite errors: a full disk is the operator's to fix and the caller's to retry later, so it
+    gets its own status (507) and message; anything else is an unexpected error."""
+    if is_disk_full(exc):
+        log.error("out of disk space on %s %s: %s", request.method, request.url.path, exc)
+        return insufficient_storage()
+    return await on_unexpected(request, exc)
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:
