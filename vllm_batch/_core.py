@@ -9,6 +9,7 @@ is yielded as `Local` so the async client can move it off the event loop.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import shutil
@@ -536,7 +537,7 @@ class BatchCore:
             elif single:
                 result[kind] = dest
             else:
-                yield Local(lambda parts=parts, dest=dest: _concat(parts, dest))  # type: ignore[misc]
+                yield Local(functools.partial(_concat, parts, dest))
                 result[kind] = dest
         return result["output"], result["errors"]
 
