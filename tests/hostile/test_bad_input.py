@@ -44,6 +44,8 @@ FILE = 'Content-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{
 MALFORMED = {
     "json instead of multipart": (b'{"purpose": "batch"}', {"content-type": "application/json"}),
     "no boundary": (b"--x\r\n", {"content-type": "multipart/form-data"}),
+    # python-multipart refuses boundaries over 256 bytes in its constructor (was a 500)
+    "boundary too long": multipart(PURPOSE, FILE, boundary="b" * 300),
     "no content type": (b"hello", {}),
     "unterminated": multipart(PURPOSE, FILE, close=False),
     "garbage between boundaries": (b"--b0undary\r\n\x00\xff garbage \r\n\r\n", {

@@ -114,7 +114,10 @@ async def read_upload(request: Request, storage: Storage, limit: int) -> UploadF
     callbacks = {name: getattr(collector, name) for name in (
         "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
         "on_part_data", "on_part_end", "on_end")}
-    parser = MultipartParser(options[b"boundary"], callbacks)  # type: ignore[arg-type]
+    try:
+        parser = MultipartParser(options[b"boundary"], callbacks)  # type: ignore[arg-type]
+    except FormParserError as exc:  # e.g. a boundary longer than the parser allows: the caller's mistake
+        raise bad_request(f"Malformed multipart body: {exc}", code="invalid_multipart") from exc
     try:
         async for chunk in request.stream():
             parser.write(chunk)
