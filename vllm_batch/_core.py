@@ -15,6 +15,7 @@ import secrets
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,6 +282,9 @@ class BatchCore:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vllm-batch-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # A client dropped without close() still removes its scratch files (spool, index, downloads).
+        self._cleanup = (weakref.finalize(self, shutil.rmtree, self.workdir, True) if self._own_workdir
+                         else None)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.spool: RequestSpool | None = None
         self.shards: list[Shard] = []
@@ -688,8 +692,8 @@ class BatchCore:
         elif self._db is not None:
             self._db.close()
         self._db = None
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._cleanup is not None:
+            self._cleanup()
 
 
 def _total(batch: Batch) -> int:

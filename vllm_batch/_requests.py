@@ -160,7 +160,9 @@ class RequestSpool:
         self.models: list[str] = []
         self.stats = SpoolStats()
         self.db = open_index(directory / "index.sqlite3")
-        self._fh = open(self.path, "ab")  # noqa: SIM115 - closed by close()
+        # A workdir may be reused: start from an empty spool and index, never mix in an old batch's requests.
+        self.db.execute("DELETE FROM requests")
+        self._fh = open(self.path, "wb")  # noqa: SIM115 - closed by close()
         self._uncommitted = 0
         self.closed = False
 

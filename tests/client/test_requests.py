@@ -157,3 +157,26 @@ def test_validation_happens_when_added_not_at_submit(tmp_path: Path) -> None:
     with pytest.raises(BatchValidationError) as info:
         VLLMBatch.from_requests(requests, base_url=LOCAL)
     assert info.value.index == 2 and info.value.field == "n"
+
+
+def test_scratch_files_are_removed(tmp_path: Path) -> None:
+    import gc
+
+    batch = VLLMBatch(base_url=LOCAL)
+    batch.add_to_batch(**chat("x"))
+    scratch = batch._core.workdir
+    assert (scratch / "requests.jsonl").exists()
+    batch.close()
+    assert not scratch.exists()
+    dropped = VLLMBatch(base_url=LOCAL)
+    dropped.add_to_batch(**chat("x"))
+    scratch = dropped._core.workdir
+    del dropped
+    gc.collect()
+    assert not scratch.exists()
+    # A workdir the caller chose is theirs: kept, and reusing it starts a fresh batch.
+    for _ in range(2):
+        with VLLMBatch(base_url=LOCAL, workdir=tmp_path / "mine") as batch:
+            assert batch.add_to_batch(custom_id="same", **chat("x")) == "same"
+            assert len(spooled(batch)) == 1
+    assert (tmp_path / "mine" / "requests.jsonl").exists()
