@@ -114,18 +114,15 @@ def test_any_upload(http: httpx.Client, fields: dict[str, str], filename: str, c
 @given(content_type=st.sampled_from(["multipart/form-data", "multipart/form-data; boundary=",
                                       "multipart/form-data; boundary=x", 'multipart/form-data; boundary="x"',
                                       "multipart/form-data; boundary=" + "b" * 300, "application/json",
-                                      "text/plain; charset=utf-8", ""]) | st.text(max_size=40),
+                                      "text/plain; charset=utf-8", ""])
+       # visible ASCII: control characters are refused by the HTTP layer (client or uvicorn) before our code
+       | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40),
        boundary_parts=st.lists(st.binary(max_size=80), max_size=5), body=st.binary(max_size=300))
 def test_any_raw_upload_body(http: httpx.Client, content_type: str, boundary_parts: list[bytes],
                              body: bytes) -> None:
     # Random bytes between real boundaries reach deep into the multipart parser.
     payload = b"".join(b"--x\r\n" + part + b"\r\n" for part in boundary_parts) + body
-    try:
-        headers = {"content-type": content_type}
-        httpx.Headers(headers)  # a header value httpx itself refuses to send is not a server case
-    except (UnicodeEncodeError, ValueError):
-        headers = {}
-    check(http.post("/v1/files", content=payload, headers=headers))
+    check(http.post("/v1/files", content=payload, headers={"content-type": content_type}))
 
 
 def test_server_survived(server: RunningServer, http: httpx.Client) -> None:
