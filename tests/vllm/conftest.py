@@ -34,6 +34,10 @@ QUESTIONS = [
     "Name a large ocean.", "What animal says moo?", "How many days are in a week?", "What do plants need?",
     "Name a musical instrument.", "What is ice?", "Name a vegetable.",
 ]
+# Shared by every chat line: long enough to fill several KV-cache blocks, so the prefix cache (on by default)
+# serves it to the requests scheduled after the first ones and `cached_tokens` shows it.
+SYSTEM_PROMPT = "You are a terse assistant. Answer in a few words. " + " ".join(
+    f"Rule {i}: stay on topic and be factual." for i in range(40))
 EMBED_TEXTS = ["The cat sat on the mat.", "A dog barked loudly.", "Batch inference on a CPU.",
                "Vectors of 384 numbers.", "Embeddings measure similarity."]
 
@@ -59,9 +63,14 @@ def ensure_models_prepared() -> Path:
     return cache
 
 
-def chat_line(custom_id: str, content: str, **body: Any) -> dict[str, Any]:
+def chat_messages(content: str, system: str | None = None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": content}]
+
+
+def chat_line(custom_id: str, content: str, system: str | None = None, **body: Any) -> dict[str, Any]:
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": CHAT_MODEL, "messages": [{"role": "user", "content": content}],
+            "body": {"model": CHAT_MODEL, "messages": chat_messages(content, system),
                      "max_tokens": MAX_TOKENS, "temperature": 0, **body}}
 
 
@@ -102,7 +111,7 @@ def vllm_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def back_to_back(vllm_server: RunningServer) -> BackToBack:
     """A chat batch and an embeddings batch submitted back to back, both waited for."""
     client = sdk(vllm_server, timeout=60)
-    chat_lines = [chat_line(f"chat-{i}", q) for i, q in enumerate(QUESTIONS)]
+    chat_lines = [chat_line(f"chat-{i}", q, SYSTEM_PROMPT) for i, q in enumerate(QUESTIONS)]
     # Longer than the context: this one line fails, the rest completes.
     chat_lines.append(chat_line("too-long", "hello " * (MAX_MODEL_LEN + 50)))
     # A field vLLM cannot honour fails that one request rather than being silently ignored.

@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 
 from tests.conftest import read_jsonl
-from tests.vllm.conftest import CHAT_MODEL, EMBED_MODEL, EMBED_TEXTS, MAX_TOKENS, QUESTIONS, BackToBack
+from tests.vllm.conftest import (
+    CHAT_MODEL,
+    EMBED_MODEL,
+    EMBED_TEXTS,
+    MAX_TOKENS,
+    QUESTIONS,
+    SYSTEM_PROMPT,
+    BackToBack,
+    chat_messages,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -45,7 +54,7 @@ def test_chat_batch_completes_with_real_answers(back_to_back: BackToBack) -> Non
         assert choice["finish_reason"] in ("stop", "length")
         usage = body["usage"]
         # The server counted the prompt as the model's own chat template and tokenizer do.
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+        prompt_ids = tokenizer.apply_chat_template(chat_messages(question, SYSTEM_PROMPT),
                                                    add_generation_prompt=True, tokenize=True,
                                                    return_dict=True)["input_ids"]
         assert usage["prompt_tokens"] == len(prompt_ids), (question, usage)
@@ -57,7 +66,8 @@ def test_chat_batch_completes_with_real_answers(back_to_back: BackToBack) -> Non
         # Re-tokenizing the answer gives about as many tokens as were generated (the EOS is not text).
         assert abs(len(tokenizer.encode(content, add_special_tokens=False)) - usage["completion_tokens"]) <= 2
 
-    # Every prompt shares the chat template's system preamble: prefix caching (on by default) finds it.
+    # Every prompt starts with the same long system prompt: prefix caching (on by default) serves it from
+    # the KV cache to the requests scheduled after the first.
     cached = [out[f"chat-{i}"]["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
               for i in range(len(QUESTIONS))]
     assert max(cached) > 0, cached
