@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 
+# The longest the workers keep the event loop to themselves when the engine answers without waiting.
+YIELD_SECONDS = 0.02
+
 # Why a runner stopped before its input ran out.
 CANCELLED, EXPIRED, SHUTDOWN = "cancelled", "expired", "shutdown"
 
@@ -82,6 +85,7 @@ class BatchRunner:
             return None
 
         async def worker() -> None:
+            nonlocal slice_end, slices
             while (item := next_request()) is not None:
                 line_no, custom_id, body = item
                 request_id = f"{batch_id}-{line_no}"
@@ -95,8 +99,17 @@ class BatchRunner:
                 if results.due():
                     ticker.set()
                     await asyncio.sleep(0)  # let the checkpointer snapshot now, even if the engine never waits
+                elif time.monotonic() >= slice_end:
+                    # An engine that answers without suspending (echo at zero delay) would otherwise keep
+                    # the loop to itself: no HTTP answers, and a started checkpoint could not commit.
+                    seen = slices
+                    await asyncio.sleep(0)
+                    if slices == seen:  # the first worker back after the pause starts the next time slice
+                        slices += 1
+                        slice_end = time.monotonic() + YIELD_SECONDS
 
         ticker = asyncio.Event()
+        slice_end, slices = time.monotonic() + YIELD_SECONDS, 0
         workers = [asyncio.create_task(worker()) for _ in range(self.window)]
         checkpointer = asyncio.create_task(self._checkpoints(results, ticker))
         all_done: asyncio.Future[list[None]] = asyncio.gather(*workers)
@@ -124,8 +137,13 @@ class BatchRunner:
         """Checkpoint when the workers say enough results piled up, or every few seconds; watch for hangs."""
         period = max(0.05, min(self._settings.checkpoint_seconds, 1.0))
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(ticker.wait(), timeout=period)
+            # Not asyncio.wait_for: before Python 3.12 it swallows a cancel that arrives just after the ticker
+            # fired, and this loop would then never end (the batch hangs in_progress, all results committed).
+            tick = asyncio.ensure_future(ticker.wait())
+            try:
+                await asyncio.wait([tick], timeout=period)
+            finally:
+                tick.cancel()
             ticker.clear()
             # Shielded: a checkpoint interrupted between fsync and commit would still be safe, but finishing
             # it means less to recompute after the stop that cancelled us.
