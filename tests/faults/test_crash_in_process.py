@@ -7,7 +7,9 @@ kill -9, and a fresh one on the same data directory must finish the job.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 
 from tests.conftest import chat_lines, jsonl
 from vllm_batch_server import ids
+from vllm_batch_server import scheduler as scheduler_module
 from vllm_batch_server.engines.echo import EchoEngine
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
@@ -191,3 +194,66 @@ def test_death_while_cancelling(tmp_path: Path, point: str) -> None:
         await check_recovered(settings, batch_id, "cancelled", exactly_once=False)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("where", ["checkpoint-commit", "result-file", "finalizing"])
+def test_injected_disk_full_pauses_then_resumes(tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """ENOSPC injected where a batch writes (no root or small disk needed): the batch pauses instead of
+    failing, and completes exactly once when the writes succeed again."""
+    monkeypatch.setattr(scheduler_module, "DISK_FULL_RETRY_SECONDS", 0.3)
+    settings = settings_for(tmp_path / "data", delay=0.005)
+
+    async def scenario() -> None:
+        store, storage, scheduler = await open_server(settings)
+        failures = {"left": 2}
+
+        def full() -> bool:
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                return True
+            return False
+
+        if where == "checkpoint-commit":
+            real_checkpoint = store.checkpoint
+
+            async def checkpoint(*args: Any) -> None:
+                if full():
+                    raise sqlite3.OperationalError("database or disk is full")
+                await real_checkpoint(*args)
+
+            store.checkpoint = checkpoint  # type: ignore[method-assign]
+        elif where == "result-file":
+            real_open = storage.open_parts
+
+            def open_parts(*args: Any) -> Any:
+                out, err = real_open(*args)
+                if full():
+                    out.close()
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return out, err
+
+            storage.open_parts = open_parts  # type: ignore[method-assign]
+        else:
+            real_promote = storage.promote_part
+
+            def promote(*args: Any) -> int:
+                if full():
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real_promote(*args)
+
+            storage.promote_part = promote  # type: ignore[method-assign]
+        try:
+            batch_id = await add_batch(store, storage, lines_with_errors())
+            scheduler.notify()
+            batch = await wait_status(store, batch_id, ("completed", "failed"), timeout=30)
+            assert batch.status == "completed", batch.errors
+            assert failures["left"] == 0
+        finally:
+            await scheduler.stop()
+            await store.close()
+        await check_recovered(settings, batch_id, "completed", exactly_once=True)
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(scenario())
+    assert "paused: out of disk space" in caplog.text

@@ -68,3 +68,17 @@ def test_engine_that_always_hangs_fails_the_batch_with_a_clear_error(server_fact
     assert batch.errors.data[0].code == "engine_error" and "hang" in message, message
     lines = assert_at_most_once(client, batch, {f"req-{i}" for i in range(40)})
     assert 2 <= len(lines) <= 10
+
+
+def test_cancel_reaches_a_hung_engine(server_factory: ServerFactory) -> None:
+    # The hang would only be detected after ten minutes: a cancel must not wait for that.
+    server = server_factory(extra_args=["--echo-fault", "hang-after=10", "--window", "2",
+                                        "--checkpoint-every", "1"])
+    client = sdk(server)
+    batch_id = submit(client, chat_lines(50)).id
+    wait_for(client, batch_id, until=lambda b: b.request_counts.completed >= 8)
+    client.batches.cancel(batch_id)
+    batch = wait_for(client, batch_id, timeout=10)
+    assert batch.status == "cancelled"
+    lines = assert_at_most_once(client, batch, {f"req-{i}" for i in range(50)})
+    assert 8 <= len(lines) <= 10
