@@ -54,10 +54,9 @@ def test_chat_batch_completes_with_real_answers(back_to_back: BackToBack) -> Non
         assert choice["finish_reason"] in ("stop", "length")
         usage = body["usage"]
         # The server counted the prompt as the model's own chat template and tokenizer do.
-        prompt_ids = tokenizer.apply_chat_template(chat_messages(question, SYSTEM_PROMPT),
-                                                   add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
-        assert usage["prompt_tokens"] == len(prompt_ids), (question, usage)
+        encoded: Any = tokenizer.apply_chat_template(chat_messages(question, SYSTEM_PROMPT),
+                                                     add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert usage["prompt_tokens"] == len(encoded["input_ids"]), (question, usage)
         assert 1 <= usage["completion_tokens"] <= MAX_TOKENS
         if choice["finish_reason"] == "length":
             assert usage["completion_tokens"] == MAX_TOKENS

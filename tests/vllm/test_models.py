@@ -1,0 +1,54 @@
+"""Model names → folders, and `vllm-batch-server models` (no engine started here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_batch_server import models
+
+pytestmark = pytest.mark.vllm
+
+
+def test_embedded_models_resolve_to_prepared_local_folders(model_cache: Path) -> None:
+    chat = models.resolve(models.SMOLLM2, model_cache)
+    assert chat.local and chat.kind == "generate"
+    assert (Path(chat.path) / "config.json").is_file() and (Path(chat.path) / "model.safetensors").is_file()
+    embed = models.resolve(models.MINILM, model_cache)
+    assert embed.local and embed.kind == "embed" and (Path(embed.path) / "config.json").is_file()
+
+
+def test_unprepared_model_is_reported_with_the_command_that_fixes_it(tmp_path: Path) -> None:
+    with pytest.raises(models.ModelNotAvailable, match="models prepare"):
+        models.resolve(models.SMOLLM2, tmp_path / "empty-cache")
+
+
+def test_other_names_are_local_folders_or_hub_ids(tmp_path: Path) -> None:
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    local = models.resolve(str(folder), tmp_path)
+    assert local.local and local.path == str(folder.resolve()) and local.kind == "auto"
+    hub = models.resolve("Qwen/Qwen2.5-0.5B-Instruct", tmp_path)
+    assert not hub.local and hub.path == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_prepare_refuses_non_embedded_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not an embedded model"):
+        models.prepare("Qwen/Qwen2.5-0.5B-Instruct", tmp_path)
+
+
+def test_models_cli_lists_configured_and_cached(model_cache: Path, tmp_path: Path) -> None:
+    run = [sys.executable, "-m", "vllm_batch_server.cli", "models"]
+    listed = subprocess.run([*run, "list", "--model-cache-dir", str(model_cache)], capture_output=True,
+                            text=True, check=True).stdout
+    assert f"{models.SMOLLM2}  ready" in listed and f"{models.MINILM}       ready" in listed
+    empty = subprocess.run([*run, "--model-cache-dir", str(tmp_path)], capture_output=True, text=True,
+                           check=True).stdout
+    assert "not prepared" in empty
+    # Preparing the package-backed model is instant and idempotent; it says where the model lives.
+    prepared = subprocess.run([*run, "prepare", "--model", models.MINILM, "--model-cache-dir", str(tmp_path)],
+                              capture_output=True, text=True, check=True).stdout
+    assert "ready, used in place" in prepared
