@@ -1,0 +1,110 @@
+"""`python -m benchmarks [NAME ...] [-- ARGS]`: run the suite (all benchmarks by default), one after another.
+
+    python -m benchmarks                       # everything, default sizes (~20 min on 2 CPU cores)
+    python -m benchmarks pipeline crash        # some of them
+    python -m benchmarks throughput -- --model my-org/my-model --requests 1024 --dtype auto
+    python -m benchmarks --list
+
+ARGS after `--` go to every benchmark named (so name one when passing its own flags). Each benchmark is also
+runnable alone: `python -m benchmarks.NAME --help`. A failing benchmark does not stop the others; the exit
+status is non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+import traceback
+from typing import Any
+
+from benchmarks._harness import print_table, say, write_results
+
+# In the order they run: the quick echo-engine ones first, the real-engine comparison last.
+BENCHMARKS = {
+    "pipeline": "echo engine, 50,000 lines: requests/s end to end, checkpointing on vs off, vs a bare loop",
+    "memory": "server RSS through a 1 GB upload/download and a 50,000-line batch; client RSS (client_memory)",
+    "crash": "kill -9 at random points: results recomputed, time from restart to resumed processing",
+    "throughput": "real vLLM: offline LLM vs run_batch vs our server on four workloads, prefix grouping",
+}
+
+
+def targets_of(name: str, payload: dict[str, Any]) -> list[list[Any]]:
+    """The suite's summary lines: one per target a benchmark checks."""
+    t = payload.get("targets", {})
+    if name == "pipeline":
+        on = payload["results"]["checkpointing on"]
+        return [["pipeline", "echo end to end ≥ 5,000 req/s", f"{on['rps']:,.0f} req/s", t.get("rps_met")],
+                ["pipeline", "checkpointing costs ≤ 3%", f"{payload['checkpointing_cost'] * 100:+.1f}% wall",
+                 t.get("checkpoint_cost_met")]]
+    if name == "memory":
+        rows = [["memory", "server RSS growth < 100 MB", f"{payload['max_growth_mb']:.1f} MB", t.get("server_met")]]
+        client = (payload.get("client") or {}).get("results") or {}
+        if client.get("phases"):
+            added = client["phases"][0]
+            rows.append(["memory", "client RSS growth < 50 MB adding 1M requests",
+                         f"{added.get('peak_growth_mb')} MB", client.get("add_within_target")])
+        return rows
+    if name == "crash":
+        return [["crash", "recomputed ≤ one checkpoint interval", "see table", t.get("within_one_interval")],
+                ["crash", "exactly one result per request after kills", "", t.get("exactly_once")]]
+    if name == "throughput":
+        rows = []
+        for workload, ratios in payload.get("ratios", {}).items():
+            met = t.get("met", {}).get(workload, {})
+            for key, goal in (("c/a", "≥ 0.97"), ("c/b", "≥ 1.0")):
+                if key in ratios:
+                    rows.append(["throughput", f"{workload} {key} {goal}", f"{ratios[key]:.3f}", met.get(key)])
+        return rows
+    return []
+
+
+def main(argv: list[str]) -> int:
+    if "--" in argv:
+        split = argv.index("--")
+        names, extra = argv[:split], argv[split + 1:]
+    else:
+        names, extra = argv, []
+    if names in (["--list"], ["-l"]):
+        for name, what in BENCHMARKS.items():
+            print(f"{name:12} {what}")
+        return 0
+    if names in (["--help"], ["-h"]):
+        print(__doc__)
+        return 0
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    selected = names or list(BENCHMARKS)
+
+    summary: list[list[Any]] = []
+    failed: list[str] = []
+    began = time.perf_counter()
+    for name in selected:
+        say(f"=== {name}: {BENCHMARKS[name]}")
+        started = time.perf_counter()
+        try:
+            payload = importlib.import_module(f"benchmarks.{name}").main(list(extra))
+            summary += targets_of(name, payload)
+        except SystemExit as exc:  # argparse refusing the flags
+            if exc.code:
+                failed.append(name)
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+        say(f"=== {name} took {time.perf_counter() - started:.0f} s")
+
+    rows = [[bench, target, value, "yes" if met else ("NO" if met is False else "-")]
+            for bench, target, value, met in summary]
+    print_table(f"Targets ({time.perf_counter() - began:.0f} s in all)", ["benchmark", "target", "measured", "met"],
+                rows)
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}")
+    if "--no-json" not in extra:
+        write_results("suite", {"benchmarks": selected, "failed": failed, "targets": summary})
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
