@@ -128,10 +128,11 @@ class VLLMEngine:
             raise EngineError(str(exc)) from exc
         began = time.monotonic()
         try:
-            engine_args, frontend = self._build_args(resolved)
-            self._prepare_environment(resolved)
-            # Building AsyncLLM spawns the engine core and waits for it to load the weights and profile
-            # memory (tens of seconds): do it in a thread so the HTTP API stays responsive meanwhile.
+            # Off the event loop, so the HTTP API stays responsive: the first call imports vLLM (~20 s on a
+            # small machine), and building AsyncLLM spawns the engine core and waits for it to load the
+            # weights and profile memory (tens of seconds).
+            engine_args, frontend = await asyncio.to_thread(self._build_args, resolved)
+            await asyncio.to_thread(self._prepare_environment, resolved)
             self._llm = await asyncio.to_thread(self._create_llm, engine_args)
             self._serving = await self._init_serving(self._llm, frontend)
         except EngineError:
