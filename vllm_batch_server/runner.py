@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -97,8 +98,13 @@ class BatchRunner:
                 results.append(custom_id, result)
                 done.add(custom_id)
                 if results.due():
-                    ticker.set()
-                    await asyncio.sleep(0)  # let the checkpointer snapshot now, even if the engine never waits
+                    if not ticker.is_set():  # one wake-up per checkpoint: the other workers need not yield
+                        ticker.set()
+                        await asyncio.sleep(0)  # let the checkpointer snapshot now, even if the engine never waits
+                elif durable and results.pending >= backlog:
+                    # A checkpoint is in flight and the next interval is full already: wait for it, so a crash
+                    # never costs more than two intervals however slowly fsync and commit run.
+                    await results.wait_idle()
                 elif time.monotonic() >= slice_end:
                     # An engine that answers without suspending (echo at zero delay) would otherwise keep
                     # the loop to itself: no HTTP answers, and a started checkpoint could not commit.
@@ -109,13 +115,17 @@ class BatchRunner:
                         slice_end = time.monotonic() + YIELD_SECONDS
 
         ticker = asyncio.Event()
+        durable, backlog = self._settings.checkpointing, 2 * max(1, self._settings.checkpoint_every)
         slice_end, slices = time.monotonic() + YIELD_SECONDS, 0
         workers = [asyncio.create_task(worker()) for _ in range(self.window)]
         checkpointer = asyncio.create_task(self._checkpoints(results, ticker))
         all_done: asyncio.Future[list[None]] = asyncio.gather(*workers)
         stopped: asyncio.Task[bool] = asyncio.create_task(self._stopped.wait())
         try:
-            await asyncio.wait([all_done, stopped], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+            # The checkpointer too: if it dies (a full disk), running on without checkpoints would only pile
+            # up work that cannot be committed.
+            await asyncio.wait([all_done, stopped, checkpointer],  # type: ignore[type-var]
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
             running = [task for task in workers if not task.done()]
             if running:
@@ -147,7 +157,15 @@ class BatchRunner:
             ticker.clear()
             # Shielded: a checkpoint interrupted between fsync and commit would still be safe, but finishing
             # it means less to recompute after the stop that cancelled us.
-            await asyncio.shield(results.checkpoint())
+            try:
+                await asyncio.shield(results.checkpoint())
+            except sqlite3.Error as exc:
+                if is_disk_full(exc):
+                    raise
+                # The commit was refused (say another process held the database past busy_timeout). The
+                # parts are fsynced and the next checkpoint's offsets cover these results too: retry then.
+                log.warning("checkpoint of batch %s not committed, retrying at the next one: %s",
+                            self.batch.id, exc)
             oldest = min(self._in_flight.values(), default=None)
             if oldest is not None and time.monotonic() - oldest > self._settings.request_timeout:
                 self._engine_error = EngineError(

@@ -257,3 +257,37 @@ def test_injected_disk_full_pauses_then_resumes(tmp_path: Path, where: str, monk
     with caplog.at_level("ERROR"):
         asyncio.run(scenario())
     assert "paused: out of disk space" in caplog.text
+
+
+def test_a_transient_checkpoint_failure_is_retried_not_fatal(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A commit refused once (another process held the database past busy_timeout) must not cost the batch:
+    the next checkpoint commits everything since the last good one."""
+    settings = settings_for(tmp_path / "data", delay=0.005)
+
+    async def scenario() -> None:
+        store, storage, scheduler = await open_server(settings)
+        real_checkpoint = store.checkpoint
+        refused = {"left": 1}
+
+        async def checkpoint(*args: Any) -> None:
+            if refused["left"]:
+                refused["left"] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            await real_checkpoint(*args)
+
+        store.checkpoint = checkpoint  # type: ignore[method-assign]
+        try:
+            batch_id = await add_batch(store, storage, lines_with_errors())
+            scheduler.notify()
+            batch = await wait_status(store, batch_id, ("completed", "failed"), timeout=30)
+            assert batch.status == "completed", batch.errors
+            assert refused["left"] == 0
+        finally:
+            await scheduler.stop()
+            await store.close()
+        await check_recovered(settings, batch_id, "completed", exactly_once=True)
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(scenario())
+    assert "database is locked" in caplog.text
