@@ -98,13 +98,8 @@ class BatchRunner:
                 results.append(custom_id, result)
                 done.add(custom_id)
                 if results.due():
-                    if not ticker.is_set():  # one wake-up per checkpoint: the other workers need not yield
-                        ticker.set()
-                        await asyncio.sleep(0)  # let the checkpointer snapshot now, even if the engine never waits
-                elif durable and results.pending >= backlog:
-                    # A checkpoint is in flight and the next interval is full already: wait for it, so a crash
-                    # never costs more than two intervals however slowly fsync and commit run.
-                    await results.wait_idle()
+                    ticker.set()
+                    await asyncio.sleep(0)  # let the checkpointer snapshot now, even if the engine never waits
                 elif time.monotonic() >= slice_end:
                     # An engine that answers without suspending (echo at zero delay) would otherwise keep
                     # the loop to itself: no HTTP answers, and a started checkpoint could not commit.
@@ -115,7 +110,6 @@ class BatchRunner:
                         slice_end = time.monotonic() + YIELD_SECONDS
 
         ticker = asyncio.Event()
-        durable, backlog = self._settings.checkpointing, 2 * max(1, self._settings.checkpoint_every)
         slice_end, slices = time.monotonic() + YIELD_SECONDS, 0
         workers = [asyncio.create_task(worker()) for _ in range(self.window)]
         checkpointer = asyncio.create_task(self._checkpoints(results, ticker))
