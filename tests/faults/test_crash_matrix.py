@@ -145,3 +145,22 @@ def test_kill_while_cancelling(server_factory: ServerFactory) -> None:
     lines = assert_at_most_once(client, done, {f"req-{i}" for i in range(400)})
     assert 20 <= len(lines) < 400
     assert_echo_answers(lines)
+
+
+@pytest.mark.parametrize("kill_at", [2.6, 3.4])
+def test_kill_around_expiry(server_factory: ServerFactory, kill_at: float) -> None:
+    """Killed just before or just after the completion window ends: the batch ends `expired` with every
+    request accounted for exactly once, as a result or as a `batch_expired` line."""
+    server = server_factory(extra_args=["--echo-delay", "0.05", "--window", "2", "--checkpoint-every", "5"])
+    client = sdk(server)
+    started = time.monotonic()
+    batch_id = submit(client, mixed_lines("req", 300), completion_window="3s").id  # ~8 s of work
+    time.sleep(max(0.0, kill_at - (time.monotonic() - started)))
+    server.kill()
+    server.start()
+    done = wait_for(client, batch_id, timeout=30)
+    assert done.status == "expired", done
+    lines = assert_exactly_once(client, done, {f"req-{i}" for i in range(300)})
+    expired = [line for line in lines if line["error"] and line["error"]["code"] == "batch_expired"]
+    assert 0 < len(expired) < 300
+    assert_echo_answers(lines)

@@ -108,7 +108,7 @@ def test_full_disk_refuses_writes_cleanly_and_recovers(disk_server: RunningServe
 def test_disk_filling_up_mid_batch_pauses_it_and_it_resumes(disk_server: RunningServer,
                                                             small_disk: Path) -> None:
     client = sdk(disk_server)
-    n = 600
+    n = 1500  # ~4 s of work: the disk fills long before the batch could finish
     batch_id = submit(client, chat_lines(n)).id
     wait_for(client, batch_id, until=lambda b: b.request_counts.completed >= 50)
     filler = fill(small_disk)
