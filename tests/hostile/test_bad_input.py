@@ -3,13 +3,15 @@ in OpenAI's error shape, and none leaves anything on disk."""
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import chat_lines, jsonl, sdk, upload
+from tests.conftest import ServerFactory, chat_lines, jsonl, sdk, upload
 from tests.helpers.server import RunningServer, make_server
 from tests.hostile.errors import assert_openai_error
 
@@ -200,3 +202,24 @@ def test_hostile_filename_is_only_metadata(server: RunningServer, http: httpx.Cl
     content = http.get(f"/v1/files/{file_id}/content")
     assert content.status_code == 200
     assert "x-injected" not in content.headers
+
+
+def test_client_that_disconnects_mid_upload_leaves_nothing(server_factory: ServerFactory) -> None:
+    server = server_factory()
+    head = (b"--bb\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            b"--bb\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=bb\r\n"
+                     b"Content-Length: 10000000\r\n\r\n" + head + b"x" * 200_000)
+        tmp_dir = server.data_dir / "tmp"
+        deadline = time.monotonic() + 10
+        while not any(p.stat().st_size for p in tmp_dir.iterdir()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while list(tmp_dir.iterdir()):
+        assert time.monotonic() < deadline, "the partial upload was not removed"
+        time.sleep(0.02)
+    assert list((server.data_dir / "files").iterdir()) == []
+    assert sdk(server).files.list().data == []
+    assert "unhandled error" not in server.log()

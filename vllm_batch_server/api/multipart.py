@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from vllm_batch_server.api.errors import APIError, bad_request
 from vllm_batch_server.storage import Storage, TooLarge, Upload
@@ -127,6 +127,11 @@ async def read_upload(request: Request, storage: Storage, limit: int) -> UploadF
     except BaseException as exc:
         # Whatever went wrong, the partial upload was never acknowledged: it must not stay on disk.
         _discard(collector)
+        if isinstance(exc, ClientDisconnect):
+            # The uploader went away: nobody will read an answer and nothing is wrong with the server, so
+            # not an unhandled error (with a traceback in the log), just a refused request.
+            raise bad_request("The client disconnected before the upload was complete.",
+                              code="client_disconnected") from exc
         if isinstance(exc, TooLarge):
             raise too_large(limit) from exc
         if isinstance(exc, FormParserError):
