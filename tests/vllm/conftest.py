@@ -16,7 +16,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import sdk, submit, wait_for
+from tests.conftest import TERMINAL, sdk, submit, wait_for
 from tests.helpers.server import RunningServer, make_server
 
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -84,6 +84,20 @@ def start_vllm_server(data_dir: Path, *extra: str) -> RunningServer:
                        extra_args=["--max-model-len", str(MAX_MODEL_LEN), *extra]).start(timeout=120)
 
 
+# Lines that exercise OpenAI request options; each is checked by test_request_options_are_honoured.
+COLOR_SCHEMA = {"type": "object", "properties": {"color": {"type": "string", "enum": ["red", "green", "blue"]}},
+                "required": ["color"], "additionalProperties": False}
+OPTION_LINES: dict[str, dict[str, Any]] = {
+    "opt-logprobs": {"logprobs": True, "top_logprobs": 3},
+    "opt-schema": {"response_format": {"type": "json_schema",
+                                       "json_schema": {"name": "color", "schema": COLOR_SCHEMA}},
+                   "max_tokens": 32},
+    "opt-n2": {"n": 2, "temperature": 0.8, "seed": 11},
+    "opt-stop": {"stop": [" "], "max_completion_tokens": 12},
+}
+COMPLETION_PROMPTS = ["The capital of France is", "One, two, three,", "Water boils at", "The sky is"]
+
+
 @dataclass
 class BackToBack:
     server: RunningServer
@@ -91,6 +105,7 @@ class BackToBack:
     chat_lines: list[dict[str, Any]]
     embed_lines: list[dict[str, Any]]
     chat: Any
+    completions: Any
     embed: Any
 
 
@@ -116,10 +131,24 @@ def back_to_back(vllm_server: RunningServer) -> BackToBack:
     chat_lines.append(chat_line("too-long", "hello " * (MAX_MODEL_LEN + 50)))
     # A field vLLM cannot honour fails that one request rather than being silently ignored.
     chat_lines.append(chat_line("unsupported", "Hi", prediction={"type": "content", "content": "x"}))
+    for custom_id, options in OPTION_LINES.items():
+        chat_lines.append(chat_line(custom_id, "Name one color: red, green or blue.", **options))
+    completion_lines = [
+        {"custom_id": f"cmpl-{i}", "method": "POST", "url": "/v1/completions",
+         "body": {"model": CHAT_MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                  **({"logprobs": 2} if i == 0 else {})}}
+        for i, prompt in enumerate(COMPLETION_PROMPTS)]
     embed_lines = [embed_line(f"emb-{i}", t) for i, t in enumerate(EMBED_TEXTS)]
     embed_lines += [embed_line(f"emb64-{i}", t, encoding_format="base64") for i, t in enumerate(EMBED_TEXTS)]
+    # Each batch is submitted once the previous one is validated, so the queue order is the submission
+    # order (validation runs concurrently, and a small file could otherwise overtake a larger one). All
+    # three are queued while the first model is still loading.
     chat = submit(client, chat_lines)
+    wait_for(client, chat.id, statuses=("in_progress", *TERMINAL))
+    completions = submit(client, completion_lines, endpoint="/v1/completions")  # same model: no switch
+    wait_for(client, completions.id, statuses=("in_progress", *TERMINAL))
     embed = submit(client, embed_lines, endpoint="/v1/embeddings")
     chat = wait_for(client, chat.id, timeout=BATCH_TIMEOUT)
+    completions = wait_for(client, completions.id, timeout=BATCH_TIMEOUT)
     embed = wait_for(client, embed.id, timeout=BATCH_TIMEOUT)
-    return BackToBack(vllm_server, client, chat_lines, embed_lines, chat, embed)
+    return BackToBack(vllm_server, client, chat_lines, embed_lines, chat, completions, embed)

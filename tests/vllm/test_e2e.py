@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import struct
 from typing import Any
@@ -12,9 +13,11 @@ import pytest
 from tests.conftest import read_jsonl
 from tests.vllm.conftest import (
     CHAT_MODEL,
+    COMPLETION_PROMPTS,
     EMBED_MODEL,
     EMBED_TEXTS,
     MAX_TOKENS,
+    OPTION_LINES,
     QUESTIONS,
     SYSTEM_PROMPT,
     BackToBack,
@@ -35,11 +38,11 @@ def test_chat_batch_completes_with_real_answers(back_to_back: BackToBack) -> Non
 
     b = back_to_back
     assert b.chat.status == "completed", b.chat
-    assert b.chat.request_counts.total == len(QUESTIONS) + 2
-    assert b.chat.request_counts.completed == len(QUESTIONS)
+    assert b.chat.request_counts.total == len(QUESTIONS) + 2 + len(OPTION_LINES)
+    assert b.chat.request_counts.completed == len(QUESTIONS) + len(OPTION_LINES)
     assert b.chat.request_counts.failed == 2
     out = _by_id(read_jsonl(b.client, b.chat.output_file_id))
-    assert set(out) == {f"chat-{i}" for i in range(len(QUESTIONS))}
+    assert set(out) == {f"chat-{i}" for i in range(len(QUESTIONS))} | set(OPTION_LINES)
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(CHAT_MODEL, _cache()).path)
     for i, question in enumerate(QUESTIONS):
@@ -70,6 +73,47 @@ def test_chat_batch_completes_with_real_answers(back_to_back: BackToBack) -> Non
     cached = [out[f"chat-{i}"]["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
               for i in range(len(QUESTIONS))]
     assert max(cached) > 0, cached
+
+
+def test_request_options_are_honoured(back_to_back: BackToBack) -> None:
+    b = back_to_back
+    out = _by_id(read_jsonl(b.client, b.chat.output_file_id))
+
+    body = out["opt-logprobs"]["response"]["body"]
+    logprobs = body["choices"][0]["logprobs"]["content"]
+    assert len(logprobs) == body["usage"]["completion_tokens"]
+    for entry in logprobs:
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert entry["logprob"] >= max(t["logprob"] for t in entry["top_logprobs"]) - 1e-5
+
+    # json_schema goes to vLLM's structured outputs: the answer parses and follows the schema.
+    answer = json.loads(out["opt-schema"]["response"]["body"]["choices"][0]["message"]["content"])
+    assert set(answer) == {"color"} and answer["color"] in ("red", "green", "blue")
+
+    choices = out["opt-n2"]["response"]["body"]["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert all(c["message"]["content"] for c in choices)
+
+    stopped = out["opt-stop"]["response"]["body"]
+    assert " " not in stopped["choices"][0]["message"]["content"].strip()
+    assert stopped["usage"]["completion_tokens"] <= 12
+
+
+def test_completions_batch(back_to_back: BackToBack) -> None:
+    b = back_to_back
+    assert b.completions.status == "completed", b.completions
+    assert b.completions.request_counts.completed == len(COMPLETION_PROMPTS)
+    out = _by_id(read_jsonl(b.client, b.completions.output_file_id))
+    for i in range(len(COMPLETION_PROMPTS)):
+        body = out[f"cmpl-{i}"]["response"]["body"]
+        assert body["object"] == "text_completion" and body["model"] == CHAT_MODEL
+        choice = body["choices"][0]
+        assert choice["text"] and choice["finish_reason"] in ("stop", "length")
+        assert 1 <= body["usage"]["completion_tokens"] <= 8
+    logprobs = out["cmpl-0"]["response"]["body"]["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"])
+    assert "".join(logprobs["tokens"]) == out["cmpl-0"]["response"]["body"]["choices"][0]["text"]
 
 
 def test_bad_lines_land_in_the_error_file_alone(back_to_back: BackToBack) -> None:
@@ -120,9 +164,12 @@ def test_embeddings_are_unit_vectors_in_both_encodings(back_to_back: BackToBack)
 def test_back_to_back_batches_switch_models(back_to_back: BackToBack) -> None:
     b = back_to_back
     assert b.chat.status == "completed" and b.embed.status == "completed"
-    # One model at a time: the embeddings batch ran after the chat batch, on a newly loaded engine.
-    assert b.chat.completed_at is not None and b.embed.in_progress_at is not None
-    assert b.embed.completed_at is not None and b.embed.completed_at >= b.chat.completed_at
+    assert b.completions.status == "completed"
+    # One model at a time, in queue order: the embeddings batch ran after the two batches for the chat
+    # model, on a newly loaded engine.
+    assert b.chat.completed_at is not None and b.completions.completed_at is not None
+    assert b.embed.completed_at is not None
+    assert b.embed.completed_at >= max(b.chat.completed_at, b.completions.completed_at)
     log = b.server.log_path.read_text(errors="replace")
     assert f"vLLM loaded {CHAT_MODEL}" in log
     assert f"vLLM loaded {EMBED_MODEL}" in log

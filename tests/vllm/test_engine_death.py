@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import httpx
 import psutil
 import pytest
 
@@ -35,7 +36,8 @@ def _engine_core(server_pid: int) -> psutil.Process:
 def test_engine_core_killed_is_restarted_and_the_batch_completes(back_to_back: BackToBack) -> None:
     b = back_to_back
     assert b.server.process is not None
-    # The embeddings model is loaded (the back-to-back batches ended with it): kill its engine core.
+    # The back-to-back batches ended with the embeddings model, which is still loaded: kill its engine core.
+    assert httpx.get(b.server.root_url + "/health").json()["loaded_model"] == EMBED_MODEL
     core = _engine_core(b.server.process.pid)
     os.kill(core.pid, signal.SIGKILL)
     core.wait(timeout=30)
