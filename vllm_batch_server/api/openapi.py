@@ -1,0 +1,246 @@
+"""GET /openapi.json: an OpenAPI 3.1 description of this server's API.
+
+For people and tools (code generators, API explorers), and for our own schema-driven fuzzing
+(tests/hostile/test_schema_fuzz.py), which also checks that every route the app serves is described here and
+that real answers match these schemas. Kept by hand, next to the routes, so it says what the server does
+rather than what a framework infers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from vllm_batch_server.api.batches import MAX_METADATA_PAIRS, MAX_METADATA_VALUE
+from vllm_batch_server.api.files import UPLOAD_PURPOSES
+from vllm_batch_server.api.params import MAX_EXPIRY, MIN_EXPIRY
+from vllm_batch_server.engines.base import SUPPORTED_ENDPOINTS
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    texts = {400: "Invalid request", 401: "Missing or wrong API key", 404: "No such object", 409: "Conflict",
+             413: "File too large", 507: "Out of disk space"}
+    return {str(status): _json(_ref("Error"), texts[status]) for status in statuses}
+
+
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_FILE_ID = {"type": "string", "pattern": "^file-[A-Za-z0-9]{1,64}$"}
+_BATCH_ID = {"type": "string", "pattern": "^batch_[A-Za-z0-9]{1,64}$"}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": _NULLABLE_STR,
+                           "code": _NULLABLE_STR},
+        }},
+    },
+    "File": {
+        "type": "object",
+        "required": ["id", "object", "bytes", "created_at", "filename", "purpose"],
+        "properties": {
+            "id": {"type": "string"}, "object": {"const": "file"}, "bytes": {"type": "integer"},
+            "created_at": {"type": "integer"}, "expires_at": _NULLABLE_INT, "filename": {"type": "string"},
+            "purpose": {"type": "string"}, "status": {"type": "string"}, "status_details": _NULLABLE_STR,
+        },
+    },
+    "FileList": {
+        "type": "object",
+        "required": ["object", "data", "has_more"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("File")},
+                       "first_id": _NULLABLE_STR, "last_id": _NULLABLE_STR, "has_more": {"type": "boolean"}},
+    },
+    "FileDeleted": {
+        "type": "object",
+        "required": ["id", "object", "deleted"],
+        "properties": {"id": {"type": "string"}, "object": {"const": "file"}, "deleted": {"type": "boolean"}},
+    },
+    "Batch": {
+        "type": "object",
+        "required": ["id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at",
+                     "request_counts"],
+        "properties": {
+            "id": {"type": "string"}, "object": {"const": "batch"}, "endpoint": {"type": "string"},
+            "model": _NULLABLE_STR,
+            "errors": {"oneOf": [{"type": "null"}, {
+                "type": "object",
+                "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+                    "type": "object",
+                    "properties": {"code": _NULLABLE_STR, "line": _NULLABLE_INT, "message": _NULLABLE_STR,
+                                   "param": _NULLABLE_STR}}}}}]},
+            "input_file_id": {"type": "string"}, "completion_window": {"type": "string"},
+            "status": {"enum": ["validating", "failed", "in_progress", "finalizing", "completed", "expired",
+                                "cancelling", "cancelled"]},
+            "output_file_id": _NULLABLE_STR, "error_file_id": _NULLABLE_STR, "created_at": {"type": "integer"},
+            **{name: _NULLABLE_INT for name in (
+                "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+                "cancelling_at", "cancelled_at")},
+            "request_counts": {"type": "object", "required": ["total", "completed", "failed"], "properties": {
+                "total": {"type": "integer"}, "completed": {"type": "integer"}, "failed": {"type": "integer"}}},
+            "usage": {"type": "object"},
+            "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+        },
+    },
+    "BatchList": {
+        "type": "object",
+        "required": ["object", "data", "has_more"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Batch")},
+                       "first_id": _NULLABLE_STR, "last_id": _NULLABLE_STR, "has_more": {"type": "boolean"}},
+    },
+    "CreateBatch": {
+        "type": "object",
+        "required": ["input_file_id", "endpoint", "completion_window"],
+        "additionalProperties": False,
+        "properties": {
+            "input_file_id": _FILE_ID,
+            "endpoint": {"enum": list(SUPPORTED_ENDPOINTS)},
+            "completion_window": {"type": "string", "description": "'24h', or a duration such as '90m', '2h' "
+                                  "or '30s' (at most 30 days)", "pattern": "^[1-9][0-9]{0,6}[smhd]$"},
+            "metadata": {"type": ["object", "null"], "maxProperties": MAX_METADATA_PAIRS,
+                         "propertyNames": {"maxLength": 64},
+                         "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE}},
+            "output_expires_after": {
+                "type": ["object", "null"], "required": ["anchor", "seconds"],
+                "properties": {"anchor": {"const": "created_at"},
+                               "seconds": {"type": "integer", "minimum": MIN_EXPIRY, "maximum": MAX_EXPIRY}}},
+        },
+    },
+    "Model": {
+        "type": "object",
+        "required": ["id", "object"],
+        "properties": {"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                       "owned_by": {"type": "string"}},
+    },
+    "ModelList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}},
+    },
+}
+
+
+def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+def spec() -> dict[str, Any]:
+    file_id = _path_param("file_id", _FILE_ID)
+    batch_id = _path_param("batch_id", _BATCH_ID)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "vllm-batch server", "version": "1",
+                 "description": "OpenAI-compatible Files and Batches API, run durably on vLLM."},
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/files": {
+                "post": {
+                    "operationId": "createFile",
+                    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                        "type": "object",
+                        "required": ["file", "purpose"],
+                        "properties": {
+                            "file": {"type": "string", "contentMediaType": "application/octet-stream"},
+                            "purpose": {"enum": list(UPLOAD_PURPOSES)},
+                            "expires_after[anchor]": {"const": "created_at"},
+                            "expires_after[seconds]": {"type": "integer", "minimum": MIN_EXPIRY,
+                                                       "maximum": MAX_EXPIRY},
+                        }}}}},
+                    "responses": {"200": _json(_ref("File"), "The stored file"),
+                                  **_errors(400, 401, 413, 507)},
+                },
+                "get": {
+                    "operationId": "listFiles",
+                    "parameters": [_query("after", {"type": "string"}),
+                                   _query("limit", {"type": "integer", "minimum": 1, "maximum": 10_000}),
+                                   _query("order", {"enum": ["asc", "desc"]}),
+                                   _query("purpose", {"type": "string"})],
+                    "responses": {"200": _json(_ref("FileList"), "A page of files"), **_errors(400, 401)},
+                },
+            },
+            "/v1/files/{file_id}": {
+                "get": {"operationId": "retrieveFile", "parameters": [file_id],
+                        "responses": {"200": _json(_ref("File"), "The file"), **_errors(401, 404)}},
+                "delete": {"operationId": "deleteFile", "parameters": [file_id],
+                           "responses": {"200": _json(_ref("FileDeleted"), "Deleted"), **_errors(401, 404, 409)}},
+            },
+            "/v1/files/{file_id}/content": {
+                "get": {"operationId": "retrieveFileContent", "parameters": [file_id],
+                        "responses": {"200": {"description": "The file's bytes", "content": {
+                            "application/octet-stream": {"schema": {"type": "string"}}}},
+                            **_errors(401, 404)}},
+            },
+            "/v1/batches": {
+                "post": {
+                    "operationId": "createBatch",
+                    "requestBody": {"required": True,
+                                    "content": {"application/json": {"schema": _ref("CreateBatch")}}},
+                    "responses": {"200": _json(_ref("Batch"), "The new batch"), **_errors(400, 401, 404, 507)},
+                },
+                "get": {
+                    "operationId": "listBatches",
+                    "parameters": [_query("after", {"type": "string"}),
+                                   _query("limit", {"type": "integer", "minimum": 1, "maximum": 100})],
+                    "responses": {"200": _json(_ref("BatchList"), "A page of batches, newest first"),
+                                  **_errors(400, 401)},
+                },
+            },
+            "/v1/batches/{batch_id}": {
+                "get": {"operationId": "retrieveBatch", "parameters": [batch_id],
+                        "responses": {"200": _json(_ref("Batch"), "The batch"), **_errors(401, 404)}},
+            },
+            "/v1/batches/{batch_id}/cancel": {
+                "post": {"operationId": "cancelBatch", "parameters": [batch_id],
+                         "responses": {"200": _json(_ref("Batch"), "Cancelling or cancelled"),
+                                       **_errors(401, 404, 409)}},
+            },
+            "/v1/models": {
+                "get": {"operationId": "listModels",
+                        "responses": {"200": _json(_ref("ModelList"), "The served models"), **_errors(401)}},
+            },
+            "/v1/models/{model}": {
+                "get": {"operationId": "retrieveModel",
+                        "parameters": [_path_param("model", {"type": "string"})],
+                        "responses": {"200": _json(_ref("Model"), "The model"), **_errors(401, 404)}},
+            },
+            "/health": {
+                "get": {"operationId": "health", "security": [],
+                        "responses": {"200": _json({"type": "object", "properties": {
+                            "status": {"type": "string"}, "engine": {"type": "string"},
+                            "loaded_model": _NULLABLE_STR}}, "The server is up")}},
+            },
+            "/openapi.json": {
+                "get": {"operationId": "openapi",
+                        "responses": {"200": _json({"type": "object"}, "This description"), **_errors(401)}},
+            },
+        },
+    }
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(spec())
+
+
+routes = [Route("/openapi.json", openapi, methods=["GET"])]
