@@ -128,7 +128,23 @@ def _status(name: str, cache_dir: Path) -> str:
         return f"ready  {resolved.path}"
     if resolved.local:
         return f"local folder  {resolved.path}"
-    return "Hugging Face id (loaded from the Hugging Face cache, or downloaded when online)"
+    cached = _hub_cached(name)
+    if cached:
+        return f"Hugging Face id, cached  {cached}"
+    return "Hugging Face id, not in the Hugging Face cache (downloaded at first load when online)"
+
+
+def _hub_cached(repo_id: str) -> str | None:
+    """The snapshot folder of `repo_id` in the local Hugging Face cache, without touching the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id the hub library refuses (e.g. malformed) is simply not cached
+        return None
+    return str(Path(found).parent) if isinstance(found, str) else None
 
 
 # ---------------------------------------------------------------------------------------------- provisioning

@@ -52,3 +52,22 @@ def test_models_cli_lists_configured_and_cached(model_cache: Path, tmp_path: Pat
     prepared = subprocess.run([*run, "prepare", "--model", models.MINILM, "--model-cache-dir", str(tmp_path)],
                               capture_output=True, text=True, check=True).stdout
     assert "ready, used in place" in prepared
+
+
+def test_models_cli_tells_whether_a_hub_id_is_in_the_hugging_face_cache(tmp_path: Path) -> None:
+    import os
+
+    # The Hugging Face cache layout: models--ORG--NAME/{refs/main, snapshots/<commit>/...}.
+    repo = tmp_path / "hub" / "models--acme--tiny-chat"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "snapshots" / "0123abcd" / "config.json").write_text("{}")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    listed = subprocess.run([sys.executable, "-m", "vllm_batch_server.cli", "models", "list", "--model",
+                             "acme/tiny-chat", "--model", "acme/absent", "--model-cache-dir", str(tmp_path)],
+                            capture_output=True, text=True, check=True, env=env).stdout
+    status = {line.split()[0]: line for line in listed.splitlines() if line.startswith("  ")}
+    assert "Hugging Face id, cached" in status["acme/tiny-chat"]
+    assert "snapshots/0123abcd" in status["acme/tiny-chat"]
+    assert "not in the Hugging Face cache" in status["acme/absent"]
