@@ -51,6 +51,7 @@ class ResultLog:
         self._seconds = settings.checkpoint_seconds
         self._durable = settings.checkpointing
         self._lock = asyncio.Lock()
+        self._snapshot = asyncio.Event()  # set each time a checkpoint takes its snapshot
         self.out, self.err = storage.open_parts(batch.id, batch.output_offset, batch.error_offset)
         self.completed = batch.completed
         self.failed = batch.failed
@@ -98,6 +99,12 @@ class ResultLog:
             return False
         return self.pending >= self._every or time.monotonic() - self._last >= self._seconds
 
+    async def wait_snapshot(self) -> None:
+        """Return once the next checkpoint has taken its snapshot (back-pressure: results must not pile up
+        behind a slow fsync or commit, since all of them would be recomputed after a crash)."""
+        self._snapshot.clear()
+        await self._snapshot.wait()
+
     async def checkpoint(self, *, final: bool = False) -> None:
         if not (self._durable or final):
             return
@@ -111,6 +118,7 @@ class ResultLog:
                                self.input_tokens, self.cached_tokens, self.output_tokens)
             self.pending = 0
             self._last = time.monotonic()
+            self._snapshot.set()
             await asyncio.to_thread(self._fsync)
             await self._store.checkpoint(self._batch_id, point)
 

@@ -97,9 +97,15 @@ class BatchRunner:
                     del self._in_flight[request_id]
                 results.append(custom_id, result)
                 done.add(custom_id)
-                if results.due():
+                if results.due() and not ticker.is_set():  # one wake-up per checkpoint, not one per worker
                     ticker.set()
                     await asyncio.sleep(0)  # let the checkpointer snapshot now, even if the engine never waits
+                elif durable and results.pending >= backlog:
+                    # The next interval is full and no checkpoint has taken it yet (one is in flight, or the
+                    # checkpointer has not run): wait for that snapshot, so a crash never costs more than about
+                    # two intervals however slowly fsync and commit run.
+                    ticker.set()
+                    await results.wait_snapshot()
                 elif time.monotonic() >= slice_end:
                     # An engine that answers without suspending (echo at zero delay) would otherwise keep
                     # the loop to itself: no HTTP answers, and a started checkpoint could not commit.
@@ -110,6 +116,7 @@ class BatchRunner:
                         slice_end = time.monotonic() + YIELD_SECONDS
 
         ticker = asyncio.Event()
+        durable, backlog = self._settings.checkpointing, max(1, self._settings.checkpoint_every)
         slice_end, slices = time.monotonic() + YIELD_SECONDS, 0
         workers = [asyncio.create_task(worker()) for _ in range(self.window)]
         checkpointer = asyncio.create_task(self._checkpoints(results, ticker))
