@@ -44,7 +44,8 @@ def test_models_cli_lists_configured_and_cached(model_cache: Path, tmp_path: Pat
     run = [sys.executable, "-m", "vllm_batch_server.cli", "models"]
     listed = subprocess.run([*run, "list", "--model-cache-dir", str(model_cache)], capture_output=True,
                             text=True, check=True).stdout
-    assert f"{models.SMOLLM2}  ready" in listed and f"{models.MINILM}       ready" in listed
+    status = {line.split()[0]: line.split()[1] for line in listed.splitlines() if line.startswith("  ")}
+    assert status[models.SMOLLM2] == "ready" and status[models.MINILM] == "ready"
     empty = subprocess.run([*run, "--model-cache-dir", str(tmp_path)], capture_output=True, text=True,
                            check=True).stdout
     assert "not prepared" in empty
