@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,9 @@ def main() -> None:
         else:
             body["input"] = "Warm-up request, ignore."
     run(llm, warm)
-    results = {str(path): run(llm, read_bodies(path)) for path in args.inputs}
+    results = {}
+    for path in args.inputs:
+        results[str(path)] = {**run(llm, read_bodies(path)), "load_1m_after": os.getloadavg()[0]}
     args.out.write_text(json.dumps({
         "engine_start_s": start_s,
         "max_num_seqs": config.scheduler_config.max_num_seqs,

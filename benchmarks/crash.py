@@ -56,7 +56,7 @@ class Pace:
 
 
 PACES = [
-    Pace("full speed", 50_000, 0.0, 256, (0.1, 1.0)),
+    Pace("full speed", 200_000, 0.0, 256, (0.1, 0.8)),
     Pace("paced", 12_000, 0.05, 16, (0.5, 3.0)),
 ]
 

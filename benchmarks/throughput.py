@@ -302,9 +302,11 @@ class OurServer:
 
 
 def rates(result: dict[str, Any]) -> dict[str, Any]:
+    """Rates of one measurement, with the machine's 1-minute load average just after it (this machine is
+    shared: a load well above the core count means the numbers were taken under contention)."""
     wall = result["wall_s"]
-    return {**result, "rps": result["requests"] / wall, "out_tok_s": result["output_tokens"] / wall,
-            "in_tok_s": result["input_tokens"] / wall}
+    return {"rps": result["requests"] / wall, "out_tok_s": result["output_tokens"] / wall,
+            "in_tok_s": result["input_tokens"] / wall, "load_1m_after": os.getloadavg()[0], **result}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -375,14 +377,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ratio = server[key] / r[key] if r[key] else None
                 ratios.setdefault(name, {})["c/a" if system == "offline" else "c/b"] = ratio or 0.0
             rows.append([name, label, r["wall_s"], r.get("total_wall_s"), r["requests"], r["rps"], r["out_tok_s"],
-                         r["in_tok_s"], cached, ratio])
+                         r["in_tok_s"], cached, r.get("load_1m_after"), ratio])
     print_table(f"Throughput: {args.model} / {args.embed_model}, dtype {args.dtype}, max_num_seqs "
                 f"{args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens}, prefix caching "
                 f"{'on' if args.prefix_caching else 'off'}",
                 ["workload", "system", "wall s", "incl. start s", "requests", "req/s", "out tok/s", "in tok/s",
-                 "cached", "c / this"], rows)
+                 "cached", "load", "c / this"], rows)
     print("\nwall s excludes engine start-up for every system; 'incl. start s' is run_batch's whole run. "
-          "c / this = our server's output tok/s (req/s for embeddings) over that system's.")
+          "c / this = our server's output tok/s (req/s for embeddings) over that system's; load = the machine's "
+          "1-minute load average after the run (2 cores: above 2 means other work competed).")
     grouping_gain = None
     if "prefixes-interleaved" in results and "prefixes-grouped" in results:
         a, b = results["prefixes-interleaved"]["server"], results["prefixes-grouped"]["server"]
