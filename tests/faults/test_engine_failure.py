@@ -4,6 +4,7 @@ bounded number of attempts fails the batch with a clear error, keeping what was 
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
 from tests.faults.checks import assert_at_most_once, assert_echo_answers, assert_exactly_once
@@ -13,8 +14,9 @@ IDS = {f"req-{i}" for i in range(N)}
 
 
 def test_engine_crash_once_is_survived(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-fault", "crash-after=40,times=1", "--window", "4",
-                                        "--checkpoint-every", "5", "--echo-delay", "0.002"])
+    # The fault set through the environment, as a container would.
+    server = server_factory(extra_args=["--window", "4", "--checkpoint-every", "5", "--echo-delay", "0.002"],
+                            env={"BATCH_SERVER_ECHO_FAULT": "crash-after=40,times=1"})
     client = sdk(server)
     batch = wait_for(client, submit(client, chat_lines(N)).id, timeout=60)
     assert batch.status == "completed", batch
@@ -82,3 +84,8 @@ def test_cancel_reaches_a_hung_engine(server_factory: ServerFactory) -> None:
     assert batch.status == "cancelled"
     lines = assert_at_most_once(client, batch, {f"req-{i}" for i in range(50)})
     assert 8 <= len(lines) <= 10
+
+
+def test_a_malformed_fault_spec_stops_the_server_at_start(server_factory: ServerFactory) -> None:
+    with pytest.raises(RuntimeError, match="unknown key 'explode-after'"):
+        server_factory(extra_args=["--echo-fault", "explode-after=3"])
