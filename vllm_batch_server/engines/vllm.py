@@ -22,6 +22,7 @@ import gc
 import json
 import logging
 import os
+import threading
 import time
 import typing
 from argparse import Namespace
@@ -133,7 +134,7 @@ class VLLMEngine:
             # weights and profile memory (tens of seconds).
             engine_args, frontend = await asyncio.to_thread(self._build_args, resolved)
             await asyncio.to_thread(self._prepare_environment, resolved)
-            self._llm = await asyncio.to_thread(self._create_llm, engine_args)
+            self._llm = await self._create_llm_in_thread(engine_args)
             self._serving = await self._init_serving(self._llm, frontend)
         except EngineError:
             await self.stop()
@@ -409,6 +410,20 @@ class VLLMEngine:
             setdefault("HF_HUB_OFFLINE", "1")
         # The server has threads (uvicorn, aiosqlite): forking it would be unsafe.
         setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+    async def _create_llm_in_thread(self, engine_args: Any) -> AsyncLLM:
+        building = asyncio.ensure_future(asyncio.to_thread(self._create_llm, engine_args))
+        try:
+            return await asyncio.shield(building)
+        except asyncio.CancelledError:
+            # A thread cannot be interrupted: let it finish, then shut down the engine it built, so no
+            # engine-core process (holding the model's memory) outlives a cancelled start.
+            def discard(done: asyncio.Future[AsyncLLM]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    threading.Thread(target=done.result().shutdown, daemon=True).start()
+
+            building.add_done_callback(discard)
+            raise
 
     @staticmethod
     def _create_llm(engine_args: Any) -> AsyncLLM:
