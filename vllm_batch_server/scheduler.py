@@ -35,6 +35,16 @@ _ENDED_AT = {"completed": "completed_at", "cancelled": "cancelled_at", "expired"
 DISK_FULL_RETRY_SECONDS = 2.0
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Until `event` is set or `timeout` passes. Not asyncio.wait_for: before Python 3.12 it swallows a cancel
+    that arrives just as the event fires, and the loop waiting here then never stops (a shutdown that hangs)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([waiter], timeout=timeout)
+    finally:
+        waiter.cancel()
+
+
 def now() -> int:
     return int(time.time())
 
@@ -108,8 +118,7 @@ class Scheduler:
                 except Exception:
                     log.exception("could not validate batch %s", batch.id)
                     await self._fail(batch, "server_error", "The input file could not be validated.")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._new_batch.wait(), timeout=5)
+            await wait_event(self._new_batch, 5)
 
     async def _validate(self, batch: BatchRow) -> None:
         path = self.storage.file_path(batch.input_file_id)
@@ -134,8 +143,7 @@ class Scheduler:
             self._queue_changed.clear()  # before looking, so a change made meanwhile wakes us again
             batch = await self._next_batch()
             if batch is None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._queue_changed.wait(), timeout=self.settings.sweep_seconds)
+                await wait_event(self._queue_changed, self.settings.sweep_seconds)
                 continue
             if self.engine.model != batch.model:
                 await self._wait_runners()  # never switch models under a running batch

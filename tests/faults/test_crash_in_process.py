@@ -291,3 +291,27 @@ def test_a_transient_checkpoint_failure_is_retried_not_fatal(tmp_path: Path,
     with caplog.at_level("WARNING"):
         asyncio.run(scenario())
     assert "database is locked" in caplog.text
+
+
+def test_a_wake_up_racing_a_shutdown_does_not_hang_the_scheduler() -> None:
+    """The scheduler's loops sleep until an event or a timeout. If a stop's cancel lands just as the event
+    fires, the loop must still end: with asyncio.wait_for (Python < 3.12) the cancel was swallowed and a
+    graceful shutdown hung forever (found by test_injected_disk_full_pauses_then_resumes under load)."""
+
+    async def scenario() -> None:
+        event = asyncio.Event()
+
+        async def loop() -> None:
+            while True:
+                await scheduler_module.wait_event(event, 10)
+                event.clear()
+
+        for _ in range(20):
+            task = asyncio.create_task(loop())
+            await asyncio.sleep(0.01)  # the loop is waiting
+            event.set()
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=2)
+            assert task in done and task.cancelled(), "the cancel was swallowed: the loop runs on"
+
+    asyncio.run(scenario())
