@@ -6,7 +6,9 @@ test_crash_in_process.py stops the scheduler at each of their steps instead.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import sqlite3
 import threading
 import time
@@ -164,3 +166,25 @@ def test_kill_around_expiry(server_factory: ServerFactory, kill_at: float) -> No
     expired = [line for line in lines if line["error"] and line["error"]["code"] == "batch_expired"]
     assert 0 < len(expired) < 300
     assert_echo_answers(lines)
+
+
+def test_graceful_stops_mid_batch_are_quick_and_resume_exactly_once(server_factory: ServerFactory) -> None:
+    """SIGTERM (what a service manager sends first) while batches run: the server checkpoints and exits by
+    itself, promptly, and the batches resume where they stopped."""
+    server = server_factory(extra_args=["--echo-delay", "0.03", "--window", "8", "--checkpoint-every", "7"])
+    client = sdk(server)
+    batch_ids = [submit(client, mixed_lines(prefix, 600)).id for prefix in ("a", "b")]
+    for pause in (0.4, 0.8, 0.3):  # ~4.5 s of work in all: every stop lands mid-run
+        time.sleep(pause)
+        assert server.process is not None
+        started = time.monotonic()
+        os.killpg(server.process.pid, signal.SIGTERM)
+        # uvicorn ends a graceful stop by re-raising the SIGTERM it handled: -15, not -9
+        assert server.process.wait(timeout=20) in (0, -signal.SIGTERM), "it must end by itself"
+        assert time.monotonic() - started < 10
+        server.process = None
+        server.start()
+    for prefix, batch_id in zip(("a", "b"), batch_ids, strict=True):
+        done = wait_for(client, batch_id, timeout=60)
+        assert done.status == "completed", done
+        assert_echo_answers(assert_exactly_once(client, done, {f"{prefix}-{i}" for i in range(600)}))
