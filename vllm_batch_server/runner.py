@@ -77,6 +77,9 @@ class BatchRunner:
     async def _feed(self, results: ResultLog, requests: Iterator[tuple[int, str, dict[str, Any]]],
                     done: set[str]) -> None:
         batch_id, url = self.batch.id, self.batch.endpoint
+        ticker = asyncio.Event()
+        durable, backlog = self._settings.checkpointing, max(1, self._settings.checkpoint_every)
+        slice_end, slices = time.monotonic() + YIELD_SECONDS, 0
 
         def next_request() -> tuple[int, str, dict[str, Any]] | None:
             for line_no, custom_id, body in requests:
@@ -115,9 +118,6 @@ class BatchRunner:
                         slices += 1
                         slice_end = time.monotonic() + YIELD_SECONDS
 
-        ticker = asyncio.Event()
-        durable, backlog = self._settings.checkpointing, max(1, self._settings.checkpoint_every)
-        slice_end, slices = time.monotonic() + YIELD_SECONDS, 0
         workers = [asyncio.create_task(worker()) for _ in range(self.window)]
         checkpointer = asyncio.create_task(self._checkpoints(results, ticker))
         all_done: asyncio.Future[list[None]] = asyncio.gather(*workers)

@@ -129,12 +129,12 @@ class Scheduler:
             changed = await self.store.update_batch(
                 batch.id, only_if_status=["validating"], status="in_progress", in_progress_at=now(),
                 total=report.total, model=report.model)
-            if changed:
-                self._queue_changed.set()
         else:
-            await self.store.update_batch(
+            changed = await self.store.update_batch(
                 batch.id, only_if_status=["validating"], status="failed", failed_at=now(),
                 errors=[e.as_dict() for e in report.errors], total=report.total)
+        if changed:
+            self._queue_changed.set()  # either way, the batches queued behind it may go now
 
     # ---- running -----------------------------------------------------------------------------------------
 
@@ -166,10 +166,13 @@ class Scheduler:
             exhausted.cancel()
 
     async def _next_batch(self) -> BatchRow | None:
-        for batch in await self.store.batches_in(["in_progress"]):
+        """The oldest batch ready to run. Strictly in creation order: while an older batch is still being
+        validated, nothing newer starts (it would overtake it, and could force an extra model switch)."""
+        for batch in await self.store.batches_in(["validating", "in_progress"]):
             # A batch with an outcome is being finalized; a paused one waits for disk space.
-            if batch.id not in self._runners and not batch.outcome and batch.id not in self._paused_until:
-                return batch
+            if batch.id in self._runners or batch.outcome or batch.id in self._paused_until:
+                continue
+            return batch if batch.status == "in_progress" else None
         return None
 
     async def _wait_runners(self) -> None:
