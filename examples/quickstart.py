@@ -71,11 +71,16 @@ ensure_server()
 print("server:", os.environ["BATCH_BASE_URL"])
 
 # %% Build a chat batch: each request is validated now and written to a local JSONL file.
-questions = [
-    "What is the capital of France?",
-    "Give me a synonym for 'fast'.",
-    "How many legs does a spider have?",
-]
+countries = ["France", "Japan", "Brazil", "Canada", "Egypt", "Norway", "Kenya", "Chile", "India", "Spain",
+             "Peru", "Italy"]
+words = ["fast", "happy", "big", "cold", "smart", "quiet", "brave", "old", "bright", "calm", "rich", "tired"]
+animals = ["a spider", "a dog", "a bird", "an ant", "a horse", "a snake", "a crab", "a fish", "a cow", "a duck",
+           "a bee", "a frog"]
+questions = (
+    [f"What is the capital of {country}?" for country in countries]
+    + [f"Give me a synonym for '{word}'." for word in words]
+    + [f"How many legs does {animal} have?" for animal in animals]
+)
 chat = VLLMBatch()  # reads BATCH_BASE_URL
 for n, question in enumerate(questions):
     chat.add_to_batch(
@@ -93,10 +98,14 @@ print(status.id, status.status, status.request_counts)
 print("results file:", output_path)
 
 # %% Results come back joined to their requests, in input order, errors included.
+SHOWN = 8
 for result in chat.results():
+    if result.index >= SHOWN:
+        continue
     question = result.request["messages"][-1]["content"]
     answer = result.text if result.error is None else f"error: {result.error.message}"
     print(f"{result.custom_id}: {question!r} -> {answer!r}")
+print(f"... and {len(questions) - SHOWN} more in {output_path}")
 
 # %% The batch can be picked up again later, even from another process, by its id.
 with VLLMBatch.resume(status.id) as again:

@@ -41,8 +41,8 @@ def test_every_example_is_tested() -> None:
 
 
 EXPECTED = {
-    "quickstart.py": ["3 requests ready", "question-0: 'What is the capital of France?' -> 'What is the capital",
-                      "resumed: completed", "3 embeddings of dimension 384"],
+    "quickstart.py": ["36 requests ready", "question-0: 'What is the capital of France?' -> 'What is the capital",
+                      "... and 28 more in", "resumed: completed", "3 embeddings of dimension 384"],
     "async_app.py": ["[job]", "completed 3/3", "stayed responsive", "... -> Quarterly revenue grew by twelve percent"],
     "switch_provider.py": ["provider: custom", "Loved it, would buy again."],
     "embeddings.py": ["5 embeddings of dimension 384", "closest to 'baking at home':"],
