@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     ratios: dict[str, dict[str, float]] = {}
     for name, by_system in results.items():
-        server = by_system.get("server")
+        ours = by_system.get("server")
         for system in ("offline", "run-batch", "server"):
             r = by_system.get(system)
             if r is None:
@@ -382,9 +382,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "server": "(c) our server"}[system]
             cached = r.get("cached_tokens", 0) / r["input_tokens"] if r.get("input_tokens") else None
             ratio = None
-            if server is not None and system != "server":
+            if ours is not None and system != "server":
                 key = "out_tok_s" if all_workloads[name].endpoint == CHAT else "rps"
-                ratio = server[key] / r[key] if r[key] else None
+                ratio = ours[key] / r[key] if r[key] else None
                 ratios.setdefault(name, {})["c/a" if system == "offline" else "c/b"] = ratio or 0.0
             rows.append([name, label, r["wall_s"], r.get("total_wall_s"), r["requests"], r["rps"], r["out_tok_s"],
                          r["in_tok_s"], cached, r.get("load_1m_after"), ratio])
