@@ -59,6 +59,7 @@ class ResultLog:
         self.cached_tokens = batch.cached_tokens
         self.output_tokens = batch.output_tokens
         self.pending = 0  # results appended since the last checkpoint began
+        self._synced = (batch.output_offset, batch.error_offset)  # what the last checkpoint made durable
         self._last = time.monotonic()
 
     @staticmethod
@@ -119,12 +120,16 @@ class ResultLog:
             self.pending = 0
             self._last = time.monotonic()
             self._snapshot.set()
-            await asyncio.to_thread(self._fsync)
+            await asyncio.to_thread(self._fsync, point)
             await self._store.checkpoint(self._batch_id, point)
+            self._synced = (point.output_offset, point.error_offset)
 
-    def _fsync(self) -> None:
-        os.fsync(self.out.fileno())
-        os.fsync(self.err.fileno())
+    def _fsync(self, point: Checkpoint) -> None:
+        # Only the parts that grew: most batches never write an error line, and each fsync is a disk flush.
+        if point.output_offset != self._synced[0]:
+            os.fsync(self.out.fileno())
+        if point.error_offset != self._synced[1]:
+            os.fsync(self.err.fileno())
 
     def close(self) -> None:
         self.out.close()

@@ -290,9 +290,11 @@ class Store:
         """Set columns; with `only_if_status`, only when the batch is still in one of those statuses.
 
         Returns whether a row changed, so racing transitions (cancel vs. completion) resolve to exactly one.
+        One statement in autocommit mode is its own durable transaction: no BEGIN/COMMIT round trips (this
+        runs at every checkpoint). The lock still keeps it out of another coroutine's open transaction.
         """
-        async with self.transaction() as conn:
-            return await self._update_batch(conn, batch_id, only_if_status, changes)
+        async with self._write_lock:
+            return await self._update_batch(self._conn, batch_id, only_if_status, changes)
 
     @staticmethod
     async def _update_batch(conn: aiosqlite.Connection, batch_id: str, only_if_status: Iterable[str] | None,
