@@ -17,6 +17,7 @@ from openai.types import Batch
 
 from vllm_batch._core import (
     BatchCore,
+    BatchRequests,
     BatchStatus,
     Cancel,
     CreateBatch,
@@ -50,7 +51,7 @@ async def _sleep(seconds: float) -> None:
     await anyio.sleep(seconds)
 
 
-class AsyncVLLMBatch:
+class AsyncVLLMBatch(BatchRequests):
     """The async twin of `VLLMBatch`: same arguments, same methods, awaited; `results()` and `compare()`
     are async iterators. Adding requests is synchronous (it only writes to a local file).
 
@@ -118,38 +119,6 @@ class AsyncVLLMBatch:
             await batch.aclose()
             raise
         return batch
-
-    # -- requests -----------------------------------------------------------------------------------
-
-    def add_to_batch(
-        self, *, custom_id: str | None = None, endpoint: str | None = None, **request: Any
-    ) -> str:
-        return self._core.add(request, custom_id=custom_id, endpoint=endpoint)
-
-    def add_requests(self, requests: Iterable[Mapping[str, Any]]) -> int:
-        return self._core.add_many(requests)
-
-    def add_jsonl(self, path: str | Path) -> int:
-        return self._core.add_jsonl(path)
-
-    def __len__(self) -> int:
-        return len(self._core)
-
-    @property
-    def id(self) -> str | None:
-        return self._core.id
-
-    @property
-    def batch_ids(self) -> list[str]:
-        return [s.batch_id for s in self._core.shards if s.batch_id]
-
-    @property
-    def provider(self) -> Provider:
-        return self._core.provider
-
-    @property
-    def models(self) -> list[str]:
-        return self._core.models
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

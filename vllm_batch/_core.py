@@ -31,7 +31,7 @@ from vllm_batch._errors import (
     ConflictError,
     VLLMBatchError,
 )
-from vllm_batch._providers import ResolvedProvider
+from vllm_batch._providers import Provider, ResolvedProvider
 from vllm_batch._requests import RequestSpool, dumps, open_index
 from vllm_batch._results import BatchResult, Comparison, ResultIndex
 
@@ -707,3 +707,42 @@ def _concat(parts: list[Path], dest: Path) -> None:
             with open(part, "rb") as fh:
                 shutil.copyfileobj(fh, out, 1 << 20)
     tmp.replace(dest)
+
+
+class BatchRequests:
+    """What the sync and async batches share without any I/O: adding requests and naming the batch."""
+
+    _core: BatchCore
+
+    def add_to_batch(self, *, custom_id: str | None = None, endpoint: str | None = None, **request: Any) -> str:
+        """Validate one request and append it; returns its custom_id (generated when not given).
+
+        The endpoint follows from the body (`messages` → chat, `prompt` → completions, `input` →
+        embeddings) unless `endpoint=` says otherwise (`"/v1/responses"` for the Responses API).
+        """
+        return self._core.add(request, custom_id=custom_id, endpoint=endpoint)
+
+    def add_requests(self, requests: Iterable[Mapping[str, Any]]) -> int:
+        return self._core.add_many(requests)
+
+    def add_jsonl(self, path: str | Path) -> int:
+        return self._core.add_jsonl(path)
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    @property
+    def id(self) -> str | None:
+        return self._core.id
+
+    @property
+    def batch_ids(self) -> list[str]:
+        return [s.batch_id for s in self._core.shards if s.batch_id]
+
+    @property
+    def provider(self) -> Provider:
+        return self._core.provider
+
+    @property
+    def models(self) -> list[str]:
+        return self._core.models

@@ -14,6 +14,7 @@ from openai.types import Batch
 
 from vllm_batch._core import (
     BatchCore,
+    BatchRequests,
     BatchStatus,
     Cancel,
     CreateBatch,
@@ -48,7 +49,7 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-class VLLMBatch:
+class VLLMBatch(BatchRequests):
     """Build, submit, follow and collect one batch — sharded over several server batches when it must be.
 
         with VLLMBatch() as batch:
@@ -119,43 +120,6 @@ class VLLMBatch:
             batch.close()
             raise
         return batch
-
-    # -- requests -----------------------------------------------------------------------------------
-
-    def add_to_batch(
-        self, *, custom_id: str | None = None, endpoint: str | None = None, **request: Any
-    ) -> str:
-        """Validate one request and append it; returns its custom_id (generated when not given).
-
-        The endpoint follows from the body (`messages` → chat, `prompt` → completions, `input` →
-        embeddings) unless `endpoint=` says otherwise (`"/v1/responses"` for the Responses API).
-        """
-        return self._core.add(request, custom_id=custom_id, endpoint=endpoint)
-
-    def add_requests(self, requests: Iterable[Mapping[str, Any]]) -> int:
-        return self._core.add_many(requests)
-
-    def add_jsonl(self, path: str | Path) -> int:
-        return self._core.add_jsonl(path)
-
-    def __len__(self) -> int:
-        return len(self._core)
-
-    @property
-    def id(self) -> str | None:
-        return self._core.id
-
-    @property
-    def batch_ids(self) -> list[str]:
-        return [s.batch_id for s in self._core.shards if s.batch_id]
-
-    @property
-    def provider(self) -> Provider:
-        return self._core.provider
-
-    @property
-    def models(self) -> list[str]:
-        return self._core.models
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,21 +19,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = make_server(tmp_path_factory.mktemp("client-server") / "data").start()
     yield running
     running.kill()
-
-
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
-    """Start a dedicated server with extra CLI flags; killed at teardown."""
-    started: list[RunningServer] = []
-
-    def start(name: str = "data", **kwargs: Any) -> RunningServer:
-        running = make_server(tmp_path / name, **kwargs)
-        started.append(running)
-        return running.start()
-
-    yield start
-    for running in started:
-        running.kill()
 
 
 @pytest.fixture(autouse=True)

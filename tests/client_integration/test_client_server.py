@@ -61,8 +61,8 @@ def test_completions_and_base64_embeddings(server: RunningServer, tmp_path: Path
     assert as_base64.embedding == pytest.approx(as_floats.embedding, abs=1e-6)
 
 
-def test_sharded_batch_against_a_server_with_a_low_line_limit(start_server, tmp_path: Path) -> None:
-    server = start_server(extra_args=["--max-batch-lines", "4"])
+def test_sharded_batch_against_a_server_with_a_low_line_limit(server_factory, tmp_path: Path) -> None:
+    server = server_factory(extra_args=["--max-batch-lines", "4"])
     # Without sharding the server refuses the file, with its own reason.
     with VLLMBatch(base_url=server.base_url) as batch:
         for i in range(10):
@@ -81,8 +81,8 @@ def test_sharded_batch_against_a_server_with_a_low_line_limit(start_server, tmp_
     assert [r.text for r in results] == [f"q{i}" for i in range(10)]
 
 
-def test_cancel_keeps_partial_results(start_server, tmp_path: Path) -> None:
-    server = start_server(extra_args=["--echo-delay", "0.2"])
+def test_cancel_keeps_partial_results(server_factory, tmp_path: Path) -> None:
+    server = server_factory(extra_args=["--echo-delay", "0.2"])
     with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
         for i in range(200):
             batch.add_to_batch(**ask(f"q{i}"))
@@ -124,8 +124,8 @@ def test_responses_endpoint_is_refused_by_the_local_preset() -> None:
         batch.add_to_batch(endpoint="/v1/responses", model=CHAT_MODEL, input="x")
 
 
-def test_api_key_from_the_environment(start_server, monkeypatch: pytest.MonkeyPatch) -> None:
-    server = start_server(api_key="s3cret")
+def test_api_key_from_the_environment(server_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = server_factory(api_key="s3cret")
     monkeypatch.setenv("BATCH_BASE_URL", server.base_url)
     monkeypatch.setenv("BATCH_API_KEY", "s3cret")
     with VLLMBatch() as batch:
@@ -145,8 +145,8 @@ def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "PYTHONPATH": str(REPO), **env}, check=False)
 
 
-def test_resume_from_another_process(start_server, tmp_path: Path) -> None:
-    server = start_server(extra_args=["--max-batch-lines", "3"])
+def test_resume_from_another_process(server_factory, tmp_path: Path) -> None:
+    server = server_factory(extra_args=["--max-batch-lines", "3"])
     env = {"BATCH_BASE_URL": server.base_url}
     submitter = _python(f"""
         from vllm_batch import VLLMBatch
@@ -194,8 +194,8 @@ async def test_async_client(server: RunningServer, tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_async_cancel(start_server) -> None:
-    server = start_server(extra_args=["--echo-delay", "0.2"])
+async def test_async_cancel(server_factory) -> None:
+    server = server_factory(extra_args=["--echo-delay", "0.2"])
     async with AsyncVLLMBatch(base_url=server.base_url) as batch:
         for i in range(100):
             batch.add_to_batch(**ask(f"{i}"))
