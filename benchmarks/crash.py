@@ -41,6 +41,7 @@ from benchmarks._harness import (
     write_results,
 )
 from benchmarks.pipeline import CHAT, chat_lines
+from vllm_batch_server.checkpoint import MIN_GAP_SECONDS
 
 CHECKPOINT_EVERY = 500
 CHECKPOINT_SECONDS = 1.0
@@ -151,7 +152,10 @@ def run_pace(scratch: Path, pace: Pace, kills: int, rng: random.Random) -> dict[
             # The rate since the last (re)start gives how many results one `--checkpoint-seconds` holds.
             prior = events[-1]["committed_at_kill"] if events else 0
             rate = max(0.0, (written - prior) / ran) if ran > 0 else 0.0
-            interval = min(CHECKPOINT_EVERY, rate * CHECKPOINT_SECONDS) if rate else CHECKPOINT_EVERY
+            # One interval: CHECKPOINT_EVERY results, but never less than MIN_GAP_SECONDS nor more than
+            # CHECKPOINT_SECONDS of work.
+            interval = (min(max(CHECKPOINT_EVERY, rate * MIN_GAP_SECONDS), rate * CHECKPOINT_SECONDS) if rate
+                        else CHECKPOINT_EVERY)
             stale = first_line_after(part, offset)
             times = restart(server, api, batch_id, part, offset, done, stale)
             began = server.started_at + times["resumed_s"]

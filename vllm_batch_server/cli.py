@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
           default=512 * 1024 * 1024)
     _flag(serve, "--max-batch-lines", "MAX_BATCH_LINES", "most requests in one batch", type=int,
           default=50_000)
-    _flag(serve, "--checkpoint-every", "CHECKPOINT_EVERY", "commit results durably every N results",
-          type=int, default=500)
+    _flag(serve, "--checkpoint-every", "CHECKPOINT_EVERY",
+          "commit results durably every N results (at most 20 times a second)", type=int, default=500)
     _flag(serve, "--checkpoint-seconds", "CHECKPOINT_SECONDS", "... or every T seconds, whichever first",
           type=float, default=1.0)
     _flag(serve, "--checkpointing", "CHECKPOINTING", "fsync and commit results as they come (turn off only to "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -66,7 +65,7 @@ class BatchRunner:
                 await self._expire_rest(results, input_path, done)
             await results.checkpoint(final=True)
         finally:
-            results.close()
+            await results.close()
             self.input_exhausted.set()
         if self._engine_error is not None:
             if is_disk_full(self._engine_error):
@@ -77,8 +76,6 @@ class BatchRunner:
     async def _feed(self, results: ResultLog, requests: Iterator[tuple[int, str, dict[str, Any]]],
                     done: set[str]) -> None:
         batch_id, url = self.batch.id, self.batch.endpoint
-        ticker = asyncio.Event()
-        durable, backlog = self._settings.checkpointing, max(1, self._settings.checkpoint_every)
         slice_end, slices = time.monotonic() + YIELD_SECONDS, 0
 
         def next_request() -> tuple[int, str, dict[str, Any]] | None:
@@ -100,18 +97,14 @@ class BatchRunner:
                     del self._in_flight[request_id]
                 results.append(custom_id, result)
                 done.add(custom_id)
-                if results.due() and not ticker.is_set():  # one wake-up per checkpoint, not one per worker
-                    ticker.set()
-                    await asyncio.sleep(0)  # let the checkpointer snapshot now, even if the engine never waits
-                elif durable and results.pending >= backlog:
-                    # The next interval is full and no checkpoint has taken it yet (one is in flight, or the
-                    # checkpointer has not run): wait for that snapshot, so a crash never costs more than about
-                    # two intervals however slowly fsync and commit run.
-                    ticker.set()
-                    await results.wait_snapshot()
+                if results.behind():
+                    # Two intervals wait for their commit: wait, so a crash never costs more however slowly
+                    # the disk runs. (The syncer thread commits without the loop, so at any engine speed the
+                    # disk, not this wait, sets the pace.)
+                    await results.wait_caught_up()
                 elif time.monotonic() >= slice_end:
                     # An engine that answers without suspending (echo at zero delay) would otherwise keep
-                    # the loop to itself: no HTTP answers, and a started checkpoint could not commit.
+                    # the loop to itself: no HTTP answers, no status.
                     seen = slices
                     await asyncio.sleep(0)
                     if slices == seen:  # the first worker back after the pause starts the next time slice
@@ -119,7 +112,7 @@ class BatchRunner:
                         slice_end = time.monotonic() + YIELD_SECONDS
 
         workers = [asyncio.create_task(worker()) for _ in range(self.window)]
-        checkpointer = asyncio.create_task(self._checkpoints(results, ticker))
+        checkpointer = asyncio.create_task(self._checkpoints(results))
         all_done: asyncio.Future[list[None]] = asyncio.gather(*workers)
         stopped: asyncio.Task[bool] = asyncio.create_task(self._stopped.wait())
         try:
@@ -144,29 +137,15 @@ class BatchRunner:
         if error is not None and self._engine_error is None:
             self._engine_error = error
 
-    async def _checkpoints(self, results: ResultLog, ticker: asyncio.Event) -> None:
-        """Checkpoint when the workers say enough results piled up, or every few seconds; watch for hangs."""
+    async def _checkpoints(self, results: ResultLog) -> None:
+        """The clock: a snapshot when results waited `checkpoint_seconds`; a syncer that died (a full disk)
+        stops the batch; a request running past `request_timeout` means the engine hangs."""
         period = max(0.05, min(self._settings.checkpoint_seconds, 1.0))
         while True:
-            # Not asyncio.wait_for: before Python 3.12 it swallows a cancel that arrives just after the ticker
-            # fired, and this loop would then never end (the batch hangs in_progress, all results committed).
-            tick = asyncio.ensure_future(ticker.wait())
-            try:
-                await asyncio.wait([tick], timeout=period)
-            finally:
-                tick.cancel()
-            ticker.clear()
-            # Shielded: a checkpoint interrupted between fsync and commit would still be safe, but finishing
-            # it means less to recompute after the stop that cancelled us.
-            try:
-                await asyncio.shield(results.checkpoint())
-            except sqlite3.Error as exc:
-                if is_disk_full(exc):
-                    raise
-                # The commit was refused (say another process held the database past busy_timeout). The
-                # parts are fsynced and the next checkpoint's offsets cover these results too: retry then.
-                log.warning("checkpoint of batch %s not committed, retrying at the next one: %s",
-                            self.batch.id, exc)
+            await asyncio.sleep(period)
+            results.raise_if_broken()
+            if results.due_by_time():
+                results.snapshot()
             oldest = min(self._in_flight.values(), default=None)
             if oldest is not None and time.monotonic() - oldest > self._settings.request_timeout:
                 self._engine_error = EngineError(
@@ -180,5 +159,5 @@ class BatchRunner:
             if custom_id not in done:
                 results.append_error(custom_id, "batch_expired", EXPIRED_MESSAGE)
                 done.add(custom_id)
-                if results.due():
-                    await results.checkpoint()
+                if results.behind():
+                    await results.wait_caught_up()

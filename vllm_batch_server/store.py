@@ -3,15 +3,18 @@
 One connection (aiosqlite runs it on its own thread), WAL and `synchronous=FULL`, so a committed transaction
 survives power loss and readers never wait for the writer. Every write goes through `_write_lock`: with one
 shared connection, a statement issued while another coroutine holds a transaction open would silently join it.
+Checkpoints are the one exception: each running batch commits them from its result log's own thread, on a
+connection of its own (`CheckpointCommitter`), so making progress durable never waits for the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -147,22 +150,28 @@ class Checkpoint:
     input_tokens: int
     cached_tokens: int
     output_tokens: int
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def results(self) -> int:
+        return self.completed + self.failed
+
+
+_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA busy_timeout=10000")
 
 
 class Store:
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self._conn = conn
         self._write_lock = asyncio.Lock()
+        self.path = path
 
     @classmethod
     async def open(cls, path: Path) -> Store:
         conn = await aiosqlite.connect(str(path), isolation_level=None)
         conn.row_factory = aiosqlite.Row
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=FULL")
-        await conn.execute("PRAGMA busy_timeout=10000")
-        store = cls(conn)
+        for pragma in _PRAGMAS:
+            await conn.execute(pragma)
+        store = cls(conn, path)
         await store._migrate()
         return store
 
@@ -170,11 +179,21 @@ class Store:
         await self._conn.close()
 
     async def _migrate(self) -> None:
-        async with self._conn.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
+        row = await self._query_one("PRAGMA user_version")
         version = int(row[0]) if row else 0
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             await self._conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
+
+    async def _query(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        """Run a read to completion in one call. A cursor left open across an await would hold a read
+        snapshot, and a write on this connection after a checkpoint commit (another connection) would then
+        fail at once with "database is locked" (a stale snapshot cannot be upgraded; busy_timeout never
+        applies)."""
+        return list(await self._conn.execute_fetchall(sql, tuple(params)))
+
+    async def _query_one(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
+        rows = await self._query(sql, params)
+        return rows[0] if rows else None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -203,8 +222,7 @@ class Store:
         )
 
     async def get_file(self, file_id: str) -> FileRow | None:
-        async with self._conn.execute("SELECT * FROM files WHERE id = ?", (file_id,)) as cursor:
-            row = await cursor.fetchone()
+        row = await self._query_one("SELECT * FROM files WHERE id = ?", (file_id,))
         return FileRow(**dict(row)) if row else None
 
     async def list_files(self, *, after_seq: int | None, limit: int, descending: bool,
@@ -222,8 +240,7 @@ class Store:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY seq {'DESC' if descending else 'ASC'} LIMIT ?"
-        async with self._conn.execute(sql, (*params, limit + 1)) as cursor:
-            return [FileRow(**dict(row)) for row in await cursor.fetchall()]
+        return [FileRow(**dict(row)) for row in await self._query(sql, (*params, limit + 1))]
 
     async def delete_file(self, file_id: str) -> bool:
         async with self.transaction() as conn:
@@ -231,23 +248,18 @@ class Store:
             return cursor.rowcount > 0
 
     async def expired_files(self, now: int) -> list[FileRow]:
-        async with self._conn.execute(
-            "SELECT * FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
-        ) as cursor:
-            return [FileRow(**dict(row)) for row in await cursor.fetchall()]
+        rows = await self._query("SELECT * FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
+        return [FileRow(**dict(row)) for row in rows]
 
     async def all_file_ids(self) -> set[str]:
-        async with self._conn.execute("SELECT id FROM files") as cursor:
-            return {row[0] for row in await cursor.fetchall()}
+        return {row[0] for row in await self._query("SELECT id FROM files")}
 
     async def file_in_use(self, file_id: str) -> BatchRow | None:
         """The active batch reading this file as its input, if any."""
         marks = ",".join("?" * len(ACTIVE_STATUSES))
-        async with self._conn.execute(
+        row = await self._query_one(
             f"SELECT * FROM batches WHERE input_file_id = ? AND status IN ({marks}) LIMIT 1",
-            (file_id, *ACTIVE_STATUSES),
-        ) as cursor:
-            row = await cursor.fetchone()
+            (file_id, *ACTIVE_STATUSES))
         return _batch_from(row) if row else None
 
     # ---- batches -----------------------------------------------------------------------------------------
@@ -262,8 +274,7 @@ class Store:
         return batch
 
     async def get_batch(self, batch_id: str) -> BatchRow | None:
-        async with self._conn.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)) as cursor:
-            row = await cursor.fetchone()
+        row = await self._query_one("SELECT * FROM batches WHERE id = ?", (batch_id,))
         return _batch_from(row) if row else None
 
     async def list_batches(self, *, after_seq: int | None, limit: int) -> list[BatchRow]:
@@ -273,25 +284,22 @@ class Store:
             sql, params = "SELECT * FROM batches ORDER BY seq DESC LIMIT ?", (limit + 1,)
         else:
             sql, params = "SELECT * FROM batches WHERE seq < ? ORDER BY seq DESC LIMIT ?", (after_seq, limit + 1)
-        async with self._conn.execute(sql, params) as cursor:
-            return [_batch_from(row) for row in await cursor.fetchall()]
+        return [_batch_from(row) for row in await self._query(sql, params)]
 
     async def batches_in(self, statuses: Iterable[str]) -> list[BatchRow]:
         """Batches in these statuses, oldest first: the queue order."""
         statuses = tuple(statuses)
         marks = ",".join("?" * len(statuses))
-        async with self._conn.execute(
-            f"SELECT * FROM batches WHERE status IN ({marks}) ORDER BY seq ASC", statuses
-        ) as cursor:
-            return [_batch_from(row) for row in await cursor.fetchall()]
+        rows = await self._query(f"SELECT * FROM batches WHERE status IN ({marks}) ORDER BY seq ASC", statuses)
+        return [_batch_from(row) for row in rows]
 
     async def update_batch(self, batch_id: str, *, only_if_status: Iterable[str] | None = None,
                            **changes: Any) -> bool:
         """Set columns; with `only_if_status`, only when the batch is still in one of those statuses.
 
         Returns whether a row changed, so racing transitions (cancel vs. completion) resolve to exactly one.
-        One statement in autocommit mode is its own durable transaction: no BEGIN/COMMIT round trips (this
-        runs at every checkpoint). The lock still keeps it out of another coroutine's open transaction.
+        One statement in autocommit mode is its own durable transaction: no BEGIN/COMMIT round trips. The lock
+        still keeps it out of another coroutine's open transaction.
         """
         async with self._write_lock:
             return await self._update_batch(self._conn, batch_id, only_if_status, changes)
@@ -310,18 +318,8 @@ class Store:
         cursor = await conn.execute(sql, params)
         return cursor.rowcount > 0
 
-    async def checkpoint(self, batch_id: str, point: Checkpoint) -> None:
-        await self.update_batch(
-            batch_id,
-            output_offset=point.output_offset,
-            error_offset=point.error_offset,
-            completed=point.completed,
-            failed=point.failed,
-            input_tokens=point.input_tokens,
-            cached_tokens=point.cached_tokens,
-            output_tokens=point.output_tokens,
-            **point.extra,
-        )
+    def checkpoint_committer(self) -> CheckpointCommitter:
+        return CheckpointCommitter(self.path)
 
     async def finish_batch(self, batch_id: str, new_files: list[FileRow], **changes: Any) -> None:
         """Register the batch's result files and move it to its terminal status in one transaction."""
@@ -329,3 +327,34 @@ class Store:
             for file in new_files:
                 await self._insert_file(conn, file)
             await self._update_batch(conn, batch_id, None, changes)
+
+
+class CheckpointCommitter:
+    """Commits one result log's checkpoints from its syncer thread (see checkpoint.py).
+
+    A connection of its own, opened and used only on that thread: the shared connection would put every commit
+    behind the event loop, which at full speed is busy for tens of milliseconds at a time. SQLite serializes it
+    with the store's writes (busy_timeout); it only ever sets a running batch's progress columns, which nothing
+    else writes while the batch runs.
+    """
+
+    SQL = ("UPDATE batches SET output_offset = ?, error_offset = ?, completed = ?, failed = ?, input_tokens = ?, "
+           "cached_tokens = ?, output_tokens = ? WHERE id = ?")
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def commit(self, batch_id: str, point: Checkpoint) -> None:
+        if self._conn is None:
+            self._conn = sqlite3.connect(self._path, isolation_level=None)
+            for pragma in _PRAGMAS:
+                self._conn.execute(pragma)
+        # One statement in autocommit mode: its own durable transaction.
+        self._conn.execute(self.SQL, (point.output_offset, point.error_offset, point.completed, point.failed,
+                                      point.input_tokens, point.cached_tokens, point.output_tokens, batch_id))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -24,7 +24,7 @@ from vllm_batch_server.engines.echo import EchoEngine
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
 from vllm_batch_server.storage import Storage
-from vllm_batch_server.store import BatchRow, FileRow, Store
+from vllm_batch_server.store import BatchRow, CheckpointCommitter, FileRow, Store
 
 N = 60
 
@@ -215,14 +215,14 @@ def test_injected_disk_full_pauses_then_resumes(tmp_path: Path, where: str, monk
             return False
 
         if where == "checkpoint-commit":
-            real_checkpoint = store.checkpoint
+            real_commit = CheckpointCommitter.commit
 
-            async def checkpoint(*args: Any) -> None:
+            def commit(*args: Any) -> None:  # runs on the result log's syncer thread
                 if full():
                     raise sqlite3.OperationalError("database or disk is full")
-                await real_checkpoint(*args)
+                real_commit(*args)
 
-            store.checkpoint = checkpoint  # type: ignore[method-assign]
+            monkeypatch.setattr(CheckpointCommitter, "commit", commit)
         elif where == "result-file":
             real_open = storage.open_parts
 
@@ -259,7 +259,7 @@ def test_injected_disk_full_pauses_then_resumes(tmp_path: Path, where: str, monk
     assert "paused: out of disk space" in caplog.text
 
 
-def test_a_transient_checkpoint_failure_is_retried_not_fatal(tmp_path: Path,
+def test_a_transient_checkpoint_failure_is_retried_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     """A commit refused once (another process held the database past busy_timeout) must not cost the batch:
     the next checkpoint commits everything since the last good one."""
@@ -267,16 +267,16 @@ def test_a_transient_checkpoint_failure_is_retried_not_fatal(tmp_path: Path,
 
     async def scenario() -> None:
         store, storage, scheduler = await open_server(settings)
-        real_checkpoint = store.checkpoint
+        real_commit = CheckpointCommitter.commit
         refused = {"left": 1}
 
-        async def checkpoint(*args: Any) -> None:
+        def commit(*args: Any) -> None:  # runs on the result log's syncer thread
             if refused["left"]:
                 refused["left"] -= 1
                 raise sqlite3.OperationalError("database is locked")
-            await real_checkpoint(*args)
+            real_commit(*args)
 
-        store.checkpoint = checkpoint  # type: ignore[method-assign]
+        monkeypatch.setattr(CheckpointCommitter, "commit", commit)
         try:
             batch_id = await add_batch(store, storage, lines_with_errors())
             scheduler.notify()

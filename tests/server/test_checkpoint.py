@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import sqlite3
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from vllm_batch_server import checkpoint
 from vllm_batch_server.checkpoint import ResultLog
 from vllm_batch_server.engines.base import Result, Usage
 from vllm_batch_server.settings import Settings
 from vllm_batch_server.storage import Storage
-from vllm_batch_server.store import BatchRow, Store
+from vllm_batch_server.store import BatchRow, Checkpoint, CheckpointCommitter, Store
 
 
 def _ok(n: int) -> Result:
     return Result(200, {"n": n}, Usage(input_tokens=2, cached_tokens=1, output_tokens=3))
 
 
-async def _setup(tmp_path: Path) -> tuple[Store, Storage, Settings, BatchRow]:
-    settings = Settings(data_dir=tmp_path, engine="echo", models=["m"], checkpoint_every=1000,
-                        checkpoint_seconds=3600)
+async def _setup(tmp_path: Path, every: int = 1000,
+                 seconds: float = 3600) -> tuple[Store, Storage, Settings, BatchRow]:
+    settings = Settings(data_dir=tmp_path, engine="echo", models=["m"], checkpoint_every=every,
+                        checkpoint_seconds=seconds)
     storage = Storage(tmp_path)
     storage.prepare()
     store = await Store.open(settings.db_path)
@@ -39,7 +48,7 @@ def test_only_checkpointed_results_survive_and_the_torn_tail_is_cut(tmp_path: Pa
         await log.checkpoint()
         log.append("ok-3", _ok(3))  # appended, flushed even, but never committed
         log.out.flush()
-        log.close()
+        await log.close()
         out_part, _ = storage.part_paths(batch.id)
         with open(out_part, "ab") as fh:
             fh.write(b'{"custom_id": "torn')  # a crash in the middle of a write
@@ -54,7 +63,7 @@ def test_only_checkpointed_results_survive_and_the_torn_tail_is_cut(tmp_path: Pa
         assert out_part.stat().st_size == row.output_offset
         resumed.append("ok-3", _ok(3))
         await resumed.checkpoint(final=True)
-        resumed.close()
+        await resumed.close()
         lines = [json.loads(line) for line in out_part.read_text().splitlines()]
         assert [line["custom_id"] for line in lines] == ["ok-0", "ok-1", "ok-2", "ok-3"]
         await store.close()
@@ -68,7 +77,7 @@ def test_a_part_shorter_than_its_committed_offset_is_refused(tmp_path: Path) -> 
         log = ResultLog(store, storage, settings, batch)
         log.append("ok-0", _ok(0))
         await log.checkpoint()
-        log.close()
+        await log.close()
         out_part, _ = storage.part_paths(batch.id)
         out_part.write_bytes(b"")  # the disk lost committed data
         row = await store.get_batch(batch.id)
@@ -80,5 +89,193 @@ def test_a_part_shorter_than_its_committed_offset_is_refused(tmp_path: Path) -> 
         else:
             raise AssertionError("silently zero-filled lost results")
         await store.close()
+
+    asyncio.run(scenario())
+
+
+def _committed(store: Store, batch_id: str) -> tuple[int, int]:
+    """(completed, output_offset) as another process would read them now, bypassing the event loop."""
+    with sqlite3.connect(store.path) as conn:
+        row = conn.execute("SELECT completed, output_offset FROM batches WHERE id = ?", (batch_id,)).fetchone()
+    return row[0], row[1]
+
+
+class GatedCommits:
+    """CheckpointCommitter.commit held at a gate (a disk that stalls), counting what gets committed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.gate = threading.Event()
+        self.committed: list[int] = []
+        real = CheckpointCommitter.commit
+
+        def commit(committer: CheckpointCommitter, batch_id: str, point: Checkpoint) -> None:
+            assert self.gate.wait(10), "the test never opened the gate"
+            real(committer, batch_id, point)
+            self.committed.append(point.results)
+
+        monkeypatch.setattr(CheckpointCommitter, "commit", commit)
+
+
+def test_a_checkpoint_commits_while_the_event_loop_is_busy(tmp_path: Path) -> None:
+    """The syncer thread needs nothing from the loop: with a loop that never yields (an engine answering at
+    once), results still become durable."""
+    async def scenario() -> None:
+        store, storage, settings, batch = await _setup(tmp_path)
+        log = ResultLog(store, storage, settings, batch)
+        for i in range(5):
+            log.append(f"ok-{i}", _ok(i))
+        log.snapshot()
+        deadline = time.monotonic() + 10
+        while _committed(store, batch.id)[0] != 5:  # the loop is blocked here: no await until it commits
+            assert time.monotonic() < deadline, "the checkpoint never committed without the event loop"
+            time.sleep(0.005)  # noqa: ASYNC251 - blocking the loop is the point
+        assert _committed(store, batch.id)[1] == storage.part_paths(batch.id)[0].stat().st_size
+        await log.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_stalled_disk_holds_the_runner_back_after_checkpoint_seconds(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    commits = GatedCommits(monkeypatch)
+
+    async def scenario() -> None:
+        store, storage, settings, batch = await _setup(tmp_path, every=2, seconds=0.3)
+        log = ResultLog(store, storage, settings, batch)
+        for i in range(4):
+            log.append(f"ok-{i}", _ok(i))
+        log.snapshot()
+        assert not log.behind()  # a commit under way is not yet a stall
+        await asyncio.sleep(0.4)
+        assert log.behind()  # waited longer than checkpoint_seconds: the runner must wait
+        waiter = asyncio.ensure_future(log.wait_caught_up())
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        commits.gate.set()
+        await asyncio.wait_for(waiter, 10)
+        assert not log.behind()
+        assert log.committed.results == 4 and _committed(store, batch.id)[0] == 4
+        await log.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_snapshots_taken_during_a_slow_commit_fold_into_one(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    commits = GatedCommits(monkeypatch)
+
+    async def scenario() -> None:
+        store, storage, settings, batch = await _setup(tmp_path)
+        log = ResultLog(store, storage, settings, batch)
+        for i in range(6):
+            log.append(f"ok-{i}", _ok(i))
+            log.snapshot()
+            await asyncio.sleep(0.02)  # the syncer has taken the first and waits at the gate
+        commits.gate.set()
+        await asyncio.wait_for(log.wait_caught_up(), 10)
+        # The first snapshot was under way; the five taken meanwhile became one commit, of the newest.
+        assert commits.committed == [1, 6]
+        await log.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_snapshots_are_spaced_out_at_high_result_rates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`checkpoint_every` results come faster than MIN_GAP_SECONDS apart: no more than one snapshot per gap."""
+    monkeypatch.setattr(checkpoint, "MIN_GAP_SECONDS", 0.5)
+
+    async def scenario() -> None:
+        store, storage, settings, batch = await _setup(tmp_path, every=10)
+        log = ResultLog(store, storage, settings, batch)
+        began = time.monotonic()
+        for i in range(100):
+            log.append(f"ok-{i}", _ok(i))
+        assert time.monotonic() - began < 0.5, "the machine was too slow to test this"
+        assert log.pending == 100  # ten intervals' worth, and no snapshot yet
+        await asyncio.sleep(0.5)
+        log.append("ok-100", _ok(100))  # the gap has passed: this one takes the snapshot
+        assert log.pending == 0
+        await log.checkpoint()
+        assert _committed(store, batch.id)[0] == 101
+        await log.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_fsync_stops_the_batch_and_commits_nothing(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed fsync the page cache cannot be trusted, so the offsets must not be committed."""
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def scenario() -> None:
+        store, storage, settings, batch = await _setup(tmp_path)
+        log = ResultLog(store, storage, settings, batch)
+        monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+        log.append("ok-0", _ok(0))
+        with pytest.raises(OSError, match="No space"):
+            await asyncio.wait_for(log.checkpoint(), 10)
+        with pytest.raises(OSError, match="No space"):
+            log.raise_if_broken()
+        assert _committed(store, batch.id) == (0, 0)
+        await log.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_close_commits_a_snapshot_it_was_handed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store, storage, settings, batch = await _setup(tmp_path)
+        log = ResultLog(store, storage, settings, batch)
+        for i in range(3):
+            log.append(f"ok-{i}", _ok(i))
+        log.snapshot()
+        await log.close()  # no wait in between
+        assert _committed(store, batch.id)[0] == 3
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_reads_and_writes_stay_correct_while_checkpoints_commit_from_another_connection(tmp_path: Path) -> None:
+    """Regression: a read left open across an await held a snapshot; the next write on the store's connection
+    after a checkpoint commit failed at once with "database is locked" (seen as a 500 on POST /v1/batches)."""
+    async def scenario() -> None:
+        store, _, _, batch = await _setup(tmp_path)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def commit_in_a_loop() -> None:
+            committer = store.checkpoint_committer()
+            n = 0
+            try:
+                while not stop.is_set():
+                    n += 1
+                    committer.commit(batch.id, Checkpoint(n, 0, n, 0, 0, 0, 0))
+                    time.sleep(0.001)  # fifty times the rate of a runner's checkpoints, yet leaves room to write
+            except Exception as exc:  # reported by the assertion below
+                errors.append(exc)
+            finally:
+                committer.close()
+
+        thread = threading.Thread(target=commit_in_a_loop)
+        thread.start()
+        try:
+            for round_ in range(150):
+                reads: list[Any] = [store.get_batch(batch.id) for _ in range(3)]
+                await asyncio.gather(*reads, store.update_batch(batch.id, errors=[{"round": round_}]),
+                                     store.list_batches(after_seq=None, limit=5))
+            assert errors == []
+            row = await store.get_batch(batch.id)
+            assert row is not None and row.errors == [{"round": 149}] and row.completed > 0
+        finally:
+            stop.set()
+            thread.join()
+            await store.close()
 
     asyncio.run(scenario())
