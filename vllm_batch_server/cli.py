@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
           "measure what durability costs: a crash then loses the running batch's progress)", default=True,
           action=argparse.BooleanOptionalAction)
     _flag(serve, "--window", "WINDOW", "requests kept in flight (default: sized from the engine)", type=int)
+    _flag(serve, "--prefix-lookahead", "PREFIX_LOOKAHEAD", "run requests that share a long prompt prefix "
+          "together, looking this many input lines ahead, so the prefix cache keeps serving them (0: the "
+          "file's order)", type=int, default=1024)
     _flag(serve, "--echo-delay", "ECHO_DELAY", "seconds the echo engine takes per request", type=float,
           default=0.0)
     _flag(serve, "--echo-fault", "ECHO_FAULT", "fault injection for reliability tests: comma-separated "
@@ -124,6 +127,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         checkpoint_seconds=args.checkpoint_seconds,
         checkpointing=args.checkpointing,
         window=args.window,
+        prefix_lookahead=args.prefix_lookahead,
         echo_delay=args.echo_delay,
         echo_fault=args.echo_fault or None,
         request_timeout=args.request_timeout,

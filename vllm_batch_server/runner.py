@@ -2,7 +2,9 @@
 
 A fixed pool of `window` workers pulls the next request as soon as it has finished its last one, so the engine
 always has `window` requests in flight and never waits at a chunk boundary for the slowest request of a chunk.
-Only the input's read position and the current in-flight requests are in memory, whatever the batch's size.
+Only the input's read position, the current in-flight requests and one chunk of `--prefix-lookahead` requests
+(reordered so that those sharing a long prompt prefix run together, see grouping.py) are in memory, whatever the
+batch's size.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from vllm_batch_server.checkpoint import ResultLog
 from vllm_batch_server.engines.base import Engine, EngineError
+from vllm_batch_server.grouping import group_by_prefix, prefix_key
 from vllm_batch_server.settings import Settings
 from vllm_batch_server.storage import Storage, is_disk_full
 from vllm_batch_server.store import BatchRow, Store
@@ -60,7 +63,10 @@ class BatchRunner:
         results = ResultLog(self._store, self._storage, self._settings, self.batch)
         try:
             if self.stop_reason is None:
-                await self._feed(results, iter_requests(input_path), done)
+                pending = (request for request in iter_requests(input_path) if request[1] not in done)
+                grouped = group_by_prefix(pending, lambda request: prefix_key(request[2]),
+                                          self._settings.prefix_lookahead)
+                await self._feed(results, grouped, done)
             if self.stop_reason == EXPIRED:
                 await self._expire_rest(results, input_path, done)
             await results.checkpoint(final=True)
@@ -79,11 +85,10 @@ class BatchRunner:
         slice_end, slices = time.monotonic() + YIELD_SECONDS, 0
 
         def next_request() -> tuple[int, str, dict[str, Any]] | None:
-            for line_no, custom_id, body in requests:
-                if custom_id not in done:
-                    return line_no, custom_id, body
-            self.input_exhausted.set()
-            return None
+            request = next(requests, None)
+            if request is None:
+                self.input_exhausted.set()
+            return request
 
         async def worker() -> None:
             nonlocal slice_end, slices

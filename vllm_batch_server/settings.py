@@ -47,6 +47,8 @@ class Settings:
 
     # How many requests the runner keeps in flight; None sizes it from the engine.
     window: int | None = None
+    # Requests sharing a long prompt prefix are run together within this many input lines (0: file order).
+    prefix_lookahead: int = 1024
     # Engine failures tolerated per batch before it is failed (its committed results are kept).
     engine_max_restarts: int = 3
     # A single request taking longer than this is treated as an engine hang.
