@@ -1,6 +1,6 @@
 """`python -m benchmarks [NAME ...] [-- ARGS]`: run the suite (all benchmarks by default), one after another.
 
-    python -m benchmarks                       # everything, default sizes (~20 min on 2 CPU cores)
+    python -m benchmarks                       # everything, default sizes (~30 min on 2 CPU cores)
     python -m benchmarks pipeline crash        # some of them
     python -m benchmarks throughput -- --model my-org/my-model --requests 1024 --dtype auto
     python -m benchmarks --list

@@ -1,15 +1,16 @@
 """Crash cost: `kill -9` the server at random points of a running batch, restart it, and measure
 
 - the work thrown away: results that had been produced (written to the output part) but not yet committed,
-  so they are computed again after the restart. The durability contract bounds this by one checkpoint interval
-  (`--checkpoint-every` results or `--checkpoint-seconds`, whichever comes first), plus the requests that were
-  in flight (at most the window);
+  so they are computed again after the restart. A checkpoint starts every interval (`--checkpoint-every`
+  results, but at least 50 ms and at most `--checkpoint-seconds` of work) and commits in the background, so a
+  kill loses what came since the last commit: about one interval on average, at most two plus what finished
+  during one commit, plus the requests in flight (at most the window);
 - the time from restart to resumed processing: process start → /health answers → the first new result is
   written → the first new result is committed (visible in `request_counts`).
 
 At the end the batch must complete with exactly one result per request: nothing lost, nothing duplicated.
 
-Two paces: the echo engine at full speed (the `--checkpoint-every` bound applies) and a paced one that runs
+Two paces: the echo engine at full speed (an interval is then 50 ms of work) and a paced one that runs
 slower than one interval's worth of results per second (the `--checkpoint-seconds` bound applies).
 
     python -m benchmarks.crash [--kills 6] [--seed 1]

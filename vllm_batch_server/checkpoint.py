@@ -61,8 +61,27 @@ def committed_custom_ids(part: Path, offset: int) -> set[str]:
             remaining -= len(raw)
             if remaining < 0:  # a torn line past the committed offset: not ours
                 break
-            found.add(json.loads(raw)["custom_id"])
+            found.add(_custom_id(raw))
     return found
+
+
+_CUSTOM_ID_KEY = b'"custom_id":'
+_scan = json.JSONDecoder().raw_decode
+
+
+def _custom_id(raw: bytes) -> str:
+    """The custom_id of one result line, without parsing its body (a real model's answer is most of the line,
+    and resuming a big batch parses every committed line). Our own writer puts the key right after "id",
+    whose value (`batch_req_...`) cannot contain it."""
+    at = raw.find(_CUSTOM_ID_KEY, 0, 128)
+    if at >= 0:
+        start = at + len(_CUSTOM_ID_KEY)
+        with contextlib.suppress(ValueError):  # cut inside a character or the id: parse the whole line
+            value, _ = _scan(raw[start:start + 1024].decode())
+            if isinstance(value, str):
+                return value
+    custom_id: str = json.loads(raw)["custom_id"]
+    return custom_id
 
 
 class ResultLog:

@@ -31,7 +31,15 @@ def prefix_key(body: dict[str, Any]) -> str | None:
     sharing) or there is none (embeddings)."""
     messages = body.get("messages")
     if isinstance(messages, list):
-        text = "\x00".join(_text(m.get("content")) if isinstance(m, dict) else "" for m in messages)
+        parts: list[str] = []
+        size = 0
+        for message in messages:  # only as many messages as the key needs: a conversation can be long
+            part = _text(message.get("content")) if isinstance(message, dict) else ""
+            parts.append(part)
+            size += len(part) + 1
+            if size > KEY_CHARS:
+                break
+        text = "\x00".join(parts)
     else:
         text = _text(body.get("prompt"))
     if len(text) < KEY_CHARS:

@@ -8,6 +8,8 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,20 @@ def test_a_part_shorter_than_its_committed_offset_is_refused(tmp_path: Path) -> 
     asyncio.run(scenario())
 
 
+@asynccontextmanager
+async def open_log(tmp_path: Path, every: int = 1000,
+                   seconds: float = 3600) -> AsyncIterator[tuple[ResultLog, Store, BatchRow]]:
+    """A result log on a fresh store, both closed at the end even when the test fails (aiosqlite's thread
+    would otherwise keep the interpreter from exiting)."""
+    store, storage, settings, batch = await _setup(tmp_path, every, seconds)
+    log = ResultLog(store, storage, settings, batch)
+    try:
+        yield log, store, batch
+    finally:
+        await log.close()
+        await store.close()
+
+
 def _committed(store: Store, batch_id: str) -> tuple[int, int]:
     """(completed, output_offset) as another process would read them now, bypassing the event loop."""
     with sqlite3.connect(store.path) as conn:
@@ -120,18 +136,15 @@ def test_a_checkpoint_commits_while_the_event_loop_is_busy(tmp_path: Path) -> No
     """The syncer thread needs nothing from the loop: with a loop that never yields (an engine answering at
     once), results still become durable."""
     async def scenario() -> None:
-        store, storage, settings, batch = await _setup(tmp_path)
-        log = ResultLog(store, storage, settings, batch)
-        for i in range(5):
-            log.append(f"ok-{i}", _ok(i))
-        log.snapshot()
-        deadline = time.monotonic() + 10
-        while _committed(store, batch.id)[0] != 5:  # the loop is blocked here: no await until it commits
-            assert time.monotonic() < deadline, "the checkpoint never committed without the event loop"
-            time.sleep(0.005)  # noqa: ASYNC251 - blocking the loop is the point
-        assert _committed(store, batch.id)[1] == storage.part_paths(batch.id)[0].stat().st_size
-        await log.close()
-        await store.close()
+        async with open_log(tmp_path) as (log, store, batch):
+            for i in range(5):
+                log.append(f"ok-{i}", _ok(i))
+            log.snapshot()
+            deadline = time.monotonic() + 10
+            while _committed(store, batch.id)[0] != 5:  # the loop is blocked here: no await until it commits
+                assert time.monotonic() < deadline, "the checkpoint never committed without the event loop"
+                time.sleep(0.005)  # noqa: ASYNC251 - blocking the loop is the point
+            assert _committed(store, batch.id)[1] == Path(log.out.name).stat().st_size
 
     asyncio.run(scenario())
 
@@ -141,23 +154,20 @@ def test_a_stalled_disk_holds_the_runner_back_after_checkpoint_seconds(tmp_path:
     commits = GatedCommits(monkeypatch)
 
     async def scenario() -> None:
-        store, storage, settings, batch = await _setup(tmp_path, every=2, seconds=0.3)
-        log = ResultLog(store, storage, settings, batch)
-        for i in range(4):
-            log.append(f"ok-{i}", _ok(i))
-        log.snapshot()
-        assert not log.behind()  # a commit under way is not yet a stall
-        await asyncio.sleep(0.4)
-        assert log.behind()  # waited longer than checkpoint_seconds: the runner must wait
-        waiter = asyncio.ensure_future(log.wait_caught_up())
-        await asyncio.sleep(0.05)
-        assert not waiter.done()
-        commits.gate.set()
-        await asyncio.wait_for(waiter, 10)
-        assert not log.behind()
-        assert log.committed.results == 4 and _committed(store, batch.id)[0] == 4
-        await log.close()
-        await store.close()
+        async with open_log(tmp_path, every=2, seconds=0.3) as (log, store, batch):
+            for i in range(4):
+                log.append(f"ok-{i}", _ok(i))
+            log.snapshot()
+            assert not log.behind()  # a commit under way is not yet a stall
+            await asyncio.sleep(0.4)
+            assert log.behind()  # waited longer than checkpoint_seconds: the runner must wait
+            waiter = asyncio.ensure_future(log.wait_caught_up())
+            await asyncio.sleep(0.05)
+            assert not waiter.done()
+            commits.gate.set()
+            await asyncio.wait_for(waiter, 10)
+            assert not log.behind()
+            assert log.committed.results == 4 and _committed(store, batch.id)[0] == 4
 
     asyncio.run(scenario())
 
@@ -167,18 +177,15 @@ def test_snapshots_taken_during_a_slow_commit_fold_into_one(tmp_path: Path,
     commits = GatedCommits(monkeypatch)
 
     async def scenario() -> None:
-        store, storage, settings, batch = await _setup(tmp_path)
-        log = ResultLog(store, storage, settings, batch)
-        for i in range(6):
-            log.append(f"ok-{i}", _ok(i))
-            log.snapshot()
-            await asyncio.sleep(0.02)  # the syncer has taken the first and waits at the gate
-        commits.gate.set()
-        await asyncio.wait_for(log.wait_caught_up(), 10)
-        # The first snapshot was under way; the five taken meanwhile became one commit, of the newest.
-        assert commits.committed == [1, 6]
-        await log.close()
-        await store.close()
+        async with open_log(tmp_path) as (log, _store, _batch):
+            for i in range(6):
+                log.append(f"ok-{i}", _ok(i))
+                log.snapshot()
+                await asyncio.sleep(0.02)  # the syncer has taken the first and waits at the gate
+            commits.gate.set()
+            await asyncio.wait_for(log.wait_caught_up(), 10)
+            # The first snapshot was under way; the five taken meanwhile became one commit, of the newest.
+            assert commits.committed == [1, 6]
 
     asyncio.run(scenario())
 
@@ -188,20 +195,17 @@ def test_snapshots_are_spaced_out_at_high_result_rates(tmp_path: Path, monkeypat
     monkeypatch.setattr(checkpoint, "MIN_GAP_SECONDS", 0.5)
 
     async def scenario() -> None:
-        store, storage, settings, batch = await _setup(tmp_path, every=10)
-        log = ResultLog(store, storage, settings, batch)
-        began = time.monotonic()
-        for i in range(100):
-            log.append(f"ok-{i}", _ok(i))
-        assert time.monotonic() - began < 0.5, "the machine was too slow to test this"
-        assert log.pending == 100  # ten intervals' worth, and no snapshot yet
-        await asyncio.sleep(0.5)
-        log.append("ok-100", _ok(100))  # the gap has passed: this one takes the snapshot
-        assert log.pending == 0
-        await log.checkpoint()
-        assert _committed(store, batch.id)[0] == 101
-        await log.close()
-        await store.close()
+        async with open_log(tmp_path, every=10) as (log, store, batch):
+            began = time.monotonic()
+            for i in range(100):
+                log.append(f"ok-{i}", _ok(i))
+            assert time.monotonic() - began < 0.5, "the machine was too slow to test this"
+            assert log.pending == 100  # ten intervals' worth, and no snapshot yet
+            await asyncio.sleep(0.5)
+            log.append("ok-100", _ok(100))  # the gap has passed: this one takes the snapshot
+            assert log.pending == 0
+            await log.checkpoint()
+            assert _committed(store, batch.id)[0] == 101
 
     asyncio.run(scenario())
 
@@ -213,17 +217,14 @@ def test_a_failed_fsync_stops_the_batch_and_commits_nothing(tmp_path: Path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     async def scenario() -> None:
-        store, storage, settings, batch = await _setup(tmp_path)
-        log = ResultLog(store, storage, settings, batch)
-        monkeypatch.setattr(checkpoint.os, "fsync", fsync)
-        log.append("ok-0", _ok(0))
-        with pytest.raises(OSError, match="No space"):
-            await asyncio.wait_for(log.checkpoint(), 10)
-        with pytest.raises(OSError, match="No space"):
-            log.raise_if_broken()
-        assert _committed(store, batch.id) == (0, 0)
-        await log.close()
-        await store.close()
+        async with open_log(tmp_path) as (log, store, batch):
+            monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+            log.append("ok-0", _ok(0))
+            with pytest.raises(OSError, match="No space"):
+                await asyncio.wait_for(log.checkpoint(), 10)
+            with pytest.raises(OSError, match="No space"):
+                log.raise_if_broken()
+            assert _committed(store, batch.id) == (0, 0)
 
     asyncio.run(scenario())
 
@@ -277,5 +278,20 @@ def test_reads_and_writes_stay_correct_while_checkpoints_commit_from_another_con
             stop.set()
             thread.join()
             await store.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("custom_id", ["plain-1", 'quote"and\\backslash', "ünïcödé-✓", "x" * 2000, "a,b:c}{"])
+def test_recovery_reads_back_any_custom_id(tmp_path: Path, custom_id: str) -> None:
+    """Resuming reads the committed ids without parsing whole lines: every id must come back as written."""
+    async def scenario() -> None:
+        async with open_log(tmp_path) as (log, store, batch):
+            log.append(custom_id, Result(200, {"text": '"custom_id": "not this one"' * 50}, Usage()))
+            log.append(f"{custom_id}-2", _ok(2))
+            await log.checkpoint()
+            row = await store.get_batch(batch.id)
+            assert row is not None
+            assert ResultLog.recover(Storage(tmp_path), row) == {custom_id, f"{custom_id}-2"}
 
     asyncio.run(scenario())
