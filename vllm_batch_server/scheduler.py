@@ -146,7 +146,11 @@ class Scheduler:
                 await wait_event(self._queue_changed, self.settings.sweep_seconds)
                 continue
             if self.engine.model != batch.model:
-                await self._wait_runners()  # never switch models under a running batch
+                if self._drivers:
+                    # Never switch models under a running batch. Then look again: a batch that ended in an
+                    # engine failure is older than this one and must resume first.
+                    await self._wait_runners()
+                    continue
                 if not await self._load(batch):
                     continue
             # Look again right before registering: a cancel or expiry may have ended it meanwhile. No await

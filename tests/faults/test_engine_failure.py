@@ -89,3 +89,27 @@ def test_cancel_reaches_a_hung_engine(server_factory: ServerFactory) -> None:
 def test_a_malformed_fault_spec_stops_the_server_at_start(server_factory: ServerFactory) -> None:
     with pytest.raises(RuntimeError, match="unknown key 'explode-after'"):
         server_factory(extra_args=["--echo-fault", "explode-after=3"])
+
+
+def test_a_batch_whose_engine_died_resumes_before_a_newer_batch_of_another_model(
+        server_factory: ServerFactory) -> None:
+    """Regression: the run loop had already picked the next batch (another model) and was waiting for the
+    running one to end before switching; when that one ended in an engine failure, the loop loaded the newer
+    batch's model instead of resuming the older batch: an extra model switch, and the queue out of order."""
+    server = server_factory(models=["echo-model", "other-model"],
+                            extra_args=["--window", "64", "--echo-delay", "0.05", "--request-timeout", "1",
+                                        "--echo-fault", "hang-after=29,times=1"])
+    client = sdk(server)
+    # All 30 requests are handed out at once (window 64), so the loop moves on to the newer batch and waits
+    # for this one to end; the 30th hangs, and a second later the engine is declared dead.
+    older = submit(client, chat_lines(30))
+    newer = submit(client, chat_lines(5, prefix="other", model="other-model"))
+    older_done = wait_for(client, older.id, timeout=60)
+    newer_done = wait_for(client, newer.id, timeout=60)
+    assert older_done.status == "completed" and newer_done.status == "completed"
+    log = server.log()
+    assert "engine failed on batch" in log
+    # The older batch's model is loaded twice (at first, and after the failure), the newer's once, last.
+    assert log.count("loading model echo-model") == 2 and log.count("loading model other-model") == 1
+    assert log.index("loading model other-model") > log.rindex("loading model echo-model")
+    assert_exactly_once(client, older_done, {f"req-{i}" for i in range(30)})
