@@ -231,14 +231,12 @@ def test_a_failed_fsync_stops_the_batch_and_commits_nothing(tmp_path: Path,
 
 def test_close_commits_a_snapshot_it_was_handed(tmp_path: Path) -> None:
     async def scenario() -> None:
-        store, storage, settings, batch = await _setup(tmp_path)
-        log = ResultLog(store, storage, settings, batch)
-        for i in range(3):
-            log.append(f"ok-{i}", _ok(i))
-        log.snapshot()
-        await log.close()  # no wait in between
-        assert _committed(store, batch.id)[0] == 3
-        await store.close()
+        async with open_log(tmp_path) as (log, store, batch):
+            for i in range(3):
+                log.append(f"ok-{i}", _ok(i))
+            log.snapshot()
+            await log.close()  # no wait in between (closing again on the way out is harmless)
+            assert _committed(store, batch.id)[0] == 3
 
     asyncio.run(scenario())
 
