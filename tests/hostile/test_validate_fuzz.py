@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ServerFactory, chat_lines, jsonl, request_line, sdk, submit, wait_for
-from vllm_batch_server.validate import Report, iter_requests, validate_input
+from vllm_batch_server.jsonl import iter_requests
+from vllm_batch_server.validate import Report, validate_input
 
 CHAT = "/v1/chat/completions"
 MODELS = ["echo-model", "echo-embed"]

@@ -13,8 +13,8 @@ from vllm_batch_server.api.context import context
 from vllm_batch_server.api.errors import APIError, bad_request, not_found
 from vllm_batch_server.api.multipart import read_upload
 from vllm_batch_server.api.params import checked_id, expiry_seconds, query_choice, query_int
+from vllm_batch_server.database import FileRow
 from vllm_batch_server.schemas import file_object, page
-from vllm_batch_server.store import FileRow
 
 # What a client may upload; `batch_output` files are made by the server only.
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -23,7 +23,7 @@ MAX_FILENAME = 255
 
 async def create_file(request: Request) -> Response:
     ctx = context(request)
-    form = await read_upload(request, ctx.storage, ctx.settings.max_file_bytes)
+    form = await read_upload(request, ctx.blobs, ctx.settings.max_file_bytes)
     upload = form.upload
     try:
         purpose = form.fields.get("purpose")
@@ -45,9 +45,9 @@ async def create_file(request: Request) -> Response:
         await upload.commit(file.id)
         upload = None
         try:
-            await ctx.store.insert_file(file)
+            await ctx.db.insert_file(file)
         except BaseException:
-            ctx.storage.remove_file(file.id)
+            ctx.blobs.remove_file(file.id)
             raise
     finally:
         if upload is not None:
@@ -62,18 +62,18 @@ async def list_files(request: Request) -> Response:
     purpose = request.query_params.get("purpose") or None
     after_seq = None
     if after := request.query_params.get("after"):
-        anchor = await ctx.store.get_file(after) if ids.is_file_id(after) else None
+        anchor = await ctx.db.get_file(after) if ids.is_file_id(after) else None
         if anchor is None:
             raise bad_request(f"Invalid 'after': no file {after[:100]!r}.", "after")
         after_seq = anchor.seq
-    rows = await ctx.store.list_files(after_seq=after_seq, limit=limit, descending=order == "desc",
+    rows = await ctx.db.list_files(after_seq=after_seq, limit=limit, descending=order == "desc",
                                       purpose=purpose)
     return JSONResponse(page([file_object(f) for f in rows[:limit]], len(rows) > limit))
 
 
 async def _file(request: Request) -> FileRow:
     file_id = checked_id(request.path_params["file_id"], ids.is_file_id(request.path_params["file_id"]), "File")
-    file = await context(request).store.get_file(file_id)
+    file = await context(request).db.get_file(file_id)
     if file is None:
         raise not_found("File", file_id)
     return file
@@ -85,7 +85,7 @@ async def retrieve_file(request: Request) -> Response:
 
 async def file_content(request: Request) -> Response:
     file = await _file(request)
-    path = context(request).storage.file_path(file.id)
+    path = context(request).blobs.file_path(file.id)
     if not path.exists():
         raise not_found("File", file.id)
     return FileResponse(path, media_type="application/octet-stream", filename=file.filename,
@@ -95,12 +95,12 @@ async def file_content(request: Request) -> Response:
 async def delete_file(request: Request) -> Response:
     ctx = context(request)
     file = await _file(request)
-    user = await ctx.store.file_in_use(file.id)
+    user = await ctx.db.file_in_use(file.id)
     if user is not None:
         raise APIError(409, f"The file is the input of batch {user.id}, which is {user.status}; cancel it or "
                        "wait for it to end before deleting the file.", param="file_id", code="file_in_use")
-    await ctx.store.delete_file(file.id)
-    ctx.storage.remove_file(file.id)
+    await ctx.db.delete_file(file.id)
+    ctx.blobs.remove_file(file.id)
     return JSONResponse({"id": file.id, "object": "file", "deleted": True})
 
 

@@ -122,6 +122,14 @@ class EchoEngine:
         # Nothing to release: the runner cancels the tasks awaiting `run`, which ends their sleep.
         return None
 
+    async def check_health(self) -> None:
+        if self._model is None:
+            raise EngineError("no model is loaded")
+        if self._broken == "crash":
+            raise EngineError("echo engine crashed (fault injected)")
+        if self._broken == "hang":
+            await asyncio.Event().wait()  # as a wedged engine would: the caller's timeout ends this
+
     def _inject_fault(self) -> None:
         """Count a started request and, past a configured point, break the engine until it restarts."""
         self._started_requests += 1

@@ -190,6 +190,14 @@ class VLLMEngine:
             if task is not None:
                 task.cancel()
 
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise EngineError("no model is loaded")
+        try:
+            await self._llm.check_health()  # raises once the engine core has died
+        except Exception as exc:
+            raise EngineError(f"the vLLM engine failed its health check: {exc}") from exc
+
     # ------------------------------------------------------------------------------------------ requests
 
     async def _dispatch(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
