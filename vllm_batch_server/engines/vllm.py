@@ -340,7 +340,7 @@ class VLLMEngine:
         s = self.settings
         cpu = is_cpu_platform()
         kwargs: dict[str, Any] = {"model": resolved.path, "served_model_name": [resolved.name]}
-        if not s.enable_prefix_caching:
+        if not s.prefix_caching:
             # Left unset otherwise: vLLM then turns it on for every model that supports it (decoders) and
             # off for those that cannot (encoder-only embedding models fail to start with it forced on).
             kwargs["enable_prefix_caching"] = False
