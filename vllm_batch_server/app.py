@@ -44,8 +44,8 @@ def create_app(settings: Settings) -> Starlette:
         app.state.context = Context(settings, db, blobs, scheduler, EventLog(db, lifecycle))
         app.state.started_at = int(time.time())
         await scheduler.start()
-        log.info("serving %s with the %s engine; data in %s", ", ".join(settings.models), settings.engine,
-                 settings.data_dir)
+        served = "the models its backends serve" if settings.engine == "http" else ", ".join(settings.models)
+        log.info("serving %s with the %s engine; data in %s", served, settings.engine, settings.data_dir)
         try:
             yield
         finally:

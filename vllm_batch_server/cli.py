@@ -126,6 +126,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to a backend otherwise
     from vllm_batch_server.app import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
@@ -137,7 +138,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
-    except SettingsError as exc:
+        if args.command == "serve":
+            from vllm_batch_server.engines import check_settings
+
+            check_settings(settings)  # a bad --backend is one line here, not a failed start-up
+    except (SettingsError, ValueError) as exc:
         parser.exit(2, f"vllm-batch-server: error: {exc}\n")
     if args.command == "serve":
         serve(settings)

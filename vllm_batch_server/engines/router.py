@@ -1,0 +1,589 @@
+"""Many engines behind the one Engine the scheduler and runner see.
+
+The router spreads a batch's requests over its members — the in-process engine, OpenAI-compatible backends
+(http.py), Ray replicas (ray.py) — and keeps the runner's exactly-once contract untouched: `run` returns one
+answer per request, and only answers the runner commits count, whatever happened on the way.
+
+- **Windows.** Each member has a window (window.py): at most that many requests in flight on it. The router
+  asks the runner for a few more requests than all windows hold (`capacity`), so when a slot frees there is a
+  choice of which request takes it.
+- **Prefix affinity** (affinity.py). A freed slot on member M takes, in order: the oldest waiting request whose
+  prompt prefix M holds in its cache; else the oldest request no member holds a prefix of (which M then holds);
+  else the oldest request of all (so no member idles while work waits). Lower `priority` values go first.
+- **Failover.** A member that dies, hangs (its health checks fail) or refuses us is taken out of rotation, and
+  the requests in flight on it go back to the head of the queue for the others. It comes back once its health
+  check passes (an HTTP backend serves the model again; an engine or replica is restarted). A request that
+  fails on a member for a reason that may be its own (a 500, a timeout) is tried on up to MAX_CHARGED members,
+  then answered with the last error (its error line); a failure that is surely the member's (overload, a
+  dead backend) never fails the request.
+- **Engine failure** is only when nothing can serve: when no member is in rotation for
+  `--backend-wait-seconds`, the waiting requests raise EngineError, which the scheduler treats as an engine
+  failure of the batch (restart, resume from the checkpoint, bounded attempts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from vllm_batch_server.engines.affinity import AffinityTable, prompt_chunks
+from vllm_batch_server.engines.base import Engine, EngineError, Result
+from vllm_batch_server.engines.http import BackendError, HttpEngine, ModelNotServed
+from vllm_batch_server.engines.window import Window
+from vllm_batch_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Attempts of one request that may be its own fault (500, timeout, 404) before it gets that error as its answer.
+MAX_CHARGED = 3
+# Attempts that failed because of the member (moved off a dead one, overload) before the request is given up on
+# as an engine failure: only reached when members keep failing, which is engine trouble, not the request's.
+MAX_UNCHARGED = 12
+# Consecutive failed attempts on a member before it is taken out of rotation.
+FAILURES_TO_DOWN = 5
+# Consecutive failed health checks before a member is taken out of rotation.
+PROBES_TO_DOWN = 2
+# How early a timer may fire (uvloop's clock counts milliseconds).
+TIMER_SLACK = 0.005
+# Longest pause between attempts to bring a member back.
+MAX_RECOVERY_BACKOFF = 60.0
+
+
+class MemberState(str, Enum):
+    IDLE = "idle"  # no model started
+    STARTING = "starting"
+    UP = "up"  # in rotation
+    DOWN = "down"  # out of rotation; being brought back
+
+
+@dataclass
+class Member:
+    index: int
+    engine: Engine
+    name: str
+    kind: str  # "local", "http" or "ray"
+    window: Window
+    state: MemberState = MemberState.IDLE
+    reason: str | None = None  # why it is down
+    busy: int = 0  # requests assigned: in flight, or about to be sent
+    inflight: dict[str, asyncio.Task[Result]] = field(default_factory=dict)
+    failures: int = 0  # consecutive failed attempts
+    probe_failures: int = 0
+    paused_until: float = 0.0  # time.monotonic(): asked to wait (Retry-After)
+    recovery: asyncio.Task[None] | None = None
+    # Counters, for logs and benchmarks.
+    completed: int = 0
+    failed_attempts: int = 0
+    moved: int = 0  # requests moved to other members when this one was taken out
+    taken_out: int = 0
+
+    @property
+    def bit(self) -> int:
+        return 1 << self.index
+
+    def free(self, now: float) -> bool:
+        return self.state is MemberState.UP and self.busy < self.window.limit and now >= self.paused_until
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "state": self.state.value, "reason": self.reason,
+                "window": self.window.limit, "window_cap": self.window.cap, "in_flight": len(self.inflight),
+                "completed": self.completed, "failed_attempts": self.failed_attempts, "moved": self.moved,
+                "taken_out": self.taken_out}
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A request waiting for a window slot."""
+
+    priority: int
+    seq: int
+    chunks: list[int]
+    preferred: int  # bit mask of the members holding its prefix; 0: any
+    avoid: int  # bit mask of the members it already failed on: others first
+    future: asyncio.Future[Member]
+    gone: bool = False  # assigned or abandoned: skipped when popped from a queue
+
+    def key(self) -> tuple[int, int]:
+        return (self.priority, self.seq)
+
+
+class _Queue:
+    """Tickets by (priority, seq), with lazy removal."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, int, Ticket]] = []
+        self._pushes = itertools.count()  # ties: a retried request's new ticket has its old one's seq
+
+    def push(self, ticket: Ticket) -> None:
+        heapq.heappush(self._heap, (ticket.priority, ticket.seq, next(self._pushes), ticket))
+
+    def peek(self) -> Ticket | None:
+        while self._heap and self._heap[0][3].gone:
+            heapq.heappop(self._heap)
+        return self._heap[0][3] if self._heap else None
+
+    def pop(self) -> Ticket | None:
+        ticket = self.peek()
+        if ticket is not None:
+            heapq.heappop(self._heap)
+        return ticket
+
+    def clear(self) -> None:
+        self._heap.clear()
+
+
+class Router:
+    """The Engine protocol over several engines; see the module's docstring."""
+
+    def __init__(self, members: list[tuple[str, str, Engine]], settings: Settings) -> None:
+        if not members:
+            raise ValueError("a router needs at least one engine")
+        self.settings = settings
+        self.members = [Member(index, engine, name, kind, Window(engine.capacity, adaptive=(kind == "http")))
+                        for index, (name, kind, engine) in enumerate(members)]
+        self._model: str | None = None
+        self._affinity = AffinityTable() if settings.prefix_affinity else None
+        self._seq = itertools.count()
+        self._all = _Queue()
+        self._free_agents = _Queue()
+        self._preferring = [_Queue() for _ in self.members]
+        self._waiting = 0
+        self._active: set[str] = set()  # request ids inside run()
+        self._aborted: set[str] = set()
+        self._pending: dict[str, Ticket] = {}
+        self._watch: asyncio.Task[None] | None = None
+        self._none_up_since: float | None = time.monotonic()
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_due = 0.0
+        self._last_probe = 0.0
+
+    # ------------------------------------------------------------------------------------------ protocol
+
+    @property
+    def capacity(self) -> int:
+        total = sum(member.window.cap for member in self.members)
+        # A few more than all windows hold, so a freed slot has a choice of requests (prefix affinity).
+        return total + max(1, total // 4)
+
+    @property
+    def model(self) -> str | None:
+        return self._model
+
+    async def start(self, model: str) -> None:
+        """Start `model` on every member that has it; return once one is in rotation (the others join as they
+        come up). Raises EngineError when none can serve it."""
+        if self._model == model and any(m.state is MemberState.UP for m in self.members):
+            return
+        await self.stop()
+        self._model = model
+        self._none_up_since = time.monotonic()
+        for member in self.members:
+            member.state = MemberState.STARTING
+            member.recovery = asyncio.create_task(self._recover(member, first=True),
+                                                  name=f"start {member.name}")
+        deadline = time.monotonic() + self.settings.backend_wait_seconds
+        while not any(m.state is MemberState.UP for m in self.members):
+            starting = [m for m in self.members if m.state is MemberState.STARTING]
+            unserved = all(isinstance(m.reason, str) and m.reason.startswith("not served") for m in self.members
+                           if m.state is MemberState.DOWN)
+            if not starting and unserved:
+                break  # every member answered that it does not have the model: waiting will not change that
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        if not any(m.state is MemberState.UP for m in self.members):
+            summary = self._summary()
+            await self.stop()
+            raise EngineError(f"no engine can serve model {model!r}: {summary}")
+        self._watch = asyncio.create_task(self._watch_loop(), name="router watch")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._watch, *(m.recovery for m in self.members)) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watch = None
+        self._fail_waiting(EngineError("the engine was stopped"))
+        for member in self.members:
+            for request in list(member.inflight.values()):
+                request.cancel()
+            member.recovery = None
+        await asyncio.gather(*(self._stop_member(m) for m in self.members), return_exceptions=True)
+        for member in self.members:
+            member.state, member.reason, member.busy = MemberState.IDLE, None, 0
+        self._model = None
+
+    async def run(self, request_id: str, url: str, body: dict[str, Any], *, priority: int = 0) -> Result:
+        if self._model is None:
+            raise EngineError("no model is loaded")
+        chunks = prompt_chunks(body) if self._affinity is not None else []
+        seq = next(self._seq)  # kept across attempts: a moved request goes before newer ones
+        charged = uncharged = 0
+        avoid = 0
+        self._active.add(request_id)
+        try:
+            while True:
+                if request_id in self._aborted:
+                    raise asyncio.CancelledError
+                member = await self._acquire(request_id, priority, seq, chunks, avoid)
+                began = time.monotonic()
+                task = asyncio.ensure_future(self._call(member, request_id, url, body, priority))
+                member.inflight[request_id] = task
+                try:
+                    try:
+                        await asyncio.wait({task})
+                    except asyncio.CancelledError:
+                        task.cancel()
+                        with contextlib.suppress(BaseException):
+                            await task
+                        raise
+                finally:
+                    member.inflight.pop(request_id, None)
+                    self._release(member)
+                if task.cancelled():
+                    if request_id in self._aborted:
+                        raise asyncio.CancelledError
+                    uncharged += 1  # moved off a member taken out of rotation
+                    member.moved += 1
+                else:
+                    error = task.exception()
+                    if error is None:
+                        result = task.result()
+                        self._succeeded(member, time.monotonic() - began, result)
+                        return result
+                    if not isinstance(error, EngineError):
+                        raise error  # ours, not the member's (a resource of this server ran out, a bug)
+                    self._failed(member, error)
+                    if isinstance(error, BackendError) and error.charge:
+                        charged += 1
+                        avoid |= member.bit  # maybe the member's fault: the next attempt goes elsewhere
+                        if charged >= MAX_CHARGED:
+                            log.warning("request %s failed on %d attempts; answering with the last error: %s",
+                                        request_id, charged, error)
+                            return error.result
+                    elif not (isinstance(error, BackendError) and error.busy):
+                        uncharged += 1  # (waiting out a rate limit costs time, not attempts)
+                if uncharged >= MAX_UNCHARGED:
+                    raise EngineError(f"request {request_id} could not be served after {uncharged} attempts on "
+                                      f"failing engines: {self._summary()}")
+        finally:
+            self._active.discard(request_id)
+            self._aborted.discard(request_id)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            if request_id not in self._active:
+                continue
+            self._aborted.add(request_id)
+            ticket = self._pending.get(request_id)
+            if ticket is not None and not ticket.future.done():
+                ticket.future.cancel()
+            for member in self.members:
+                task = member.inflight.get(request_id)
+                if task is not None:
+                    task.cancel()
+
+    async def check_health(self) -> None:
+        if not any(m.state is MemberState.UP for m in self.members):
+            raise EngineError(f"no engine is in rotation: {self._summary()}")
+
+    # ------------------------------------------------------------------------------------------ models
+
+    async def served_models(self) -> list[str]:
+        """The models a batch may name: the configured ones when an engine here or on Ray loads them, and what
+        the backends' /v1/models list (refreshed when older than a health-check period)."""
+        names: list[str] = []
+        if any(m.kind != "http" for m in self.members):
+            names.extend(self.settings.models)
+        backends = [m.engine for m in self.members if isinstance(m.engine, HttpEngine)]
+        now = time.monotonic()
+        stale = [b for b in backends if now - b.models_checked_at > self.settings.backend_probe_seconds]
+        if stale:
+            await asyncio.gather(*(b.list_models() for b in stale), return_exceptions=True)
+        for backend in backends:
+            names.extend(backend.models or [])  # the last list it gave, if it is down now
+        return list(dict.fromkeys(names))
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Each member's state and counters (for logs, benchmarks and, later, metrics)."""
+        return [member.snapshot() for member in self.members]
+
+    # ------------------------------------------------------------------------------------------ dispatch
+
+    async def _acquire(self, request_id: str, priority: int, seq: int, chunks: list[int], avoid: int) -> Member:
+        loop = asyncio.get_running_loop()
+        preferred = self._affinity.preferred(chunks, self._live()) if self._affinity and chunks else 0
+        ticket = Ticket(priority, seq, chunks, preferred, avoid, loop.create_future())
+        self._pending[request_id] = ticket
+        self._waiting += 1
+        self._all.push(ticket)
+        if preferred:
+            for member in self.members:
+                if preferred & member.bit:
+                    self._preferring[member.index].push(ticket)
+        else:
+            self._free_agents.push(ticket)
+        self._dispatch()
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:
+            if not ticket.gone:
+                ticket.gone = True
+                self._waiting -= 1
+            elif ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is None:
+                self._release(ticket.future.result())  # assigned just as it was cancelled: give the slot back
+            raise
+        finally:
+            self._pending.pop(request_id, None)
+
+    def _dispatch(self) -> None:
+        """Give free window slots to waiting requests (see the module's docstring for the order)."""
+        if not self._waiting:
+            return
+        now = time.monotonic()
+        live = self._live()
+        while self._waiting:
+            free = [m for m in self.members if m.free(now)]
+            if not free:
+                return
+            progressed = False
+            for member in free:  # 1: requests whose prefix this member holds
+                ticket = self._pop_for(self._preferring[member.index], member, live)
+                if ticket is not None:
+                    self._assign(ticket, member)
+                    progressed = True
+            if progressed:
+                continue
+            for member in free:  # 2: requests no member holds a prefix of (by now: look again)
+                while (ticket := self._pop_for(self._free_agents, member, live)) is not None:
+                    preferred = self._affinity.preferred(ticket.chunks, live) if self._affinity else 0
+                    if preferred and not preferred & member.bit:
+                        ticket.preferred = preferred  # its prefix went elsewhere meanwhile: wait for there
+                        for other in self.members:
+                            if preferred & other.bit:
+                                self._preferring[other.index].push(ticket)
+                        continue
+                    self._assign(ticket, member)
+                    progressed = True
+                    break
+            if progressed:
+                continue
+            for member in free:  # 3: the oldest request of all, so that no member idles while work waits
+                ticket = self._pop_for(self._all, member, live)
+                if ticket is not None:
+                    self._assign(ticket, member)
+                    progressed = True
+            if not progressed:
+                return  # what waits avoids the free members, and others can take it
+
+    @staticmethod
+    def _pop_for(queue: _Queue, member: Member, live: int) -> Ticket | None:
+        """The first ticket in `queue` that may go to `member`: one that did not fail there, unless no other
+        member in rotation is left to it."""
+        skipped: list[Ticket] = []
+        found = None
+        while (ticket := queue.pop()) is not None:
+            if not ticket.avoid & member.bit or not live & ~ticket.avoid:
+                found = ticket
+                break
+            skipped.append(ticket)
+        for ticket in skipped:
+            queue.push(ticket)
+        return found
+
+    def _assign(self, ticket: Ticket, member: Member) -> None:
+        ticket.gone = True
+        self._waiting -= 1
+        member.busy += 1
+        if self._affinity is not None and ticket.chunks:
+            self._affinity.record(ticket.chunks, member.index)
+        ticket.future.set_result(member)
+
+    def _release(self, member: Member) -> None:
+        member.busy = max(0, member.busy - 1)
+        self._dispatch()
+
+    def _live(self) -> int:
+        mask = 0
+        for member in self.members:
+            if member.state is MemberState.UP:
+                mask |= member.bit
+        return mask
+
+    def _clear_queues(self) -> None:
+        self._all.clear()
+        self._free_agents.clear()
+        for queue in self._preferring:
+            queue.clear()
+        self._waiting = 0
+
+    # ------------------------------------------------------------------------------------------ outcomes
+
+    @staticmethod
+    async def _call(member: Member, request_id: str, url: str, body: dict[str, Any], priority: int) -> Result:
+        # Passed on only when set, so an engine written before `priority` joined the protocol still works.
+        options: dict[str, Any] = {"priority": priority} if priority else {}
+        return await member.engine.run(request_id, url, body, **options)
+
+    def _succeeded(self, member: Member, seconds: float, result: Result) -> None:
+        member.completed += 1
+        member.failures = 0
+        member.window.on_success(seconds, result.usage.output_tokens)
+
+    def _failed(self, member: Member, error: EngineError) -> None:
+        member.failed_attempts += 1
+        if member.state is not MemberState.UP:
+            return  # already taken out (its other requests are failing with it)
+        if isinstance(error, BackendError) and not error.down:
+            member.window.on_failure()
+            if error.retry_after:
+                self._pause(member, error.retry_after)
+            if error.busy:
+                return  # a rate limit is not a fault: it stays in rotation, slower
+            member.failures += 1
+            if member.failures < FAILURES_TO_DOWN:
+                return
+        self._take_out(member, str(error))
+
+    def _pause(self, member: Member, seconds: float) -> None:
+        member.paused_until = max(member.paused_until, time.monotonic() + min(seconds, MAX_RECOVERY_BACKOFF))
+        self._arm_wake()
+
+    def _arm_wake(self) -> None:
+        """Dispatch again when the earliest pause ends (a paused member frees no slot to trigger it)."""
+        now = time.monotonic()
+        ends = [m.paused_until for m in self.members if m.paused_until > now]
+        if not ends:
+            return
+        due = min(ends)
+        if self._wake is not None:
+            if self._wake_due <= due:
+                return
+            self._wake.cancel()
+        self._wake_due = due
+        self._wake = asyncio.get_running_loop().call_later(due - now, self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        # Timers may fire a little early (uvloop counts milliseconds): end the pauses due by now, or a pause
+        # a fraction of a millisecond from its end would be neither dispatched nor waited for again.
+        due = time.monotonic() + TIMER_SLACK
+        for member in self.members:
+            if member.paused_until <= due:
+                member.paused_until = 0.0
+        self._dispatch()
+        self._arm_wake()
+
+    def _take_out(self, member: Member, reason: str) -> None:
+        """Out of rotation: its requests in flight go back to the queue for the others; bring it back later."""
+        if member.state is not MemberState.UP:
+            return
+        member.state, member.reason = MemberState.DOWN, reason
+        member.taken_out += 1
+        moving = list(member.inflight.values())
+        log.error("%s %s is out of rotation (%s); %d request(s) in flight on it go to the others",
+                  member.kind, member.name, reason, len(moving))
+        for task in moving:
+            task.cancel()
+        if not any(m.state is MemberState.UP for m in self.members):
+            self._none_up_since = time.monotonic()
+        if member.recovery is None or member.recovery.done():
+            member.recovery = asyncio.create_task(self._recover(member), name=f"recover {member.name}")
+
+    # ------------------------------------------------------------------------------------------ health
+
+    async def _recover(self, member: Member, first: bool = False) -> None:
+        """Bring a member (back) into rotation: an HTTP backend once it serves the model again, an engine or
+        replica once restarted. Retries with a growing pause."""
+        model = self._model
+        assert model is not None
+        pause = self.settings.backend_probe_seconds
+        if not first:
+            await asyncio.sleep(pause if member.kind == "http" else 0)
+        while True:
+            try:
+                if member.kind != "http":
+                    await self._stop_member(member)  # a restart: release what the failed engine held
+                await member.engine.start(model)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                member.state = MemberState.DOWN
+                member.reason = f"not served: {exc}" if isinstance(exc, ModelNotServed) else str(exc)
+                log.warning("%s %s cannot serve %s yet (%s); trying again in %.1fs", member.kind, member.name,
+                            model, member.reason, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_RECOVERY_BACKOFF)
+                continue
+            if member.kind != "http":
+                member.window.resize(member.engine.capacity)
+                if self._affinity is not None:
+                    self._affinity.forget(member.index)  # a restarted engine's cache is empty
+            member.window.reset()
+            member.state, member.reason = MemberState.UP, None
+            member.failures = member.probe_failures = 0
+            member.paused_until = 0.0
+            self._none_up_since = None
+            log.info("%s %s is in rotation for %s (window %d of %d)", member.kind, member.name, model,
+                     member.window.limit, member.window.cap)
+            member.recovery = None
+            self._dispatch()
+            return
+
+    async def _watch_loop(self) -> None:
+        """Health-check the members in rotation; end the wait of requests when nothing has served for too long."""
+        period = self.settings.backend_probe_seconds
+        while True:
+            await asyncio.sleep(min(period, 1.0))
+            now = time.monotonic()
+            if (self._none_up_since is not None and self._waiting
+                    and now - self._none_up_since > self.settings.backend_wait_seconds):
+                self._give_up_waiting()
+            if now - self._last_probe < period:
+                continue
+            self._last_probe = now
+            await asyncio.gather(*(self._probe(m) for m in self.members if m.state is MemberState.UP))
+
+    async def _probe(self, member: Member) -> None:
+        try:
+            await asyncio.wait_for(member.engine.check_health(), self.settings.backend_probe_seconds)
+            member.probe_failures = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            member.probe_failures += 1
+            reason = str(exc) or f"no answer to a health check within {self.settings.backend_probe_seconds:g}s"
+            if isinstance(exc, ModelNotServed) or member.probe_failures >= PROBES_TO_DOWN:
+                self._take_out(member, reason)
+
+    def _give_up_waiting(self) -> None:
+        error = EngineError(f"no engine has been in rotation for {self.settings.backend_wait_seconds:g}s: "
+                            f"{self._summary()}")
+        log.error("%s", error)
+        self._fail_waiting(error)
+
+    def _fail_waiting(self, error: EngineError) -> None:
+        for ticket in list(self._pending.values()):
+            if not ticket.gone and not ticket.future.done():
+                ticket.gone = True
+                ticket.future.set_exception(error)
+                ticket.future.exception()  # its waiter may be gone already: no "never retrieved" warning
+        self._pending.clear()
+        self._clear_queues()
+
+    async def _stop_member(self, member: Member) -> None:
+        try:
+            await member.engine.stop()
+        except Exception as exc:  # stopping a broken engine may fail too; it is being replaced anyway
+            log.warning("stopping %s %s failed: %s", member.kind, member.name, exc)
+
+    def _summary(self) -> str:
+        return "; ".join(f"{m.name}: {m.state.value}" + (f" ({m.reason})" if m.reason else "")
+                         for m in self.members)
