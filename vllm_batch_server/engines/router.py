@@ -78,6 +78,7 @@ class Member:
     probe_failures: int = 0
     paused_until: float = 0.0  # time.monotonic(): asked to wait (Retry-After)
     recovery: asyncio.Task[None] | None = None
+    generation: int = 0  # times it came into rotation: a failure seen from an earlier one is old news
     # Counters, for logs and benchmarks.
     completed: int = 0
     failed_attempts: int = 0
@@ -233,7 +234,7 @@ class Router:
                 if request_id in self._aborted:
                     raise asyncio.CancelledError
                 member = await self._acquire(request_id, priority, seq, chunks, avoid)
-                began = time.monotonic()
+                generation, began = member.generation, time.monotonic()
                 task = asyncio.ensure_future(self._call(member, request_id, url, body, priority))
                 member.inflight[request_id] = task
                 try:
@@ -260,7 +261,7 @@ class Router:
                         return result
                     if not isinstance(error, EngineError):
                         raise error  # ours, not the member's (a resource of this server ran out, a bug)
-                    self._failed(member, error)
+                    self._failed(member, error, generation)
                     if isinstance(error, BackendError) and error.charge:
                         charged += 1
                         avoid |= member.bit  # maybe the member's fault: the next attempt goes elsewhere
@@ -437,10 +438,10 @@ class Router:
         member.failures = 0
         member.window.on_success(seconds, result.usage.output_tokens)
 
-    def _failed(self, member: Member, error: EngineError) -> None:
+    def _failed(self, member: Member, error: EngineError, generation: int) -> None:
         member.failed_attempts += 1
-        if member.state is not MemberState.UP:
-            return  # already taken out (its other requests are failing with it)
+        if member.state is not MemberState.UP or member.generation != generation:
+            return  # already taken out (its other requests are failing with it), maybe already back
         if isinstance(error, BackendError) and not error.down:
             member.window.on_failure()
             if error.retry_after:
@@ -528,6 +529,7 @@ class Router:
                     self._affinity.forget(member.index)  # a restarted engine's cache is empty
             member.window.reset()
             member.state, member.reason = MemberState.UP, None
+            member.generation += 1
             member.failures = member.probe_failures = 0
             member.paused_until = 0.0
             self._none_up_since = None
