@@ -47,7 +47,7 @@ def chat(content: str) -> dict[str, Any]:
 
 
 def document(rng: random.Random, index: int) -> str:
-    words = ["river", "kernel", "garden", "market", "signal", "planet", "engine", "letter", "bridge", "harvest", "window", "forest"]
+    words = ["river", "kernel", "garden", "market", "signal", "planet", "engine", "letter", "bridge", "forest"]
     return f"Document {index}: " + " ".join(rng.choice(words) for _ in range(300))  # ~2,000 characters
 
 
