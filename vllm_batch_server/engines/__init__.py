@@ -12,7 +12,7 @@ from vllm_batch_server.settings import Settings
 __all__ = ["Engine", "EngineError", "Result", "Usage", "check_settings", "create_engine", "served_models"]
 
 
-def _in_process(settings: Settings, kind: str) -> Engine:
+def in_process_engine(settings: Settings, kind: str) -> Engine:
     if kind == "echo":
         from vllm_batch_server.engines.echo import EchoEngine
 
@@ -43,13 +43,13 @@ def create_engine(settings: Settings) -> Engine:
     check_settings(settings)
     backends = parse_backends(settings.backends, settings.backend_window)
     if settings.engine in ("vllm", "echo") and not backends:
-        return _in_process(settings, settings.engine)  # one engine: nothing to route
+        return in_process_engine(settings, settings.engine)  # one engine: nothing to route
 
     from vllm_batch_server.engines.router import Router
 
     members: list[tuple[str, str, Engine]] = []
     if settings.engine in ("vllm", "echo"):
-        members.append(("in-process", "local", _in_process(settings, settings.engine)))
+        members.append(("in-process", "local", in_process_engine(settings, settings.engine)))
     elif settings.engine == "ray":
         from vllm_batch_server.engines.ray import RayCluster
 
