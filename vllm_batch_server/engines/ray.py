@@ -113,10 +113,10 @@ class RayCluster:
         except ValueError as exc:  # the name is taken: ours from before (dead, being released) or another server's
             try:
                 existing = ray.get_actor(name, namespace=self.settings.ray_namespace)
-                owner, _ = ray.get(existing.identity.remote(), timeout=PING_SECONDS)
+                identity: tuple[str, str] = ray.get(existing.identity.remote(), timeout=PING_SECONDS)
             except Exception:
                 raise EngineError(f"Ray replica {name}: {exc}") from exc
-            if owner != self.owner:
+            if identity[0] != self.owner:
                 raise EngineError(f"another vllm-batch server runs replica {name!r} in Ray namespace "
                                   f"{self.settings.ray_namespace!r}; give this one its own --ray-namespace") from exc
             return existing
