@@ -113,7 +113,7 @@ class RayCluster:
         except ValueError as exc:  # the name is taken: ours from before (dead, being released) or another server's
             try:
                 existing = ray.get_actor(name, namespace=self.settings.ray_namespace)
-                identity: tuple[str, str] = ray.get(existing.identity.remote(), timeout=PING_SECONDS)
+                identity: Any = ray.get(existing.identity.remote(), timeout=PING_SECONDS)
             except Exception:
                 raise EngineError(f"Ray replica {name}: {exc}") from exc
             if identity[0] != self.owner:
