@@ -20,12 +20,14 @@ from typing import Any
 
 from benchmarks._harness import print_table, say, write_results
 
-# In the order they run: the quick echo-engine ones first, the real-engine comparison last.
+# In the order they run: the quick echo-engine ones first, the real-engine comparison last (scale's default
+# parts use echo backends only).
 BENCHMARKS = {
     "pipeline": "echo engine, 50,000 lines: requests/s end to end, checkpointing on vs off, vs a bare loop",
     "memory": "server RSS through a 1 GB upload/download and a 50,000-line batch; client RSS (client_memory)",
     "crash": "kill -9 at random points: results recomputed, time from restart to resumed processing",
     "throughput": "real vLLM: offline LLM vs run_batch vs our server on four workloads, prefix grouping",
+    "scale": "echo backends: throughput against 1-8 backends, cost of losing one (real vLLM: --parts affinity)",
 }
 
 
@@ -55,6 +57,16 @@ def targets_of(name: str, payload: dict[str, Any]) -> list[list[Any]]:
             for key, goal in (("c/a", "≥ 0.97"), ("c/b", "≥ 1.0")):
                 if key in ratios:
                     rows.append(["throughput", f"{workload} {key} {goal}", f"{ratios[key]:.3f}", met.get(key)])
+        return rows
+    if name == "scale":
+        rows = []
+        for result in (payload.get("scaling") or {}).get("results", []):
+            rows.append(["scale", f"{result['backends']} backends ≥ 0.9 × linear", f"{result['vs_linear']:.3f}",
+                         result["vs_linear"] >= 0.9])
+        loss = payload.get("loss")
+        if loss:
+            rows.append(["scale", "losing a backend recomputes ≤ its window",
+                         f"{loss['recomputed']} of {loss['window']}", loss["met"]])
         return rows
     return []
 
