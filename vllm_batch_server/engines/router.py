@@ -269,6 +269,7 @@ class Router:
                             log.warning("request %s failed on %d attempts; answering with the last error: %s",
                                         request_id, charged, error)
                             return error.result
+                        log.warning("request %s: %s; trying another engine", request_id, error)
                     elif not (isinstance(error, BackendError) and error.busy):
                         uncharged += 1  # (waiting out a rate limit costs time, not attempts)
                 if uncharged >= MAX_UNCHARGED:
