@@ -267,3 +267,18 @@ def test_backend_specs_read_the_same_from_flags_and_from_one_variable(monkeypatc
         parse_backends(["http://a:8000/v1", "http://a:8000/v1/"], 8)
     with pytest.raises(BackendSpecError, match="no query"):
         parse_backends(["http://u:p@a:8000/v1"], 8)
+
+
+def test_queues_do_not_grow_with_a_long_batch() -> None:
+    # Every request is taken through one queue; the others keep a stale entry for it until compacted.
+    async def scenario() -> list[int]:
+        log: list[tuple[str, str]] = []
+        router = router_of(Recording("a", log, window=16), Recording("b", log, window=16))
+        await router.start(MODEL)
+        await run_pool(router, [(f"r{i}-x", chat(f"message {i} " + "y" * 600)) for i in range(12_000)])
+        sizes = [len(router._all._heap), len(router._free_agents._heap),
+                 *(len(queue._heap) for queue in router._preferring)]
+        await router.stop()
+        return sizes
+
+    assert max(asyncio.run(scenario())) <= 4096

@@ -116,14 +116,23 @@ class Ticket:
 
 
 class _Queue:
-    """Tickets by (priority, seq), with lazy removal."""
+    """Tickets by (priority, seq), with lazy removal: a ticket taken through another queue stays here until it
+    surfaces, or until the queue is compacted (so a queue nobody pops, such as that of a member out of rotation,
+    does not grow with every request of a long batch)."""
+
+    COMPACT_AT = 4096
 
     def __init__(self) -> None:
         self._heap: list[tuple[int, int, int, Ticket]] = []
         self._pushes = itertools.count()  # ties: a retried request's new ticket has its old one's seq
+        self._compact_at = self.COMPACT_AT
 
     def push(self, ticket: Ticket) -> None:
         heapq.heappush(self._heap, (ticket.priority, ticket.seq, next(self._pushes), ticket))
+        if len(self._heap) >= self._compact_at:
+            self._heap = [entry for entry in self._heap if not entry[3].gone]
+            heapq.heapify(self._heap)
+            self._compact_at = max(self.COMPACT_AT, 2 * len(self._heap))
 
     def peek(self) -> Ticket | None:
         while self._heap and self._heap[0][3].gone:
@@ -234,6 +243,9 @@ class Router:
                 if request_id in self._aborted:
                     raise asyncio.CancelledError
                 member = await self._acquire(request_id, priority, seq, chunks, avoid)
+                if request_id in self._aborted:  # aborted just as it got its slot
+                    self._release(member)
+                    raise asyncio.CancelledError
                 generation, began = member.generation, time.monotonic()
                 task = asyncio.ensure_future(self._call(member, request_id, url, body, priority))
                 member.inflight[request_id] = task
@@ -406,6 +418,7 @@ class Router:
         member.busy += 1
         if self._affinity is not None and ticket.chunks:
             self._affinity.record(ticket.chunks, member.index)
+        ticket.chunks = []  # it may linger in other queues until they are compacted: keep it small
         ticket.future.set_result(member)
 
     def _release(self, member: Member) -> None:
