@@ -18,16 +18,35 @@ import argparse
 import asyncio
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from vllm_batch_server.engines.echo import EchoEngine
 from vllm_batch_server.settings import Settings
+
+
+async def sse(answer: dict[str, Any], pause: float) -> AsyncIterator[bytes]:
+    """A finished chat or completion answer as server-sent events, a word per event, as `vllm serve` streams."""
+    head = {key: answer[key] for key in ("id", "created", "model")}
+    chat = answer["object"] == "chat.completion"
+    choice = answer["choices"][0]
+    text = choice["message"]["content"] if chat else choice["text"]
+    words = text.split(" ")
+    for n, word in enumerate(words):
+        piece = word if n == 0 else " " + word
+        finish = choice["finish_reason"] if n == len(words) - 1 else None
+        event = ({**head, "object": "chat.completion.chunk",
+                  "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": finish}]} if chat else
+                 {**head, "object": "text_completion", "choices": [{"index": 0, "text": piece,
+                                                                    "finish_reason": finish}]})
+        yield b"data: " + json.dumps(event).encode() + b"\n\n"
+        await asyncio.sleep(pause)
+    yield b"data: [DONE]\n\n"
 
 
 def build_app(args: argparse.Namespace) -> Starlette:
@@ -78,6 +97,8 @@ def build_app(args: argparse.Namespace) -> Starlette:
                                 status_code=404)
         result = await engine.run(request_id, request.url.path, body)
         note("done", request_id, auth)
+        if body.get("stream") and result.ok:
+            return StreamingResponse(sse(result.body, args.delay), media_type="text/event-stream")
         return JSONResponse(result.body, status_code=result.status_code)
 
     routes = [Route("/v1/models", models, methods=["GET"])]

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,11 +288,39 @@ class HttpEngine:
         return served
 
     async def _post(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
-        path = url[len("/v1"):] if url.startswith("/v1/") else url
+        response = await self._send(request_id, url, body, stream=False)
+        return self._answer(response)
+
+    async def stream(self, request_id: str, url: str, body: dict[str, Any], *,
+                     priority: int = 0) -> Result | AsyncIterator[bytes]:
+        """An online request with `"stream": true`: the backend's server-sent events as they come, byte for
+        byte. A failure before the first event is a Result or a BackendError as for `run`; after it, the
+        stream just ends (what was sent cannot be taken back, so it is not tried elsewhere)."""
+        if self._model is None:
+            raise EngineError(f"backend {self.spec}: no model is started")
+        response = await self._send(request_id, url, body, stream=True)
+        if response.status_code != 200:
+            await response.aread()
+            await response.aclose()
+            return self._answer(response)
+        return self._relay(response)
+
+    @staticmethod
+    async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
         try:
-            # Sent as-is; the id ties the backend's logs (vLLM's --enable-request-id-headers) to the batch line.
-            response = await asyncio.wait_for(
-                self._http().post(path, json=body, headers={"X-Request-Id": request_id}), self._timeout)
+            async for piece in response.aiter_raw():
+                yield piece
+        finally:
+            await response.aclose()  # early: closes the connection, and the backend aborts the request
+
+    async def _send(self, request_id: str, url: str, body: dict[str, Any], *, stream: bool) -> httpx.Response:
+        """The backend's response (its headers, and its body unless streaming), or a BackendError."""
+        client = self._http()
+        path = url[len("/v1"):] if url.startswith("/v1/") else url
+        # Sent as-is; the id ties the backend's logs (vLLM's --enable-request-id-headers) to the batch line.
+        request = client.build_request("POST", path, json=body, headers={"X-Request-Id": request_id})
+        try:
+            return await asyncio.wait_for(client.send(request, stream=stream), self._timeout)
         except asyncio.TimeoutError:
             raise BackendError(f"backend {self.spec}: no answer within {self._timeout:g}s", charge=True,
                                result=Result.error(504, f"The request got no answer within {self._timeout:g}s "
@@ -300,11 +329,13 @@ class HttpEngine:
         except httpx.HTTPError as exc:
             # Refused, reset, closed mid-answer: the backend (or the way to it) is gone.
             raise BackendError(f"backend {self.spec}: {_describe(exc)}", down=True) from None
+
+    def _answer(self, response: httpx.Response) -> Result:
+        """What a (read) response means: a Result for the request, or a BackendError (see the class)."""
         status = response.status_code
-        if status == 200:
-            answer = _body(response)
-            return Result(200, answer, Usage.from_body(answer))
         answer = _body(response)
+        if status == 200:
+            return Result(200, answer, Usage.from_body(answer))
         if 300 <= status < 400:
             raise BackendError(f"backend {self.spec}: redirected ({status}) to "
                                f"{response.headers.get('location')!r}; give its final URL", down=True)

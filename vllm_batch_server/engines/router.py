@@ -29,6 +29,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -73,7 +74,7 @@ class Member:
     state: MemberState = MemberState.IDLE
     reason: str | None = None  # why it is down
     busy: int = 0  # requests assigned: in flight, or about to be sent
-    inflight: dict[str, asyncio.Task[Result]] = field(default_factory=dict)
+    inflight: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     failures: int = 0  # consecutive failed attempts
     probe_failures: int = 0
     paused_until: float = 0.0  # time.monotonic(): asked to wait (Retry-After)
@@ -231,12 +232,26 @@ class Router:
         self._model = None
 
     async def run(self, request_id: str, url: str, body: dict[str, Any], *, priority: int = 0) -> Result:
+        result = await self._route(request_id, url, body, priority, streaming=False)
+        assert isinstance(result, Result)
+        return result
+
+    async def stream(self, request_id: str, url: str, body: dict[str, Any], *,
+                     priority: int = 0) -> Result | AsyncIterator[bytes]:
+        """An online request with `"stream": true`, on a member that can stream (see base.StreamingEngine). The
+        member's window slot is held until the events end or the iterator is closed. Only a failure before the
+        first event is tried on another member."""
+        return await self._route(request_id, url, body, priority, streaming=True)
+
+    async def _route(self, request_id: str, url: str, body: dict[str, Any], priority: int, *,
+                     streaming: bool) -> Result | AsyncIterator[bytes]:
         if self._model is None:
             raise EngineError("no model is loaded")
         chunks = prompt_chunks(body) if self._affinity is not None else []
         seq = next(self._seq)  # kept across attempts: a moved request goes before newer ones
         charged = uncharged = 0
-        avoid = 0
+        # Members that cannot stream are avoided for a stream (and refused if nothing else is in rotation).
+        avoid = sum(m.bit for m in self.members if not hasattr(m.engine, "stream")) if streaming else 0
         self._active.add(request_id)
         try:
             while True:
@@ -246,33 +261,45 @@ class Router:
                 if request_id in self._aborted:  # aborted just as it got its slot
                     self._release(member)
                     raise asyncio.CancelledError
+                if streaming and not hasattr(member.engine, "stream"):
+                    self._release(member)
+                    return Result.error(400, "Streaming is not supported by the engines serving this model now.",
+                                        param="stream")
                 generation, began = member.generation, time.monotonic()
-                task = asyncio.ensure_future(self._call(member, request_id, url, body, priority))
+                task = asyncio.ensure_future(self._call(member, request_id, url, body, priority, streaming))
                 member.inflight[request_id] = task
+                held = False
                 try:
                     try:
                         await asyncio.wait({task})
                     except asyncio.CancelledError:
                         task.cancel()
                         with contextlib.suppress(BaseException):
-                            await task
+                            late = await task
+                            if not isinstance(late, Result):  # a stream that began meanwhile: end it
+                                await late.aclose()  # type: ignore[attr-defined]
                         raise
+                    outcome = None if task.cancelled() or task.exception() else task.result()
+                    held = outcome is not None and not isinstance(outcome, Result)
                 finally:
                     member.inflight.pop(request_id, None)
-                    self._release(member)
+                    if not held:
+                        self._release(member)
                 if task.cancelled():
                     if request_id in self._aborted:
                         raise asyncio.CancelledError
                     uncharged += 1  # moved off a member taken out of rotation
                     member.moved += 1
+                elif outcome is not None:
+                    if isinstance(outcome, Result):
+                        self._succeeded(member, time.monotonic() - began, outcome)
+                        return outcome
+                    self._succeeded(member, time.monotonic() - began, None)
+                    return self._held(member, outcome)
                 else:
                     error = task.exception()
-                    if error is None:
-                        result = task.result()
-                        self._succeeded(member, time.monotonic() - began, result)
-                        return result
                     if not isinstance(error, EngineError):
-                        raise error  # ours, not the member's (a resource of this server ran out, a bug)
+                        raise error  # type: ignore[misc]  # ours, not the member's (a resource ran out, a bug)
                     self._failed(member, error, generation)
                     if isinstance(error, BackendError) and error.charge:
                         charged += 1
@@ -290,6 +317,17 @@ class Router:
         finally:
             self._active.discard(request_id)
             self._aborted.discard(request_id)
+
+    async def _held(self, member: Member, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """A member's stream, holding its window slot until the stream ends or is closed."""
+        try:
+            async for piece in events:
+                yield piece
+        finally:
+            try:
+                await events.aclose()  # type: ignore[attr-defined]
+            finally:
+                self._release(member)
 
     async def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -442,15 +480,22 @@ class Router:
     # ------------------------------------------------------------------------------------------ outcomes
 
     @staticmethod
-    async def _call(member: Member, request_id: str, url: str, body: dict[str, Any], priority: int) -> Result:
+    async def _call(member: Member, request_id: str, url: str, body: dict[str, Any], priority: int,
+                    streaming: bool) -> Result | AsyncIterator[bytes]:
         # Passed on only when set, so an engine written before `priority` joined the protocol still works.
         options: dict[str, Any] = {"priority": priority} if priority else {}
+        if streaming:
+            outcome: Result | AsyncIterator[bytes] = await member.engine.stream(  # type: ignore[attr-defined]
+                request_id, url, body, **options)
+            return outcome
         return await member.engine.run(request_id, url, body, **options)
 
-    def _succeeded(self, member: Member, seconds: float, result: Result) -> None:
+    def _succeeded(self, member: Member, seconds: float, result: Result | None) -> None:
+        """An answer (None: a stream's first event) came back from a member."""
         member.completed += 1
         member.failures = 0
-        member.window.on_success(seconds, result.usage.output_tokens)
+        if result is not None:  # the time to a stream's first event says little about the member's pace
+            member.window.on_success(seconds, result.usage.output_tokens)
 
     def _failed(self, member: Member, error: EngineError, generation: int) -> None:
         member.failed_attempts += 1
