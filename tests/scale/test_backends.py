@@ -23,14 +23,15 @@ def recomputed(killed_started: set[str], others_done: set[str], killed_done: set
 
 def test_batch_completes_when_one_of_three_backends_is_killed_mid_batch(
         server_factory: ServerFactory, echo_backend: BackendFactory) -> None:
-    backends = [echo_backend(f"b{i}", "--delay", "0.02") for i in range(3)]
+    backends = [echo_backend(f"b{i}", "--delay", "0.05") for i in range(3)]
     server = server_factory(engine="http", extra_args=backend_args(*backends, window=WINDOW))
     client = sdk(server)
-    n = 900
+    n = 900  # about 2 s at 3 x 8 in flight
     batch_id = submit(client, chat_lines(n)).id
     wait_for(client, batch_id, until=lambda b: b.request_counts.completed >= 150)
     killed, survivors = backends[0], backends[1:]
     killed.kill()
+    assert client.batches.retrieve(batch_id).status == "in_progress"  # killed mid-batch
     batch = wait_for(client, batch_id, timeout=60)
 
     assert batch.status == "completed", batch
@@ -53,7 +54,7 @@ def test_batch_completes_when_one_of_three_backends_is_killed_mid_batch(
 
 def test_a_backend_that_comes_back_rejoins_the_rotation(server_factory: ServerFactory,
                                                         echo_backend: BackendFactory) -> None:
-    first, second = echo_backend("first", "--delay", "0.01"), echo_backend("second", "--delay", "0.01")
+    first, second = echo_backend("first", "--delay", "0.03"), echo_backend("second", "--delay", "0.03")
     server = server_factory(engine="http", extra_args=backend_args(first, second, window=4, probe=0.2))
     client = sdk(server)
     batch_id = submit(client, chat_lines(300)).id
@@ -94,7 +95,7 @@ def test_a_hung_backend_is_timed_out_and_its_requests_go_elsewhere(server_factor
 
 def test_when_the_only_backend_comes_back_in_time_the_batch_resumes(server_factory: ServerFactory,
                                                                      echo_backend: BackendFactory) -> None:
-    only = echo_backend("only", "--delay", "0.01")
+    only = echo_backend("only", "--delay", "0.05")
     server = server_factory(engine="http", extra_args=backend_args(only, window=4, probe=0.2, extra=(
         "--backend-wait-seconds", "30")))
     client = sdk(server)
@@ -112,7 +113,7 @@ def test_when_the_only_backend_comes_back_in_time_the_batch_resumes(server_facto
 
 def test_when_every_backend_is_gone_the_batch_fails_keeping_its_results(server_factory: ServerFactory,
                                                                          echo_backend: BackendFactory) -> None:
-    only = echo_backend("only", "--delay", "0.01")
+    only = echo_backend("only", "--delay", "0.05")
     server = server_factory(engine="http", extra_args=backend_args(only, window=4, probe=0.2, extra=(
         "--backend-wait-seconds", "1", "--engine-max-restarts", "1", "--checkpoint-every", "5")))
     client = sdk(server)
