@@ -11,7 +11,7 @@ from tests.scale.conftest import BackendFactory
 from tests.scale.test_router import MODEL, Recording, chat
 from vllm_batch_server.engines.base import Result
 from vllm_batch_server.engines.http import HttpEngine, parse_backends
-from vllm_batch_server.engines.router import Router
+from vllm_batch_server.engines.router import MemberState, Router
 from vllm_batch_server.settings import Settings
 
 CHAT = "/v1/chat/completions"
@@ -109,7 +109,9 @@ def test_streams_go_only_to_members_that_can_stream(echo_backend: BackendFactory
         log: list[tuple[str, str]] = []
         plain = Plain(Recording("plain", log, window=64))
         router = Router([("plain", "local", plain), http_member(backend.url, config)], config)
-        await router.start(MODEL)
+        await router.start(MODEL)  # returns once one member is up: wait for the other too
+        while any(member.state is not MemberState.UP for member in router.members):
+            await asyncio.sleep(0.01)
         async def one(i: int) -> str:
             return await collect(await router.stream(f"s{i}", CHAT, {**chat(f"n {i}"), "stream": True}))
 
