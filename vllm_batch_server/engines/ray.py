@@ -40,8 +40,7 @@ class Replica:
 
         self.owner = owner  # the server that created it: a replica of another server is never reused
         self.incarnation = uuid.uuid4().hex  # new after every restart of the actor's process
-        # --window is the server's total in flight; a replica sizes its own share from its engine.
-        self.engine = in_process_engine(dataclasses.replace(settings, window=None), settings.replica_engine)
+        self.engine = in_process_engine(settings, settings.replica_engine)
 
     def identity(self) -> tuple[str, str]:
         return self.owner, self.incarnation
@@ -104,12 +103,18 @@ class RayCluster:
         log.info("connected to Ray (%s); replicas get %g CPU and %g GPU each", ray.get_runtime_context().gcs_address,
                  self.settings.replica_cpus, gpus)
 
+    def _replica_settings(self) -> Settings:
+        """What a replica needs to know: the engine settings, nothing of the server's own secrets (its API key)
+        or of other engines. --window is the server's total in flight; a replica sizes its own from its engine."""
+        return dataclasses.replace(self.settings, api_key=None, backends=[], window=None)
+
     def create(self, name: str) -> Any:
         """A new replica actor named `name` in this server's namespace (blocking; call it off the loop)."""
         import ray
 
         try:
-            return self._actor_class.options(name=name, **self._actor_options).remote(self.settings, self.owner)
+            return self._actor_class.options(name=name, **self._actor_options).remote(self._replica_settings(),
+                                                                                      self.owner)
         except ValueError as exc:  # the name is taken: ours from before (dead, being released) or another server's
             try:
                 existing = ray.get_actor(name, namespace=self.settings.ray_namespace)
