@@ -110,8 +110,11 @@ def test_streams_go_only_to_members_that_can_stream(echo_backend: BackendFactory
         plain = Plain(Recording("plain", log, window=64))
         router = Router([("plain", "local", plain), http_member(backend.url, config)], config)
         await router.start(MODEL)  # returns once one member is up: wait for the other too
-        while any(member.state is not MemberState.UP for member in router.members):
+        for _ in range(500):
+            if all(member.state is MemberState.UP for member in router.members):
+                break
             await asyncio.sleep(0.01)
+
         async def one(i: int) -> str:
             return await collect(await router.stream(f"s{i}", CHAT, {**chat(f"n {i}"), "stream": True}))
 
