@@ -25,8 +25,8 @@ def install_cpu_stack(session: nox.Session, *extras: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole suite, real vLLM included (what `.ci/run` runs)."""
-    install_cpu_stack(session, "dev")
+    """The whole suite, real vLLM and a local Ray cluster included (what `.ci/run` runs)."""
+    install_cpu_stack(session, "dev", "ray")
     session.run("python", "-m", "pytest", *(session.posargs or ["-q"]))
 
 

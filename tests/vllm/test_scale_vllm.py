@@ -87,6 +87,8 @@ def test_vllm_openai_server_as_backend_gives_the_in_process_answers(
     assert all(text for text, _ in over_http.values())
 
 
+@pytest.mark.skipif(not os.environ.get("BATCH_SLOW_TESTS"),
+                    reason="set BATCH_SLOW_TESTS=1 to start a second engine with two engine cores (2-4 minutes)")
 def test_data_parallel_two_engines_in_process(vllm_server: RunningServer, tmp_path: Path) -> None:
     from tests.vllm.conftest import start_vllm_server
 
