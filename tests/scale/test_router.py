@@ -13,9 +13,10 @@ import pytest
 
 from vllm_batch_server.engines.affinity import CHUNK_CHARS, AffinityTable, prompt_chunks
 from vllm_batch_server.engines.base import Result
+from vllm_batch_server.engines.dispatch import MemberState
 from vllm_batch_server.engines.echo import EchoEngine
 from vllm_batch_server.engines.http import BackendSpecError, parse_backends
-from vllm_batch_server.engines.router import MemberState, Router
+from vllm_batch_server.engines.router import Router
 from vllm_batch_server.engines.window import Window
 from vllm_batch_server.settings import Settings
 
@@ -276,8 +277,9 @@ def test_queues_do_not_grow_with_a_long_batch() -> None:
         router = router_of(Recording("a", log, window=16), Recording("b", log, window=16))
         await router.start(MODEL)
         await run_pool(router, [(f"r{i}-x", chat(f"message {i} " + "y" * 600)) for i in range(12_000)])
-        sizes = [len(router._all._heap), len(router._free_agents._heap),
-                 *(len(queue._heap) for queue in router._preferring)]
+        slots = router._slots
+        sizes = [len(slots._all._heap), len(slots._free_agents._heap),
+                 *(len(queue._heap) for queue in slots._preferring)]
         await router.stop()
         return sizes
 

@@ -4,12 +4,10 @@ The router spreads a batch's requests over its members — the in-process engine
 (http.py), Ray replicas (ray.py) — and keeps the runner's exactly-once contract untouched: `run` returns one
 answer per request, and only answers the runner commits count, whatever happened on the way.
 
-- **Windows.** Each member has a window (window.py): at most that many requests in flight on it. The router
-  asks the runner for a few more requests than all windows hold (`capacity`), so when a slot frees there is a
-  choice of which request takes it.
-- **Prefix affinity** (affinity.py). A freed slot on member M takes, in order: the oldest waiting request whose
-  prompt prefix M holds in its cache; else the oldest request no member holds a prefix of (which M then holds);
-  else the oldest request of all (so no member idles while work waits). Lower `priority` values go first.
+- **Windows and prefix affinity** (dispatch.py). Each member has a window (window.py): at most that many
+  requests in flight on it. The router asks the runner for a quarter more requests than all windows hold
+  (`capacity`), so when a slot frees there is a choice of which waiting request takes it: one whose prompt
+  prefix the member holds in its cache (affinity.py) first.
 - **Failover.** A member that dies, hangs (its health checks fail) or refuses us is taken out of rotation, and
   the requests in flight on it go back to the head of the queue for the others. It comes back once its health
   check passes (an HTTP backend serves the model again; an engine or replica is restarted). A request that
@@ -25,17 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from vllm_batch_server.engines.affinity import AffinityTable, prompt_chunks
 from vllm_batch_server.engines.base import Engine, EngineError, Result
+from vllm_batch_server.engines.dispatch import Dispatcher, Member, MemberState
 from vllm_batch_server.engines.http import BackendError, HttpEngine, ModelNotServed
 from vllm_batch_server.engines.window import Window
 from vllm_batch_server.settings import Settings
@@ -51,103 +46,8 @@ MAX_UNCHARGED = 12
 FAILURES_TO_DOWN = 5
 # Consecutive failed health checks before a member is taken out of rotation.
 PROBES_TO_DOWN = 2
-# How early a timer may fire (uvloop's clock counts milliseconds).
-TIMER_SLACK = 0.005
 # Longest pause between attempts to bring a member back.
 MAX_RECOVERY_BACKOFF = 60.0
-
-
-class MemberState(str, Enum):
-    IDLE = "idle"  # no model started
-    STARTING = "starting"
-    UP = "up"  # in rotation
-    DOWN = "down"  # out of rotation; being brought back
-
-
-@dataclass
-class Member:
-    index: int
-    engine: Engine
-    name: str
-    kind: str  # "local", "http" or "ray"
-    window: Window
-    state: MemberState = MemberState.IDLE
-    reason: str | None = None  # why it is down
-    busy: int = 0  # requests assigned: in flight, or about to be sent
-    inflight: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
-    failures: int = 0  # consecutive failed attempts
-    probe_failures: int = 0
-    paused_until: float = 0.0  # time.monotonic(): asked to wait (Retry-After)
-    recovery: asyncio.Task[None] | None = None
-    generation: int = 0  # times it came into rotation: a failure seen from an earlier one is old news
-    # Counters, for logs and benchmarks.
-    completed: int = 0
-    failed_attempts: int = 0
-    moved: int = 0  # requests moved to other members when this one was taken out
-    taken_out: int = 0
-
-    @property
-    def bit(self) -> int:
-        return 1 << self.index
-
-    def free(self, now: float) -> bool:
-        return self.state is MemberState.UP and self.busy < self.window.limit and now >= self.paused_until
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "state": self.state.value, "reason": self.reason,
-                "window": self.window.limit, "window_cap": self.window.cap, "in_flight": len(self.inflight),
-                "completed": self.completed, "failed_attempts": self.failed_attempts, "moved": self.moved,
-                "taken_out": self.taken_out}
-
-
-@dataclass(eq=False)
-class Ticket:
-    """A request waiting for a window slot."""
-
-    priority: int
-    seq: int
-    chunks: list[int]
-    preferred: int  # bit mask of the members holding its prefix; 0: any
-    avoid: int  # bit mask of the members it already failed on: others first
-    future: asyncio.Future[Member]
-    gone: bool = False  # assigned or abandoned: skipped when popped from a queue
-
-    def key(self) -> tuple[int, int]:
-        return (self.priority, self.seq)
-
-
-class _Queue:
-    """Tickets by (priority, seq), with lazy removal: a ticket taken through another queue stays here until it
-    surfaces, or until the queue is compacted (so a queue nobody pops, such as that of a member out of rotation,
-    does not grow with every request of a long batch)."""
-
-    COMPACT_AT = 4096
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, int, int, Ticket]] = []
-        self._pushes = itertools.count()  # ties: a retried request's new ticket has its old one's seq
-        self._compact_at = self.COMPACT_AT
-
-    def push(self, ticket: Ticket) -> None:
-        heapq.heappush(self._heap, (ticket.priority, ticket.seq, next(self._pushes), ticket))
-        if len(self._heap) >= self._compact_at:
-            self._heap = [entry for entry in self._heap if not entry[3].gone]
-            heapq.heapify(self._heap)
-            self._compact_at = max(self.COMPACT_AT, 2 * len(self._heap))
-
-    def peek(self) -> Ticket | None:
-        while self._heap and self._heap[0][3].gone:
-            heapq.heappop(self._heap)
-        return self._heap[0][3] if self._heap else None
-
-    def pop(self) -> Ticket | None:
-        ticket = self.peek()
-        if ticket is not None:
-            heapq.heappop(self._heap)
-        return ticket
-
-    def clear(self) -> None:
-        self._heap.clear()
 
 
 class Router:
@@ -161,18 +61,11 @@ class Router:
                         for index, (name, kind, engine) in enumerate(members)]
         self._model: str | None = None
         self._affinity = AffinityTable() if settings.prefix_affinity else None
-        self._seq = itertools.count()
-        self._all = _Queue()
-        self._free_agents = _Queue()
-        self._preferring = [_Queue() for _ in self.members]
-        self._waiting = 0
+        self._slots = Dispatcher(self.members, self._affinity)
         self._active: set[str] = set()  # request ids inside run()
         self._aborted: set[str] = set()
-        self._pending: dict[str, Ticket] = {}
         self._watch: asyncio.Task[None] | None = None
         self._none_up_since: float | None = time.monotonic()
-        self._wake: asyncio.TimerHandle | None = None
-        self._wake_due = 0.0
         self._last_probe = 0.0
 
     # ------------------------------------------------------------------------------------------ protocol
@@ -221,7 +114,7 @@ class Router:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._watch = None
-        self._fail_waiting(EngineError("the engine was stopped"))
+        self._slots.fail_waiting(EngineError("the engine was stopped"))
         for member in self.members:
             for request in list(member.inflight.values()):
                 request.cancel()
@@ -248,7 +141,7 @@ class Router:
         if self._model is None:
             raise EngineError("no model is loaded")
         chunks = prompt_chunks(body) if self._affinity is not None else []
-        seq = next(self._seq)  # kept across attempts: a moved request goes before newer ones
+        seq = self._slots.next_seq()  # kept across attempts: a moved request goes before newer ones
         charged = uncharged = 0
         # Members that cannot stream are avoided for a stream (and refused if nothing else is in rotation).
         avoid = sum(m.bit for m in self.members if not hasattr(m.engine, "stream")) if streaming else 0
@@ -257,12 +150,12 @@ class Router:
             while True:
                 if request_id in self._aborted:
                     raise asyncio.CancelledError
-                member = await self._acquire(request_id, priority, seq, chunks, avoid)
+                member = await self._slots.acquire(request_id, priority, seq, chunks, avoid)
                 if request_id in self._aborted:  # aborted just as it got its slot
-                    self._release(member)
+                    self._slots.release(member)
                     raise asyncio.CancelledError
                 if streaming and not hasattr(member.engine, "stream"):
-                    self._release(member)
+                    self._slots.release(member)
                     return Result.error(400, "Streaming is not supported by the engines serving this model now.",
                                         param="stream")
                 generation, began = member.generation, time.monotonic()
@@ -284,7 +177,7 @@ class Router:
                 finally:
                     member.inflight.pop(request_id, None)
                     if not held:
-                        self._release(member)
+                        self._slots.release(member)
                 if task.cancelled():
                     if request_id in self._aborted:
                         raise asyncio.CancelledError
@@ -327,16 +220,14 @@ class Router:
             try:
                 await events.aclose()  # type: ignore[attr-defined]
             finally:
-                self._release(member)
+                self._slots.release(member)
 
     async def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             if request_id not in self._active:
                 continue
             self._aborted.add(request_id)
-            ticket = self._pending.get(request_id)
-            if ticket is not None and not ticket.future.done():
-                ticket.future.cancel()
+            self._slots.cancel(request_id)
             for member in self.members:
                 task = member.inflight.get(request_id)
                 if task is not None:
@@ -367,116 +258,6 @@ class Router:
         """Each member's state and counters (for logs, benchmarks and, later, metrics)."""
         return [member.snapshot() for member in self.members]
 
-    # ------------------------------------------------------------------------------------------ dispatch
-
-    async def _acquire(self, request_id: str, priority: int, seq: int, chunks: list[int], avoid: int) -> Member:
-        loop = asyncio.get_running_loop()
-        preferred = self._affinity.preferred(chunks, self._live()) if self._affinity and chunks else 0
-        ticket = Ticket(priority, seq, chunks, preferred, avoid, loop.create_future())
-        self._pending[request_id] = ticket
-        self._waiting += 1
-        self._all.push(ticket)
-        if preferred:
-            for member in self.members:
-                if preferred & member.bit:
-                    self._preferring[member.index].push(ticket)
-        else:
-            self._free_agents.push(ticket)
-        self._dispatch()
-        try:
-            return await ticket.future
-        except asyncio.CancelledError:
-            if not ticket.gone:
-                ticket.gone = True
-                self._waiting -= 1
-            elif ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is None:
-                self._release(ticket.future.result())  # assigned just as it was cancelled: give the slot back
-            raise
-        finally:
-            self._pending.pop(request_id, None)
-
-    def _dispatch(self) -> None:
-        """Give free window slots to waiting requests (see the module's docstring for the order)."""
-        if not self._waiting:
-            return
-        now = time.monotonic()
-        live = self._live()
-        while self._waiting:
-            free = [m for m in self.members if m.free(now)]
-            if not free:
-                return
-            progressed = False
-            for member in free:  # 1: requests whose prefix this member holds
-                ticket = self._pop_for(self._preferring[member.index], member, live)
-                if ticket is not None:
-                    self._assign(ticket, member)
-                    progressed = True
-            if progressed:
-                continue
-            for member in free:  # 2: requests no member holds a prefix of (by now: look again)
-                while (ticket := self._pop_for(self._free_agents, member, live)) is not None:
-                    preferred = self._affinity.preferred(ticket.chunks, live) if self._affinity else 0
-                    if preferred and not preferred & member.bit:
-                        ticket.preferred = preferred  # its prefix went elsewhere meanwhile: wait for there
-                        for other in self.members:
-                            if preferred & other.bit:
-                                self._preferring[other.index].push(ticket)
-                        continue
-                    self._assign(ticket, member)
-                    progressed = True
-                    break
-            if progressed:
-                continue
-            for member in free:  # 3: the oldest request of all, so that no member idles while work waits
-                ticket = self._pop_for(self._all, member, live)
-                if ticket is not None:
-                    self._assign(ticket, member)
-                    progressed = True
-            if not progressed:
-                return  # what waits avoids the free members, and others can take it
-
-    @staticmethod
-    def _pop_for(queue: _Queue, member: Member, live: int) -> Ticket | None:
-        """The first ticket in `queue` that may go to `member`: one that did not fail there, unless no other
-        member in rotation is left to it."""
-        skipped: list[Ticket] = []
-        found = None
-        while (ticket := queue.pop()) is not None:
-            if not ticket.avoid & member.bit or not live & ~ticket.avoid:
-                found = ticket
-                break
-            skipped.append(ticket)
-        for ticket in skipped:
-            queue.push(ticket)
-        return found
-
-    def _assign(self, ticket: Ticket, member: Member) -> None:
-        ticket.gone = True
-        self._waiting -= 1
-        member.busy += 1
-        if self._affinity is not None and ticket.chunks:
-            self._affinity.record(ticket.chunks, member.index)
-        ticket.chunks = []  # it may linger in other queues until they are compacted: keep it small
-        ticket.future.set_result(member)
-
-    def _release(self, member: Member) -> None:
-        member.busy = max(0, member.busy - 1)
-        self._dispatch()
-
-    def _live(self) -> int:
-        mask = 0
-        for member in self.members:
-            if member.state is MemberState.UP:
-                mask |= member.bit
-        return mask
-
-    def _clear_queues(self) -> None:
-        self._all.clear()
-        self._free_agents.clear()
-        for queue in self._preferring:
-            queue.clear()
-        self._waiting = 0
-
     # ------------------------------------------------------------------------------------------ outcomes
 
     @staticmethod
@@ -504,42 +285,13 @@ class Router:
         if isinstance(error, BackendError) and not error.down:
             member.window.on_failure()
             if error.retry_after:
-                self._pause(member, error.retry_after)
+                self._slots.pause(member, error.retry_after)
             if error.busy:
                 return  # a rate limit is not a fault: it stays in rotation, slower
             member.failures += 1
             if member.failures < FAILURES_TO_DOWN:
                 return
         self._take_out(member, str(error))
-
-    def _pause(self, member: Member, seconds: float) -> None:
-        member.paused_until = max(member.paused_until, time.monotonic() + min(seconds, MAX_RECOVERY_BACKOFF))
-        self._arm_wake()
-
-    def _arm_wake(self) -> None:
-        """Dispatch again when the earliest pause ends (a paused member frees no slot to trigger it)."""
-        now = time.monotonic()
-        ends = [m.paused_until for m in self.members if m.paused_until > now]
-        if not ends:
-            return
-        due = min(ends)
-        if self._wake is not None:
-            if self._wake_due <= due:
-                return
-            self._wake.cancel()
-        self._wake_due = due
-        self._wake = asyncio.get_running_loop().call_later(due - now, self._woken)
-
-    def _woken(self) -> None:
-        self._wake = None
-        # Timers may fire a little early (uvloop counts milliseconds): end the pauses due by now, or a pause
-        # a fraction of a millisecond from its end would be neither dispatched nor waited for again.
-        due = time.monotonic() + TIMER_SLACK
-        for member in self.members:
-            if member.paused_until <= due:
-                member.paused_until = 0.0
-        self._dispatch()
-        self._arm_wake()
 
     def _take_out(self, member: Member, reason: str) -> None:
         """Out of rotation: its requests in flight go back to the queue for the others; bring it back later."""
@@ -595,7 +347,7 @@ class Router:
             log.info("%s %s is in rotation for %s (window %d of %d)", member.kind, member.name, model,
                      member.window.limit, member.window.cap)
             member.recovery = None
-            self._dispatch()
+            self._slots.dispatch()
             return
 
     async def _watch_loop(self) -> None:
@@ -604,7 +356,7 @@ class Router:
         while True:
             await asyncio.sleep(min(period, 1.0))
             now = time.monotonic()
-            if (self._none_up_since is not None and self._waiting
+            if (self._none_up_since is not None and self._slots.waiting
                     and now - self._none_up_since > self.settings.backend_wait_seconds):
                 self._give_up_waiting()
             if now - self._last_probe < period:
@@ -628,16 +380,7 @@ class Router:
         error = EngineError(f"no engine has been in rotation for {self.settings.backend_wait_seconds:g}s: "
                             f"{self._summary()}")
         log.error("%s", error)
-        self._fail_waiting(error)
-
-    def _fail_waiting(self, error: EngineError) -> None:
-        for ticket in list(self._pending.values()):
-            if not ticket.gone and not ticket.future.done():
-                ticket.gone = True
-                ticket.future.set_exception(error)
-                ticket.future.exception()  # its waiter may be gone already: no "never retrieved" warning
-        self._pending.clear()
-        self._clear_queues()
+        self._slots.fail_waiting(error)
 
     async def _stop_member(self, member: Member) -> None:
         try:
