@@ -271,7 +271,9 @@ def documents_workload(path: Path, args: argparse.Namespace, seed: int, model: s
     for q in range(args.questions):
         for d, doc in enumerate(documents):
             lines.append({"custom_id": f"d{d}-q{q}", "method": "POST", "url": CHAT, "body": {
-                "model": model, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True,
+                # Output lengths vary, so requests finish one by one rather than a whole engine step at once
+                # (slots freeing together would keep a document's questions together by accident).
+                "model": model, "max_tokens": rng.randint(*args.out_tokens), "temperature": 0, "ignore_eos": True,
                 "messages": [{"role": "user", "content": f"{doc}\n\nQuestion {q}: what does it say about "
                                                          f"{rng.choice(WORDS)}?"}]}})
     return write_jsonl(path, lines)
@@ -338,12 +340,14 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--documents", type=int, default=24)
     parser.add_argument("--questions", type=int, default=4)
     parser.add_argument("--doc-words", type=int, default=600)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--out-tokens", default="4-24", help="output tokens per request: a range MIN-MAX")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-cache-gib", type=int, default=1)
     parser.add_argument("--vllm-window", type=int, default=32, help="requests in flight per vLLM backend")
     args = parser.parse_args(argv)
     args.counts = [int(c) for c in args.counts.split(",")]
+    low, _, high = args.out_tokens.partition("-")
+    args.out_tokens = (int(low), int(high or low))
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     payload: dict[str, Any] = {"parameters": {k: v for k, v in vars(args).items() if k not in ("keep",)}}
     with workdir(args.keep, prefix="vllm-batch-scale-") as scratch:
