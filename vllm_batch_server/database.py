@@ -16,11 +16,14 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from vllm_batch_server.lifecycle import ACTIVE, BatchStatus, transition_guard_sql
+
+if TYPE_CHECKING:
+    from vllm_batch_server.idempotency import IdempotencyKey
 
 # Each entry moves the schema one version forward; PRAGMA user_version records how far a database has got.
 MIGRATIONS: list[str] = [
@@ -242,9 +245,14 @@ class Database:
 
     # ---- files -------------------------------------------------------------------------------------------
 
-    async def insert_file(self, file: FileRow) -> FileRow:
+    async def insert_file(self, file: FileRow, key: IdempotencyKey | None = None) -> FileRow:
+        """Register an uploaded file, with the Idempotency-Key that created it in the same transaction. Raises
+        sqlite3.IntegrityError if the key was recorded meanwhile."""
         async with self.transaction() as conn:
             await self._insert_file(conn, file)
+            if key is not None:
+                await self._insert_idempotency_key(conn, key.route, key.key, key.fingerprint, file.id,
+                                                   file.created_at)
         return file
 
     @staticmethod
@@ -396,6 +404,10 @@ class Database:
         # Raises sqlite3.IntegrityError when another request recorded the same key first.
         await conn.execute("INSERT INTO idempotency_keys (route, key, fingerprint, object_id, created_at) "
                            "VALUES (?, ?, ?, ?, ?)", (route, key, fingerprint, object_id, created_at))
+
+    async def forget_idempotency_key(self, route: str, key: str) -> None:
+        async with self._write_lock:
+            await self._conn.execute("DELETE FROM idempotency_keys WHERE route = ? AND key = ?", (route, key))
 
     async def forget_idempotency_keys(self, before: int) -> None:
         async with self._write_lock:

@@ -180,6 +180,9 @@ class Settings:
     max_errors_reported: int = setting(100, help="most validation errors listed for one batch", group=LIMITS)
     request_timeout: float = setting(600.0, help="a request running longer than this many seconds counts as an "
                                      "engine hang", group=LIMITS)
+    health_timeout: float = setting(10.0, help="an engine that does not answer a health check within this many "
+                                    "seconds (asked after a batch stopped with requests in flight) is restarted",
+                                    group=LIMITS)
 
     # ---- engine
     engine: str = setting("vllm", choices=("vllm", "echo"), help="what computes requests: vllm (the product) or "
@@ -209,7 +212,7 @@ class Settings:
                                   "what durability costs: a crash then loses the running batch's progress)",
                                   group=TESTING)
     echo_fault: str | None = setting(None, help="fault injection for reliability tests: comma-separated "
-                                     "crash-after=N, hang-after=N (per engine start), times=K (faults in all), "
+                                     "crash-after=N, hang-after=N, exhaust-after=N (per engine start), times=K (faults in all), "
                                      "journal=PATH", group=TESTING)
 
     @property
