@@ -212,8 +212,8 @@ class Settings:
                                   "what durability costs: a crash then loses the running batch's progress)",
                                   group=TESTING)
     echo_fault: str | None = setting(None, help="fault injection for reliability tests: comma-separated "
-                                     "crash-after=N, hang-after=N, exhaust-after=N (per engine start), times=K (faults in all), "
-                                     "journal=PATH", group=TESTING)
+                                     "crash-after=N, hang-after=N, exhaust-after=N (per engine start), times=K "
+                                     "(faults in all), journal=PATH", group=TESTING)
 
     @property
     def db_path(self) -> Path:
