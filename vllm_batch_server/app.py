@@ -23,6 +23,7 @@ from vllm_batch_server.api.errors import (
     on_unexpected,
 )
 from vllm_batch_server.blobs import Blobs
+from vllm_batch_server.data_dir_lock import locked
 from vllm_batch_server.database import Database
 from vllm_batch_server.engines import create_engine
 from vllm_batch_server.events import EventLog
@@ -36,6 +37,14 @@ log = logging.getLogger("vllm_batch_server")
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Before anything touches the data directory (cli.py has usually taken it already; this is the same
+        # lock, counted twice). Another server holding it is refused here.
+        with locked(settings.data_dir, host=settings.host, port=settings.port):
+            async with _serving(app):
+                yield
+
+    @asynccontextmanager
+    async def _serving(app: Starlette) -> AsyncIterator[None]:
         blobs = Blobs(settings.data_dir)
         blobs.prepare()
         db = await Database.open(settings.db_path)
