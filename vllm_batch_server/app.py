@@ -62,7 +62,7 @@ def create_app(settings: Settings) -> Starlette:
             await db.close()
 
     middleware = [Middleware(BearerAuth, api_key=settings.api_key)] if settings.api_key else []
-    return Starlette(
+    app = Starlette(
         routes=[*files.routes, *batches.routes, *models.routes, *openapi.routes],
         middleware=middleware,
         exception_handlers={
@@ -76,3 +76,7 @@ def create_app(settings: Settings) -> Starlette:
         },
         lifespan=lifespan,
     )
+    # Starlette would answer `/v1/files/file-x/` with a 307 to the path without the slash, and an empty body.
+    # No OpenAI route ends in a slash and the SDK never sends one: an unknown path is a 404 in the API's shape.
+    app.router.redirect_slashes = False
+    return app
