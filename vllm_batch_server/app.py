@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from vllm_batch_server.api import batches, files, models, openapi
 from vllm_batch_server.api.auth import BearerAuth
 from vllm_batch_server.api.context import Context
+from vllm_batch_server.api.deadlines import BodyIdleTimeout
 from vllm_batch_server.api.errors import (
     APIError,
     on_api_error,
@@ -61,7 +62,10 @@ def create_app(settings: Settings) -> Starlette:
             await scheduler.stop()
             await db.close()
 
-    middleware = [Middleware(BearerAuth, api_key=settings.api_key)] if settings.api_key else []
+    # Outermost: the body deadline must see every handler's reads and be able to replace its answer.
+    middleware = [Middleware(BodyIdleTimeout, seconds=settings.body_idle_timeout)]
+    if settings.api_key:
+        middleware.append(Middleware(BearerAuth, api_key=settings.api_key))
     app = Starlette(
         routes=[*files.routes, *batches.routes, *models.routes, *openapi.routes],
         middleware=middleware,

@@ -190,9 +190,10 @@ class Settings:
                                        group=LIMITS)
     keep_alive_timeout: float = setting(5.0, help="seconds an idle kept-alive connection stays open after a "
                                         "response", group=LIMITS)
-    max_connections: int = setting(1000, help="most connections open at once; more are answered 503 with "
-                                   "Retry-After at once and closed. Lowered at start-up to what the descriptor "
-                                   "limit (ulimit -n) leaves room for", group=LIMITS)
+    max_connections: int | None = setting(None, help="most connections open at once; more are answered 503 with "
+                                          "Retry-After at once and closed (default: 1000, or fewer if the "
+                                          "descriptor limit, ulimit -n, leaves room for fewer; a value given is "
+                                          "used as is)", group=LIMITS)
     request_timeout: float = setting(600.0, help="a request running longer than this many seconds counts as an "
                                      "engine hang", group=LIMITS)
     health_timeout: float = setting(10.0, help="an engine that does not answer a health check within this many "
