@@ -15,10 +15,11 @@ server cannot open the files a batch needs. So, on top of uvicorn's httptools pr
   seconds without a byte.
 - **Connection cap**: past `max_connections` open connections, a new one is answered 503 (with Retry-After, in
   OpenAI's error shape) at once and closed, rather than left to wait. A 503 says "busy, retry" to every HTTP
-  client and the SDK retries it, where a dropped connection looks like a network fault; it is written as soon as
-  the connection is accepted, without waiting for (or parsing) the request, so a flood of connections costs a
-  descriptor each for at most LINGER_SECONDS, not the header deadline. The cap is lowered at start-up to what
-  the process's descriptor limit leaves room for (see `connection_cap`).
+  client and the SDK retries it, where a dropped connection looks like a network fault. It is written as soon as
+  the connection is accepted, without waiting for (or parsing) the request, so a refused connection holds its
+  descriptor for at most LINGER_SECONDS (and at most LINGER_BUDGET of them linger), never for the header
+  deadline. The default cap is sized from the process's descriptor limit (see `connection_cap`), so connections
+  cannot take the descriptors a running batch needs.
 
 The body itself, while a handler waits for it, is watched by api/deadlines.py (`body_idle_timeout`): only the
 handler knows when it is waiting for the client rather than busy itself.
