@@ -13,6 +13,8 @@ server cannot open the files a batch needs. So, on top of uvicorn's httptools pr
 - **Draining**: when the answer went out before the body was read whole, uvicorn keeps reading (and dropping) the
   rest so the client gets to see the answer rather than a reset; that drain is cut off after `body_idle_timeout`
   seconds without a byte.
+- **Slow readers**: a response the client stops reading (the socket's send buffer stays full) for
+  `body_idle_timeout` seconds is cut off; one the client keeps taking, however slowly, is not.
 - **Connection cap**: past `max_connections` open connections, a new one is answered 503 (with Retry-After, in
   OpenAI's error shape) at once and closed, rather than left to wait. A 503 says "busy, retry" to every HTTP
   client and the SDK retries it, where a dropped connection looks like a network fault. It is written as soon as
@@ -139,6 +141,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.timeout_keep_alive = self.limits.keep_alive_timeout  # type: ignore[assignment]  # a float is fine
         self._timer: asyncio.TimerHandle | None = None
         self._timing_head = False  # the timer is the header deadline
+        self._stalled_reader: asyncio.TimerHandle | None = None  # the client stopped reading our response
         self._in_head = False  # between a request's first byte and the end of its headers
         self._head_bytes = 0
         self._refused = False
@@ -173,8 +176,25 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._reading_resumed()
         _lingering.discard(self)
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client is not taking what we send (the transport's buffer is full): it has body_idle_timeout
+        seconds to take some of it, or the connection is closed and the response abandoned."""
+        super().pause_writing()
+        if self._stalled_reader is None:
+            self._stalled_reader = self.loop.call_later(self.limits.body_idle_timeout, self.transport.close)
+
+    def resume_writing(self) -> None:
+        self._reading_resumed()
+        super().resume_writing()
+
+    def _reading_resumed(self) -> None:
+        if self._stalled_reader is not None:
+            self._stalled_reader.cancel()
+            self._stalled_reader = None
 
     # ---- parser callbacks -----------------------------------------------------------------------------------
 

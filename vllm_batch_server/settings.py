@@ -186,7 +186,8 @@ class Settings:
                                     "then the connection is closed (408 if part of a request came)", group=LIMITS)
     body_idle_timeout: float = setting(30.0, help="seconds a request body (an upload) may send nothing while the "
                                        "server waits for it; then it gets 408 and whatever it uploaded is dropped. "
-                                       "A body that keeps arriving, however slowly, is never cut off",
+                                       "A body that keeps arriving, however slowly, is never cut off. Likewise a "
+                                       "response the client stops reading is abandoned after this long",
                                        group=LIMITS)
     keep_alive_timeout: float = setting(5.0, help="seconds an idle kept-alive connection stays open after a "
                                         "response", group=LIMITS)

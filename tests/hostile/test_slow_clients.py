@@ -203,3 +203,57 @@ def test_the_sdk_retries_past_a_full_server(server_factory: ServerFactory) -> No
     time.sleep(0.2)
     threading.Timer(1.5, lambda: [s.close() for s in held]).start()
     assert sdk(running, max_retries=5).models.list().data  # retried past the 503s
+
+
+@pytest.fixture(scope="module")
+def big_file(server: RunningServer) -> tuple[str, int]:
+    data = b"x" * (32 * 1024 * 1024)
+    response = httpx.post(server.base_url + "/files", files={"file": ("big.jsonl", data)},
+                          data={"purpose": "user_data"}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["id"], len(data)
+
+
+def download(server: RunningServer, file_id: str) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # a small window, so the server's buffer fills
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(f"GET /v1/files/{file_id}/content HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def read_all(sock: socket.socket, pause: float = 0.0, piece: int = 512 * 1024) -> int:
+    received = 0
+    sock.settimeout(10)
+    while True:
+        got = 0
+        while got < piece:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionError:
+                return received
+            if not chunk:
+                return received
+            got += len(chunk)
+            received += len(chunk)
+        time.sleep(pause)
+
+
+def test_a_response_the_client_stops_reading_is_abandoned(server: RunningServer, big_file: tuple[str, int]) -> None:
+    file_id, size = big_file
+    sock = download(server, file_id)
+    time.sleep(BODY_IDLE_TIMEOUT + SLACK)
+    received = read_all(sock)  # what was buffered before the server gave up, then the close
+    sock.close()
+    assert received < size
+
+
+def test_a_slow_reader_that_keeps_reading_gets_the_whole_response(server: RunningServer,
+                                                                   big_file: tuple[str, int]) -> None:
+    file_id, size = big_file
+    sock = download(server, file_id)
+    started = time.monotonic()
+    received = read_all(sock, pause=0.1, piece=1024 * 1024)  # ~10 MB/s with pauses: over 3 s in all
+    sock.close()
+    assert time.monotonic() - started > BODY_IDLE_TIMEOUT
+    assert received > size  # the whole body plus the head
