@@ -144,6 +144,8 @@ def serve(settings: Settings) -> None:
             stack.enter_context(locked(settings.data_dir, host=settings.host, port=settings.port))
         except DataDirInUse as exc:
             sys.exit(f"vllm-batch-server: error: {exc}")
+        except OSError as exc:  # cannot create the directory, or its filesystem cannot lock
+            sys.exit(f"vllm-batch-server: error: cannot use the data directory {settings.data_dir}: {exc}")
         config = ServerConfig(create_app(settings), limits, host=settings.host, port=settings.port,
                               log_level="info", timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)

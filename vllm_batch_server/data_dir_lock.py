@@ -36,9 +36,28 @@ class DataDirInUse(RuntimeError):
         self.data_dir = data_dir
         self.holder = holder
         who = ", ".join(f"{key} {holder[key]}" for key in ("pid", "host", "port") if holder.get(key) is not None)
+        pid = holder.get("pid")
+        if isinstance(pid, int) and not _alive(pid):
+            # The lock outlived its server: a process forked from it (an engine worker, say) still has the file
+            # open. Naming the dead server alone would send the user looking for a process that is not there.
+            super().__init__(
+                f"the data directory {data_dir} is still locked by a process left behind by the vllm-batch-server "
+                f"that held it ({who}, which has exited), such as its engine; stop that process (see `fuser "
+                f"{data_dir / LOCK_NAME}`), or give this server its own --data-dir")
+            return
         super().__init__(
             f"the data directory {data_dir} is in use by another vllm-batch-server ({who or 'process unknown'}); "
             "stop that server first, or give this one its own --data-dir")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
 
 
 @dataclass

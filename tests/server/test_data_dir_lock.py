@@ -4,6 +4,8 @@ on another port or on the same one; a kill -9 leaves no lock behind."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,3 +99,51 @@ def test_the_lock_file_is_not_data(server_factory: ServerFactory) -> None:
     for area in ("files", "tmp", "batches"):
         assert not list((server.data_dir / area).rglob(LOCK_NAME))
     assert sdk(server).files.list().data == []
+
+
+def test_a_lock_left_with_a_child_of_a_dead_server_is_explained(tmp_path: Path) -> None:
+    """A process forked from the server (an engine worker) keeps the lock after the server died: the message
+    says so instead of naming a server that is not there."""
+    data_dir = tmp_path / "data"
+    script = (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from vllm_batch_server.data_dir_lock import locked\n"
+        f"with locked(Path({str(data_dir)!r}), host='127.0.0.1', port=4999):\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n"
+        "        time.sleep(30)\n"  # the child: holds the inherited descriptor, hence the lock
+        "        os._exit(0)\n"
+        "    print(child, flush=True)\n"
+        "    os._exit(0)\n"  # the parent, the 'server', dies at once
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    parent.wait(timeout=10)
+    from vllm_batch_server.data_dir_lock import DataDirInUse, locked
+
+    try:
+        with pytest.raises(DataDirInUse) as caught, locked(data_dir):
+            pass
+        assert f"pid {parent.pid}" in str(caught.value) and "left behind" in str(caught.value)
+    finally:
+        os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:  # free once the straggler is gone (the kernel closes its descriptors as it exits)
+        try:
+            with locked(data_dir):
+                break
+        except DataDirInUse:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_an_unusable_data_dir_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    done = subprocess.run([sys.executable, "-m", "vllm_batch_server.cli", "serve", "--engine", "echo",
+                           "--data-dir", str(blocker / "data"), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "cannot use the data directory" in done.stderr
+    assert "Traceback" not in done.stderr
