@@ -36,11 +36,18 @@ class BodyIdleTimeout:
             if body_done or answered or timed_out:
                 # After the body (or once answering) a handler only listens for a disconnect: no deadline.
                 return await receive()
+            # Not asyncio.wait_for: before Python 3.12 it can swallow a cancel of the handler (a shutdown) that
+            # lands just as a piece of body arrives.
+            receiving = asyncio.ensure_future(receive())
             try:
-                message = await asyncio.wait_for(receive(), self.seconds)
-            except asyncio.TimeoutError:
+                done, _ = await asyncio.wait([receiving], timeout=self.seconds)
+            finally:
+                if not receiving.done():
+                    receiving.cancel()
+            if not done:
                 timed_out = True
                 return {"type": "http.disconnect"}
+            message = receiving.result()
             body_done = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
