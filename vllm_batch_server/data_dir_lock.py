@@ -7,8 +7,9 @@ each resume the same running batch (computing it twice). So the serving process 
 Why `flock` on an open descriptor rather than "a file that exists means locked": the kernel drops the lock when
 the process dies, however it dies, so a `kill -9` or a power cut never leaves a stale lock that blocks the next
 start. The file stays behind between runs; its content (the holder's pid, host and port) is only there so the
-refused server can say who holds the directory. The descriptor is not inherited by child processes (Python opens
-files non-inheritable), so an engine process that outlives a killed server does not keep the directory locked.
+refused server can say who holds the directory. The descriptor is closed in any program the server starts
+(Python opens files non-inheritable), so a spawned engine process that outlives a killed server does not keep the
+directory locked; a process merely forked from the server would, and the refusal then says so.
 
 `server.lock` sits at the top of the data directory, beside the database, never inside `files/`, `tmp/` or
 `batches/`, so nothing that scans or cleans data ever sees it.
