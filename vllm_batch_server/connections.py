@@ -185,7 +185,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         seconds to take some of it, or the connection is closed and the response abandoned."""
         super().pause_writing()
         if self._stalled_reader is None:
-            self._stalled_reader = self.loop.call_later(self.limits.body_idle_timeout, self.transport.close)
+            # abort, not close: close would wait to flush what the client is not reading, which is forever.
+            self._stalled_reader = self.loop.call_later(self.limits.body_idle_timeout, self.transport.abort)
 
     def resume_writing(self) -> None:
         self._reading_resumed()

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import ServerFactory, chat_lines, jsonl, sdk
@@ -242,8 +243,13 @@ def read_all(sock: socket.socket, pause: float = 0.0, piece: int = 512 * 1024) -
 def test_a_response_the_client_stops_reading_is_abandoned(server: RunningServer, big_file: tuple[str, int]) -> None:
     file_id, size = big_file
     sock = download(server, file_id)
+    port = sock.getsockname()[1]
+    assert server.process is not None
+    process = psutil.Process(server.process.pid)
     time.sleep(BODY_IDLE_TIMEOUT + SLACK)
-    received = read_all(sock)  # what was buffered before the server gave up, then the close
+    # Gone on the server's side while the client still has not read a byte (the descriptor is free)...
+    assert not [c for c in process.net_connections() if c.raddr and c.raddr.port == port]
+    received = read_all(sock)  # ...and the client got what was buffered before the server gave up
     sock.close()
     assert received < size
 
