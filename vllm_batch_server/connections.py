@@ -94,8 +94,12 @@ def connection_cap(configured: int | None) -> int:
 
 
 def _error_response(status: int, reason: str, message: str, code: str, extra: str = "") -> bytes:
+    """A whole HTTP response in OpenAI's error shape, written straight to the socket (there is no request for the
+    app to answer), with the same `x-should-retry` convention as api/errors.py."""
     body = json.dumps({"error": {"message": message, "type": "server_error" if status >= 500 else
                                  "invalid_request_error", "param": None, "code": code}}).encode()
+    if 400 <= status < 500 and status not in (408, 429):
+        extra += "x-should-retry: false\r\n"
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"{extra}connection: close\r\n\r\n")
     return head.encode() + body
