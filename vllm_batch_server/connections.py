@@ -54,8 +54,9 @@ LINGER_SECONDS = 1.0
 LINGER_BUDGET = 32
 DEFAULT_MAX_CONNECTIONS = 1000
 # Descriptors kept out of the connection budget: refused connections lingering (LINGER_BUDGET), the database and
-# its journal, the engine, the running batches' inputs and result parts, logs (an idle echo server holds 18,
-# and 7 more while a batch runs).
+# its journal, the engine, the running batches' inputs and result parts, logs (measured: an idle echo server
+# holds 18 and 7 more while a batch runs; a vLLM server running a batch 34-40, its engine core process has its
+# own limit).
 RESERVED_DESCRIPTORS = 128
 
 
