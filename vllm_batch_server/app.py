@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from vllm_batch_server.api import batches, files, models, openapi
 from vllm_batch_server.api.auth import BearerAuth
 from vllm_batch_server.api.context import Context
+from vllm_batch_server.api.deadlines import BodyIdleTimeout
 from vllm_batch_server.api.errors import (
     APIError,
     on_api_error,
@@ -23,6 +24,7 @@ from vllm_batch_server.api.errors import (
     on_unexpected,
 )
 from vllm_batch_server.blobs import Blobs
+from vllm_batch_server.data_dir_lock import locked
 from vllm_batch_server.database import Database
 from vllm_batch_server.engines import create_engine
 from vllm_batch_server.events import EventLog
@@ -36,6 +38,14 @@ log = logging.getLogger("vllm_batch_server")
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Before anything touches the data directory (cli.py has usually taken it already; this is the same
+        # lock, counted twice). Another server holding it is refused here.
+        with locked(settings.data_dir, host=settings.host, port=settings.port):
+            async with _serving(app):
+                yield
+
+    @asynccontextmanager
+    async def _serving(app: Starlette) -> AsyncIterator[None]:
         blobs = Blobs(settings.data_dir)
         blobs.prepare()
         db = await Database.open(settings.db_path)
@@ -52,8 +62,11 @@ def create_app(settings: Settings) -> Starlette:
             await scheduler.stop()
             await db.close()
 
-    middleware = [Middleware(BearerAuth, api_key=settings.api_key)] if settings.api_key else []
-    return Starlette(
+    # Outermost: the body deadline must see every handler's reads and be able to replace its answer.
+    middleware = [Middleware(BodyIdleTimeout, seconds=settings.body_idle_timeout)]
+    if settings.api_key:
+        middleware.append(Middleware(BearerAuth, api_key=settings.api_key))
+    app = Starlette(
         routes=[*files.routes, *batches.routes, *models.routes, *openapi.routes],
         middleware=middleware,
         exception_handlers={
@@ -67,3 +80,7 @@ def create_app(settings: Settings) -> Starlette:
         },
         lifespan=lifespan,
     )
+    # Starlette would answer `/v1/files/file-x/` with a 307 to the path without the slash, and an empty body.
+    # No OpenAI route ends in a slash and the SDK never sends one: an unknown path is a 404 in the API's shape.
+    app.router.redirect_slashes = False
+    return app

@@ -30,7 +30,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     texts = {400: "Invalid request", 401: "Missing or wrong API key", 404: "No such object", 409: "Conflict",
-             413: "File too large", 507: "Out of disk space"}
+             408: "The body stalled (nothing for --body-idle-timeout seconds)", 413: "Body too large",
+             507: "Out of disk space"}
     return {str(status): _json(_ref("Error"), texts[status]) for status in statuses}
 
 
@@ -169,7 +170,7 @@ def spec() -> dict[str, Any]:
                                                        "maximum": MAX_EXPIRY},
                         }}}}},
                     "responses": {"200": _json(_ref("File"), "The stored file"),
-                                  **_errors(400, 401, 413, 507)},
+                                  **_errors(400, 401, 408, 413, 507)},
                 },
                 "get": {
                     "operationId": "listFiles",
@@ -197,7 +198,8 @@ def spec() -> dict[str, Any]:
                     "operationId": "createBatch",
                     "requestBody": {"required": True,
                                     "content": {"application/json": {"schema": _ref("CreateBatch")}}},
-                    "responses": {"200": _json(_ref("Batch"), "The new batch"), **_errors(400, 401, 404, 507)},
+                    "responses": {"200": _json(_ref("Batch"), "The new batch"),
+                                  **_errors(400, 401, 404, 408, 413, 507)},
                 },
                 "get": {
                     "operationId": "listBatches",
