@@ -92,8 +92,10 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the flags given; everything else from the environment or the defaults."""
     given = {item.name: getattr(args, item.name) for item in fields(Settings) if hasattr(args, item.name)}
-    if "engine_args" in given:
-        given["engine_args"] = dict(given["engine_args"])
+    types_ = field_types()
+    for name, value in given.items():
+        if typing.get_origin(types_[name]) is dict:  # repeated KEY=VALUE flags
+            given[name] = dict(value)
     return Settings(**given)
 
 
@@ -127,9 +129,13 @@ def serve(settings: Settings) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from vllm_batch_server.app import create_app
+    from vllm_batch_server.handlers import HandlerConfigError
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=5)
+    try:
+        app = create_app(settings)
+    except HandlerConfigError as exc:
+        sys.exit(f"vllm-batch-server: error: {exc}")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
