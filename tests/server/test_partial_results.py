@@ -256,7 +256,7 @@ def test_line_index_stays_bounded_and_forgets_the_oldest() -> None:
         index.remember(("b1", "output"), line, line * 10)
     assert index.nearest(("b1", "output"), 100, 10_000) == (9, 90)
     assert index.nearest(("b1", "output"), 5, 10_000) == (0, 0)  # points 1..6 were dropped
-    assert index.nearest(("b1", "output"), 8, 75) == (0, 0)  # a point past the committed size is not used
+    assert index.nearest(("b1", "output"), 9, 75) == (7, 70)  # points past the committed size are not used
     index.remember(("b2", "output"), 1, 10)
     index.remember(("b3", "output"), 1, 10)
     assert index.nearest(("b1", "output"), 9, 1000) == (0, 0)  # least recently used file forgotten
