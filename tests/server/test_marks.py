@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from tests.conftest import ServerFactory, chat_lines, request_line, sdk, submit, wait_for
-from tests.hostile.errors import assert_openai_error
 from tests.helpers.server import RunningServer
+from tests.hostile.errors import assert_openai_error
 
 MARK_FIELDS = {"object", "batch_id", "custom_id", "label", "score", "note", "updated_at"}
 

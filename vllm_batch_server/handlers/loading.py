@@ -8,6 +8,7 @@ The setting maps a handler's name to its configuration: the type alone (`"direct
     backoff_seconds    wait after the first failed attempt, doubled after each further one (default 5)
     max_backoff_seconds  the longest wait between attempts (default 600)
     timeout_seconds    an attempt running longer counts as failed (default 600)
+    concurrency        runs of this handler at once, each for another batch (default 2)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Handler:
     backoff_seconds: float = 5.0
     max_backoff_seconds: float = 600.0
     timeout_seconds: float = 600.0
+    concurrency: int = 2
 
     def backoff(self, attempts: int) -> float:
         """The wait after `attempts` failed attempts."""
@@ -52,6 +54,12 @@ def _number(name: str, key: str, value: Any, low: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
         raise HandlerConfigError(f"result handler {name!r}: {key!r} must be a number of at least {low:g}")
     return float(value)
+
+
+def _whole(name: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HandlerConfigError(f"result handler {name!r}: {key!r} must be a whole number of at least 1")
+    return value
 
 
 def find_factory(type_name: str) -> Any:
@@ -90,9 +98,8 @@ def load_handler(name: str, config: Any) -> Handler:
     if (not isinstance(statuses, list | tuple) or not statuses
             or not all(isinstance(s, str) and s in ENDINGS for s in statuses)):
         raise HandlerConfigError(f"result handler {name!r}: 'statuses' must list some of {', '.join(ENDINGS)}")
-    max_attempts = options.pop("max_attempts", 10)
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-        raise HandlerConfigError(f"result handler {name!r}: 'max_attempts' must be a whole number of at least 1")
+    max_attempts = _whole(name, "max_attempts", options.pop("max_attempts", 10))
+    concurrency = _whole(name, "concurrency", options.pop("concurrency", 2))
     backoff = _number(name, "backoff_seconds", options.pop("backoff_seconds", 5.0), 0)
     max_backoff = _number(name, "max_backoff_seconds", options.pop("max_backoff_seconds", 600.0), 0)
     timeout = _number(name, "timeout_seconds", options.pop("timeout_seconds", 600.0), 0.001)
@@ -105,7 +112,8 @@ def load_handler(name: str, config: Any) -> Handler:
         raise HandlerConfigError(f"result handler {name!r} ({type_name}): bad options: {exc}") from None
     if not callable(getattr(handler, "handle", None)):
         raise HandlerConfigError(f"result handler {name!r} ({type_name}): the object made has no handle() method")
-    return Handler(name, type_name, handler, frozenset(statuses), max_attempts, backoff, max_backoff, timeout)
+    return Handler(name, type_name, handler, frozenset(statuses), max_attempts, backoff, max_backoff, timeout,
+                   concurrency)
 
 
 def load_handlers(configs: dict[str, Any]) -> list[Handler]:

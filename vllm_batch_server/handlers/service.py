@@ -5,13 +5,14 @@ Two tasks of their own, apart from the scheduler:
 - intake reads the event log from its own cursor (`result-handlers`). For each batch that ended it records
   a pending run of every handler configured for that ending in `handler_runs`, and only then acks the event.
   A crash in between reads the event again, and recording it again changes nothing.
-- dispatch starts the runs that are due, a few at a time. An attempt is counted before the handler is called;
+- dispatch starts the runs that are due, at most `concurrency` (default 2) at once per handler, so a slow or
+  stuck handler holds up neither the others nor the queue. An attempt is counted before the handler is called;
   a failure (an exception, or no answer within the handler's timeout) schedules the next attempt with a
   doubling back-off, until `max_attempts`, after which the run is `failed`. A run cut short by a crash or a
   stop is still pending, so it runs again after the restart: never zero times, sometimes twice.
 
-Plain `handle` methods run on a small thread pool of their own: the default pool is shared with the
-scheduler's disk work (validation, finalizing), which a slow handler must never hold up.
+Plain `handle` methods run on a thread pool per handler: the default pool is shared with the scheduler's disk
+work (validation, finalizing), which a slow handler must never hold up.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import inspect
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,24 +38,21 @@ log = logging.getLogger(__name__)
 
 READER = "result-handlers"
 ENDED = {event_type(status): status.value for status in TERMINAL}
-CONCURRENCY = 2
 IDLE_SECONDS = 30.0
 ERROR_RETRY_SECONDS = 2.0
 MAX_ERROR = 2000
 
 
 class HandlerService:
-    def __init__(self, db: Database, blobs: Blobs, events: EventLog, handlers: list[Handler],
-                 concurrency: int = CONCURRENCY) -> None:
+    def __init__(self, db: Database, blobs: Blobs, events: EventLog, handlers: list[Handler]) -> None:
         self._db = db
         self._blobs = blobs
         self._events = events
         self.handlers = {handler.name: handler for handler in handlers}
-        self._concurrency = max(1, concurrency)
         self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._executor: ThreadPoolExecutor | None = None
+        self._executors: dict[str, ThreadPoolExecutor] = {}
         self._reader: EventReader | None = None
 
     async def start(self) -> None:
@@ -61,7 +60,8 @@ class HandlerService:
             return
         self._reader = self._events.reader(READER, start="end")
         await self._reader.position()  # fixed now: batches ending from here on are handled
-        self._executor = ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix="result-handler")
+        self._executors = {h.name: ThreadPoolExecutor(max_workers=h.concurrency, thread_name_prefix=f"handler-{h.name}")
+                           for h in self.handlers.values()}
         self._tasks = [asyncio.create_task(self._intake(), name="result handlers: intake"),
                        asyncio.create_task(self._dispatch(), name="result handlers: dispatch")]
 
@@ -70,9 +70,9 @@ class HandlerService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._executor is not None:
+        for executor in self._executors.values():
             # A plain handle() still running is left to finish on its own; its run is retried at the next start.
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- intake: from the event log to durable pending runs ---------------------------------------------
 
@@ -102,16 +102,17 @@ class HandlerService:
 
     async def _dispatch(self) -> None:
         names = list(self.handlers)
+        capacity = sum(h.concurrency for h in self.handlers.values())
         while True:
             self._wake.clear()  # before looking, so a change made meanwhile wakes us again
             try:
                 now = time.time()
-                for row in await self._db.due_handler_runs(names, now, len(self._running) + self._concurrency):
+                busy = Counter(name for _, name in self._running)
+                for row in await self._db.due_handler_runs(names, now, len(self._running) + capacity):
                     key = (row["batch_id"], row["handler"])
-                    if key in self._running:
+                    if key in self._running or busy[key[1]] >= self.handlers[key[1]].concurrency:
                         continue
-                    if len(self._running) >= self._concurrency:
-                        break
+                    busy[key[1]] += 1
                     task = asyncio.create_task(self._attempt(dict(row)), name=f"result handler {key[1]} {key[0]}")
                     self._running[key] = task
                 upcoming = await self._db.next_handler_run_at(names, after=now)
@@ -176,7 +177,7 @@ class HandlerService:
             await handle(ended)
             return
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, handle, ended)
+        result = await loop.run_in_executor(self._executors[handler.name], handle, ended)
         if inspect.isawaitable(result):
             await result
 
