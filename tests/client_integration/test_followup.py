@@ -4,8 +4,7 @@ view, marks, export() read back by the `datasets` library, Label Studio round tr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,8 @@ from tests.client_integration.conftest import CHAT_MODEL, ask
 from tests.conftest import ServerFactory
 from tests.helpers.server import RunningServer
 from vllm_batch import AsyncVLLMBatch, BatchResult, Mark, NotFoundError, UnsupportedError, VLLMBatch
+from vllm_batch._cli import main
 
-REPO = Path(__file__).resolve().parents[2]
 SYSTEM = "Answer briefly."
 
 
@@ -229,16 +228,32 @@ def test_extensions_on_a_backend_without_them_say_so(server: RunningServer, tmp_
 # ---- the command line --------------------------------------------------------------------------------------
 
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "vllm_batch._cli", *args], capture_output=True, text=True,
-                            timeout=120, cwd=REPO, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str, check: bool = True) -> Ran:
+    """`vllm-batch ARGS` in this process (a subprocess per command costs seconds of imports)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    captured = capsys.readouterr()
+    ran = Ran(int(info.value.code or 0), captured.out, captured.err)
     if check:
-        assert result.returncode == 0, result.stderr
-    return result
+        assert ran.returncode == 0, ran.stderr
+    return ran
 
 
-def test_cli_tail_retry_mark_export_import(server_factory: ServerFactory, tmp_path: Path) -> None:
+def test_cli_tail_retry_mark_export_import(server_factory: ServerFactory, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     datasets = pytest.importorskip("datasets")
+
+    def cli(*args: str, check: bool = True) -> Ran:
+        return run_cli(capsys, *args, check=check)
+
     server = server_factory(extra_args=["--echo-delay", "0.01", "--window", "2"])
     url = ["--base-url", server.base_url]
     requests = tmp_path / "requests.jsonl"
