@@ -94,12 +94,26 @@ def _from_full(task: dict[str, Any]) -> Annotation | None:
 
 
 def _from_min(task: dict[str, Any]) -> Annotation | None:
-    label, score, note = task.get("label"), task.get("score"), task.get("note")
-    if isinstance(label, dict):  # several choices allowed: {"choices": [...]}
-        label = (label.get("choices") or [None])[0]
+    # JSON-MIN puts each control's value under its name, shaped by the control: a choice as a string (or
+    # {"choices": [...]} when several are allowed), a rating as [{"rating": 4}], a text area as a string.
+    label = _unwrap(task.get("label"), "choices")
+    score = _unwrap(task.get("score"), "rating", "number")
+    note = _unwrap(task.get("note"), "text")
     return _annotation(task, label if isinstance(label, str) else None,
                        float(score) if isinstance(score, int | float) and not isinstance(score, bool) else None,
                        note if isinstance(note, str) else None)
+
+
+def _unwrap(value: Any, *keys: str) -> Any:
+    """The plain value inside JSON-MIN's wrappers: the first of a list, the entry of a dict under one of `keys`."""
+    for _ in range(4):
+        if isinstance(value, list):
+            value = value[0] if value else None
+        elif isinstance(value, dict):
+            value = next((value[k] for k in keys if k in value), None)
+        else:
+            break
+    return value
 
 
 def _annotation(data: dict[str, Any], label: str | None, score: float | None, note: str | None) -> Annotation | None:

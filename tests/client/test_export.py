@@ -200,8 +200,9 @@ def test_reading_label_studio_json_and_json_min_exports(tmp_path: Path) -> None:
     assert [(a.batch_id, a.mark.custom_id, a.mark.label, a.mark.score, a.mark.note) for a in found] == [
         ("batch_1", "a", "gold", 5.0, "good\nshort"), ("batch_2", "c", None, 0.5, None)]
 
+    # As Label Studio 1.23 writes it: a rating as a list of {"rating": n}.
     minimal = [{"id": 1, "custom_id": "a", "batch_id": "batch_1", "label": "reject", "annotator": 1},
-               {"id": 2, "custom_id": "b", "batch_id": "batch_1", "score": 3, "note": "meh"},
+               {"id": 2, "custom_id": "b", "batch_id": "batch_1", "score": [{"rating": 3}], "note": "meh"},
                {"id": 3, "custom_id": "c", "batch_id": "batch_1", "label": {"choices": ["gold", "ok"]}},
                {"id": 4, "custom_id": "d", "batch_id": "batch_1"}]
     (tmp_path / "min.json").write_text(json.dumps(minimal))
