@@ -60,7 +60,8 @@ def main() -> None:
 
         # 4. Export: gold answers as OpenAI chat fine-tuning data; everything else as Label Studio tasks.
         count = batch.export("gold.jsonl", labels="gold", with_retries=True)
-        first = json.loads(open("gold.jsonl").readline())
+        with open("gold.jsonl", encoding="utf-8") as fh:
+            first = json.loads(fh.readline())
         print(f"wrote {count} training examples to gold.jsonl; roles: {[m['role'] for m in first['messages']]}")
         review = batch.export("review.json", "label-studio", exclude_labels="gold", errors=True)
         print(f"wrote {review} tasks to review.json for Label Studio")
