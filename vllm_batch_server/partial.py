@@ -76,9 +76,9 @@ class LineIndex:
         found = self._files.get(key)
         if found is None:
             found = self._files[key] = ([], [])
-            if len(self._files) > self._max_files:
-                self._files.popitem(last=False)
         self._files.move_to_end(key)
+        while len(self._files) > self._max_files:
+            self._files.popitem(last=False)
         lines, offsets = found
         at = bisect.bisect_left(lines, line)
         if at < len(lines) and lines[at] == line:
