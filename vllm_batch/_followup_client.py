@@ -5,7 +5,7 @@ by the batch's shell."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -137,7 +137,7 @@ class Followup:
     def _same_backend(self) -> dict[str, Any]:
         return {"provider": self._core.provider, "api_key": self._core.resolved.api_key, "retry": self._retry}
 
-    def _drive(self, flow: f.XFlow[T]) -> Iterator[Any]:
+    def _drive(self, flow: f.XFlow[T]) -> Generator[Any, None, T]:
         try:
             op = next(flow)
             while True:
@@ -152,7 +152,7 @@ class Followup:
                 else:
                     op = flow.send(result)
         except StopIteration as stop:
-            return stop.value
+            return cast(T, stop.value)
         finally:
             flow.close()
 
