@@ -1,5 +1,7 @@
-"""Result handlers for tests: they record every call in a journal file (one JSON line, fsynced), and fail,
-hang or succeed as configured, so the tests can watch retries, timeouts and crashes from outside the server."""
+"""Result handlers for tests, and helpers to configure them and watch their runs.
+
+The handlers record every call in a journal file (one JSON line, fsynced), and fail, hang or succeed as
+configured, so the tests can watch retries, timeouts and crashes from outside the server process."""
 
 from __future__ import annotations
 
@@ -7,10 +9,18 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import httpx
 
 from vllm_batch_server.handlers import EndedBatch
+
+if TYPE_CHECKING:
+    from tests.helpers.server import RunningServer
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _record(journal: str, batch: EndedBatch, **extra: Any) -> int:
@@ -61,3 +71,46 @@ class AsyncJournalHandler:
     async def handle(self, batch: EndedBatch) -> None:
         _record(self.journal, batch)
         await asyncio.sleep(self.sleep)
+
+
+# ---- configuring handlers and watching their runs, from the test's side ------------------------------------
+
+
+def handler_flags(**configs: Any) -> list[str]:
+    """`--result-handler NAME=CONFIG` flags: a type name as it is, an object as JSON."""
+    flags: list[str] = []
+    for name, config in configs.items():
+        flags += ["--result-handler", f"{name}={config if isinstance(config, str) else json.dumps(config)}"]
+    return flags
+
+
+def env_with_path(*extra: Path) -> dict[str, str]:
+    """The server's environment for handlers imported from this repository (and `extra` directories)."""
+    return {"PYTHONPATH": os.pathsep.join([str(REPO), *map(str, extra)])}
+
+
+def runs(server: RunningServer, batch_id: str) -> list[dict[str, Any]]:
+    response = httpx.get(f"{server.base_url}/batches/{batch_id}/handlers", timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "list"
+    return list(body["data"])
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(0.05)
+
+
+def run_of(server: RunningServer, batch_id: str, name: str, status: str, timeout: float = 30) -> dict[str, Any]:
+    """The run of handler `name` on the batch once it has `status` (waiting up to `timeout`)."""
+    def found() -> dict[str, Any] | None:
+        return next((r for r in runs(server, batch_id) if r["name"] == name and r["status"] == status), None)
+
+    return dict(wait_until(found, timeout, f"handler {name} {status} on {batch_id}: {runs(server, batch_id)}"))

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,49 +16,12 @@ import httpx
 import pytest
 
 from tests.conftest import ServerFactory, chat_lines, read_jsonl, sdk, submit, wait_for
-from tests.helpers.handlers import calls
+from tests.helpers.handlers import calls, env_with_path, handler_flags, run_of, runs, wait_until
 from tests.helpers.server import RunningServer
 from tests.hostile.errors import assert_openai_error
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "result_handler"
-
-
-def handler_flags(**configs: Any) -> list[str]:
-    flags: list[str] = []
-    for name, config in configs.items():
-        flags += ["--result-handler", f"{name}={config if isinstance(config, str) else json.dumps(config)}"]
-    return flags
-
-
-def env_with_path(*extra: Path) -> dict[str, str]:
-    return {"PYTHONPATH": os.pathsep.join([str(REPO), *map(str, extra)])}
-
-
-def runs(server: RunningServer, batch_id: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{server.base_url}/batches/{batch_id}/handlers", timeout=30)
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert body["object"] == "list"
-    return list(body["data"])
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.05)
-
-
-def run_of(server: RunningServer, batch_id: str, name: str, status: str, timeout: float = 30) -> dict[str, Any]:
-    def found() -> dict[str, Any] | None:
-        return next((r for r in runs(server, batch_id) if r["name"] == name and r["status"] == status), None)
-
-    return dict(wait_until(found, timeout, f"handler {name} {status} on {batch_id}: {runs(server, batch_id)}"))
 
 
 def test_directory_handler_copies_the_results_of_every_ended_batch(server_factory: ServerFactory,

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
 from tests.helpers import postgres
-from tests.server.test_handlers import handler_flags, run_of, runs
+from tests.helpers.handlers import handler_flags, run_of, runs
 
 pytestmark = pytest.mark.skipif(postgres.why_not() is not None, reason=str(postgres.why_not()))
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import postgres
+from tests.helpers.handlers import handler_flags, run_of
 from tests.helpers.server import RunningServer, make_server
-from tests.server.test_handlers import handler_flags, run_of
 from tests.vllm.conftest import CHAT_MODEL, MAX_MODEL_LEN, MAX_TOKENS, QUESTIONS, chat_line
 from vllm_batch import VLLMBatch
 from vllm_batch._cli import main
