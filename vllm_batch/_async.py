@@ -32,6 +32,7 @@ from vllm_batch._core import (
     Upload,
     find_created,
 )
+from vllm_batch._followup_client import AsyncFollowup
 from vllm_batch._providers import (
     AsyncOpenAIClient,
     Provider,
@@ -51,7 +52,7 @@ async def _sleep(seconds: float) -> None:
     await anyio.sleep(seconds)
 
 
-class AsyncVLLMBatch(BatchRequests):
+class AsyncVLLMBatch(BatchRequests, AsyncFollowup):
     """The async twin of `VLLMBatch`: same arguments, same methods, awaited; `results()` and `compare()`
     are async iterators. Adding requests is synchronous (it only writes to a local file).
 

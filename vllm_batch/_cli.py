@@ -3,6 +3,7 @@
     vllm-batch create prompts.txt --model smollm2-135m-instruct -o requests.jsonl
     vllm-batch submit requests.jsonl --wait -o results.jsonl
     vllm-batch status batch_abc123
+    vllm-batch mark batch_abc123 line-3 --label gold && vllm-batch export batch_abc123 -o train.jsonl --label gold
 
 Batch ids go to stdout (for scripts); progress and human messages go to stderr. `-o -` writes results to
 stdout. The backend comes from --provider/--base-url or the same environment variables as the library.
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from vllm_batch import _cli_results
 from vllm_batch._core import BatchStatus
 from vllm_batch._errors import BatchFailedError, BatchTimeoutError, VLLMBatchError
 from vllm_batch._providers import PRESETS
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--max-tokens", type=int)
     create.add_argument("--temperature", type=float)
     create.add_argument("-o", "--output", default="-", help="where the JSONL goes (default stdout)")
+    _cli_results.add_commands(sub, common)
     return parser
 
 
@@ -198,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
                 counts = f"{c.completed}/{c.total} failed {c.failed}" if c else ""
                 print(f"{b.id}\t{b.status}\t{b.endpoint}\t{counts}")
         return 0
+    if (code := _cli_results.run_command(args, _client(args))) is not None:
+        return code
 
     with VLLMBatch.resume(args.id, **_client(args)) as batch:
         if args.command == "status":

@@ -29,6 +29,7 @@ from vllm_batch._core import (
     Upload,
     find_created,
 )
+from vllm_batch._followup_client import Followup
 from vllm_batch._providers import (
     OpenAIClient,
     Provider,
@@ -49,7 +50,7 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-class VLLMBatch(BatchRequests):
+class VLLMBatch(BatchRequests, Followup):
     """Build, submit, follow and collect one batch — sharded over several server batches when it must be.
 
         with VLLMBatch() as batch:

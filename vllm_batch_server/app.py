@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from vllm_batch_server.api import batches, files, models, openapi
+from vllm_batch_server.api import batches, files, handlers, marks, models, openapi, results, retry
 from vllm_batch_server.api.auth import BearerAuth
 from vllm_batch_server.api.context import Context
 from vllm_batch_server.api.deadlines import BodyIdleTimeout
@@ -28,7 +28,11 @@ from vllm_batch_server.data_dir_lock import locked
 from vllm_batch_server.database import Database
 from vllm_batch_server.engines import create_engine
 from vllm_batch_server.events import EventLog
+from vllm_batch_server.handlers.loading import load_handlers
+from vllm_batch_server.handlers.service import HandlerService
 from vllm_batch_server.lifecycle import Lifecycle
+from vllm_batch_server.marks import MarkIndex
+from vllm_batch_server.partial import CommittedResults
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
 
@@ -36,6 +40,8 @@ log = logging.getLogger("vllm_batch_server")
 
 
 def create_app(settings: Settings) -> Starlette:
+    configured_handlers = load_handlers(settings.result_handlers)  # a bad configuration fails here, at once
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Before anything touches the data directory (cli.py has usually taken it already; this is the same
@@ -51,8 +57,12 @@ def create_app(settings: Settings) -> Starlette:
         db = await Database.open(settings.db_path)
         lifecycle = Lifecycle(db)
         scheduler = Scheduler(db, blobs, create_engine(settings), settings, lifecycle)
-        app.state.context = Context(settings, db, blobs, scheduler, EventLog(db, lifecycle))
+        events = EventLog(db, lifecycle)
+        result_handlers = HandlerService(db, blobs, events, configured_handlers)
+        app.state.context = Context(settings, db, blobs, scheduler, events, CommittedResults(db, blobs),
+                                    MarkIndex(db, blobs), result_handlers)
         app.state.started_at = int(time.time())
+        await result_handlers.start()  # first: its cursor is placed before the scheduler ends any batch
         await scheduler.start()
         log.info("serving %s with the %s engine; data in %s", ", ".join(settings.models), settings.engine,
                  settings.data_dir)
@@ -60,6 +70,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
         finally:
             await scheduler.stop()
+            await result_handlers.stop()
             await db.close()
 
     # Outermost: the body deadline must see every handler's reads and be able to replace its answer.
@@ -67,7 +78,8 @@ def create_app(settings: Settings) -> Starlette:
     if settings.api_key:
         middleware.append(Middleware(BearerAuth, api_key=settings.api_key))
     app = Starlette(
-        routes=[*files.routes, *batches.routes, *models.routes, *openapi.routes],
+        routes=[*files.routes, *retry.routes, *batches.routes, *results.routes, *marks.routes,
+                *handlers.routes, *models.routes, *openapi.routes],
         middleware=middleware,
         exception_handlers={
             APIError: on_api_error,

@@ -93,8 +93,10 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the flags given; everything else from the environment or the defaults."""
     given = {item.name: getattr(args, item.name) for item in fields(Settings) if hasattr(args, item.name)}
-    if "engine_args" in given:
-        given["engine_args"] = dict(given["engine_args"])
+    types_ = field_types()
+    for name, value in given.items():
+        if typing.get_origin(types_[name]) is dict:  # repeated KEY=VALUE flags
+            given[name] = dict(value)
     return Settings(**given)
 
 
@@ -130,6 +132,7 @@ def serve(settings: Settings) -> None:
     from vllm_batch_server.app import create_app
     from vllm_batch_server.connections import ConnectionLimits, ServerConfig
     from vllm_batch_server.data_dir_lock import DataDirInUse, locked
+    from vllm_batch_server.handlers import HandlerConfigError
 
     try:
         limits = ConnectionLimits.from_settings(settings)
@@ -146,8 +149,12 @@ def serve(settings: Settings) -> None:
             sys.exit(f"vllm-batch-server: error: {exc}")
         except OSError as exc:  # cannot create the directory, or its filesystem cannot lock
             sys.exit(f"vllm-batch-server: error: cannot use the data directory {settings.data_dir}: {exc}")
-        config = ServerConfig(create_app(settings), limits, host=settings.host, port=settings.port,
-                              log_level="info", timeout_graceful_shutdown=5)
+        try:
+            app = create_app(settings)
+        except HandlerConfigError as exc:
+            sys.exit(f"vllm-batch-server: error: {exc}")
+        config = ServerConfig(app, limits, host=settings.host, port=settings.port, log_level="info",
+                              timeout_graceful_shutdown=5)
         server = uvicorn.Server(config)
         with contextlib.suppress(KeyboardInterrupt):
             server.run()

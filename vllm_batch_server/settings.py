@@ -31,8 +31,9 @@ QUEUE = "queue and durability"
 LIMITS = "limits and timeouts"
 ENGINE = "engine"
 VLLM = "vLLM engine"
+RESULTS = "results"
 TESTING = "testing and benchmarking (never in production)"
-GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, VLLM, TESTING)
+GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, VLLM, RESULTS, TESTING)
 
 
 class SettingsError(ValueError):
@@ -223,6 +224,14 @@ class Settings:
                                           "several (environment: a JSON object)", group=VLLM)
     model_cache_dir: Path = setting(factory=default_cache_dir, help="where embedded models are prepared",
                                     group=VLLM)
+
+    # ---- results
+    result_handlers: dict[str, Any] = setting(
+        factory=dict, flag="--result-handler", metavar="NAME=CONFIG",
+        help="run a result handler when a batch ends: NAME=TYPE, or NAME=JSON with \"type\" and its options "
+        "(built in: postgres, directory; others from the vllm_batch.result_handlers entry points); repeat the "
+        "flag for several (environment: a JSON object of NAME: CONFIG). See docs/results.md",
+        group=RESULTS)
 
     # ---- testing and benchmarking
     checkpointing: bool = setting(True, help="fsync and commit results as they come (turn off only to measure "
