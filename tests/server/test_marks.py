@@ -85,7 +85,9 @@ def test_bad_marks_are_refused_by_name(client: Any, http: httpx.Client, body: di
 def test_a_non_finite_score_and_a_non_object_body_are_refused(client: Any, http: httpx.Client) -> None:
     done = wait_for(client, submit(client, chat_lines(1)).id)
     nan = http.put(mark_url(done.id, "req-0"), content=b'{"score": NaN}', headers={"content-type": "application/json"})
-    assert assert_openai_error(nan, 400)["param"] == "score"
+    assert assert_openai_error(nan, 400)["code"] == "invalid_json"  # NaN is not JSON: refused by the parser
+    wordy = http.put(mark_url(done.id, "req-0"), json={"score": "high"})
+    assert assert_openai_error(wordy, 400)["param"] == "score"
     assert assert_openai_error(http.put(mark_url(done.id, "req-0"), json=["gold"]), 400)["code"] == "invalid_json"
 
 

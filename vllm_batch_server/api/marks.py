@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -21,6 +22,22 @@ from vllm_batch_server.database import BatchRow
 from vllm_batch_server.marks import MarkError, parse_mark
 
 MAX_CUSTOM_ID = 4096
+
+
+class CustomIdConvertor(Convertor[str]):
+    """A custom_id in a path: may contain slashes, never empty (Starlette's `path` also matches nothing, which
+    made `GET .../marks/` a 405 from the PUT route instead of a 404)."""
+
+    regex = ".+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("custom_id", CustomIdConvertor())
 
 
 def mark_object(row: Any) -> dict[str, Any]:
@@ -94,6 +111,6 @@ async def list_marks(request: Request) -> Response:
 
 routes = [
     Route("/v1/batches/{batch_id:str}/marks", list_marks, methods=["GET"]),
-    Route("/v1/batches/{batch_id:str}/marks/{custom_id:path}", put_mark, methods=["PUT"]),
-    Route("/v1/batches/{batch_id:str}/marks/{custom_id:path}", delete_mark, methods=["DELETE"]),
+    Route("/v1/batches/{batch_id:str}/marks/{custom_id:custom_id}", put_mark, methods=["PUT"]),
+    Route("/v1/batches/{batch_id:str}/marks/{custom_id:custom_id}", delete_mark, methods=["DELETE"]),
 ]
