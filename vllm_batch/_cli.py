@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from vllm_batch._core import BatchStatus
 from vllm_batch._errors import BatchFailedError, BatchTimeoutError, VLLMBatchError
 from vllm_batch._providers import PRESETS
 from vllm_batch._requests import CHAT, COMPLETIONS, EMBEDDINGS, dumps, normalize_endpoint, validate_body
+from vllm_batch._status import BatchStatus
 from vllm_batch._sync import VLLMBatch
 
 

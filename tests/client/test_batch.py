@@ -85,7 +85,7 @@ def test_download_before_the_end_refuses(api: FakeBatchAPI, tmp_path: Path) -> N
     with make(tmp_path) as batch:
         batch.add_to_batch(**chat("x"))
         batch.submit()
-        with pytest.raises(BatchStateError, match="wait"):
+        with pytest.raises(BatchStateError, match="once it has ended"):
             batch.download()
     assert not api.content.called
 

@@ -88,7 +88,7 @@ def test_custom_ids_unique_and_generated(batch: VLLMBatch) -> None:
     assert batch.add_to_batch(custom_id="request-2", **chat("b")) == "request-2"
     # The generated id for line 2 is taken by the user's: the next free variant is used.
     assert batch.add_to_batch(**chat("c")) == "request-2.1"
-    with pytest.raises(BatchValidationError, match=r"duplicate custom_id 'request-2' .*request 1") as info:
+    with pytest.raises(BatchValidationError, match=r"duplicate custom_id 'request-2' .*request at index 1") as info:
         batch.add_to_batch(custom_id="request-2", **chat("d"))
     assert info.value.field == "custom_id"
     with pytest.raises(BatchValidationError, match="non-empty string"):
@@ -148,7 +148,7 @@ def test_a_line_larger_than_a_whole_batch_file(tmp_path: Path) -> None:
 def test_from_jsonl_reports_the_bad_line(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(chat("a")) + "\n{oops\n")
-    with pytest.raises(BatchValidationError, match=r"in.jsonl:2: not JSON"):
+    with pytest.raises(BatchValidationError, match=r"in.jsonl, line 2: not JSON"):
         VLLMBatch.from_jsonl(src, base_url=LOCAL)
 
 
