@@ -239,6 +239,13 @@ class RequestSpool:
         if method.upper() != "POST":
             raise BatchValidationError(f"method must be POST, got {method!r}", field="method", index=index)
         url = self._check_endpoint(infer_endpoint(body, endpoint, index), index)
+        if "model" not in body:
+            raise BatchValidationError(
+                "no model: name one in the request, or run the requests on several models with models=[...] "
+                "(--models on the command line)",
+                field="model",
+                index=index,
+            )
         validate_body(url, body, index)
         self._check_model(body["model"], index)
         if url == EMBEDDINGS and self.provider.base64_embeddings and body.get("encoding_format") is None:

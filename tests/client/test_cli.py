@@ -52,7 +52,7 @@ def test_submit_prints_the_id_and_the_other_commands_take_it(api: FakeBatchAPI, 
     assert cli("download", batch_id, "--base-url", BASE, "-o", str(out), "-e", str(err)) == 0
     assert len(out.read_text().splitlines()) == 3 and not err.exists()
     assert cli("list", "--base-url", BASE, "--json") == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[0])["id"] == batch_id
+    assert json.loads(capsys.readouterr().out)[0]["id"] == batch_id  # one JSON array
 
 
 def test_cancel_and_errors_exit_nonzero(api: FakeBatchAPI, tmp_path: Path, capsys) -> None:

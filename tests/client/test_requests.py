@@ -29,7 +29,7 @@ def spooled(batch: VLLMBatch) -> list[dict]:
     [
         ({"model": "m", "messages": []}, "messages", "at least 1"),
         ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "system"),
-        ({"messages": [{"role": "user", "content": "x"}]}, "model", "required"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "model", "no model"),
         ({"model": "", "messages": [{"role": "user", "content": "x"}]}, "model", "at least 1"),
         ({"model": 3, "messages": [{"role": "user", "content": "x"}]}, "model", "string"),
         (chat("x", temperature=3), "temperature", "less than or equal"),
