@@ -44,7 +44,7 @@ EXPECTED = {
     "quickstart.py": ["36 requests ready", "question-0: 'What is the capital of France?' -> 'What is the capital",
                       "... and 28 more in", "resumed: completed", "3 embeddings of dimension 384"],
     "async_app.py": ["[job]", "completed 3/3", "stayed responsive", "... -> Quarterly revenue grew by twelve percent"],
-    "switch_provider.py": ["provider: custom", "Loved it, would buy again."],
+    "switch_provider.py": ["provider: local", "Loved it, would buy again."],
     "embeddings.py": ["5 embeddings of dimension 384", "closest to 'baking at home':"],
     "compare_models.py": ["(3 batches for 3 models)", "== math: What is 17 times 3?",
                           "echo-c: What is 17 times 3?"],
