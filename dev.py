@@ -79,6 +79,11 @@ def make_venv() -> None:
         subprocess.run([str(PYTHON), f"{wheel}/pip", "install", "--quiet", str(wheel)], check=True)
 
 
+def nox_args(argv: list[str]) -> list[str]:
+    """`demo` is `-s demo`; `tests-fast -- -x` is `-s tests-fast -- -x`; options go to nox as they are."""
+    return argv if not argv or argv[0].startswith("-") else ["-s", *argv]
+
+
 def main(argv: list[str]) -> int:
     if sys.version_info < MIN_PYTHON:
         say(f"needs Python {'.'.join(map(str, MIN_PYTHON))} or newer; this is {sys.version.split()[0]}")
@@ -88,9 +93,8 @@ def main(argv: list[str]) -> int:
     if not has_module(PYTHON, "nox"):
         say(f"installing {NOX} into {VENV}")
         subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", NOX], check=True)
-    args = argv if not argv or argv[0].startswith("-") else ["-s", *argv]
     os.chdir(ROOT)
-    return subprocess.run([str(PYTHON), "-m", "nox", *args], check=False).returncode
+    return subprocess.run([str(PYTHON), "-m", "nox", *nox_args(argv)], check=False).returncode
 
 
 if __name__ == "__main__":
