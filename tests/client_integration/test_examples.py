@@ -60,7 +60,7 @@ def test_example_runs(path: Path, example_server: RunningServer, tmp_path: Path)
 
 
 def test_quickstart_starts_a_server_when_none_runs(tmp_path: Path) -> None:
-    """`nox -s demo` runs the quickstart with no server around: it starts one and stops it at the end."""
+    """`python3 dev.py demo` runs the quickstart with no server around: it starts one and stops it at the end."""
     port = str(free_port())
     done = run_example(REPO / "examples" / "quickstart.py", None, tmp_path, {
         "BATCH_SERVER_PORT": port, "BATCH_SERVER_ENGINE": "echo", "BATCH_SERVER_DATA_DIR": str(tmp_path / "data")})
