@@ -70,9 +70,12 @@ class Journal:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
-        if data.get("version") != VERSION or data.get("fingerprint") != fingerprint:
+        if not isinstance(data, dict) or data.get("version") != VERSION or data.get("fingerprint") != fingerprint:
             return None
-        return str(data["group"]), [Shard.from_json(s) for s in data["shards"]]
+        try:
+            return str(data["group"]), [Shard.from_json(s) for s in data["shards"]]
+        except (KeyError, TypeError, ValueError):
+            return None  # not one we wrote: start afresh rather than trust it
 
     def save(self, fingerprint: str, group: str, shards: list[Shard]) -> None:
         """Atomically, and on disk before the caller goes on to the server."""
