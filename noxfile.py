@@ -116,7 +116,7 @@ def install_torch(session: nox.Session) -> None:
     if _reachable(f"{TORCH_CPU_INDEX}/torch/"):
         pip(session, "install", TORCH, "--extra-index-url", TORCH_CPU_INDEX)
         return
-    session.log(f"{TORCH_CPU_INDEX} is not reachable (probed for 5 s); looking for {TORCH} where pip finds "
+    session.log(f"{TORCH_CPU_INDEX} did not answer (asked with a 5 s limit); looking for {TORCH} where pip finds "
                 "wheels locally (pip config find-links)")
     try:
         pip(session, "install", TORCH)
