@@ -95,7 +95,7 @@ class ProgressBar:
             # Our own rates and ETA in the postfix: tqdm's would count what was done before we looked.
             self.bar = tqdm(total=counts.total or None, initial=counts.done, desc=self.desc, unit="req",
                             dynamic_ncols=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]")
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         if counts.total and self.bar.total != counts.total:
             self.bar.total = counts.total
         self.bar.n = counts.done
