@@ -60,7 +60,9 @@ class VLLMBatch(BatchRequests):
 
     The backend is `provider=` ("local", "openai", "parasail" or a `Provider`), or `base_url=`, or the
     `BATCH_PROVIDER` / `BATCH_BASE_URL` environment variables, else the local server. `models=[...]` runs
-    every request on each model (see `compare()`).
+    every request on each model (see `compare()`). `workdir=` keeps the request spool and the submission
+    journal somewhere lasting (default: a temporary folder removed on close): run the same requests again
+    with the same workdir and `submit()` picks up the batch an earlier, interrupted run created.
     """
 
     def __init__(
@@ -124,7 +126,8 @@ class VLLMBatch(BatchRequests):
 
     def submit(self, metadata: Mapping[str, str] | None = None) -> str:
         """Upload and create the batch (several if limits require); returns its id. Calling it again returns
-        the same id and creates nothing; after an interrupted submit it finishes the missing shards."""
+        the same id and creates nothing; after an interrupted submit it finishes the missing shards. A create
+        whose answer was lost is found again (Idempotency-Key, then its metadata tags), never made twice."""
         return self._run(self._core.submit(metadata))
 
     def status(self) -> BatchStatus:
