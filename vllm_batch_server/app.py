@@ -22,11 +22,13 @@ from vllm_batch_server.api.errors import (
     on_storage_error,
     on_unexpected,
 )
+from vllm_batch_server.blobs import Blobs
+from vllm_batch_server.database import Database
 from vllm_batch_server.engines import create_engine
+from vllm_batch_server.events import EventLog
+from vllm_batch_server.lifecycle import Lifecycle
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.storage import Storage
-from vllm_batch_server.store import Store
 
 log = logging.getLogger("vllm_batch_server")
 
@@ -34,11 +36,12 @@ log = logging.getLogger("vllm_batch_server")
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        storage = Storage(settings.data_dir)
-        storage.prepare()
-        store = await Store.open(settings.db_path)
-        scheduler = Scheduler(store, storage, create_engine(settings), settings)
-        app.state.context = Context(settings, store, storage, scheduler)
+        blobs = Blobs(settings.data_dir)
+        blobs.prepare()
+        db = await Database.open(settings.db_path)
+        lifecycle = Lifecycle(db)
+        scheduler = Scheduler(db, blobs, create_engine(settings), settings, lifecycle)
+        app.state.context = Context(settings, db, blobs, scheduler, EventLog(db, lifecycle))
         app.state.started_at = int(time.time())
         await scheduler.start()
         log.info("serving %s with the %s engine; data in %s", ", ".join(settings.models), settings.engine,
@@ -47,7 +50,7 @@ def create_app(settings: Settings) -> Starlette:
             yield
         finally:
             await scheduler.stop()
-            await store.close()
+            await db.close()
 
     middleware = [Middleware(BearerAuth, api_key=settings.api_key)] if settings.api_key else []
     return Starlette(
@@ -59,6 +62,7 @@ def create_app(settings: Settings) -> Starlette:
             # Before the catch-all: a full disk is answered 507 (see api/errors.py), not 500.
             OSError: on_storage_error,
             sqlite3.Error: on_storage_error,
+            MemoryError: on_storage_error,
             Exception: on_unexpected,
         },
         lifespan=lifespan,

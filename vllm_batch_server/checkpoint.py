@@ -18,25 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sqlite3
 import threading
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
-from vllm_batch_server import ids
+from vllm_batch_server import jsonl
+from vllm_batch_server.blobs import Blobs
+from vllm_batch_server.database import BatchRow, Checkpoint, CheckpointCommitter, Database
 from vllm_batch_server.engines.base import Result
+from vllm_batch_server.exhaustion import is_disk_full
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.storage import Storage, is_disk_full
-from vllm_batch_server.store import BatchRow, Checkpoint, CheckpointCommitter, Store
 
 log = logging.getLogger(__name__)
-
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 # The shortest time between two snapshots. Each one costs the event loop a little (the flush, and the GIL
 # handed to the syncer and back a few times): measured on the echo engine at ~30,000 results/s, a snapshot
@@ -46,42 +43,6 @@ MIN_GAP_SECONDS = 0.05
 
 # Backoff between attempts to commit a checkpoint SQLite refused (say the database stayed locked).
 RETRY_SECONDS = (0.05, 0.2, 1.0)
-
-
-def committed_custom_ids(part: Path, offset: int) -> set[str]:
-    """The custom_ids of the results committed in `part` (its first `offset` bytes)."""
-    found: set[str] = set()
-    if offset <= 0 or not part.exists():
-        return found
-    with open(part, "rb") as fh:
-        remaining = offset
-        for raw in fh:
-            if remaining <= 0:
-                break
-            remaining -= len(raw)
-            if remaining < 0:  # a torn line past the committed offset: not ours
-                break
-            found.add(_custom_id(raw))
-    return found
-
-
-_CUSTOM_ID_KEY = b'"custom_id":'
-_scan = json.JSONDecoder().raw_decode
-
-
-def _custom_id(raw: bytes) -> str:
-    """The custom_id of one result line, without parsing its body (a real model's answer is most of the line,
-    and resuming a big batch parses every committed line). Our own writer puts the key right after "id",
-    whose value (`batch_req_...`) cannot contain it."""
-    at = raw.find(_CUSTOM_ID_KEY, 0, 128)
-    if at >= 0:
-        start = at + len(_CUSTOM_ID_KEY)
-        with contextlib.suppress(ValueError):  # cut inside a character or the id: parse the whole line
-            value, _ = _scan(raw[start:start + 1024].decode())
-            if isinstance(value, str):
-                return value
-    custom_id: str = json.loads(raw)["custom_id"]
-    return custom_id
 
 
 class ResultLog:
@@ -94,11 +55,11 @@ class ResultLog:
     `checkpoint_seconds` for its commit, `behind()` tells the runner to `wait_caught_up()`.
     """
 
-    def __init__(self, store: Store, storage: Storage, settings: Settings, batch: BatchRow) -> None:
+    def __init__(self, db: Database, blobs: Blobs, settings: Settings, batch: BatchRow) -> None:
         self._every = max(1, settings.checkpoint_every)
         self._seconds = settings.checkpoint_seconds
         self._durable = settings.checkpointing
-        self.out, self.err = storage.open_parts(batch.id, batch.output_offset, batch.error_offset)
+        self.out, self.err = blobs.open_parts(batch.id, batch.output_offset, batch.error_offset)
         self.completed = batch.completed
         self.failed = batch.failed
         self.input_tokens = batch.input_tokens
@@ -108,32 +69,27 @@ class ResultLog:
         self._last = time.monotonic()  # when the last snapshot was taken
         self._submitted = self._point()  # the last snapshot handed to the syncer
         self._waiting: deque[tuple[int, float]] = deque()  # snapshots not known committed: (results, taken at)
-        self._syncer = _Syncer(batch.id, self.out, self.err, store.checkpoint_committer(), self._submitted)
+        self._syncer = _Syncer(batch.id, self.out, self.err, db.checkpoint_committer(), self._submitted)
 
     @staticmethod
-    def recover(storage: Storage, batch: BatchRow) -> set[str]:
+    def recover(blobs: Blobs, batch: BatchRow) -> set[str]:
         """custom_ids already committed for this batch (blocking: run it in a thread for big batches)."""
-        out_part, err_part = storage.part_paths(batch.id)
-        return committed_custom_ids(out_part, batch.output_offset) | committed_custom_ids(
+        out_part, err_part = blobs.part_paths(batch.id)
+        return jsonl.custom_ids_in(out_part, batch.output_offset) | jsonl.custom_ids_in(
             err_part, batch.error_offset)
 
     def append(self, custom_id: str, result: Result) -> None:
-        response = {"status_code": result.status_code, "request_id": ids.new_request_id(), "body": result.body}
-        line = {"id": ids.new_request_id(), "custom_id": custom_id, "response": response, "error": None}
         usage = result.usage
         self.input_tokens += usage.input_tokens
         self.cached_tokens += usage.cached_tokens
         self.output_tokens += usage.output_tokens
-        self._write(result.ok, line)
+        self._write(result.ok, jsonl.result_line(custom_id, result))
 
     def append_error(self, custom_id: str, code: str, message: str) -> None:
         """A request that never reached the engine (e.g. `batch_expired`): OpenAI's top-level error."""
-        line = {"id": ids.new_request_id(), "custom_id": custom_id, "response": None,
-                "error": {"code": code, "message": message}}
-        self._write(False, line)
+        self._write(False, jsonl.error_line(custom_id, code, message))
 
-    def _write(self, ok: bool, line: dict[str, Any]) -> None:
-        data = _dumps(line).encode() + b"\n"
+    def _write(self, ok: bool, data: bytes) -> None:
         if ok:
             self.out.write(data)
             self.completed += 1

@@ -1,7 +1,8 @@
 """`vllm-batch-server serve | models`.
 
-Every flag also reads an environment variable (named in --help), so a service manager or container can
-configure the server without a command line.
+The flags of `serve` are generated from the Settings fields (settings.py), each with its environment variable,
+so a service manager or container can configure the server without a command line, and the precedence is the
+same for every setting: flag, then environment, then default.
 """
 
 from __future__ import annotations
@@ -9,34 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
+import typing
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from vllm_batch_server.settings import DEFAULT_MODELS, ENV_PREFIX, Settings, default_cache_dir, default_data_dir
-
-
-def _env(name: str, default: Any = None) -> Any:
-    return os.environ.get(ENV_PREFIX + name, default)
-
-
-def _flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, env: str, help: str,
-          **kwargs: Any) -> None:
-    default = kwargs.pop("default", None)
-    conv = kwargs.get("type", str)
-    raw = _env(env)
-    if raw is not None:
-        if kwargs.get("action") == "append":
-            default = [m.strip() for m in raw.split(",") if m.strip()]
-        elif kwargs.get("action") == argparse.BooleanOptionalAction:
-            default = raw.strip().lower() in ("1", "true", "yes", "on")
-        else:
-            default = conv(raw)
-    shown = f" (env {ENV_PREFIX}{env}"
-    shown += f"; default {default!r})" if default not in (None, []) else ")"
-    parser.add_argument(flag, default=default, help=help + shown, **kwargs)
+from vllm_batch_server import __version__
+from vllm_batch_server.settings import (
+    GROUPS,
+    Settings,
+    SettingsError,
+    declared_default,
+    env_name,
+    field_types,
+    option,
+    parse_value,
+)
 
 
 def _engine_arg(text: str) -> tuple[str, Any]:
@@ -50,97 +41,85 @@ def _engine_arg(text: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), parsed
 
 
+def _shown(value: Any) -> str | None:
+    """A default as a user would type it (not PosixPath('...')); None when there is nothing to show."""
+    if value is None or value == [] or value == {}:
+        return None
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _converter(kind: Any, flag: str) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return parse_value(kind, text, flag)
+        except SettingsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, in help groups; only flags actually given end up in the namespace."""
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    types_ = field_types()
+    for item in fields(Settings):
+        opt = option(item)
+        kind = types_[item.name]
+        flag = opt.flag or "--" + item.name.replace("_", "-")
+        shown = _shown(declared_default(item.name))
+        help_text = f"{opt.help} [env {env_name(item.name)}" + (f"; default {shown}]" if shown else "]")
+        kwargs: dict[str, Any] = {"dest": item.name, "default": argparse.SUPPRESS, "help": help_text}
+        if opt.metavar:
+            kwargs["metavar"] = opt.metavar
+        origin = typing.get_origin(kind)
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is dict:
+            kwargs.update(action="append", type=_engine_arg)
+        elif origin is list:
+            kwargs.update(action="append")
+        else:
+            kwargs["type"] = _converter(kind, flag)
+            if opt.choices:
+                kwargs["choices"] = opt.choices
+        groups[opt.group].add_argument(flag, **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the flags given; everything else from the environment or the defaults."""
+    given = {item.name: getattr(args, item.name) for item in fields(Settings) if hasattr(args, item.name)}
+    if "engine_args" in given:
+        given["engine_args"] = dict(given["engine_args"])
+    return Settings(**given)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vllm-batch-server",
         description="Self-hosted, OpenAI-compatible Batch API on vLLM: durable, resumable batches.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the HTTP server and the batch scheduler")
-    _flag(serve, "--host", "HOST", "address to listen on", default="127.0.0.1")
-    _flag(serve, "--port", "PORT", "port to listen on", type=int, default=4080)
-    _flag(serve, "--data-dir", "DATA_DIR", "where the database, uploads and results live", type=Path,
-          default=default_data_dir())
-    _flag(serve, "--engine", "ENGINE", "what computes requests: vllm (the product) or echo (deterministic "
-          "answers for dry runs and tests)", choices=["vllm", "echo"], default="vllm")
-    _flag(serve, "--model", "MODELS", "a model to serve: an embedded default name, a Hugging Face id or a local "
-          f"folder; repeat for several (env: comma-separated; default: {', '.join(DEFAULT_MODELS)})",
-          dest="models", action="append")
-    _flag(serve, "--api-key", "API_KEY", "require this Bearer token on every route but /health")
-    _flag(serve, "--max-file-bytes", "MAX_FILE_BYTES", "largest accepted upload", type=int,
-          default=512 * 1024 * 1024)
-    _flag(serve, "--max-batch-lines", "MAX_BATCH_LINES", "most requests in one batch", type=int,
-          default=50_000)
-    _flag(serve, "--checkpoint-every", "CHECKPOINT_EVERY",
-          "commit results durably every N results (at most 20 times a second)", type=int, default=500)
-    _flag(serve, "--checkpoint-seconds", "CHECKPOINT_SECONDS", "... or every T seconds, whichever first",
-          type=float, default=1.0)
-    _flag(serve, "--checkpointing", "CHECKPOINTING", "fsync and commit results as they come (turn off only to "
-          "measure what durability costs: a crash then loses the running batch's progress)", default=True,
-          action=argparse.BooleanOptionalAction)
-    _flag(serve, "--window", "WINDOW", "requests kept in flight (default: sized from the engine)", type=int)
-    _flag(serve, "--prefix-lookahead", "PREFIX_LOOKAHEAD", "run requests that share a long prompt prefix "
-          "together, looking this many input lines ahead, so the prefix cache keeps serving them (0: the "
-          "file's order)", type=int, default=1024)
-    _flag(serve, "--echo-delay", "ECHO_DELAY", "seconds the echo engine takes per request", type=float,
-          default=0.0)
-    _flag(serve, "--echo-fault", "ECHO_FAULT", "fault injection for reliability tests: comma-separated "
-          "crash-after=N, hang-after=N (per engine start), times=K (faults in all), journal=PATH")
-    _flag(serve, "--request-timeout", "REQUEST_TIMEOUT", "a request running longer than this many seconds "
-          "counts as an engine hang", type=float, default=600.0)
-    _flag(serve, "--engine-max-restarts", "ENGINE_MAX_RESTARTS", "engine failures tolerated per batch before "
-          "it is failed (its committed results are kept)", type=int, default=3)
-    engine = serve.add_argument_group("vLLM engine")
-    _flag(engine, "--max-model-len", "MAX_MODEL_LEN", "context length", type=int)
-    _flag(engine, "--gpu-memory-utilization", "GPU_MEMORY_UTILIZATION", "fraction of GPU memory for vLLM",
-          type=float)
-    _flag(engine, "--tensor-parallel-size", "TENSOR_PARALLEL_SIZE", "GPUs per model", type=int)
-    _flag(engine, "--max-num-seqs", "MAX_NUM_SEQS", "sequences vLLM batches at once", type=int)
-    _flag(engine, "--dtype", "DTYPE", "weights dtype (default: auto; float32 on CPU)")
-    _flag(engine, "--prefix-caching", "PREFIX_CACHING", "vLLM prefix caching", default=True,
-          action=argparse.BooleanOptionalAction)
-    engine.add_argument("--engine-arg", dest="engine_args", action="append", type=_engine_arg, default=[],
-                        metavar="KEY=VALUE", help="any other vllm AsyncEngineArgs field (repeatable)")
-    _flag(engine, "--model-cache-dir", "MODEL_CACHE_DIR", "where embedded models are prepared", type=Path,
-          default=default_cache_dir())
+    serve = sub.add_parser("serve", help="run the HTTP server and the batch scheduler",
+                           description="Run the HTTP server and the batch scheduler. Every flag can also be "
+                           "set by the environment variable named in its help; a flag wins over the "
+                           "variable.")
+    add_settings_flags(serve)
 
     models = sub.add_parser("models", help="list configured models and what is cached; prepare the defaults")
-    models.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
-    models.add_argument("--model", dest="models", action="append", help="a model name (repeatable)")
-    models.add_argument("--model-cache-dir", type=Path,
-                        default=Path(_env("MODEL_CACHE_DIR") or default_cache_dir()))
+    models.add_argument("action", nargs="?", choices=["list", "prepare"], default="list",
+                        help="list: what each model resolves to; prepare: convert the embedded defaults "
+                        "(default: list)")
+    models.add_argument("--model", dest="models", action="append", default=argparse.SUPPRESS, metavar="MODEL",
+                        help=f"a model name, repeatable [env {env_name('models')}]")
+    models.add_argument("--model-cache-dir", dest="model_cache_dir", type=Path, default=argparse.SUPPRESS,
+                        help=f"where embedded models are prepared [env {env_name('model_cache_dir')}]")
     return parser
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings(
-        host=args.host,
-        port=args.port,
-        data_dir=Path(args.data_dir),
-        engine=args.engine,
-        models=list(args.models or DEFAULT_MODELS),
-        api_key=args.api_key or None,
-        max_file_bytes=args.max_file_bytes,
-        max_batch_lines=args.max_batch_lines,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_seconds=args.checkpoint_seconds,
-        checkpointing=args.checkpointing,
-        window=args.window,
-        prefix_lookahead=args.prefix_lookahead,
-        echo_delay=args.echo_delay,
-        echo_fault=args.echo_fault or None,
-        request_timeout=args.request_timeout,
-        engine_max_restarts=args.engine_max_restarts,
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        tensor_parallel_size=args.tensor_parallel_size,
-        max_num_seqs=args.max_num_seqs,
-        dtype=args.dtype,
-        enable_prefix_caching=args.prefix_caching,
-        engine_args=dict(args.engine_args),
-        model_cache_dir=Path(args.model_cache_dir),
-    )
 
 
 def serve(settings: Settings) -> None:
@@ -154,13 +133,18 @@ def serve(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        parser.exit(2, f"vllm-batch-server: error: {exc}\n")
     if args.command == "serve":
-        serve(settings_from_args(args))
+        serve(settings)
     elif args.command == "models":
         from vllm_batch_server import models
 
-        sys.exit(models.main(args.action, list(args.models or DEFAULT_MODELS), Path(args.model_cache_dir)))
+        sys.exit(models.main(args.action, settings.models, settings.model_cache_dir))
 
 
 if __name__ == "__main__":

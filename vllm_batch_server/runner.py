@@ -16,13 +16,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.checkpoint import ResultLog
+from vllm_batch_server.database import BatchRow, Database
 from vllm_batch_server.engines.base import Engine, EngineError
+from vllm_batch_server.exhaustion import exhausted
 from vllm_batch_server.grouping import group_by_prefix, prefix_key
+from vllm_batch_server.jsonl import iter_requests
+from vllm_batch_server.lifecycle import BatchStatus
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.storage import Storage, is_disk_full
-from vllm_batch_server.store import BatchRow, Store
-from vllm_batch_server.validate import iter_requests
 
 log = logging.getLogger(__name__)
 
@@ -31,36 +33,41 @@ EXPIRED_MESSAGE = "This request could not be executed before the completion wind
 # The longest the workers keep the event loop to themselves when the engine answers without waiting.
 YIELD_SECONDS = 0.02
 
-# Why a runner stopped before its input ran out.
-CANCELLED, EXPIRED, SHUTDOWN = "cancelled", "expired", "shutdown"
+# Why a runner stopped before its input ran out: the batch was cancelled or expired (it ends so), or the
+# server is stopping or the engine hangs (it stays in_progress and resumes later).
+CANCELLED, EXPIRED = BatchStatus.CANCELLED, BatchStatus.EXPIRED
+SHUTDOWN = "shutdown"
 
 
 class BatchRunner:
-    def __init__(self, store: Store, storage: Storage, engine: Engine, settings: Settings,
+    def __init__(self, db: Database, blobs: Blobs, engine: Engine, settings: Settings,
                  batch: BatchRow) -> None:
         self.batch = batch
-        self._store = store
-        self._storage = storage
+        self._db = db
+        self._blobs = blobs
         self._engine = engine
         self._settings = settings
         self.window = max(1, settings.window or engine.capacity)
         self.input_exhausted = asyncio.Event()  # every request handed out: the next batch may overlap
-        self.stop_reason: str | None = None
+        self.stop_reason: BatchStatus | str | None = None
+        self.aborted = 0  # requests in flight when the runner stopped early: aborted, to be recomputed
         self._stopped = asyncio.Event()
         self._in_flight: dict[str, float] = {}  # engine request id -> start time
         self._engine_error: BaseException | None = None
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: BatchStatus | str) -> None:
         """Ask the runner to wind down: in-flight requests are aborted, finished results are kept."""
         if self.stop_reason is None:
             self.stop_reason = reason
         self._stopped.set()
 
-    async def run(self) -> str:
-        """Returns how the batch ended: "completed", or the stop reason. Raises EngineError."""
-        input_path = self._storage.file_path(self.batch.input_file_id)
-        done = await asyncio.to_thread(ResultLog.recover, self._storage, self.batch)
-        results = ResultLog(self._store, self._storage, self._settings, self.batch)
+    async def run(self) -> BatchStatus | None:
+        """How the batch should end: completed, cancelled or expired; None when it stopped for a shutdown and
+        stays in_progress. Raises EngineError when the engine failed, or the error itself when one of our
+        resources ran out (exhaustion.py): neither is the batch's fault."""
+        input_path = self._blobs.file_path(self.batch.input_file_id)
+        done = await asyncio.to_thread(ResultLog.recover, self._blobs, self.batch)
+        results = ResultLog(self._db, self._blobs, self._settings, self.batch)
         try:
             if self.stop_reason is None:
                 pending = (request for request in iter_requests(input_path) if request[1] not in done)
@@ -69,15 +76,23 @@ class BatchRunner:
                 await self._feed(results, grouped, done)
             if self.stop_reason == EXPIRED:
                 await self._expire_rest(results, input_path, done)
-            await results.checkpoint(final=True)
+            if self._engine_error is None:
+                await results.checkpoint(final=True)
+            else:  # commit what finished, unless the failure is what stops commits (a full disk)
+                with contextlib.suppress(Exception):
+                    await results.checkpoint(final=True)
         finally:
+            # Not input_exhausted: the scheduler must learn how this run ended before it starts another batch
+            # on the same engine (an engine that just failed must be restarted first).
             await results.close()
-            self.input_exhausted.set()
-        if self._engine_error is not None:
-            if is_disk_full(self._engine_error):
-                raise self._engine_error  # our disk, not the engine: the scheduler pauses the batch
-            raise EngineError(str(self._engine_error)) from self._engine_error
-        return self.stop_reason or "completed"
+        error = self._engine_error
+        if error is not None:
+            if exhausted(error) is not None or isinstance(error, EngineError):
+                raise error
+            raise EngineError(str(error)) from error
+        if self.stop_reason == SHUTDOWN:
+            return None
+        return self.stop_reason if isinstance(self.stop_reason, BatchStatus) else BatchStatus.COMPLETED
 
     async def _feed(self, results: ResultLog, requests: Iterator[tuple[int, str, dict[str, Any]]],
                     done: set[str]) -> None:
@@ -127,6 +142,7 @@ class BatchRunner:
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             running = [task for task in workers if not task.done()]
+            self.aborted = len(self._in_flight)
             if running:
                 # Stopping (cancel, expiry, shutdown or an engine failure): abort what is in flight.
                 with contextlib.suppress(Exception):

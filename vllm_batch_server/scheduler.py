@@ -4,8 +4,12 @@ It owns the one engine and decides which model is loaded: a batch whose model di
 waits for the running batches to finish, then the engine switches. While a batch's last requests are still
 in flight, the next batch of the same model may start, so the engine is never idle at a batch's tail.
 
-All state lives in SQLite; the scheduler's memory is only which runners are live. A restart rebuilds
-everything: batches that were running resume from their checkpoint, half-finalized ones finish finalizing.
+Every status change is asked of the lifecycle (lifecycle.py), which commits it with its event; the API never
+writes a status, it calls `submit` and `cancel` here.
+
+All state lives in SQLite; the scheduler's memory is only which runners are live, the engine's state and which
+batches wait for a resource to come back. A restart rebuilds everything: batches that were running resume
+from their checkpoint, half-finalized ones finish finalizing.
 """
 
 from __future__ import annotations
@@ -14,47 +18,62 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
-from vllm_batch_server import ids
+from vllm_batch_server import idempotency, ids
+from vllm_batch_server.aio import wait_event
+from vllm_batch_server.blobs import Blobs
+from vllm_batch_server.database import ACTIVE_STATUSES, BatchRow, Database, FileRow
 from vllm_batch_server.engines.base import Engine, EngineError
+from vllm_batch_server.exhaustion import Exhausted, exhausted
+from vllm_batch_server.idempotency import IdempotencyKey
+from vllm_batch_server.lifecycle import BatchStatus, Lifecycle, now
 from vllm_batch_server.runner import CANCELLED, EXPIRED, SHUTDOWN, BatchRunner
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.storage import Storage, is_disk_full
-from vllm_batch_server.store import ACTIVE_STATUSES, BatchRow, FileRow, Store
 from vllm_batch_server.validate import validate_input
 
 log = logging.getLogger(__name__)
 
-# The column that records when a batch reached each terminal status.
-_ENDED_AT = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at",
-             "failed": "failed_at"}
+S = BatchStatus
+
+# How long a batch that ran out of a resource of ours (disk, descriptors, memory) waits before trying again.
+RESOURCE_RETRY_SECONDS = 2.0
+
+# How often Idempotency-Keys older than idempotency.KEEP_SECONDS are forgotten.
+KEY_SWEEP_SECONDS = 3600
 
 
-# How long a batch that ran out of disk space waits before it tries again.
-DISK_FULL_RETRY_SECONDS = 2.0
+class EngineState(str, Enum):
+    IDLE = "idle"  # no model loaded
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"  # died or hung: restarted before anything else runs on it
 
 
-async def wait_event(event: asyncio.Event, timeout: float) -> None:
-    """Until `event` is set or `timeout` passes. Not asyncio.wait_for: before Python 3.12 it swallows a cancel
-    that arrives just as the event fires, and the loop waiting here then never stops (a shutdown that hangs)."""
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait([waiter], timeout=timeout)
-    finally:
-        waiter.cancel()
+class NotCancellable(Exception):
+    def __init__(self, status: BatchStatus) -> None:
+        super().__init__(f"Cannot cancel a batch that is {status.value}.")
+        self.status = status
 
 
-def now() -> int:
-    return int(time.time())
+@dataclass(frozen=True)
+class Pause:
+    reason: Exhausted
+    until: float  # time.monotonic()
 
 
 class Scheduler:
-    def __init__(self, store: Store, storage: Storage, engine: Engine, settings: Settings) -> None:
-        self.store = store
-        self.storage = storage
+    def __init__(self, db: Database, blobs: Blobs, engine: Engine, settings: Settings,
+                 lifecycle: Lifecycle) -> None:
+        self.db = db
+        self.blobs = blobs
         self.engine = engine
         self.settings = settings
+        self.lifecycle = lifecycle
+        self.engine_state = EngineState.IDLE
+        self.paused: dict[str, Pause] = {}  # batches waiting for a resource of ours to come back
         self._runners: dict[str, BatchRunner] = {}
         self._drivers: set[asyncio.Task[None]] = set()
         self._queue_changed = asyncio.Event()
@@ -62,7 +81,10 @@ class Scheduler:
         self._tasks: list[asyncio.Task[None]] = []
         self._engine_lock = asyncio.Lock()
         self._finalizing: set[str] = set()
-        self._paused_until: dict[str, float] = {}  # batch id -> monotonic time: out of disk space, wait
+        # A batch stopped with requests in flight (cancel, expiry): the engine answers a health check before
+        # the next batch is given to it, so a wedged engine is restarted instead of stalling the queue.
+        self._engine_suspect = False
+        self._keys_swept = 0  # when old Idempotency-Keys were last forgotten
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -83,56 +105,82 @@ class Scheduler:
         with contextlib.suppress(Exception):
             await self.engine.stop()
 
-    def notify(self) -> None:
-        """A batch was created: validate it soon."""
+    async def submit(self, batch: BatchRow, key: IdempotencyKey | None = None) -> BatchRow:
+        """Accept a new batch (durable when this returns) and validate it soon. Raises sqlite3.IntegrityError
+        when `key` was recorded meanwhile by another request."""
+        await self.lifecycle.create(batch, key)
         self._new_batch.set()
+        return batch
+
+    async def cancel(self, batch_id: str) -> BatchRow | None:
+        """Start cancelling a batch; None if there is no such batch. Raises NotCancellable once it has ended
+        (or is finalizing). Cancelling twice is harmless."""
+        batch = await self.db.get_batch(batch_id)
+        if batch is None:
+            return None
+        if batch.status in (S.CANCELLING, S.CANCELLED):
+            return batch
+        moved = await self.lifecycle.move(batch_id, S.CANCELLING, only_from=(S.VALIDATING, S.IN_PROGRESS))
+        current = await self.db.get_batch(batch_id)
+        assert current is not None
+        if not moved:
+            if current.status in (S.CANCELLING, S.CANCELLED):
+                return current
+            raise NotCancellable(current.status)
+        runner = self._runners.get(batch_id)
+        if runner is not None:
+            runner.stop(CANCELLED)
+        else:
+            await self._finalize(current, S.CANCELLED)
+        return await self.db.get_batch(batch_id) or current
 
     async def _recover(self) -> None:
-        for batch in await self.store.batches_in(ACTIVE_STATUSES):
-            if batch.status == "finalizing" or batch.outcome:
-                await self._finalize(batch, batch.outcome or "completed")
-            elif batch.status == "cancelling":
-                await self._finalize(batch, CANCELLED)
+        for batch in await self.db.batches_in(ACTIVE_STATUSES):
+            if batch.status is S.FINALIZING or batch.outcome:
+                await self._finalize(batch, BatchStatus(batch.outcome or S.COMPLETED))
+            elif batch.status is S.CANCELLING:
+                await self._finalize(batch, S.CANCELLED)
         # Blobs that no row names: an upload or output that crashed between rename and commit.
-        known = await self.store.all_file_ids()
-        for batch in await self.store.batches_in(ACTIVE_STATUSES):
+        known = await self.db.all_file_ids()
+        for batch in await self.db.batches_in(ACTIVE_STATUSES):
             known.update(i for i in (batch.output_file_id, batch.error_file_id) if i)
-        for orphan in self.storage.stored_file_ids() - known:
+        for orphan in self.blobs.stored_file_ids() - known:
             log.info("removing orphaned blob %s", orphan)
-            self.storage.remove_file(orphan)
+            self.blobs.remove_file(orphan)
         # Result parts of batches that already ended: a crash between the final commit and the clean-up.
-        active = {batch.id for batch in await self.store.batches_in(ACTIVE_STATUSES)}
-        for directory in list(self.storage.batches_dir.iterdir()):
+        active = {batch.id for batch in await self.db.batches_in(ACTIVE_STATUSES)}
+        for directory in list(self.blobs.batches_dir.iterdir()):
             if ids.is_batch_id(directory.name) and directory.name not in active:
                 log.info("removing the leftover result parts of ended batch %s", directory.name)
-                await asyncio.to_thread(self.storage.remove_batch_dir, directory.name)
+                await asyncio.to_thread(self.blobs.remove_batch_dir, directory.name)
 
     # ---- validation --------------------------------------------------------------------------------------
 
     async def _validate_loop(self) -> None:
         while True:
             self._new_batch.clear()  # before looking, so a batch created meanwhile wakes us again
-            for batch in await self.store.batches_in(["validating"]):
+            for batch in await self.db.batches_in([S.VALIDATING]):
                 try:
                     await self._validate(batch)
-                except Exception:
+                except Exception as exc:
+                    if (kind := exhausted(exc)) is not None:  # ours to fix; it stays validating and is retried
+                        log.error("could not validate batch %s, %s (%s); retrying", batch.id, kind.value, exc)
+                        continue
                     log.exception("could not validate batch %s", batch.id)
                     await self._fail(batch, "server_error", "The input file could not be validated.")
             await wait_event(self._new_batch, 5)
 
     async def _validate(self, batch: BatchRow) -> None:
-        path = self.storage.file_path(batch.input_file_id)
+        path = self.blobs.file_path(batch.input_file_id)
         report = await asyncio.to_thread(
             validate_input, path, endpoint=batch.endpoint, served_models=self.settings.models,
             max_lines=self.settings.max_batch_lines, max_errors=self.settings.max_errors_reported)
         if report.ok:
-            changed = await self.store.update_batch(
-                batch.id, only_if_status=["validating"], status="in_progress", in_progress_at=now(),
-                total=report.total, model=report.model)
+            changed = await self.lifecycle.move(batch.id, S.IN_PROGRESS, only_from=[S.VALIDATING],
+                                                total=report.total, model=report.model)
         else:
-            changed = await self.store.update_batch(
-                batch.id, only_if_status=["validating"], status="failed", failed_at=now(),
-                errors=[e.as_dict() for e in report.errors], total=report.total)
+            changed = await self.lifecycle.move(batch.id, S.FAILED, only_from=[S.VALIDATING],
+                                                errors=[e.as_dict() for e in report.errors], total=report.total)
         if changed:
             self._queue_changed.set()  # either way, the batches queued behind it may go now
 
@@ -145,60 +193,89 @@ class Scheduler:
             if batch is None:
                 await wait_event(self._queue_changed, self.settings.sweep_seconds)
                 continue
-            if self.engine.model != batch.model:
-                if self._drivers:
-                    # Never switch models under a running batch. Then look again: a batch that ended in an
-                    # engine failure is older than this one and must resume first.
-                    await self._wait_runners()
-                    continue
-                if not await self._load(batch):
-                    continue
-            # Look again right before registering: a cancel or expiry may have ended it meanwhile. No await
-            # separates this read from the registration, so the API's cancel either sees the runner or
-            # finds the batch unclaimed and finalizes it itself.
-            batch = await self.store.get_batch(batch.id)
-            if batch is None or batch.status != "in_progress" or batch.id in self._runners:
+            if not await self._engine_ready_for(batch):
+                continue  # the engine changed, or the queue may have: look again
+            # Look again right before registering: a cancel or expiry may have ended it meanwhile, and the
+            # engine may have failed. No await separates these checks from the registration, so the API's
+            # cancel either sees the runner or finds the batch unclaimed and finalizes it itself.
+            batch = await self.db.get_batch(batch.id)
+            if (batch is None or batch.status is not S.IN_PROGRESS or batch.id in self._runners
+                    or self.engine_state is not EngineState.READY or self.engine.model != batch.model):
                 continue
-            runner = BatchRunner(self.store, self.storage, self.engine, self.settings, batch)
+            runner = BatchRunner(self.db, self.blobs, self.engine, self.settings, batch)
             self._runners[batch.id] = runner
             driver = asyncio.create_task(self._drive(runner), name=f"run {batch.id}")
             self._drivers.add(driver)
             driver.add_done_callback(self._drivers.discard)
             # Start the next batch once this one has handed out all its requests (or ended).
-            exhausted = asyncio.create_task(runner.input_exhausted.wait())
-            await asyncio.wait([exhausted, driver], return_when=asyncio.FIRST_COMPLETED)
-            exhausted.cancel()
+            exhausted_input = asyncio.create_task(runner.input_exhausted.wait())
+            await asyncio.wait([exhausted_input, driver], return_when=asyncio.FIRST_COMPLETED)
+            exhausted_input.cancel()
 
     async def _next_batch(self) -> BatchRow | None:
         """The oldest batch ready to run. Strictly in creation order: while an older batch is still being
         validated, nothing newer starts (it would overtake it, and could force an extra model switch)."""
-        for batch in await self.store.batches_in(["validating", "in_progress"]):
-            # A batch with an outcome is being finalized; a paused one waits for disk space.
-            if batch.id in self._runners or batch.outcome or batch.id in self._paused_until:
+        for batch in await self.db.batches_in([S.VALIDATING, S.IN_PROGRESS]):
+            # A batch with an outcome is being finalized; a paused one waits for a resource.
+            if batch.id in self._runners or batch.outcome or batch.id in self.paused:
                 continue
-            return batch if batch.status == "in_progress" else None
+            return batch if batch.status is S.IN_PROGRESS else None
         return None
+
+    async def _engine_ready_for(self, batch: BatchRow) -> bool:
+        """Whether the engine is ready to run `batch` now. If it is not (another model, failed, suspect), wait
+        for the running batches to end, then restart or switch it, and return False so the caller picks again:
+        a batch that ended in an engine failure is older than this one and must resume first."""
+        if self.engine_state is EngineState.READY and self.engine.model == batch.model:
+            if not self._engine_suspect:
+                return True
+            if not self._drivers:
+                self._engine_suspect = False
+                if await self._healthy():
+                    return True
+        if self._drivers:
+            # Never switch or restart the engine under a running batch.
+            await self._wait_runners()
+            return False
+        await self._load(batch)
+        return False
+
+    async def _healthy(self) -> bool:
+        try:
+            await asyncio.wait_for(self.engine.check_health(), self.settings.health_timeout)
+            return True
+        except Exception as exc:  # TimeoutError included: a wedged engine never answers
+            log.error("the engine failed a health check after a batch stopped with requests in flight (%s); "
+                      "restarting it", exc or f"no answer within {self.settings.health_timeout:g}s")
+            self.engine_state = EngineState.FAILED
+            return False
 
     async def _wait_runners(self) -> None:
         while self._drivers:
             await asyncio.wait(set(self._drivers))
 
-    async def _load(self, batch: BatchRow) -> bool:
-        """Switch the engine to the batch's model; a model that cannot load fails the batch."""
+    async def _load(self, batch: BatchRow) -> None:
+        """(Re)start the engine with the batch's model. A model that cannot load fails the batch; a resource
+        of ours that ran out pauses it."""
         assert batch.model is not None
         async with self._engine_lock:
+            self.engine_state = EngineState.LOADING
             try:
                 await self.engine.stop()
                 log.info("loading model %s", batch.model)
                 await self.engine.start(batch.model)
-                return True
+                self.engine_state = EngineState.READY
+                return
             except Exception as exc:  # the model, not the server, is broken: fail this batch only
-                log.exception("could not load model %s", batch.model)
                 with contextlib.suppress(Exception):
                     await self.engine.stop()
+                self.engine_state = EngineState.IDLE
+                if (kind := exhausted(exc)) is not None:
+                    self._pause(batch.id, kind, exc)
+                    return
+                log.exception("could not load model %s", batch.model)
                 await self._fail(batch, "model_load_failed", f"The model {batch.model!r} could not be loaded: "
                                  f"{exc}")
-                return False
 
     async def _drive(self, runner: BatchRunner) -> None:
         """Run a batch and end it. The runner stays registered until the batch is finalized, so neither the
@@ -208,19 +285,26 @@ class Scheduler:
             try:
                 outcome = await runner.run()
             except EngineError as exc:
+                # First, before any await: nothing more may be given to this engine until it is restarted.
+                self.engine_state = EngineState.FAILED
+                if (kind := exhausted(exc)) is not None:
+                    self._pause(batch.id, kind, exc)  # it died because we ran out, not because of the batch
+                    return
                 await self._engine_failed(batch, exc)
                 return
-            if outcome == SHUTDOWN:
-                return  # stays in_progress; resumes at next start
-            current = await self.store.get_batch(batch.id)
+            if runner.aborted and outcome in (CANCELLED, EXPIRED):
+                self._engine_suspect = True
+            if outcome is None:
+                return  # a shutdown: stays in_progress and resumes at the next start
+            current = await self.db.get_batch(batch.id)
             if current is None:
                 return
-            if current.status == "cancelling":
+            if current.status is S.CANCELLING:
                 outcome = CANCELLED
             await self._finalize(current, outcome)
         except Exception as exc:
-            if is_disk_full(exc):
-                self._pause_for_space(batch.id, exc)
+            if (kind := exhausted(exc)) is not None:
+                self._pause(batch.id, kind, exc)
                 return
             log.exception("batch %s stopped on an unexpected error", batch.id)
             await self._fail(batch, "server_error", f"The batch stopped on an internal error: {exc}")
@@ -229,63 +313,59 @@ class Scheduler:
             self._queue_changed.set()
 
     async def _engine_failed(self, batch: BatchRow, exc: Exception) -> None:
-        current = await self.store.get_batch(batch.id) or batch
+        """Charge the batch one engine failure; past the limit, fail it keeping its results. The run loop
+        restarts the engine before it gives it any batch."""
+        current = await self.db.get_batch(batch.id) or batch
         failures = current.engine_failures + 1
         log.error("engine failed on batch %s (%d/%d): %s", batch.id, failures,
                   self.settings.engine_max_restarts, exc)
-        if current.status == "cancelling":
-            await self._finalize(current, CANCELLED)
+        if current.status is S.CANCELLING:
+            await self._finalize(current, S.CANCELLED)
         elif failures > self.settings.engine_max_restarts:
             await self._fail(current, "engine_error", f"The engine failed {failures} times while running this "
                              f"batch; last error: {exc}. Results computed so far are kept.")
         else:
-            await self.store.update_batch(batch.id, engine_failures=failures)
-        async with self._engine_lock:
-            with contextlib.suppress(Exception):
-                await self.engine.stop()  # the run loop reloads it for whatever runs next
+            await self.db.update_batch(batch.id, engine_failures=failures)
 
-    def _pause_for_space(self, batch_id: str, exc: BaseException) -> None:
-        """Out of disk space: failing the batch would drop accepted work, and nothing committed is lost (the
-        parts are cut back to the last checkpoint on resume), so wait and try again."""
-        log.error("batch %s paused: out of disk space (%s); retrying in %.0fs", batch_id, exc,
-                  DISK_FULL_RETRY_SECONDS)
-        self._paused_until[batch_id] = time.monotonic() + DISK_FULL_RETRY_SECONDS
+    def _pause(self, batch_id: str, reason: Exhausted, exc: BaseException) -> None:
+        """A resource of ours ran out: failing the batch would drop accepted work, and nothing committed is lost
+        (the parts are cut back to the last checkpoint on resume), so wait and try again."""
+        log.error("batch %s paused: %s (%s); retrying in %.0fs", batch_id, reason.value, exc,
+                  RESOURCE_RETRY_SECONDS)
+        self.paused[batch_id] = Pause(reason, time.monotonic() + RESOURCE_RETRY_SECONDS)
         # With the scheduler's own loops, so a shutdown cancels it, and apart from the drivers, so a model
-        # switch does not wait for the disk to be freed.
+        # switch does not wait for the resource to come back.
         task = asyncio.create_task(self._resume_after_pause(batch_id), name=f"resume {batch_id}")
         self._tasks.append(task)
         task.add_done_callback(self._tasks.remove)
 
     async def _resume_after_pause(self, batch_id: str) -> None:
-        await asyncio.sleep(DISK_FULL_RETRY_SECONDS)
-        self._paused_until.pop(batch_id, None)
-        batch = await self.store.get_batch(batch_id)
+        await asyncio.sleep(RESOURCE_RETRY_SECONDS)
+        pause = self.paused.pop(batch_id, None)
+        batch = await self.db.get_batch(batch_id)
         if batch is not None and batch.id not in self._runners and (
-                batch.outcome or batch.status in ("finalizing", "cancelling")):
-            try:  # it was ending when the disk filled: finish that (idempotent)
-                await self._finalize(batch, batch.outcome or CANCELLED)
+                batch.outcome or batch.status in (S.FINALIZING, S.CANCELLING)):
+            try:  # it was ending when the resource ran out: finish that (idempotent)
+                await self._finalize(batch, BatchStatus(batch.outcome or S.CANCELLED))
             except Exception as exc:
-                if not is_disk_full(exc):
+                if (kind := exhausted(exc)) is None:
                     raise
-                self._pause_for_space(batch_id, exc)
+                self._pause(batch_id, kind, exc)
+                return
+        if pause is not None:
+            log.info("batch %s: retrying after being %s", batch_id, pause.reason.value)
         self._queue_changed.set()  # an in_progress batch is picked up again by the run loop
 
     # ---- ending ------------------------------------------------------------------------------------------
 
-    async def cancel(self, batch: BatchRow) -> None:
-        """Called after the API moved the batch to `cancelling`."""
-        runner = self._runners.get(batch.id)
-        if runner is not None:
-            runner.stop(CANCELLED)
-        else:
-            await self._finalize(batch, CANCELLED)
-
     async def _fail(self, batch: BatchRow, code: str, message: str) -> None:
         errors = [{"code": code, "line": None, "message": message, "param": None}]
-        await self.store.update_batch(batch.id, errors=errors)
-        await self._finalize(batch, "failed")
+        await self.db.update_batch(batch.id, errors=errors)
+        current = await self.db.get_batch(batch.id) or batch
+        # A batch being cancelled ends cancelled whatever else goes wrong: that is what its owner asked for.
+        await self._finalize(current, S.CANCELLED if current.status is S.CANCELLING else S.FAILED)
 
-    async def _finalize(self, batch: BatchRow, outcome: str) -> None:
+    async def _finalize(self, batch: BatchRow, outcome: BatchStatus) -> None:
         """Turn the committed result parts into registered files and end the batch. Idempotent: a crash
         anywhere in here is repaired by running it again at start-up."""
         if batch.id in self._finalizing:
@@ -296,37 +376,46 @@ class Scheduler:
         finally:
             self._finalizing.discard(batch.id)
 
-    async def _finalize_once(self, batch: BatchRow, outcome: str) -> None:
-        batch = await self.store.get_batch(batch.id) or batch
-        if batch.status not in ACTIVE_STATUSES:
-            return
-        if not batch.outcome:
+    async def _finalize_once(self, batch: BatchRow, outcome: BatchStatus) -> None:
+        current = await self.db.get_batch(batch.id)
+        while current is not None and not current.outcome:
+            if current.status not in ACTIVE_STATUSES:
+                return
+            if current.status is S.CANCELLING:
+                outcome = S.CANCELLED
             # Decide the file ids before any rename, so a crash mid-way can be finished with the same ids.
             changes: dict[str, Any] = {
-                "outcome": outcome,
-                "output_file_id": ids.new_file_id() if batch.output_offset > 0 else None,
-                "error_file_id": ids.new_file_id() if batch.error_offset > 0 else None,
+                "outcome": outcome.value,
+                "output_file_id": ids.new_file_id() if current.output_offset > 0 else None,
+                "error_file_id": ids.new_file_id() if current.error_offset > 0 else None,
             }
-            if outcome == "completed":
-                changes.update(status="finalizing", finalizing_at=now())
-            await self.store.update_batch(batch.id, **changes)
-            batch = await self.store.get_batch(batch.id) or batch
-        outcome = batch.outcome or outcome
-        out_part, err_part = self.storage.part_paths(batch.id)
+            if outcome is S.COMPLETED:
+                # Fails only if a cancel won the race meanwhile: then look again, and end it cancelled.
+                await self.lifecycle.move(current.id, S.FINALIZING, only_from=[S.IN_PROGRESS], **changes)
+            else:
+                await self.db.update_batch(current.id, **changes)
+            current = await self.db.get_batch(batch.id)
+        if current is None or current.status not in ACTIVE_STATUSES:
+            return
+        assert current.outcome is not None
+        outcome = BatchStatus(current.outcome)
+        out_part, err_part = self.blobs.part_paths(current.id)
         ended = now()
-        expires = ended + batch.output_expires_after if batch.output_expires_after else None
+        expires = ended + current.output_expires_after if current.output_expires_after else None
         files: list[FileRow] = []
         for file_id, part, offset, name in (
-            (batch.output_file_id, out_part, batch.output_offset, "output"),
-            (batch.error_file_id, err_part, batch.error_offset, "errors"),
+            (current.output_file_id, out_part, current.output_offset, "output"),
+            (current.error_file_id, err_part, current.error_offset, "errors"),
         ):
             if file_id:
-                size = await asyncio.to_thread(self.storage.promote_part, part, offset, file_id)
-                files.append(FileRow(id=file_id, filename=f"{batch.id}_{name}.jsonl", purpose="batch_output",
+                size = await asyncio.to_thread(self.blobs.promote_part, part, offset, file_id)
+                files.append(FileRow(id=file_id, filename=f"{current.id}_{name}.jsonl", purpose="batch_output",
                                      bytes=size, created_at=ended, expires_at=expires))
-        await self.store.finish_batch(batch.id, files, status=outcome, **{_ENDED_AT[outcome]: ended})
-        await asyncio.to_thread(self.storage.remove_batch_dir, batch.id)
-        log.info("batch %s %s", batch.id, outcome)
+        if not await self.lifecycle.move(current.id, outcome, files=files):
+            raise RuntimeError(f"batch {current.id} could not move from {current.status.value} to "
+                               f"{outcome.value}")
+        await asyncio.to_thread(self.blobs.remove_batch_dir, current.id)
+        log.info("batch %s %s", current.id, outcome.value)
 
     # ---- time-driven: expiry of batches and files --------------------------------------------------------
 
@@ -340,21 +429,24 @@ class Scheduler:
 
     async def _sweep(self) -> None:
         moment = now()
-        for batch in await self.store.batches_in(["validating", "in_progress"]):
+        for batch in await self.db.batches_in([S.VALIDATING, S.IN_PROGRESS]):
             if batch.expires_at is None or batch.expires_at > moment:
                 continue
             runner = self._runners.get(batch.id)
             if runner is not None:
                 runner.stop(EXPIRED)
-            elif batch.status == "validating" or batch.total == 0:
-                await self._finalize(batch, EXPIRED)
+            elif batch.status is S.VALIDATING or batch.total == 0:
+                await self._finalize(batch, S.EXPIRED)
             else:
                 # Never started: every request gets its batch_expired line, through the same durable path.
-                runner = BatchRunner(self.store, self.storage, self.engine, self.settings, batch)
+                runner = BatchRunner(self.db, self.blobs, self.engine, self.settings, batch)
                 runner.stop(EXPIRED)
                 self._runners[batch.id] = runner
                 await self._drive(runner)
-        for file in await self.store.expired_files(moment):
-            if await self.store.file_in_use(file.id) is None:
-                await self.store.delete_file(file.id)
-                self.storage.remove_file(file.id)
+        for file in await self.db.expired_files(moment):
+            if await self.db.file_in_use(file.id) is None:
+                await self.db.delete_file(file.id)
+                self.blobs.remove_file(file.id)
+        if moment - self._keys_swept >= KEY_SWEEP_SECONDS:
+            await self.db.forget_idempotency_keys(moment - idempotency.KEEP_SECONDS)
+            self._keys_swept = moment

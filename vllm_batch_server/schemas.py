@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_batch_server.store import BatchRow, FileRow
+from vllm_batch_server.database import BatchRow, FileRow
 
 
 def file_object(file: FileRow) -> dict[str, Any]:

@@ -1,19 +1,42 @@
-"""Every knob of the server in one object, filled from CLI flags, then `BATCH_SERVER_*` env vars, then defaults.
+"""Every knob of the server, declared once: the `Settings` fields below.
+
+Each field is also a command-line flag (`--checkpoint-every`) and an environment variable
+(`BATCH_SERVER_CHECKPOINT_EVERY`), both generated from the field (cli.py builds the flags). The precedence is the
+same for every setting: a value given explicitly (a flag, or an argument to `Settings(...)` in code) wins, then
+the environment variable, then the default. So `Settings()` built in code reads the environment too, and a
+flag given on the command line replaces the environment's value rather than adding to it.
 
 The env prefix is deliberately not `VLLM_`: vLLM warns about every unknown `VLLM_*` variable it sees.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 ENV_PREFIX = "BATCH_SERVER_"
 
 # Served when no --model is given: the two small real models that PyPI packages carry (see models.py).
 DEFAULT_MODELS = ("smollm2-135m-instruct", "all-minilm-l6-v2")
+
+# Help groups, in the order `serve --help` shows them.
+SERVER = "server"
+QUEUE = "queue and durability"
+LIMITS = "limits and timeouts"
+ENGINE = "engine"
+VLLM = "vLLM engine"
+TESTING = "testing and benchmarking (never in production)"
+GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, VLLM, TESTING)
+
+
+class SettingsError(ValueError):
+    """A setting's value cannot be used; the message names the setting and where its value came from."""
 
 
 def default_data_dir() -> Path:
@@ -26,53 +49,193 @@ def default_cache_dir() -> Path:
     return Path(base) / "vllm-batch"
 
 
+@dataclass(frozen=True)
+class Option:
+    """How a field appears on the command line and in the environment."""
+
+    help: str
+    group: str
+    flag: str | None = None  # default: the field's name with dashes
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+class _FromEnv:
+    """A field's default factory: the environment variable if set, else the declared default. The field's name
+    and type are filled in once the class exists (see `_bind_environment`)."""
+
+    def __init__(self, default: Any, factory: Callable[[], Any] | None) -> None:
+        self.default = default
+        self.factory = factory
+        self.name = ""
+        self.kind: Any = str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    def declared_default(self) -> Any:
+        return self.factory() if self.factory is not None else self.default
+
+    def __call__(self) -> Any:
+        raw = os.environ.get(self.env)
+        if raw is None:
+            return self.declared_default()
+        return parse_value(self.kind, raw, self.env)
+
+
+def setting(default: Any = MISSING, *, factory: Callable[[], Any] | None = None, help: str, group: str,
+            flag: str | None = None, choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
+    return field(default_factory=_FromEnv(None if default is MISSING else default, factory),
+                 metadata={"option": Option(help, group, flag, choices, metavar)})
+
+
+def parse_value(kind: Any, raw: str, source: str) -> Any:
+    """A setting's value from text (an environment variable or a flag), by the field's type."""
+    optional, base = _unwrap_optional(kind)
+    text = raw.strip()
+    if optional and text == "":
+        return None
+    origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        if base is Path:
+            return Path(text).expanduser()
+        if origin is list:
+            return [item.strip() for item in text.split(",") if item.strip()]
+        if origin is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError("expected a JSON object")
+            return value
+        return text
+    except ValueError as exc:
+        raise SettingsError(f"{source}={raw!r}: {_describe(base)} ({exc})") from None
+
+
+def _describe(kind: Any) -> str:
+    names = {bool: "expected true or false", int: "expected an integer", float: "expected a number",
+             Path: "expected a path"}
+    if kind in names:
+        return names[kind]
+    origin = typing.get_origin(kind)
+    return {list: "expected comma-separated values", dict: "expected a JSON object"}.get(origin, "invalid value")
+
+
+def _unwrap_optional(kind: Any) -> tuple[bool, Any]:
+    if typing.get_origin(kind) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1:
+            return True, args[0]
+    return False, kind
+
+
+def _bind_environment(cls: type[Settings]) -> type[Settings]:
+    hints = typing.get_type_hints(cls)
+    for item in fields(cls):
+        factory = item.default_factory
+        if isinstance(factory, _FromEnv):
+            factory.name = item.name
+            factory.kind = hints[item.name]
+    return cls
+
+
+@_bind_environment
 @dataclass
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 4080
-    data_dir: Path = field(default_factory=default_data_dir)
-    engine: str = "vllm"
-    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
-    api_key: str | None = None
+    # ---- server
+    host: str = setting("127.0.0.1", help="address to listen on", group=SERVER)
+    port: int = setting(4080, help="port to listen on", group=SERVER)
+    data_dir: Path = setting(factory=default_data_dir, help="where the database, uploads and results live "
+                             "(one server per directory: it is locked while the server runs)", group=SERVER)
+    api_key: str | None = setting(None, help="require this Bearer token on every route but /health",
+                                  group=SERVER)
 
-    # Limits, as OpenAI's where OpenAI has one.
-    max_file_bytes: int = 512 * 1024 * 1024
-    max_batch_lines: int = 50_000
-    max_errors_reported: int = 100
+    # ---- queue and durability
+    models: list[str] = setting(factory=lambda: list(DEFAULT_MODELS), flag="--model", metavar="MODEL",
+                                help="a model to serve: an embedded default name, a Hugging Face id or a local "
+                                "folder; repeat the flag for several (environment: comma-separated)",
+                                group=ENGINE)
+    checkpoint_every: int = setting(500, help="commit results durably every N results (at most 20 times a "
+                                    "second)", group=QUEUE)
+    checkpoint_seconds: float = setting(1.0, help="... or every T seconds, whichever comes first", group=QUEUE)
+    prefix_lookahead: int = setting(1024, help="run requests that share a long prompt prefix together, looking "
+                                    "this many input lines ahead, so the prefix cache keeps serving them (0: "
+                                    "the file's order)", group=QUEUE)
+    sweep_seconds: float = setting(1.0, help="how often expired batches and files are looked for", group=QUEUE)
 
-    # Durability: results are fsynced and committed every N results or T seconds, whichever comes first.
-    checkpoint_every: int = 500
-    checkpoint_seconds: float = 1.0
-    checkpointing: bool = True  # off only for benchmarks that measure what checkpointing costs
+    # ---- limits and timeouts (as OpenAI's where OpenAI has one)
+    max_file_bytes: int = setting(512 * 1024 * 1024, help="largest accepted upload, in bytes", group=LIMITS)
+    max_batch_lines: int = setting(50_000, help="most requests in one batch", group=LIMITS)
+    max_errors_reported: int = setting(100, help="most validation errors listed for one batch", group=LIMITS)
+    request_timeout: float = setting(600.0, help="a request running longer than this many seconds counts as an "
+                                     "engine hang", group=LIMITS)
+    health_timeout: float = setting(10.0, help="an engine that does not answer a health check within this many "
+                                    "seconds (asked after a batch stopped with requests in flight) is restarted",
+                                    group=LIMITS)
 
-    # How many requests the runner keeps in flight; None sizes it from the engine.
-    window: int | None = None
-    # Requests sharing a long prompt prefix are run together within this many input lines (0: file order).
-    prefix_lookahead: int = 1024
-    # Engine failures tolerated per batch before it is failed (its committed results are kept).
-    engine_max_restarts: int = 3
-    # A single request taking longer than this is treated as an engine hang.
-    request_timeout: float = 600.0
+    # ---- engine
+    engine: str = setting("vllm", choices=("vllm", "echo"), help="what computes requests: vllm (the product) or "
+                          "echo (deterministic answers without a model, for dry runs of a pipeline)",
+                          group=ENGINE)
+    window: int | None = setting(None, help="requests kept in flight (default: sized from the engine)",
+                                 group=ENGINE)
+    engine_max_restarts: int = setting(3, help="engine failures tolerated per batch before it is failed (its "
+                                       "committed results are kept)", group=ENGINE)
+    echo_delay: float = setting(0.0, help="seconds the echo engine takes per request", group=ENGINE)
 
-    # Echo engine.
-    echo_delay: float = 0.0
-    # Opt-in fault injection for reliability tests, e.g. "crash-after=20" or "hang-after=5,times=1"
-    # (see engines/echo.py). Never set in production.
-    echo_fault: str | None = None
+    # ---- vLLM engine
+    max_model_len: int | None = setting(None, help="context length", group=VLLM)
+    gpu_memory_utilization: float | None = setting(None, help="fraction of GPU memory for vLLM", group=VLLM)
+    tensor_parallel_size: int | None = setting(None, help="GPUs per model", group=VLLM)
+    max_num_seqs: int | None = setting(None, help="sequences vLLM batches at once", group=VLLM)
+    dtype: str | None = setting(None, help="weights dtype (default: auto; float32 on CPU)", group=VLLM)
+    prefix_caching: bool = setting(True, help="vLLM prefix caching", group=VLLM)
+    engine_args: dict[str, Any] = setting(factory=dict, flag="--engine-arg", metavar="KEY=VALUE",
+                                          help="any other vLLM AsyncEngineArgs field; repeat the flag for "
+                                          "several (environment: a JSON object)", group=VLLM)
+    model_cache_dir: Path = setting(factory=default_cache_dir, help="where embedded models are prepared",
+                                    group=VLLM)
 
-    # vLLM engine.
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    tensor_parallel_size: int | None = None
-    max_num_seqs: int | None = None
-    dtype: str | None = None
-    enable_prefix_caching: bool = True
-    engine_args: dict[str, Any] = field(default_factory=dict)
-    model_cache_dir: Path = field(default_factory=default_cache_dir)
-
-    # How often the scheduler looks for expired batches and files.
-    sweep_seconds: float = 1.0
+    # ---- testing and benchmarking
+    checkpointing: bool = setting(True, help="fsync and commit results as they come (turn off only to measure "
+                                  "what durability costs: a crash then loses the running batch's progress)",
+                                  group=TESTING)
+    echo_fault: str | None = setting(None, help="fault injection for reliability tests: comma-separated "
+                                     "crash-after=N, hang-after=N, exhaust-after=N (per engine start), times=K "
+                                     "(faults in all), journal=PATH", group=TESTING)
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "vllm-batch.sqlite3"
+
+
+def option(item: Any) -> Option:
+    found: Option = item.metadata["option"]
+    return found
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def declared_default(name: str) -> Any:
+    """A setting's default as declared, ignoring the environment (for --help)."""
+    item = next(f for f in fields(Settings) if f.name == name)
+    factory = item.default_factory
+    assert isinstance(factory, _FromEnv)
+    return factory.declared_default()
+
+
+def field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)

@@ -6,71 +6,11 @@ the 1-based line, the offending parameter and a code, as OpenAI's `errors.data[]
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BOM = b"\xef\xbb\xbf"
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    # A literal like 1e999 is valid JSON syntax but overflows to inf, which would reach the engine and be
-    # written back out as the non-JSON token `Infinity`: refuse it like NaN.
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"the number {text[:50]} is too large")
-    return value
-
-
-# Built once: json.loads with hooks would build a new decoder for every line, a tenth of the runner's time.
-_STRICT = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-
-
-def loads(raw: bytes) -> Any:
-    """Strict JSON: NaN and Infinity (spelled out or overflowing) are refused, as the JSON standard (and
-    OpenAI) does. Bytes are decoded exactly as json.loads decodes them."""
-    return _STRICT.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
-
-
-# A \uD800-\uDFFF escape. Python's json decodes an unpaired one into a str that cannot be encoded as UTF-8,
-# so the result line would fail to be written mid-run; only lines containing one pay for the full check.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def has_lone_surrogate(raw: bytes, value: Any) -> bool:
-    if not _SURROGATE_ESCAPE.search(raw):
-        return False
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, content) for every non-blank line, without BOM or line ending."""
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
-            raw = raw.strip()
-            if raw:
-                yield number, raw
-
-
-def iter_requests(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """(line number, custom_id, body) of a file that passed validation."""
-    for number, raw in iter_raw_lines(path):
-        line = loads(raw)
-        yield number, line["custom_id"], line["body"]
+from vllm_batch_server.jsonl import TooDeep, has_lone_surrogate, iter_raw_lines, loads
 
 
 @dataclass
@@ -114,8 +54,13 @@ class _Validator:
     def check(self, number: int, raw: bytes) -> None:
         try:
             line = loads(raw)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            reason = "is not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "is not valid JSON"
+        except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError and TooDeep are ValueErrors
+            if isinstance(exc, UnicodeDecodeError):
+                reason = "is not valid UTF-8"
+            elif isinstance(exc, TooDeep):
+                reason = f"is valid JSON, but its {exc}, more than this server accepts"
+            else:
+                reason = "is not valid JSON"
             self.error("invalid_json_line", f"Line {number} {reason}.", number)
             return
         if not isinstance(line, dict):

@@ -20,11 +20,13 @@ import pytest
 from tests.conftest import chat_lines, jsonl
 from vllm_batch_server import ids
 from vllm_batch_server import scheduler as scheduler_module
+from vllm_batch_server.aio import wait_event
+from vllm_batch_server.blobs import Blobs
+from vllm_batch_server.database import BatchRow, CheckpointCommitter, Database, FileRow
 from vllm_batch_server.engines.echo import EchoEngine
+from vllm_batch_server.lifecycle import TERMINAL, BatchStatus, Lifecycle
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.storage import Storage
-from vllm_batch_server.store import BatchRow, CheckpointCommitter, FileRow, Store
 
 N = 60
 
@@ -38,40 +40,42 @@ def settings_for(data_dir: Path, delay: float = 0.0) -> Settings:
                     checkpoint_seconds=0.1, window=4, echo_delay=delay, sweep_seconds=0.1)
 
 
-async def open_server(settings: Settings) -> tuple[Store, Storage, Scheduler]:
-    storage = Storage(settings.data_dir)
-    storage.prepare()
-    store = await Store.open(settings.db_path)
-    scheduler = Scheduler(store, storage, EchoEngine(settings), settings)
+async def open_server(settings: Settings) -> tuple[Database, Blobs, Scheduler]:
+    blobs = Blobs(settings.data_dir)
+    blobs.prepare()
+    db = await Database.open(settings.db_path)
+    scheduler = Scheduler(db, blobs, EchoEngine(settings), settings, Lifecycle(db))
     await scheduler.start()
-    return store, storage, scheduler
+    return db, blobs, scheduler
 
 
-async def abandon(store: Store, scheduler: Scheduler) -> None:
+async def abandon(db: Database, scheduler: Scheduler) -> None:
     """What kill -9 leaves: nothing more runs; only what was committed counts."""
     tasks = [*scheduler._tasks, *scheduler._drivers]
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await store.close()
+    await db.close()
 
 
-async def add_batch(store: Store, storage: Storage, lines: list[dict[str, Any]]) -> str:
+async def add_batch(scheduler: Scheduler, lines: list[dict[str, Any]]) -> str:
+    """What the create routes do: store the input file, then submit the batch."""
+    db, blobs = scheduler.db, scheduler.blobs
     file_id = ids.new_file_id()
-    storage.file_path(file_id).write_bytes(jsonl(lines))
-    await store.insert_file(FileRow(id=file_id, filename="in.jsonl", purpose="batch",
+    blobs.file_path(file_id).write_bytes(jsonl(lines))
+    await db.insert_file(FileRow(id=file_id, filename="in.jsonl", purpose="batch",
                                     bytes=len(jsonl(lines)), created_at=int(time.time())))
     batch = BatchRow(id=ids.new_batch_id(), endpoint="/v1/chat/completions", input_file_id=file_id,
-                     completion_window="24h", status="validating", created_at=int(time.time()),
+                     completion_window="24h", status=BatchStatus.VALIDATING, created_at=int(time.time()),
                      expires_at=int(time.time()) + 86400)
-    await store.insert_batch(batch)
+    await scheduler.submit(batch)
     return batch.id
 
 
-async def wait_status(store: Store, batch_id: str, statuses: tuple[str, ...], timeout: float = 20) -> BatchRow:
+async def wait_status(db: Database, batch_id: str, statuses: tuple[str, ...], timeout: float = 20) -> BatchRow:
     deadline = time.monotonic() + timeout
     while True:
-        batch = await store.get_batch(batch_id)
+        batch = await db.get_batch(batch_id)
         assert batch is not None
         if batch.status in statuses:
             return batch
@@ -86,7 +90,7 @@ def lines_with_errors() -> list[dict[str, Any]]:
     return lines
 
 
-def die_at(storage: Storage, store: Store, point: str, died: asyncio.Event) -> None:
+def die_at(scheduler: Scheduler, point: str, died: asyncio.Event) -> None:
     """Patch the step named by `point` on these instances so the process 'dies' there."""
     loop = asyncio.get_running_loop()
 
@@ -98,7 +102,8 @@ def die_at(storage: Storage, store: Store, point: str, died: asyncio.Event) -> N
             loop.default_exception_handler(context)
 
     loop.set_exception_handler(quiet)
-    real_promote, real_finish, real_remove = storage.promote_part, store.finish_batch, storage.remove_batch_dir
+    blobs, lifecycle = scheduler.blobs, scheduler.lifecycle
+    real_promote, real_move, real_remove = blobs.promote_part, lifecycle.move, blobs.remove_batch_dir
     calls = Counter[str]()
 
     def promote(part: Path, offset: int, file_id: str) -> int:
@@ -108,11 +113,11 @@ def die_at(storage: Storage, store: Store, point: str, died: asyncio.Event) -> N
             raise Died
         return real_promote(part, offset, file_id)
 
-    async def finish(*args: Any, **kwargs: Any) -> None:
-        if point == "before-commit":
+    async def move(batch_id: str, to: BatchStatus, **kwargs: Any) -> bool:
+        if point == "before-commit" and to in TERMINAL:  # the commit that ends the batch
             died.set()
             raise Died
-        await real_finish(*args, **kwargs)
+        return await real_move(batch_id, to, **kwargs)
 
     def remove(batch_id: str) -> None:
         if point == "before-cleanup":
@@ -120,33 +125,33 @@ def die_at(storage: Storage, store: Store, point: str, died: asyncio.Event) -> N
             raise Died
         real_remove(batch_id)
 
-    storage.promote_part = promote  # type: ignore[method-assign]
-    store.finish_batch = finish  # type: ignore[method-assign]
-    storage.remove_batch_dir = remove  # type: ignore[method-assign]
+    blobs.promote_part = promote  # type: ignore[method-assign]
+    lifecycle.move = move  # type: ignore[method-assign]
+    blobs.remove_batch_dir = remove  # type: ignore[method-assign]
 
 
 async def check_recovered(settings: Settings, batch_id: str, status: str, exactly_once: bool) -> None:
-    store, storage, scheduler = await open_server(settings)
+    db, blobs, scheduler = await open_server(settings)
     try:
-        batch = await wait_status(store, batch_id, (status,))
-        registered = {f.id: f for f in await store.list_files(after_seq=None, limit=100, descending=False,
+        batch = await wait_status(db, batch_id, (status,))
+        registered = {f.id: f for f in await db.list_files(after_seq=None, limit=100, descending=False,
                                                               purpose="batch_output")}
         seen: Counter[str] = Counter()
         for file_id in (batch.output_file_id, batch.error_file_id):
             assert file_id is not None and file_id in registered
-            data = storage.file_path(file_id).read_bytes()
+            data = blobs.file_path(file_id).read_bytes()
             assert len(data) == registered[file_id].bytes  # the row describes the file on disk
             seen.update(json.loads(line)["custom_id"] for line in data.splitlines())
         assert all(n == 1 for n in seen.values())
         assert sum(seen.values()) == batch.completed + batch.failed
         if exactly_once:
             assert set(seen) == {f"req-{i}" for i in range(N)}
-        assert not storage.batch_dir(batch_id).exists()  # no leftover parts, whatever the crash point
+        assert not blobs.batch_dir(batch_id).exists()  # no leftover parts, whatever the crash point
         # nothing unregistered is left behind in files/
-        assert storage.stored_file_ids() == await store.all_file_ids()
+        assert blobs.stored_file_ids() == await db.all_file_ids()
     finally:
         await scheduler.stop()
-        await store.close()
+        await db.close()
 
 
 @pytest.mark.parametrize("point", ["before-first-rename", "between-renames", "before-commit", "before-cleanup"])
@@ -154,16 +159,15 @@ def test_death_during_finalizing(tmp_path: Path, point: str) -> None:
     settings = settings_for(tmp_path / "data")
 
     async def scenario() -> None:
-        store, storage, scheduler = await open_server(settings)
+        db, _blobs, scheduler = await open_server(settings)
         died = asyncio.Event()
-        die_at(storage, store, point, died)
-        batch_id = await add_batch(store, storage, lines_with_errors())
-        scheduler.notify()
+        die_at(scheduler, point, died)
+        batch_id = await add_batch(scheduler, lines_with_errors())
         await asyncio.wait_for(died.wait(), 20)
-        at_death = await store.get_batch(batch_id)
+        at_death = await db.get_batch(batch_id)
         assert at_death is not None
         assert at_death.status == ("completed" if point == "before-cleanup" else "finalizing")
-        await abandon(store, scheduler)
+        await abandon(db, scheduler)
         await check_recovered(settings, batch_id, "completed", exactly_once=True)
 
     asyncio.run(scenario())
@@ -174,23 +178,19 @@ def test_death_while_cancelling(tmp_path: Path, point: str) -> None:
     settings = settings_for(tmp_path / "data", delay=0.02)
 
     async def scenario() -> None:
-        store, storage, scheduler = await open_server(settings)
+        db, _blobs, scheduler = await open_server(settings)
         died = asyncio.Event()
-        die_at(storage, store, point, died)
-        batch_id = await add_batch(store, storage, lines_with_errors())
-        scheduler.notify()
-        batch = await wait_status(store, batch_id, ("in_progress",))
+        die_at(scheduler, point, died)
+        batch_id = await add_batch(scheduler, lines_with_errors())
+        batch = await wait_status(db, batch_id, ("in_progress",))
         while batch.completed + batch.failed < 10:
             await asyncio.sleep(0.02)
-            batch = await store.get_batch(batch_id) or batch
-        # what the cancel route does
-        assert await store.update_batch(batch_id, only_if_status=["in_progress"], status="cancelling",
-                                        cancelling_at=int(time.time()))
-        await scheduler.cancel(batch)
+            batch = await db.get_batch(batch_id) or batch
+        await scheduler.cancel(batch_id)  # what the cancel route does
         await asyncio.wait_for(died.wait(), 20)
-        at_death = await store.get_batch(batch_id)
+        at_death = await db.get_batch(batch_id)
         assert at_death is not None and at_death.status == "cancelling"
-        await abandon(store, scheduler)
+        await abandon(db, scheduler)
         await check_recovered(settings, batch_id, "cancelled", exactly_once=False)
 
     asyncio.run(scenario())
@@ -201,11 +201,11 @@ def test_injected_disk_full_pauses_then_resumes(tmp_path: Path, where: str, monk
                                                 caplog: pytest.LogCaptureFixture) -> None:
     """ENOSPC injected where a batch writes (no root or small disk needed): the batch pauses instead of
     failing, and completes exactly once when the writes succeed again."""
-    monkeypatch.setattr(scheduler_module, "DISK_FULL_RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(scheduler_module, "RESOURCE_RETRY_SECONDS", 0.3)
     settings = settings_for(tmp_path / "data", delay=0.005)
 
     async def scenario() -> None:
-        store, storage, scheduler = await open_server(settings)
+        db, blobs, scheduler = await open_server(settings)
         failures = {"left": 2}
 
         def full() -> bool:
@@ -224,7 +224,7 @@ def test_injected_disk_full_pauses_then_resumes(tmp_path: Path, where: str, monk
 
             monkeypatch.setattr(CheckpointCommitter, "commit", commit)
         elif where == "result-file":
-            real_open = storage.open_parts
+            real_open = blobs.open_parts
 
             def open_parts(*args: Any) -> Any:
                 out, err = real_open(*args)
@@ -233,25 +233,24 @@ def test_injected_disk_full_pauses_then_resumes(tmp_path: Path, where: str, monk
                     raise OSError(errno.ENOSPC, "No space left on device")
                 return out, err
 
-            storage.open_parts = open_parts  # type: ignore[method-assign]
+            blobs.open_parts = open_parts  # type: ignore[method-assign]
         else:
-            real_promote = storage.promote_part
+            real_promote = blobs.promote_part
 
             def promote(*args: Any) -> int:
                 if full():
                     raise OSError(errno.ENOSPC, "No space left on device")
                 return real_promote(*args)
 
-            storage.promote_part = promote  # type: ignore[method-assign]
+            blobs.promote_part = promote  # type: ignore[method-assign]
         try:
-            batch_id = await add_batch(store, storage, lines_with_errors())
-            scheduler.notify()
-            batch = await wait_status(store, batch_id, ("completed", "failed"), timeout=30)
+            batch_id = await add_batch(scheduler, lines_with_errors())
+            batch = await wait_status(db, batch_id, ("completed", "failed"), timeout=30)
             assert batch.status == "completed", batch.errors
             assert failures["left"] == 0
         finally:
             await scheduler.stop()
-            await store.close()
+            await db.close()
         await check_recovered(settings, batch_id, "completed", exactly_once=True)
 
     with caplog.at_level("ERROR"):
@@ -266,7 +265,7 @@ def test_a_transient_checkpoint_failure_is_retried_not_fatal(tmp_path: Path, mon
     settings = settings_for(tmp_path / "data", delay=0.005)
 
     async def scenario() -> None:
-        store, storage, scheduler = await open_server(settings)
+        db, _blobs, scheduler = await open_server(settings)
         real_commit = CheckpointCommitter.commit
         refused = {"left": 1}
 
@@ -278,14 +277,13 @@ def test_a_transient_checkpoint_failure_is_retried_not_fatal(tmp_path: Path, mon
 
         monkeypatch.setattr(CheckpointCommitter, "commit", commit)
         try:
-            batch_id = await add_batch(store, storage, lines_with_errors())
-            scheduler.notify()
-            batch = await wait_status(store, batch_id, ("completed", "failed"), timeout=30)
+            batch_id = await add_batch(scheduler, lines_with_errors())
+            batch = await wait_status(db, batch_id, ("completed", "failed"), timeout=30)
             assert batch.status == "completed", batch.errors
             assert refused["left"] == 0
         finally:
             await scheduler.stop()
-            await store.close()
+            await db.close()
         await check_recovered(settings, batch_id, "completed", exactly_once=True)
 
     with caplog.at_level("WARNING"):
@@ -303,7 +301,7 @@ def test_a_wake_up_racing_a_shutdown_does_not_hang_the_scheduler() -> None:
 
         async def loop() -> None:
             while True:
-                await scheduler_module.wait_event(event, 10)
+                await wait_event(event, 10)
                 event.clear()
 
         for _ in range(20):

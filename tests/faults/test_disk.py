@@ -3,8 +3,6 @@ error shape, nothing on disk is left torn or half-registered, and everything wor
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,37 +10,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import chat_lines, jsonl, sdk, submit, wait_for
+from tests.conftest import chat_lines, jsonl, request_line, sdk, submit, wait_for
 from tests.faults.checks import assert_echo_answers, assert_exactly_once
+from tests.helpers.disk import DISK_MB, fill, mounted_small_disk
 from tests.helpers.server import RunningServer, make_server
 from tests.hostile.errors import assert_openai_error
-
-DISK_MB = 6
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode().strip()}")
-    try:
+    with mounted_small_disk(tmp_path / "disk") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Take every free byte of the disk; deleting the returned file gives the space back."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as fh:  # unbuffered: a short write tells exactly when it is full
-        for size in (1 << 20, 4096, 1):
-            with contextlib.suppress(OSError):
-                while fh.write(b"\0" * size):
-                    pass
-    return filler
 
 
 def upload(server_url: str, data: bytes, purpose: str = "batch") -> httpx.Response:
@@ -124,3 +102,28 @@ def test_disk_filling_up_mid_batch_pauses_it_and_it_resumes(disk_server: Running
     assert done.status == "completed", done
     lines = assert_exactly_once(client, done, {f"req-{i}" for i in range(n)})
     assert_echo_answers(lines)
+
+
+def test_disk_filling_up_mid_batch_never_duplicates_error_lines(disk_server: RunningServer,
+                                                                 small_disk: Path) -> None:
+    """Regression: a part whose write hit the full disk flushed its buffered lines later (when it was
+    garbage-collected), behind the lines of the run that resumed the batch: error lines appeared twice."""
+    client = sdk(disk_server)
+    n = 1500
+    # Every third request is refused by the engine (an empty conversation): both parts grow.
+    lines = [request_line(f"req-{i}", f"message number {i}") if i % 3 else
+             {**request_line(f"req-{i}"), "body": {"model": "echo-model", "messages": []}} for i in range(n)]
+    batch_id = submit(client, lines).id
+    wait_for(client, batch_id, until=lambda b: b.request_counts.completed >= 50)
+    filler = fill(small_disk)
+    try:
+        time.sleep(3)
+        assert client.batches.retrieve(batch_id).status == "in_progress"
+    finally:
+        filler.unlink()
+    done = wait_for(client, batch_id, timeout=60)
+    assert done.status == "completed", done
+    lines_out = assert_exactly_once(client, done, {f"req-{i}" for i in range(n)})
+    assert_echo_answers(lines_out)
+    errors = [line for line in lines_out if line["response"]["status_code"] != 200]
+    assert len(errors) == done.request_counts.failed == n // 3 + (n % 3 > 0)

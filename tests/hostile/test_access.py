@@ -18,8 +18,8 @@ from tests.conftest import chat_lines, jsonl, sdk, submit, wait_for
 from tests.helpers.server import RunningServer, make_server
 from tests.hostile.errors import assert_openai_error
 from vllm_batch_server.app import create_app
+from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.storage import Storage
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -94,25 +94,25 @@ def test_health_is_open_and_the_right_key_works(server: RunningServer) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=80))
 def test_no_string_names_a_path_outside_files_dir(value: str) -> None:
-    storage = Storage(Path("/srv/data"))
-    for resolve in (storage.file_path, storage.batch_dir):
+    blobs = Blobs(Path("/srv/data"))
+    for resolve in (blobs.file_path, blobs.batch_dir):
         try:
             path = resolve(value)
         except ValueError:
             continue
         # accepted only when it is one of our ids: then it is a direct child of its directory
-        assert path.parent in (storage.files_dir, storage.batches_dir)
+        assert path.parent in (blobs.files_dir, blobs.batches_dir)
         assert path.name == value and "/" not in value and value not in (".", "..")
 
 
 @pytest.mark.parametrize("value", ["../x", "..", ".", "file-../x", "file-a/b", "batch_a/../b", "/etc/passwd",
                                    "file-a\x00", "file-" + "a" * 65, ""])
 def test_path_like_ids_are_refused_by_storage(value: str) -> None:
-    storage = Storage(Path("/srv/data"))
+    blobs = Blobs(Path("/srv/data"))
     with pytest.raises(ValueError):
-        storage.file_path(value)
+        blobs.file_path(value)
     with pytest.raises(ValueError):
-        storage.batch_dir(value)
+        blobs.batch_dir(value)
 
 
 def test_a_file_uploaded_under_a_key_is_readable_only_with_it(server: RunningServer) -> None:

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ServerFactory, chat_lines, jsonl, request_line, sdk, submit, wait_for
-from vllm_batch_server.validate import Report, iter_requests, validate_input
+from vllm_batch_server.jsonl import iter_requests
+from vllm_batch_server.validate import Report, validate_input
 
 CHAT = "/v1/chat/completions"
 MODELS = ["echo-model", "echo-embed"]
@@ -174,3 +175,14 @@ def test_hostile_files_through_the_server(server_factory: ServerFactory) -> None
     assert done.status == "completed" and done.request_counts.completed == 4
     assert httpx.get(server.root_url + "/health").status_code == 200
     assert "Traceback" not in server.log()
+
+
+def test_a_valid_but_deeply_nested_line_is_reported_as_too_deep_not_as_invalid() -> None:
+    """Regression: a valid line nested 1,000 levels deep was reported as "not valid JSON"."""
+    deep = json.dumps(line()).encode().replace(b'"POST"', b'"POST", "x": ' + b"[" * 1000 + b"]" * 1000)
+    report = validate(jsonl(chat_lines(1)) + deep + b"\n")
+    assert [(e.line, e.code) for e in report.errors] == [(2, "invalid_json_line")]
+    message = report.errors[0].message
+    assert "valid JSON" in message and "nested" in message and "not valid JSON" not in message
+    shallow = json.dumps(line()).encode().replace(b'"POST"', b'"POST", "x": ' + b"[" * 200 + b"]" * 200)
+    assert validate(shallow + b"\n").ok

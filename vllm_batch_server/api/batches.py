@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from typing import Any
 
@@ -11,12 +12,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vllm_batch_server import ids
-from vllm_batch_server.api.context import context
+from vllm_batch_server.api.context import Context, context
 from vllm_batch_server.api.errors import APIError, bad_request, not_found
+from vllm_batch_server.api.idempotency import key_header, key_reused
 from vllm_batch_server.api.params import checked_id, expiry_seconds, json_object, query_int
+from vllm_batch_server.database import BatchRow
 from vllm_batch_server.engines.base import SUPPORTED_ENDPOINTS
+from vllm_batch_server.idempotency import IdempotencyKey, KeyReused, fingerprint, replayed
+from vllm_batch_server.lifecycle import BatchStatus
+from vllm_batch_server.scheduler import NotCancellable
 from vllm_batch_server.schemas import batch_object, page
-from vllm_batch_server.store import BatchRow
 
 CREATE_FIELDS = {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
 # OpenAI's metadata limits.
@@ -59,6 +64,8 @@ def checked_metadata(value: Any) -> dict[str, str] | None:
 async def create_batch(request: Request) -> Response:
     ctx = context(request)
     body = await json_object(request)
+    raw_key = key_header(request)
+    key = IdempotencyKey("batches", raw_key, fingerprint(body)) if raw_key else None
     unknown = sorted(set(body) - CREATE_FIELDS)
     if unknown:
         raise bad_request(f"Unrecognized request argument supplied: {unknown[0][:100]}", unknown[0][:100],
@@ -81,7 +88,7 @@ async def create_batch(request: Request) -> Response:
     input_file_id = body["input_file_id"]
     file = None
     if isinstance(input_file_id, str) and ids.is_file_id(input_file_id):
-        file = await ctx.store.get_file(input_file_id)
+        file = await ctx.db.get_file(input_file_id)
     if file is None:
         raise APIError(404, f"No such File: '{str(input_file_id)[:100]}'", param="input_file_id",
                        code="file_not_found")
@@ -89,19 +96,38 @@ async def create_batch(request: Request) -> Response:
         raise bad_request(f"The input file has purpose {file.purpose!r}; a batch needs a file uploaded with "
                           "purpose 'batch'.", "input_file_id", "invalid_file_purpose")
 
+    if (replay := await _replayed(ctx, key)) is not None:
+        return JSONResponse(batch_object(replay))
     created = int(time.time())
     batch = BatchRow(id=ids.new_batch_id(), endpoint=endpoint, input_file_id=file.id,
-                     completion_window=body["completion_window"], status="validating", created_at=created,
-                     expires_at=created + window, metadata=metadata, output_expires_after=output_expiry)
-    await ctx.store.insert_batch(batch)
-    ctx.scheduler.notify()
+                     completion_window=body["completion_window"], status=BatchStatus.VALIDATING,
+                     created_at=created, expires_at=created + window, metadata=metadata,
+                     output_expires_after=output_expiry)
+    try:
+        await ctx.scheduler.submit(batch, key)
+    except sqlite3.IntegrityError:
+        # The same key arrived twice at once and the other request recorded it first: answer as it did.
+        if (replay := await _replayed(ctx, key)) is None:
+            raise
+        return JSONResponse(batch_object(replay))
     return JSONResponse(batch_object(batch))
+
+
+async def _replayed(ctx: Context, key: IdempotencyKey | None) -> BatchRow | None:
+    """The batch an earlier request with this Idempotency-Key created, if there was one and it still exists."""
+    if key is None:
+        return None
+    try:
+        batch_id = await replayed(ctx.db, key)
+    except KeyReused as exc:
+        raise key_reused(exc) from None
+    return await ctx.db.get_batch(batch_id) if batch_id else None
 
 
 async def _batch(request: Request) -> BatchRow:
     raw = request.path_params["batch_id"]
     batch_id = checked_id(raw, ids.is_batch_id(raw), "Batch")
-    batch = await context(request).store.get_batch(batch_id)
+    batch = await context(request).db.get_batch(batch_id)
     if batch is None:
         raise not_found("Batch", batch_id)
     return batch
@@ -116,30 +142,24 @@ async def list_batches(request: Request) -> Response:
     limit = query_int(request, "limit", 20, 1, 100)
     after_seq = None
     if after := request.query_params.get("after"):
-        anchor = await ctx.store.get_batch(after) if ids.is_batch_id(after) else None
+        anchor = await ctx.db.get_batch(after) if ids.is_batch_id(after) else None
         if anchor is None:
             raise bad_request(f"Invalid 'after': no batch {after[:100]!r}.", "after")
         after_seq = anchor.seq
-    rows = await ctx.store.list_batches(after_seq=after_seq, limit=limit)
+    rows = await ctx.db.list_batches(after_seq=after_seq, limit=limit)
     return JSONResponse(page([batch_object(b) for b in rows[:limit]], len(rows) > limit))
 
 
 async def cancel_batch(request: Request) -> Response:
     ctx = context(request)
     batch = await _batch(request)
-    if batch.status in ("cancelling", "cancelled"):
-        return JSONResponse(batch_object(batch))
-    moved = await ctx.store.update_batch(batch.id, only_if_status=["validating", "in_progress"],
-                                         status="cancelling", cancelling_at=int(time.time()))
-    current = await ctx.store.get_batch(batch.id)
-    assert current is not None
-    if not moved:
-        if current.status in ("cancelling", "cancelled"):
-            return JSONResponse(batch_object(current))
-        raise APIError(409, f"Cannot cancel a batch that is {current.status}.", param="batch_id",
-                       code="batch_not_cancellable")
-    await ctx.scheduler.cancel(current)
-    return JSONResponse(batch_object(await ctx.store.get_batch(batch.id) or current))
+    try:
+        current = await ctx.scheduler.cancel(batch.id)
+    except NotCancellable as exc:
+        raise APIError(409, str(exc), param="batch_id", code="batch_not_cancellable") from None
+    if current is None:
+        raise not_found("Batch", batch.id)
+    return JSONResponse(batch_object(current))
 
 
 routes = [

@@ -6,18 +6,20 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from vllm_batch_server.blobs import Blobs
+from vllm_batch_server.database import Database
+from vllm_batch_server.events import EventLog
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.storage import Storage
-from vllm_batch_server.store import Store
 
 
 @dataclass
 class Context:
     settings: Settings
-    store: Store
-    storage: Storage
+    db: Database
+    blobs: Blobs
     scheduler: Scheduler
+    events: EventLog
 
 
 def context(request: Request) -> Context:

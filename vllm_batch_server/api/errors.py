@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vllm_batch_server.storage import is_disk_full
+from vllm_batch_server.exhaustion import Exhausted, exhausted
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,21 @@ def insufficient_storage() -> JSONResponse:
                           code="insufficient_storage")
 
 
+def server_overloaded(reason: Exhausted) -> JSONResponse:
+    return error_response(503, f"The server is {reason.value} and could not handle this request; nothing was "
+                          "stored. Retry in a moment.", type="server_error", code="server_overloaded",
+                          headers={"retry-after": "5"})
+
+
 async def on_storage_error(request: Request, exc: Exception) -> Response:
-    """OSError and SQLite errors: a full disk is the operator's to fix and the caller's to retry later, so it
-    gets its own status (507) and message; anything else is an unexpected error."""
-    if is_disk_full(exc):
-        log.error("out of disk space on %s %s: %s", request.method, request.url.path, exc)
-        return insufficient_storage()
-    return await on_unexpected(request, exc)
+    """OSError and SQLite errors: running out of a resource of ours is the operator's to fix and the caller's
+    to retry later, so it gets its own status (507 for disk, 503 for descriptors and memory) and message;
+    anything else is an unexpected error."""
+    reason = exhausted(exc)
+    if reason is None:
+        return await on_unexpected(request, exc)
+    log.error("%s on %s %s: %s", reason.value, request.method, request.url.path, exc)
+    return insufficient_storage() if reason is Exhausted.DISK else server_overloaded(reason)
 
 
 async def on_unexpected(request: Request, exc: Exception) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 from starlette.requests import Request
@@ -9,12 +10,14 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from vllm_batch_server import ids
-from vllm_batch_server.api.context import context
+from vllm_batch_server.api.context import Context, context
 from vllm_batch_server.api.errors import APIError, bad_request, not_found
+from vllm_batch_server.api.idempotency import key_header, key_reused
 from vllm_batch_server.api.multipart import read_upload
 from vllm_batch_server.api.params import checked_id, expiry_seconds, query_choice, query_int
+from vllm_batch_server.database import FileRow
+from vllm_batch_server.idempotency import IdempotencyKey, KeyReused, fingerprint, replayed
 from vllm_batch_server.schemas import file_object, page
-from vllm_batch_server.store import FileRow
 
 # What a client may upload; `batch_output` files are made by the server only.
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -23,7 +26,8 @@ MAX_FILENAME = 255
 
 async def create_file(request: Request) -> Response:
     ctx = context(request)
-    form = await read_upload(request, ctx.storage, ctx.settings.max_file_bytes)
+    raw_key = key_header(request)
+    form = await read_upload(request, ctx.blobs, ctx.settings.max_file_bytes, digest=raw_key is not None)
     upload = form.upload
     try:
         purpose = form.fields.get("purpose")
@@ -39,20 +43,48 @@ async def create_file(request: Request) -> Response:
         if "expires_after[anchor]" in form.fields or "expires_after[seconds]" in form.fields:
             expires_at = created + expiry_seconds(form.fields.get("expires_after[anchor]"),
                                                   form.fields.get("expires_after[seconds]"), "expires_after")
-        file = FileRow(id=ids.new_file_id(), filename=(form.filename or "upload.jsonl")[:MAX_FILENAME],
-                       purpose=purpose, bytes=upload.size, created_at=created, expires_at=expires_at)
+        filename = (form.filename or "upload.jsonl")[:MAX_FILENAME]
+        key = None
+        if raw_key is not None:
+            # The content, not the multipart framing: a retry is sent with a new boundary.
+            key = IdempotencyKey("files", raw_key, fingerprint(upload.sha256, filename, dict(sorted(
+                form.fields.items()))))
+            if (replay := await _replayed(ctx, key)) is not None:
+                return JSONResponse(file_object(replay))
+        file = FileRow(id=ids.new_file_id(), filename=filename, purpose=purpose, bytes=upload.size,
+                       created_at=created, expires_at=expires_at)
         # Durable before visible: bytes fsynced and renamed into place, then the row committed.
         await upload.commit(file.id)
         upload = None
         try:
-            await ctx.store.insert_file(file)
+            await ctx.db.insert_file(file, key)
+        except sqlite3.IntegrityError:
+            # The same key arrived twice at once and the other request recorded it first: answer as it did.
+            ctx.blobs.remove_file(file.id)
+            if key is None or (replay := await _replayed(ctx, key)) is None:
+                raise
+            return JSONResponse(file_object(replay))
         except BaseException:
-            ctx.storage.remove_file(file.id)
+            ctx.blobs.remove_file(file.id)
             raise
     finally:
         if upload is not None:
             upload.discard()
     return JSONResponse(file_object(file))
+
+
+async def _replayed(ctx: Context, key: IdempotencyKey) -> FileRow | None:
+    """The file an earlier request with this Idempotency-Key created, if there was one and it still exists."""
+    try:
+        file_id = await replayed(ctx.db, key)
+    except KeyReused as exc:
+        raise key_reused(exc) from None
+    if file_id is None:
+        return None
+    file = await ctx.db.get_file(file_id)
+    if file is None:  # deleted since: the key may start afresh
+        await ctx.db.forget_idempotency_key(key.route, key.key)
+    return file
 
 
 async def list_files(request: Request) -> Response:
@@ -62,18 +94,18 @@ async def list_files(request: Request) -> Response:
     purpose = request.query_params.get("purpose") or None
     after_seq = None
     if after := request.query_params.get("after"):
-        anchor = await ctx.store.get_file(after) if ids.is_file_id(after) else None
+        anchor = await ctx.db.get_file(after) if ids.is_file_id(after) else None
         if anchor is None:
             raise bad_request(f"Invalid 'after': no file {after[:100]!r}.", "after")
         after_seq = anchor.seq
-    rows = await ctx.store.list_files(after_seq=after_seq, limit=limit, descending=order == "desc",
+    rows = await ctx.db.list_files(after_seq=after_seq, limit=limit, descending=order == "desc",
                                       purpose=purpose)
     return JSONResponse(page([file_object(f) for f in rows[:limit]], len(rows) > limit))
 
 
 async def _file(request: Request) -> FileRow:
     file_id = checked_id(request.path_params["file_id"], ids.is_file_id(request.path_params["file_id"]), "File")
-    file = await context(request).store.get_file(file_id)
+    file = await context(request).db.get_file(file_id)
     if file is None:
         raise not_found("File", file_id)
     return file
@@ -85,7 +117,7 @@ async def retrieve_file(request: Request) -> Response:
 
 async def file_content(request: Request) -> Response:
     file = await _file(request)
-    path = context(request).storage.file_path(file.id)
+    path = context(request).blobs.file_path(file.id)
     if not path.exists():
         raise not_found("File", file.id)
     return FileResponse(path, media_type="application/octet-stream", filename=file.filename,
@@ -95,12 +127,12 @@ async def file_content(request: Request) -> Response:
 async def delete_file(request: Request) -> Response:
     ctx = context(request)
     file = await _file(request)
-    user = await ctx.store.file_in_use(file.id)
+    user = await ctx.db.file_in_use(file.id)
     if user is not None:
         raise APIError(409, f"The file is the input of batch {user.id}, which is {user.status}; cancel it or "
                        "wait for it to end before deleting the file.", param="file_id", code="file_in_use")
-    await ctx.store.delete_file(file.id)
-    ctx.storage.remove_file(file.id)
+    await ctx.db.delete_file(file.id)
+    ctx.blobs.remove_file(file.id)
     return JSONResponse({"id": file.id, "object": "file", "deleted": True})
 
 

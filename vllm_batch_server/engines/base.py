@@ -97,3 +97,8 @@ class Engine(Protocol):
     async def abort(self, request_ids: list[str]) -> None:
         """Stop computing these requests; their `run` calls end with CancelledError."""
         ...
+
+    async def check_health(self) -> None:
+        """Return if the loaded engine can serve; raise EngineError if it cannot. May never return when the
+        engine is wedged: the caller bounds it with a timeout."""
+        ...

@@ -190,6 +190,14 @@ class VLLMEngine:
             if task is not None:
                 task.cancel()
 
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise EngineError("no model is loaded")
+        try:
+            await self._llm.check_health()  # raises once the engine core has died
+        except Exception as exc:
+            raise EngineError(f"the vLLM engine failed its health check: {exc}") from exc
+
     # ------------------------------------------------------------------------------------------ requests
 
     async def _dispatch(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
@@ -332,7 +340,7 @@ class VLLMEngine:
         s = self.settings
         cpu = is_cpu_platform()
         kwargs: dict[str, Any] = {"model": resolved.path, "served_model_name": [resolved.name]}
-        if not s.enable_prefix_caching:
+        if not s.prefix_caching:
             # Left unset otherwise: vLLM then turns it on for every model that supports it (decoders) and
             # off for those that cannot (encoder-only embedding models fail to start with it forced on).
             kwargs["enable_prefix_caching"] = False
@@ -382,7 +390,8 @@ class VLLMEngine:
         except (TypeError, ValueError) as exc:
             raise EngineError(f"invalid vLLM engine arguments: {exc}") from exc
         # The frontend defaults (chat template handling, tool parsers, ...) exactly as `vllm serve` has them.
-        frontend = make_arg_parser(FlexibleArgumentParser()).parse_args([])
+        untyped_parser: Any = FlexibleArgumentParser  # vLLM does not annotate its constructor
+        frontend = make_arg_parser(untyped_parser()).parse_args([])
         for f in dataclasses.fields(AsyncEngineArgs):
             setattr(frontend, f.name, getattr(engine_args, f.name))
         frontend.model = resolved.path

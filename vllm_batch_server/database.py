@@ -16,9 +16,14 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
+
+from vllm_batch_server.lifecycle import ACTIVE, BatchStatus, transition_guard_sql
+
+if TYPE_CHECKING:
+    from vllm_batch_server.idempotency import IdempotencyKey
 
 # Each entry moves the schema one version forward; PRAGMA user_version records how far a database has got.
 MIGRATIONS: list[str] = [
@@ -69,11 +74,35 @@ MIGRATIONS: list[str] = [
     CREATE INDEX batches_status ON batches (status, seq);
     CREATE INDEX batches_input ON batches (input_file_id);
     """,
+    # The lifecycle's event log (lifecycle.py), each reader's durable position in it (events.py), and the
+    # Idempotency-Key of every create that sent one (idempotency.py).
+    """
+    CREATE TABLE events (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        id          TEXT NOT NULL UNIQUE,
+        type        TEXT NOT NULL,
+        batch_id    TEXT NOT NULL,
+        previous    TEXT,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE INDEX events_batch ON events (batch_id, seq);
+    CREATE TABLE event_cursors (
+        reader      TEXT PRIMARY KEY,
+        seq         INTEGER NOT NULL
+    );
+    CREATE TABLE idempotency_keys (
+        route       TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        object_id   TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (route, key)
+    );
+    CREATE INDEX idempotency_age ON idempotency_keys (created_at);
+    """,
 ]
 
-# Statuses in which a batch still needs the scheduler's attention.
-ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
-TERMINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
+ACTIVE_STATUSES = tuple(s.value for s in ACTIVE)
 
 
 @dataclass
@@ -93,7 +122,7 @@ class BatchRow:
     endpoint: str
     input_file_id: str
     completion_window: str
-    status: str
+    status: BatchStatus
     created_at: int
     model: str | None = None
     metadata: dict[str, str] | None = None
@@ -136,6 +165,7 @@ def _batch_from(row: aiosqlite.Row) -> BatchRow:
     for column in _JSON_COLUMNS:
         if data[column] is not None:
             data[column] = json.loads(data[column])
+    data["status"] = BatchStatus(data["status"])
     return BatchRow(**data)
 
 
@@ -159,21 +189,21 @@ class Checkpoint:
 _PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL", "PRAGMA busy_timeout=10000")
 
 
-class Store:
+class Database:
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self._conn = conn
         self._write_lock = asyncio.Lock()
         self.path = path
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
+    async def open(cls, path: Path) -> Database:
         conn = await aiosqlite.connect(str(path), isolation_level=None)
         conn.row_factory = aiosqlite.Row
         for pragma in _PRAGMAS:
             await conn.execute(pragma)
-        store = cls(conn, path)
-        await store._migrate()
-        return store
+        db = cls(conn, path)
+        await db._migrate()
+        return db
 
     async def close(self) -> None:
         await self._conn.close()
@@ -183,6 +213,8 @@ class Store:
         version = int(row[0]) if row else 0
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             await self._conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
+        # Made anew at every start from lifecycle.TRANSITIONS, so the database never holds an older rule.
+        await self._conn.executescript(f"BEGIN IMMEDIATE; {transition_guard_sql()}; COMMIT;")
 
     async def _query(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
         """Run a read to completion in one call. A cursor left open across an await would hold a read
@@ -194,6 +226,11 @@ class Store:
     async def _query_one(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
         rows = await self._query(sql, params)
         return rows[0] if rows else None
+
+    @staticmethod
+    async def _query_in(conn: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        """A read inside a transaction the caller holds."""
+        return list(await conn.execute_fetchall(sql, tuple(params)))
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -208,9 +245,14 @@ class Store:
 
     # ---- files -------------------------------------------------------------------------------------------
 
-    async def insert_file(self, file: FileRow) -> FileRow:
+    async def insert_file(self, file: FileRow, key: IdempotencyKey | None = None) -> FileRow:
+        """Register an uploaded file, with the Idempotency-Key that created it in the same transaction. Raises
+        sqlite3.IntegrityError if the key was recorded meanwhile."""
         async with self.transaction() as conn:
             await self._insert_file(conn, file)
+            if key is not None:
+                await self._insert_idempotency_key(conn, key.route, key.key, key.fingerprint, file.id,
+                                                   file.created_at)
         return file
 
     @staticmethod
@@ -264,14 +306,13 @@ class Store:
 
     # ---- batches -----------------------------------------------------------------------------------------
 
-    async def insert_batch(self, batch: BatchRow) -> BatchRow:
+    @staticmethod
+    async def _insert_batch(conn: aiosqlite.Connection, batch: BatchRow) -> None:
         columns = ", ".join(_BATCH_COLUMNS)
         marks = ", ".join("?" * len(_BATCH_COLUMNS))
         values = [_encode(c, getattr(batch, c)) for c in _BATCH_COLUMNS]
-        async with self.transaction() as conn:
-            cursor = await conn.execute(f"INSERT INTO batches ({columns}) VALUES ({marks})", values)
-            batch.seq = cursor.lastrowid
-        return batch
+        cursor = await conn.execute(f"INSERT INTO batches ({columns}) VALUES ({marks})", values)
+        batch.seq = cursor.lastrowid
 
     async def get_batch(self, batch_id: str) -> BatchRow | None:
         row = await self._query_one("SELECT * FROM batches WHERE id = ?", (batch_id,))
@@ -293,16 +334,13 @@ class Store:
         rows = await self._query(f"SELECT * FROM batches WHERE status IN ({marks}) ORDER BY seq ASC", statuses)
         return [_batch_from(row) for row in rows]
 
-    async def update_batch(self, batch_id: str, *, only_if_status: Iterable[str] | None = None,
-                           **changes: Any) -> bool:
-        """Set columns; with `only_if_status`, only when the batch is still in one of those statuses.
-
-        Returns whether a row changed, so racing transitions (cancel vs. completion) resolve to exactly one.
-        One statement in autocommit mode is its own durable transaction: no BEGIN/COMMIT round trips. The lock
-        still keeps it out of another coroutine's open transaction.
-        """
+    async def update_batch(self, batch_id: str, **changes: Any) -> bool:
+        """Set columns other than the status (lifecycle.py alone moves statuses). One statement in autocommit
+        mode is its own durable transaction; the lock keeps it out of another coroutine's open transaction."""
+        if "status" in changes:
+            raise ValueError("a batch's status changes only through the lifecycle")
         async with self._write_lock:
-            return await self._update_batch(self._conn, batch_id, only_if_status, changes)
+            return await self._update_batch(self._conn, batch_id, None, changes)
 
     @staticmethod
     async def _update_batch(conn: aiosqlite.Connection, batch_id: str, only_if_status: Iterable[str] | None,
@@ -321,12 +359,59 @@ class Store:
     def checkpoint_committer(self) -> CheckpointCommitter:
         return CheckpointCommitter(self.path)
 
-    async def finish_batch(self, batch_id: str, new_files: list[FileRow], **changes: Any) -> None:
-        """Register the batch's result files and move it to its terminal status in one transaction."""
-        async with self.transaction() as conn:
-            for file in new_files:
-                await self._insert_file(conn, file)
-            await self._update_batch(conn, batch_id, None, changes)
+    # ---- the event log (written by lifecycle.py, read by events.py) -----------------------------------------
+
+    @staticmethod
+    async def _insert_event(conn: aiosqlite.Connection, event_id: str, type: str, batch_id: str,
+                            previous: str | None, created_at: int) -> int:
+        cursor = await conn.execute(
+            "INSERT INTO events (id, type, batch_id, previous, created_at) VALUES (?, ?, ?, ?, ?)",
+            (event_id, type, batch_id, previous, created_at))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    async def events_after(self, seq: int, limit: int, batch_id: str | None = None) -> list[aiosqlite.Row]:
+        if batch_id is None:
+            return await self._query("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+        return await self._query("SELECT * FROM events WHERE batch_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                 (batch_id, seq, limit))
+
+    async def last_event_seq(self) -> int:
+        row = await self._query_one("SELECT COALESCE(MAX(seq), 0) FROM events")
+        return int(row[0]) if row else 0
+
+    async def cursor_of(self, reader: str) -> int | None:
+        row = await self._query_one("SELECT seq FROM event_cursors WHERE reader = ?", (reader,))
+        return int(row[0]) if row else None
+
+    async def set_cursor(self, reader: str, seq: int) -> None:
+        async with self._write_lock:
+            await self._conn.execute(
+                "INSERT INTO event_cursors (reader, seq) VALUES (?, ?) "
+                "ON CONFLICT (reader) DO UPDATE SET seq = MAX(seq, excluded.seq)", (reader, seq))
+
+    # ---- idempotency keys (idempotency.py) -------------------------------------------------------------------
+
+    async def idempotent_object(self, route: str, key: str) -> tuple[str, str] | None:
+        """(fingerprint, object id) recorded for this key on this route."""
+        row = await self._query_one("SELECT fingerprint, object_id FROM idempotency_keys WHERE route = ? AND key = ?",
+                                    (route, key))
+        return (row[0], row[1]) if row else None
+
+    @staticmethod
+    async def _insert_idempotency_key(conn: aiosqlite.Connection, route: str, key: str, fingerprint: str,
+                                      object_id: str, created_at: int) -> None:
+        # Raises sqlite3.IntegrityError when another request recorded the same key first.
+        await conn.execute("INSERT INTO idempotency_keys (route, key, fingerprint, object_id, created_at) "
+                           "VALUES (?, ?, ?, ?, ?)", (route, key, fingerprint, object_id, created_at))
+
+    async def forget_idempotency_key(self, route: str, key: str) -> None:
+        async with self._write_lock:
+            await self._conn.execute("DELETE FROM idempotency_keys WHERE route = ? AND key = ?", (route, key))
+
+    async def forget_idempotency_keys(self, before: int) -> None:
+        async with self._write_lock:
+            await self._conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (before,))
 
 
 class CheckpointCommitter:
@@ -334,7 +419,7 @@ class CheckpointCommitter:
 
     A connection of its own, opened and used only on that thread: the shared connection would put every commit
     behind the event loop, which at full speed is busy for tens of milliseconds at a time. SQLite serializes it
-    with the store's writes (busy_timeout); it only ever sets a running batch's progress columns, which nothing
+    with the db's writes (busy_timeout); it only ever sets a running batch's progress columns, which nothing
     else writes while the batch runs.
     """
 

@@ -13,11 +13,10 @@ by fsyncing the directory, so a crash leaves either nothing or a whole file, nev
 from __future__ import annotations
 
 import asyncio
-import errno
+import hashlib
 import os
 import secrets
 import shutil
-import sqlite3
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,16 +31,6 @@ class TooLarge(Exception):
         self.limit = limit
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """A write failed for lack of space (or quota), on a blob or inside SQLite: the operator's to fix, and
-    nothing committed is lost, so callers get a 507 and running batches pause instead of failing."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    if isinstance(exc, sqlite3.Error):
-        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
-    return False
-
-
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -53,12 +42,14 @@ def fsync_dir(path: Path) -> None:
 class Upload:
     """An upload being streamed to a private temporary file; `commit` publishes it under a file id."""
 
-    def __init__(self, storage: Storage, limit: int) -> None:
-        self._storage = storage
+    def __init__(self, blobs: Blobs, limit: int, *, digest: bool = False) -> None:
+        self._blobs = blobs
         self._limit = limit
-        self.path = storage.tmp_dir / f"upload-{secrets.token_hex(8)}"
+        self.path = blobs.tmp_dir / f"upload-{secrets.token_hex(8)}"
         self._fh: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 - closed in commit/discard
         self.size = 0
+        # Only when asked (an Idempotency-Key came with it): hashing costs a little on every byte.
+        self._digest = hashlib.sha256() if digest else None
 
     def write(self, data: bytes) -> None:
         assert self._fh is not None
@@ -66,11 +57,17 @@ class Upload:
         if self.size > self._limit:
             raise TooLarge(self._limit)
         self._fh.write(data)
+        if self._digest is not None:
+            self._digest.update(data)
+
+    @property
+    def sha256(self) -> str | None:
+        return self._digest.hexdigest() if self._digest is not None else None
 
     async def commit(self, file_id: str) -> None:
         fh, self._fh = self._fh, None
         assert fh is not None
-        await asyncio.to_thread(self._storage.publish, fh, self.path, self._storage.file_path(file_id))
+        await asyncio.to_thread(self._blobs.publish, fh, self.path, self._blobs.file_path(file_id))
 
     def discard(self) -> None:
         if self._fh is not None:
@@ -79,7 +76,82 @@ class Upload:
         self.path.unlink(missing_ok=True)
 
 
-class Storage:
+class ResultPart:
+    """One result part opened for appending, with a buffer of our own instead of Python's.
+
+    A buffered file object flushes whatever it holds when it is closed or garbage-collected, even after a
+    write failed: a part whose flush hit a full disk would later spill old lines behind the lines of the run
+    that resumed the batch, duplicating results (seen: error files with lines twice). Here bytes reach the
+    file only through `flush()`, and once a flush fails the part is broken for good: nothing more is ever
+    written through it, and `close()` never writes.
+    """
+
+    # Written out even between snapshots (checkpointing off, or a very fast engine), so memory stays flat.
+    MAX_BUFFER = 1 << 20
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.name = str(path)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            if os.fstat(self._fd).st_size < offset:
+                raise OSError(f"{path} is shorter than its committed {offset} bytes: results were lost on disk")
+            os.ftruncate(self._fd, offset)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._written = offset  # bytes handed to the kernel
+        self._buffer = bytearray()
+        self._broken: BaseException | None = None
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def tell(self) -> int:
+        """The part's size once everything written so far is flushed."""
+        return self._written + len(self._buffer)
+
+    def write(self, data: bytes) -> None:
+        if self._broken is not None:
+            raise self._unusable()
+        self._buffer += data
+        if len(self._buffer) >= self.MAX_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._broken is not None:
+            raise self._unusable()
+        view = memoryview(self._buffer)
+        try:
+            while view:
+                count = os.write(self._fd, view)
+                self._written += count
+                view = view[count:]
+        except BaseException as exc:
+            # What reached the file is past the committed offset and will be cut off on resume; what did
+            # not must never follow it.
+            self._broken = exc
+            raise
+        finally:
+            view.release()
+            self._buffer.clear()  # written, or never to be written
+
+    def _unusable(self) -> OSError:
+        # Same errno as the first failure, so callers still see what ran out (a full disk pauses the batch).
+        cause = self._broken
+        code = cause.errno if isinstance(cause, OSError) else None
+        error = OSError(code, f"an earlier write to {self.name} failed: {cause}")
+        error.__cause__ = cause
+        return error
+
+    def close(self) -> None:
+        """Close without writing: results not flushed by a checkpoint are not committed anyway."""
+        if self._fd >= 0:
+            self._buffer.clear()
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Blobs:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.files_dir = data_dir / "files"
@@ -105,8 +177,8 @@ class Storage:
             raise ValueError(f"not a file id: {file_id!r}")
         return self.files_dir / file_id
 
-    def new_upload(self, limit: int) -> Upload:
-        return Upload(self, limit)
+    def new_upload(self, limit: int, *, digest: bool = False) -> Upload:
+        return Upload(self, limit, digest=digest)
 
     @staticmethod
     def publish(fh: BinaryIO, source: Path, target: Path) -> None:
@@ -136,24 +208,23 @@ class Storage:
         directory = self.batch_dir(batch_id)
         return directory / "output.jsonl.part", directory / "errors.jsonl.part"
 
-    def open_parts(self, batch_id: str, output_offset: int, error_offset: int) -> tuple[BinaryIO, BinaryIO]:
+    def open_parts(self, batch_id: str, output_offset: int, error_offset: int) -> tuple[ResultPart, ResultPart]:
         """Open both result parts for appending, first cutting off anything past the committed offsets:
         bytes written after the last checkpoint belong to results that will be computed again."""
         directory = self.batch_dir(batch_id)
         created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
-        handles = []
-        for path, offset in zip(self.part_paths(batch_id), (output_offset, error_offset), strict=True):
-            fh = open(path, "ab")  # noqa: SIM115 - the runner owns and closes them
-            if fh.seek(0, os.SEEK_END) < offset:
-                fh.close()
-                raise OSError(f"{path} is shorter than its committed {offset} bytes: results were lost on disk")
-            fh.truncate(offset)
-            fh.seek(offset)
-            handles.append(fh)
+        parts: list[ResultPart] = []
+        try:
+            for path, offset in zip(self.part_paths(batch_id), (output_offset, error_offset), strict=True):
+                parts.append(ResultPart(path, offset))
+        except BaseException:
+            for part in parts:
+                part.close()
+            raise
         if created:
             fsync_dir(self.batches_dir)
-        return handles[0], handles[1]
+        return parts[0], parts[1]
 
     def promote_part(self, part: Path, offset: int, file_id: str) -> int:
         """Make the committed prefix of a result part the registered file `file_id`; returns its size.

@@ -1,0 +1,167 @@
+"""A batch's lifecycle: its statuses, which may follow which, and the one place that moves it.
+
+Every status change goes through `Lifecycle` and appends an event (`batch.created`, `batch.in_progress`, ...,
+`batch.completed`) to the event log in the same SQLite transaction, so the log never misses a change and
+never announces one that did not happen. Whatever reacts to batches (webhooks, metrics, the dashboard's live
+view, result handlers) reads that log from its own durable cursor (events.py) instead of hooking into the
+scheduler.
+
+The rules live in `TRANSITIONS`. The UPDATE that moves a status only matches a row in one of the allowed
+previous statuses, so two racing moves (a cancel and the end of the run, say) resolve to exactly one; and a
+trigger made from the same table refuses any other UPDATE of the column, so an illegal move is impossible
+even for code that bypasses this module.
+
+    validating ──▶ in_progress ──▶ finalizing ──▶ completed
+        │  │           │  │  │
+        │  │           │  │  └──────▶ failed / expired   (results so far kept)
+        │  └───────────┼──┴─▶ cancelling ──▶ cancelled
+        └──▶ failed    └──▶ expired
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm_batch_server.database import BatchRow, Database, FileRow
+    from vllm_batch_server.idempotency import IdempotencyKey
+
+
+class BatchStatus(str, Enum):
+    """OpenAI's batch statuses, spelled as the API shows them."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+S = BatchStatus
+
+# Which statuses may follow each status. A status that is not a key here is terminal.
+TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
+    S.VALIDATING: frozenset({S.IN_PROGRESS, S.FAILED, S.EXPIRED, S.CANCELLING}),
+    S.IN_PROGRESS: frozenset({S.FINALIZING, S.FAILED, S.EXPIRED, S.CANCELLING}),
+    S.FINALIZING: frozenset({S.COMPLETED}),
+    S.CANCELLING: frozenset({S.CANCELLED}),
+}
+ACTIVE = frozenset(TRANSITIONS)
+TERMINAL = frozenset(BatchStatus) - ACTIVE
+
+# How a run can end. `outcome` is recorded before finalizing renames anything, so a crash mid-way finishes the
+# same ending with the same file ids.
+OUTCOMES = frozenset({S.COMPLETED, S.FAILED, S.EXPIRED, S.CANCELLED})
+
+# The column stamped with the time a batch reached each status (a new batch has created_at).
+STAMP: dict[BatchStatus, str] = {status: f"{status.value}_at" for status in BatchStatus if status is not S.VALIDATING}
+
+CREATED = "batch.created"
+
+
+def event_type(status: BatchStatus) -> str:
+    return f"batch.{status.value}"
+
+
+EVENT_TYPES = (CREATED, *(event_type(status) for status in BatchStatus if status is not S.VALIDATING))
+
+
+def predecessors(status: BatchStatus) -> tuple[BatchStatus, ...]:
+    return tuple(source for source, targets in TRANSITIONS.items() if status in targets)
+
+
+def transition_guard_sql() -> str:
+    """A trigger that refuses every change of `batches.status` that TRANSITIONS does not allow."""
+    allowed = " OR ".join(
+        f"(OLD.status = '{source.value}' AND NEW.status IN ({', '.join(repr(t.value) for t in sorted(targets))}))"
+        for source, targets in TRANSITIONS.items())
+    return ("DROP TRIGGER IF EXISTS batches_legal_transition; "
+            "CREATE TRIGGER batches_legal_transition BEFORE UPDATE OF status ON batches "
+            f"WHEN NEW.status != OLD.status AND NOT ({allowed}) "
+            "BEGIN SELECT RAISE(ABORT, 'illegal batch status transition'); END")
+
+
+def new_event_id() -> str:
+    return "evt_" + secrets.token_hex(12)
+
+
+def now() -> int:
+    return int(time.time())
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of the event log. `seq` orders the log; `id` is what a webhook delivery carries."""
+
+    seq: int
+    id: str
+    type: str
+    batch_id: str
+    previous: BatchStatus | None
+    created_at: int
+
+
+class Lifecycle:
+    """The only writer of batch statuses. The scheduler calls it; the API asks the scheduler."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        # Replaced after every notification, so a reader that captured the current one before reading the
+        # log can never miss the next append (events.py).
+        self.appended = asyncio.Event()
+
+    def _announce(self) -> None:
+        self.appended.set()
+        self.appended = asyncio.Event()
+
+    async def create(self, batch: BatchRow, key: IdempotencyKey | None = None) -> BatchRow:
+        """Insert a new batch (status validating) with its `batch.created` event, and the Idempotency-Key
+        that created it, all in one transaction. Raises sqlite3.IntegrityError if the key was taken."""
+        assert batch.status is S.VALIDATING
+        async with self._db.transaction() as conn:
+            await self._db._insert_batch(conn, batch)
+            await self._db._insert_event(conn, new_event_id(), CREATED, batch.id, None, batch.created_at)
+            if key is not None:
+                await self._db._insert_idempotency_key(conn, key.route, key.key, key.fingerprint, batch.id,
+                                                       batch.created_at)
+        self._announce()
+        return batch
+
+    async def move(self, batch_id: str, to: BatchStatus, *, only_from: Iterable[BatchStatus] | None = None,
+                   files: Iterable[FileRow] = (), **changes: Any) -> bool:
+        """Move a batch to `to` if it is in a status allowed to precede it (narrowed by `only_from`), stamping
+        the status's time, setting `changes`, registering `files` and appending the event, all in one
+        transaction. Returns False, changing nothing, if the batch was not in such a status (a race lost)."""
+        sources = predecessors(to)
+        if only_from is not None:
+            wanted = set(only_from)
+            sources = tuple(s for s in sources if s in wanted)
+        if not sources:
+            raise ValueError(f"no batch may move to {to.value!r} from {only_from!r}")
+        moment = now()
+        changes = {**changes, "status": to, STAMP[to]: moment}
+        async with self._db.transaction() as conn:
+            rows = await self._db._query_in(conn, "SELECT status, outcome FROM batches WHERE id = ?", (batch_id,))
+            previous = BatchStatus(rows[0][0]) if rows else None
+            if previous not in sources:
+                return False
+            if to is S.CANCELLING and rows[0][1] is not None:
+                return False  # already ending (its outcome is recorded): too late to cancel
+            for file in files:
+                await self._db._insert_file(conn, file)
+            await self._db._update_batch(conn, batch_id, [p.value for p in sources], changes)
+            await self._db._insert_event(conn, new_event_id(), event_type(to), batch_id, previous, moment)
+        self._announce()
+        return True
