@@ -42,7 +42,8 @@ TORCH_EXTRAS_THAT_BREAK = ["torchvision", "torchaudio", "torchcodec"]
 OTHER_PYTHONS = ["3.10", "3.13"]
 
 nox.options.reuse_venv = "yes"
-nox.options.download_python = "never"  # never fetch an interpreter from the internet
+if hasattr(nox.options, "download_python"):  # nox >= 2025.5 can fetch interpreters: never let it
+    nox.options.download_python = "never"
 nox.options.sessions = ["tests"]
 
 
