@@ -49,14 +49,14 @@ def _pair(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _client_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    where = parent.add_argument_group("backend (default: BATCH_PROVIDER / BATCH_BASE_URL, else the local server)")
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    # Added to each command rather than through `parents=`: argparse (before 3.12) moves a mutually exclusive
+    # group that sits in an argument group out of it when copying a parent.
+    where = parser.add_argument_group("backend (default: BATCH_PROVIDER / BATCH_BASE_URL, else the local server)")
     choice = where.add_mutually_exclusive_group()
     choice.add_argument("--provider", choices=sorted(PRESETS), help="a preset backend")
     choice.add_argument("--base-url", help="any OpenAI-compatible Batch API, e.g. http://gpu-box:4080/v1")
     where.add_argument("--api-key", help="key for that backend (default: the variable tied to its URL)")
-    return parent
 
 
 def _add_id(parser: argparse.ArgumentParser) -> None:
@@ -80,14 +80,15 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _client_options()
     parser = argparse.ArgumentParser(prog="vllm-batch", description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, text: str, client: bool = True) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common] if client else [], help=text, description=text,
-                              formatter_class=_HelpFormatter)
+        cmd = sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+        if client:
+            _add_client_options(cmd)
+        return cmd
 
     submit = command("submit", "submit a JSONL file of requests")
     submit.add_argument("file", help="request lines (custom_id/method/url/body) or bare bodies; '-' for stdin")

@@ -162,7 +162,8 @@ def test_an_unreachable_server_is_named_and_retries_are_not_silent(api: FakeBatc
 
 
 @pytest.mark.parametrize(("command", "expected"), [
-    ("status", ["the batch id that submit printed", "one JSON array"]),
+    ("status", ["the batch id that submit printed", "one JSON array",
+                "backend (default: BATCH_PROVIDER / BATCH_BASE_URL, else the local server): --provider"]),
     ("create", ["leave it out to submit with --models", "the most tokens", "sampling temperature",
                 "(default: chat)"]),
     ("list", ["how many batches to show (default: 20)", "one JSON array"]),
