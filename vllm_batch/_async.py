@@ -15,6 +15,7 @@ import openai
 from openai.types import Batch
 
 from vllm_batch._core import BatchCore, BatchRequests
+from vllm_batch._followup_client import AsyncFollowup
 from vllm_batch._ops import (
     Cancel,
     CreateBatch,
@@ -50,7 +51,7 @@ async def _sleep(seconds: float) -> None:
     await anyio.sleep(seconds)
 
 
-class AsyncVLLMBatch(BatchRequests):
+class AsyncVLLMBatch(BatchRequests, AsyncFollowup):
     """The async twin of `VLLMBatch`: same arguments, same methods, awaited; `results()` and `compare()`
     are async iterators. Adding requests is synchronous (it only writes to a local file).
 

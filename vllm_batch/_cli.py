@@ -3,6 +3,7 @@
     vllm-batch create prompts.txt --model smollm2-135m-instruct -o requests.jsonl
     vllm-batch submit requests.jsonl --wait -o results.jsonl
     vllm-batch status batch_abc123
+    vllm-batch mark batch_abc123 line-3 --label gold && vllm-batch export batch_abc123 -o train.jsonl --label gold
 
 Batch ids go to stdout (for scripts); progress and human messages go to stderr. `-o -` writes results to
 stdout. The backend comes from --provider/--base-url or the same environment variables as the library.
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from vllm_batch import _cli_results
 from vllm_batch._errors import BatchFailedError, BatchTimeoutError, BatchValidationError, VLLMBatchError
 from vllm_batch._providers import PRESETS
 from vllm_batch._requests import CHAT, COMPLETIONS, EMBEDDINGS, dumps, normalize_endpoint, validate_body
@@ -132,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--temperature", type=float,
                         help="sampling temperature, 0 to 2; 0 answers deterministically (chat, completions)")
     create.add_argument("-o", "--output", default="-", help="where the JSONL goes ('-' for stdout)")
+    _cli_results.add_commands(sub, _add_client_options)
     return parser
 
 
@@ -272,6 +275,8 @@ def run(args: argparse.Namespace) -> int:
             counts = f"{c.completed}/{c.total} failed {c.failed}" if c else ""
             print(f"{b.id}\t{b.status}\t{b.endpoint}\t{counts}")
         return 0
+    if (code := _cli_results.run_command(args, _client(args))) is not None:
+        return code
 
     with VLLMBatch.resume(args.id, **_client(args)) as batch:
         if args.command == "download":

@@ -12,6 +12,7 @@ import openai
 from openai.types import Batch
 
 from vllm_batch._core import BatchCore, BatchRequests
+from vllm_batch._followup_client import Followup
 from vllm_batch._ops import (
     Cancel,
     CreateBatch,
@@ -49,7 +50,7 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-class VLLMBatch(BatchRequests):
+class VLLMBatch(BatchRequests, Followup):
     """Build, submit, follow and collect one batch — sharded over several server batches when it must be.
 
         with VLLMBatch() as batch:

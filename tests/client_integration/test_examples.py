@@ -48,6 +48,9 @@ EXPECTED = {
     "embeddings.py": ["5 embeddings of dimension 384", "closest to 'baking at home':"],
     "compare_models.py": ["(3 batches for 3 models)", "== math: What is 17 times 3?",
                           "echo-c: What is 17 times 3?"],
+    "curation.py": ["q3: 'Who wrote Hamlet?'", "followed 6 results", "nothing to retry (no_failed_requests)",
+                    "marked 6 gold", "wrote 6 training examples to gold.jsonl; roles: ['system', 'user', 'assistant']",
+                    "wrote 0 tasks to review.json"],
 }
 
 

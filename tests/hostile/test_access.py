@@ -121,3 +121,23 @@ def test_a_file_uploaded_under_a_key_is_readable_only_with_it(server: RunningSer
     response = httpx.get(f"{server.base_url}/files/{file_id}/content")
     assert_openai_error(response, 401)
     assert client.files.content(file_id).content == jsonl(chat_lines(1))
+
+
+@pytest.mark.parametrize("method,path", ROUTES)
+def test_no_route_answers_a_trailing_slash_with_a_redirect(server: RunningServer, method: str, path: str) -> None:
+    """Regression: `GET /v1/files/file-x/` was a 307 with an empty body."""
+    response = httpx.request(method, server.root_url + path + "/", headers={"authorization": f"Bearer {KEY}"},
+                             timeout=10, follow_redirects=False)
+    error = assert_openai_error(response, 404)
+    # model ids may contain slashes (Hugging Face ids), so `/v1/models/x/` is a model that is not served
+    assert error["code"] == ("model_not_found" if path.startswith("/v1/models") else "unknown_url"), error
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_auth_scheme_is_case_insensitive(server: RunningServer, scheme: str) -> None:
+    """RFC 7235: the scheme is a case-insensitive token (the key itself is compared exactly)."""
+    response = httpx.get(server.base_url + "/models", headers={"authorization": f"{scheme} {KEY}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    wrong_case_key = httpx.get(server.base_url + "/models", headers={"authorization": f"{scheme} {KEY.upper()}"},
+                               timeout=10)
+    assert_openai_error(wrong_case_key, 401)

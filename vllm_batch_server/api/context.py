@@ -9,6 +9,9 @@ from starlette.requests import Request
 from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.database import Database
 from vllm_batch_server.events import EventLog
+from vllm_batch_server.handlers.service import HandlerService
+from vllm_batch_server.marks import MarkIndex
+from vllm_batch_server.partial import CommittedResults
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
 
@@ -20,6 +23,10 @@ class Context:
     blobs: Blobs
     scheduler: Scheduler
     events: EventLog
+    # Results (docs/results.md): committed lines of running batches, marks' custom_id index, result handlers.
+    results: CommittedResults
+    marks: MarkIndex
+    handlers: HandlerService
 
 
 def context(request: Request) -> Context:

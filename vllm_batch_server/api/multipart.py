@@ -14,6 +14,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from vllm_batch_server.api.errors import APIError, bad_request
+from vllm_batch_server.api.params import declared_length
 from vllm_batch_server.blobs import Blobs, TooLarge, Upload
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -108,8 +109,8 @@ async def read_upload(request: Request, blobs: Blobs, limit: int, *, digest: boo
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not options.get(b"boundary"):
         raise bad_request("Uploads must be sent as multipart/form-data with a boundary.", code="invalid_multipart")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + ENVELOPE_SLACK:
+    declared = declared_length(request)
+    if declared is not None and declared > limit + ENVELOPE_SLACK:
         raise too_large(limit)
 
     collector = _Collector(blobs, limit, digest)
