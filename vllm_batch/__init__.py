@@ -10,7 +10,6 @@ with VLLMBatch() as batch:
 """
 
 from vllm_batch._async import AsyncVLLMBatch
-from vllm_batch._core import BatchStatus, RequestCounts
 from vllm_batch._curation import Mark
 from vllm_batch._errors import (
     APIConnectionError,
@@ -38,6 +37,7 @@ from vllm_batch._labelstudio import LabelStudioError, label_studio_config
 from vllm_batch._providers import PRESETS, Provider
 from vllm_batch._results import BatchResult, Comparison, ResultError
 from vllm_batch._retry import RetryPolicy
+from vllm_batch._status import BatchStatus, RequestCounts
 from vllm_batch._sync import VLLMBatch
 
 __all__ = [

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -27,14 +27,19 @@ from vllm_batch._sync import VLLMBatch
 COMMANDS = ("tail", "retry", "results", "mark", "marks", "export", "import-marks")
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    tail = sub.add_parser("tail", parents=[common], help="print result lines as they are committed, until the end")
+def add_commands(sub: Any, client_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
+        client_options(parser)
+        return parser
+
+    tail = add("tail", help="print result lines as they are committed, until the end")
     tail.add_argument("id")
     tail.add_argument("--no-errors", action="store_true", help="only successful results")
     tail.add_argument("--poll-interval", type=float, default=5.0, help="longest wait between polls (s)")
     tail.add_argument("--timeout", type=float, help="give up after this many seconds")
 
-    retry = sub.add_parser("retry", parents=[common], help="a new batch of the requests that failed")
+    retry = add("retry", help="a new batch of the requests that failed")
     retry.add_argument("id", help="the batch to retry (with all its shards)")
     retry.add_argument("also", nargs="*", help="more batches whose failures to include, e.g. earlier retries")
     retry.add_argument("--completion-window", help="default: the first batch's")
@@ -44,12 +49,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     retry.add_argument("--timeout", type=float)
     retry.add_argument("--no-progress", action="store_true")
 
-    results = sub.add_parser("results", parents=[common], help="every request's result in input order, as JSONL")
+    results = add("results", help="every request's result in input order, as JSONL")
     results.add_argument("id")
     results.add_argument("--with-retries", action="store_true", help="each request's best result over its retries")
     results.add_argument("-o", "--output", default="-", help="where the JSONL goes (default stdout)")
 
-    mark = sub.add_parser("mark", parents=[common], help="mark results: a label, a score, a note")
+    mark = add("mark", help="mark results: a label, a score, a note")
     mark.add_argument("id")
     mark.add_argument("custom_ids", nargs="+", metavar="CUSTOM_ID")
     mark.add_argument("--label", help='e.g. "gold" or "reject"')
@@ -57,12 +62,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     mark.add_argument("--note")
     mark.add_argument("--delete", action="store_true", help="remove the marks instead")
 
-    marks = sub.add_parser("marks", parents=[common], help="list a batch's marks")
+    marks = add("marks", help="list a batch's marks")
     marks.add_argument("id")
     marks.add_argument("--label", help="only this label")
     marks.add_argument("--json", action="store_true")
 
-    export = sub.add_parser("export", parents=[common], help="results as fine-tuning, few-shot or Label Studio data")
+    export = add("export", help="results as fine-tuning, few-shot or Label Studio data")
     export.add_argument("id")
     export.add_argument("-o", "--output", required=True, type=Path)
     export.add_argument("--format", default="openai", choices=FORMATS)
@@ -74,7 +79,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     export.add_argument("--limit", type=int)
     export.add_argument("--with-retries", action="store_true", help="each request's best result over its retries")
 
-    imports = sub.add_parser("import-marks", parents=[common], help="marks from a Label Studio annotation export")
+    imports = add("import-marks", help="marks from a Label Studio annotation export")
     imports.add_argument("id")
     imports.add_argument("file", type=Path, help="Label Studio's JSON or JSON-MIN export")
 

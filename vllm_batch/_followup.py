@@ -25,13 +25,15 @@ from urllib.parse import quote
 
 from openai.types import Batch
 
-from vllm_batch._core import TERMINAL, BatchCore, Download, ListBatches, Local, Op, PollSchedule, Sleep
+from vllm_batch._core import BatchCore
 from vllm_batch._curation import Mark, Selection
 from vllm_batch._errors import BatchStateError, BatchTimeoutError, NotFoundError, VLLMBatchError
 from vllm_batch._export import write_export
 from vllm_batch._labelstudio import read_annotations
+from vllm_batch._ops import ListBatches, Local, Op, Sleep
 from vllm_batch._requests import dumps, open_index
 from vllm_batch._results import BatchResult, parse_result_line
+from vllm_batch._status import TERMINAL, PollSchedule
 
 RETRY_OF = "retry_of"
 MAX_RETRY_BATCHES = 16
@@ -122,8 +124,7 @@ def _request_lines_flow(core: BatchCore) -> XFlow[list[Path] | None]:
             batch = shard.batch
             assert batch is not None and shard.batch_id is not None
             path = core.workdir / "inputs" / f"shard-{shard.number}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            yield Download(batch.input_file_id, path)
+            yield from core._download(batch.input_file_id, path)
             shard.path = path
         paths.append(shard.path)
     return paths
@@ -238,7 +239,7 @@ def find_retries(core: BatchCore) -> XFlow[list[Batch]]:
     after: str | None = None
     for _ in range(FIND_RETRIES_MAX_PAGES):
         page: list[Batch]
-        page, has_more = yield ListBatches(100, after)
+        page, has_more = yield from core.call(ListBatches(100, after))
         candidates += [b for b in page if (b.metadata or {}).get(RETRY_OF)]
         originals -= {b.id for b in page}
         # Newest first: once every original was listed, whatever follows is older and cannot retry it.
@@ -302,7 +303,7 @@ def merged(core: BatchCore, retries: list[str] | None) -> XFlow[MergedResults]:
     store = MergedResults(core.workdir / "merged.sqlite3")
     try:
         for batch_id in retries:
-            sub = BatchCore(core.resolved, workdir=core.workdir / "retries" / batch_id)
+            sub = BatchCore(core.resolved, workdir=core.workdir / "retries" / batch_id, retry=core.retry)
             try:
                 yield from sub.resume(batch_id)
                 yield from sub.prepare_results()

@@ -15,10 +15,11 @@ import httpx
 from openai.types import Batch
 
 from vllm_batch import _followup as f
-from vllm_batch._core import BatchCore, Op
+from vllm_batch._core import BatchCore
 from vllm_batch._curation import Mark, Predicate, Selection
+from vllm_batch._ops import Op
 from vllm_batch._results import BatchResult
-from vllm_batch._retry import RetryPolicy, async_retrying, retrying, translate
+from vllm_batch._retry import translate
 
 T = TypeVar("T")
 
@@ -33,13 +34,12 @@ def _target(item: str | BatchResult, batch_id: str | None) -> tuple[str, str | N
     return item, batch_id
 
 
-def _request_kwargs(op: f.ApiCall) -> dict[str, Any]:
-    # As the SDK's own resources ask: the API key only (the default would add an empty admin key).
-    options: dict[str, Any] = {"security": {"bearer_auth": True}}
+def _request_kwargs(op: f.ApiCall, headers: Mapping[str, Any]) -> dict[str, Any]:
+    # As the SDK's own resources ask: the API key only (the default would add an empty admin key). `headers`
+    # are the batch's own per-request headers (what must not ride along to this host, or no key at all).
+    options: dict[str, Any] = {"security": {"bearer_auth": True}, "headers": {**headers, **(op.headers or {})}}
     if op.params:
         options["params"] = dict(op.params)
-    if op.headers:
-        options["headers"] = dict(op.headers)
     kwargs: dict[str, Any] = {"cast_to": httpx.Response, "options": options}
     if op.body is not None:
         kwargs["body"] = dict(op.body)
@@ -63,7 +63,7 @@ class Followup:
 
     _core: BatchCore
     _client: Any
-    _retry: RetryPolicy
+    _headers: dict[str, Any]
     _execute: Callable[[Op], Any]
 
     # -- following a running batch ----------------------------------------------------------------------
@@ -135,7 +135,7 @@ class Followup:
     # -- the shell ----------------------------------------------------------------------------------------
 
     def _same_backend(self) -> dict[str, Any]:
-        return {"provider": self._core.provider, "api_key": self._core.resolved.api_key, "retry": self._retry}
+        return {"provider": self._core.provider, "api_key": self._core.resolved.api_key, "retry": self._core.retry}
 
     def _drive(self, flow: f.XFlow[T]) -> Generator[Any, None, T]:
         try:
@@ -168,19 +168,23 @@ class Followup:
             return cast(T, stop.value)
 
     def _api(self, op: f.ApiCall) -> Any:
+        """One extension call, retried by the same policy and rule as the core's operations."""
         from vllm_batch._sync import _sleep
 
         call = getattr(self._client, op.method.lower())
-        try:
-            for attempt in retrying(self._retry, _sleep):
-                with attempt:
-                    return _answer(op, call(op.path, **_request_kwargs(op)))
-        except Exception as exc:
-            translated = translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
-        raise AssertionError("unreachable")
+        attempt = 1
+        while True:
+            try:
+                return _answer(op, call(op.path, **_request_kwargs(op, self._headers)))
+            except Exception as exc:
+                translated = translate(exc, self._core.provider.base_url)
+                delay = self._core.retry.delay(attempt, translated)
+                if delay is None:
+                    if translated is exc:
+                        raise
+                    raise translated from exc
+            _sleep(delay)
+            attempt += 1
 
 
 class AsyncFollowup:
@@ -189,7 +193,7 @@ class AsyncFollowup:
 
     _core: BatchCore
     _client: Any
-    _retry: RetryPolicy
+    _headers: dict[str, Any]
     _execute: Callable[[Op], Any]
 
     async def follow(self, *, errors: bool = True, poll_interval: float = 5.0, timeout: float | None = None,  # noqa: ASYNC109
@@ -242,7 +246,7 @@ class AsyncFollowup:
     # -- the shell ----------------------------------------------------------------------------------------
 
     def _same_backend(self) -> dict[str, Any]:
-        return {"provider": self._core.provider, "api_key": self._core.resolved.api_key, "retry": self._retry}
+        return {"provider": self._core.provider, "api_key": self._core.resolved.api_key, "retry": self._core.retry}
 
     async def _step(self, op: f.FlowOp) -> Any:
         if isinstance(op, f.ApiCall):
@@ -289,13 +293,16 @@ class AsyncFollowup:
         from vllm_batch._async import _sleep
 
         call = getattr(self._client, op.method.lower())
-        try:
-            async for attempt in async_retrying(self._retry, _sleep):
-                with attempt:
-                    return _answer(op, await call(op.path, **_request_kwargs(op)))
-        except Exception as exc:
-            translated = translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
-        raise AssertionError("unreachable")
+        attempt = 1
+        while True:
+            try:
+                return _answer(op, await call(op.path, **_request_kwargs(op, self._headers)))
+            except Exception as exc:
+                translated = translate(exc, self._core.provider.base_url)
+                delay = self._core.retry.delay(attempt, translated)
+                if delay is None:
+                    if translated is exc:
+                        raise
+                    raise translated from exc
+            await _sleep(delay)
+            attempt += 1
