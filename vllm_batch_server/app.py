@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -12,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from vllm_batch_server.api import batches, files, models, openapi
+from vllm_batch_server.api import batches, events, files, models, openapi, ui
 from vllm_batch_server.api.auth import BearerAuth
 from vllm_batch_server.api.context import Context
 from vllm_batch_server.api.errors import (
@@ -43,18 +44,20 @@ def create_app(settings: Settings) -> Starlette:
         scheduler = Scheduler(db, blobs, create_engine(settings), settings, lifecycle)
         app.state.context = Context(settings, db, blobs, scheduler, EventLog(db, lifecycle))
         app.state.started_at = int(time.time())
+        app.state.loop = asyncio.get_running_loop()
         await scheduler.start()
         log.info("serving %s with the %s engine; data in %s", ", ".join(settings.models), settings.engine,
                  settings.data_dir)
         try:
             yield
         finally:
+            app.state.context.closing.set()
             await scheduler.stop()
             await db.close()
 
     middleware = [Middleware(BearerAuth, api_key=settings.api_key)] if settings.api_key else []
     return Starlette(
-        routes=[*files.routes, *batches.routes, *models.routes, *openapi.routes],
+        routes=[*files.routes, *batches.routes, *models.routes, *events.routes, *openapi.routes, *ui.routes],
         middleware=middleware,
         exception_handlers={
             APIError: on_api_error,
@@ -67,3 +70,12 @@ def create_app(settings: Settings) -> Starlette:
         },
         lifespan=lifespan,
     )
+
+
+def begin_shutdown(app: Starlette) -> None:
+    """The server was asked to stop: end the long-lived responses (event streams) now, not at the graceful
+    shutdown's timeout. Called from a signal handler, so it only schedules the work on the loop."""
+    ctx: Context | None = getattr(app.state, "context", None)
+    loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
+    if ctx is not None and loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(ctx.closing.set)
