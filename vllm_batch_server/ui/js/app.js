@@ -41,7 +41,9 @@ function route() {
   return { name: "queue", make: () => new QueueView(app, params) };
 }
 
-function show() {
+// After a route change focus moves to the new content (as a page load would put it at the top); on the first
+// load it stays at the start of the page, where the skip link is.
+function show(initial = false) {
   if (app.view && app.view.unmount) app.view.unmount();
   const { name, make } = route();
   for (const link of document.querySelectorAll("nav a")) {
@@ -51,7 +53,7 @@ function show() {
   document.title = { queue: "Queue", new: "New batch", batch: "Batch" }[name] + " · vllm-batch";
   app.view = make();
   app.view.mount(main);
-  main.focus({ preventScroll: true });
+  if (!initial) main.focus({ preventScroll: true });
 }
 
 function showAccess() {
@@ -69,7 +71,7 @@ function start() {
   showAccess();
   feed.start();
   panel.start();
-  show();
+  show(true);
 }
 
 function stopAll() {
