@@ -99,8 +99,12 @@ export class BatchView {
   }
 
   async refresh() {
-    if (this.loading) return;
+    if (this.loading) {
+      this.again = true; // an event during a load: load once more after it, or the change could be missed
+      return;
+    }
     this.loading = true;
+    this.again = false;
     try {
       this.batch = await get(`/v1/batches/${encodeURIComponent(this.id)}`);
       await this.render();
@@ -115,6 +119,7 @@ export class BatchView {
     } finally {
       this.loading = false;
     }
+    if (this.again) this.refresh();
   }
 
   async render() {

@@ -141,21 +141,32 @@ export class QueueView {
     if (moving || this.dirty || idle || !this.app.live) this.refresh();
   }
 
+  // Load the current page. A call while the same page is loading shares that request; a call for another page
+  // (a filter changed, Next) cancels it, so an old answer never overwrites the view the user asked for.
   async refresh(rebuild = false) {
-    if (this.inflight) return this.inflight;
+    const query = { limit: PAGE_SIZE, after: this.cursors[this.cursors.length - 1], status: this.status, model: this.model };
+    const key = JSON.stringify(query);
+    if (this.inflight) {
+      if (this.inflightKey === key && !rebuild) return this.inflight;
+      this.controller.abort();
+    }
     this.dirty = false;
     this.lastFetch = Date.now();
-    const query = { limit: PAGE_SIZE, after: this.cursors[this.cursors.length - 1], status: this.status, model: this.model };
-    this.inflight = get("/v1/batches", query).then((page) => {
+    this.controller = new AbortController();
+    this.inflightKey = key;
+    const request = get("/v1/batches", query, { signal: this.controller.signal }).then((page) => {
+      if (this.inflight !== request) return;
       this.page = page.data;
       this.hasMore = page.has_more;
       this.render(rebuild);
     }, (error) => {
+      if (this.inflight !== request || error.name === "AbortError") return;
       this.summary.textContent = `Could not load the queue: ${error.message}`;
     }).finally(() => {
-      this.inflight = null;
+      if (this.inflight === request) this.inflight = null;
     });
-    return this.inflight;
+    this.inflight = request;
+    return request;
   }
 
   render(rebuild) {
