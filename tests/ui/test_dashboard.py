@@ -183,6 +183,40 @@ def test_the_queue_updates_live_and_filters(server_factory: ServerFactory, tab: 
     client.batches.cancel(running.id)
 
 
+def test_a_slow_answer_for_an_old_filter_never_replaces_the_new_one(server_factory: ServerFactory,
+                                                                   tab: Tab) -> None:
+    """Regression: a poll still loading when the filter changed used to swallow the filtered load and then
+    show its own, unfiltered, page."""
+    server = server_factory()
+    client = sdk(server)
+    chat = wait_for(client, submit(client, chat_lines(1)).id)
+    embed = wait_for(client, submit(client, [request_line("e", url="/v1/embeddings", model="echo-embed")],
+                                    endpoint="/v1/embeddings").id)
+    page = tab.open(server)
+    expect(page.locator("#live")).to_have_text("live")
+    expect(page.locator("tbody tr")).to_have_count(2)
+    held: list[Any] = []
+    page.route("**/v1/batches?*", lambda route: held.append(route) if "model=" not in route.request.url
+               else route.continue_())
+    wait_for(client, submit(client, chat_lines(1)).id)  # its events make the page load the queue again
+    for _ in range(50):
+        if held:
+            break
+        page.wait_for_timeout(100)
+    assert held, "the page did not reload the queue after the events"
+    page.select_option("#filter-model", "echo-embed")
+    expect(page.locator("tbody tr")).to_have_count(1)
+    for route in held:  # the old, unfiltered answer arrives late
+        try:
+            route.continue_()
+        except Exception:
+            pass  # the page cancelled it
+    page.wait_for_timeout(1500)
+    assert page.locator("tbody tr").evaluate_all("rows => rows.map(r => r.dataset.id)") == [embed.id]
+    page.select_option("#filter-model", "echo-model")
+    expect(page.locator(f"tr[data-id='{chat.id}']")).to_be_visible()
+
+
 def test_the_queue_pages_newest_first(server_factory: ServerFactory, tab: Tab) -> None:
     server = server_factory()
     client = sdk(server)
