@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests` (the CI command), `lint`, `typecheck`, `benchmarks`, `demo`.
+"""Developer sessions: `nox -s tests` (the CI command), `lint`, `typecheck`, `benchmarks`, `demo`, `screenshots`.
 
 Sessions reuse their virtualenv when it exists: installing the CPU build of vLLM takes minutes, and a fresh
 checkout (CI) simply builds it once.
@@ -61,3 +61,10 @@ def demo(session: nox.Session) -> None:
     """The quickstart: real vLLM on this machine's CPU, a chat batch and an embeddings batch."""
     install_cpu_stack(session)
     session.run("python", "examples/quickstart.py", *session.posargs)
+
+
+@nox.session
+def screenshots(session: nox.Session) -> None:
+    """The dashboard's screenshots in docs/img/ (needs Chromium: `apt-get install chromium`)."""
+    session.install("-e", ".[dev]")
+    session.run("python", "docs/screenshots.py", *session.posargs)

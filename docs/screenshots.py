@@ -77,7 +77,7 @@ def populate(api: Api) -> dict[str, str]:
     api.wait(made["cancelled"], ("in_progress",))
     api.http.post(f"/batches/{made['cancelled']}/cancel").raise_for_status()
     api.wait(made["cancelled"])
-    many = [line(f"s-{i}", f"Summarize document number {i} in three sentences.") for i in range(2000)]
+    many = [line(f"s-{i}", f"Summarize document number {i} in three sentences.") for i in range(6000)]
     made["running"] = api.submit(jsonl(many), "summaries-2026-11")
     api.wait(made["running"], ("in_progress",))
     made["queued"] = api.submit(jsonl(chats[:50]), "follow-up")
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             page.wait_for_selector(f"tr[data-id='{made['running']}'] .rps:not(:text('—'))")
             shoot(page, args.out, "queue")
             page.goto(f"{server.base_url}/#/batches/{made['running']}")
-            page.wait_for_selector("[data-fact=eta] .value:not(:text('—'))")
+            page.wait_for_selector("[data-fact=eta] .value:not(:text('—'))", timeout=60_000)
             shoot(page, args.out, "batch-running")
             page.goto(f"{server.base_url}/#/batches/{made['completed']}")
             page.wait_for_selector("#request-errors")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             dark_page.evaluate(f"sessionStorage.setItem('vllm-batch.api-key', {json.dumps(KEY)})")
             dark_page.goto(f"{server.base_url}/#/batches/{made['running']}")
             dark_page.reload()
-            dark_page.wait_for_selector("[data-fact=eta] .value:not(:text('—'))")
+            dark_page.wait_for_selector("[data-fact=eta] .value:not(:text('—'))", timeout=60_000)
             shoot(dark_page, args.out, "batch-dark", full=False)
             browser.close()
             Api(server.base_url).http.post(f"/batches/{made['running']}/cancel")

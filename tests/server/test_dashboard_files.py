@@ -84,6 +84,9 @@ def test_nothing_is_loaded_from_another_host() -> None:
     for ref in re.findall(r"""(?:src|href)="(/ui/[^"]+)\"""", index):
         assert (UI_DIR / ref.removeprefix("/ui/")).is_file(), ref
     assert "<script>" not in index and " style=" not in index  # nothing inline: the CSP would refuse it
+    # Every module is preloaded, so a cold load fetches them in parallel rather than level by level.
+    modules = {p.relative_to(UI_DIR).as_posix() for p in (UI_DIR / "js").glob("*.js")} - {"js/app.js"}
+    assert set(re.findall(r'<link rel="modulepreload" href="/ui/([^"]+)">', index)) == modules
 
 
 @pytest.mark.parametrize("path", [

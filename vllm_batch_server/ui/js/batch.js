@@ -144,7 +144,7 @@ export class BatchView {
         h("span", { class: "value counts", id: "counts" }, countsText(batch))),
       fact(estimate.live ? "Requests/s" : "Requests/s (average)", rate(estimate.requestsPerSecond), "rps"),
       fact(estimate.live ? "Output tokens/s" : "Output tokens/s (average)", rate(estimate.tokensPerSecond), "tps"),
-      fact("Time left", estimate.eta === null ? "—" : duration(estimate.eta) + (estimate.late ? " (past the deadline)" : ""), "eta"),
+      ENDED.has(batch.status) ? null : fact("Time left", estimate.eta === null ? "—" : duration(estimate.eta) + (estimate.late ? " (past the deadline)" : ""), "eta"),
       fact("Input tokens", `${count(usage.input_tokens)}` + (cached ? ` (${count(cached)} cached)` : ""), "input-tokens"),
       fact("Output tokens", count(usage.output_tokens), "output-tokens"),
       fact("Total tokens", count(usage.total_tokens), "total-tokens"),
