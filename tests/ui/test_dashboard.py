@@ -21,16 +21,13 @@ from vllm_batch_server.api.openapi import spec
 # Routes other streams add; these tests run once they are merged (probed from the server's own description).
 HAS_RETRY = "/v1/batches/{batch_id}/retry" in spec()["paths"]
 HAS_STATUS = "/status" in spec()["paths"]
+HAS_PARTIAL = "/v1/batches/{batch_id}/errors" in spec()["paths"]
 KEY = "sk-dashboard-0123456789"
 
 
 def failing_lines(good: int, bad: int) -> list[dict[str, Any]]:
     """Lines the validator accepts but the echo engine answers 400 (an empty conversation)."""
-    lines = chat_lines(good)
-    lines += [request_line(f"bad-{i}", messages=[]) for i in range(bad)]
-    for line in lines[good:]:
-        line["body"]["messages"] = []
-    return lines
+    return chat_lines(good) + [request_line(f"bad-{i}", messages=[]) for i in range(bad)]
 
 
 def batch_url(page: Page) -> str:
@@ -311,6 +308,20 @@ def test_the_first_error_lines_are_shown(server_factory: ServerFactory, tab: Tab
     assert first[:3] == ["1", errors[0]["custom_id"], "400"]
     assert "messages" in first[4]
     expect(page.locator("h2", has_text="Failed requests")).to_have_text("Failed requests (25)")
+
+
+@pytest.mark.skipif(not HAS_PARTIAL, reason="GET /v1/batches/{id}/errors is not on this branch (results stream)")
+def test_error_lines_show_while_the_batch_runs(server_factory: ServerFactory, tab: Tab) -> None:
+    server = server_factory(extra_args=["--echo-delay", "0.05", "--window", "1"])
+    client = sdk(server)
+    lines = failing_lines(0, 3) + chat_lines(300)
+    running = submit(client, lines)
+    page = tab.open(server, f"#/batches/{running.id}")
+    expect(page.locator("#request-errors tbody tr")).to_have_count(3)
+    expect(page.locator(".badge")).to_have_text("in progress")
+    assert [c.strip() for c in page.locator("#request-errors tbody tr").first.inner_text().split("\t")][:3] == [
+        "1", "bad-0", "400"]
+    client.batches.cancel(running.id)
 
 
 @pytest.mark.skipif(not HAS_RETRY, reason="POST /v1/batches/{id}/retry is not on this branch (results stream)")
