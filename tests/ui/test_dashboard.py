@@ -214,6 +214,29 @@ def test_a_slow_answer_for_an_old_filter_never_replaces_the_new_one(server_facto
     expect(page.locator(f"tr[data-id='{chat.id}']")).to_be_visible()
 
 
+def test_live_updates_survive_a_server_restart(server_factory: ServerFactory, tab: Tab) -> None:
+    """The stream ends when the server stops; the page says so, reconnects when it is back, resumes after the
+    last event it saw (Last-Event-ID) and goes on updating without a reload."""
+    server = server_factory()
+    client = sdk(server)
+    page = tab.open(server)
+    expect(page.locator("#live")).to_have_text("live")
+    page.evaluate("window.notReloaded = true")
+    first = wait_for(client, submit(client, chat_lines(1)).id)
+    expect(page.locator(f"tr[data-id='{first.id}'] .badge")).to_have_text("completed")
+    last_seq = max(int(e["seq"]) for e in httpx.get(server.base_url + "/events").json()["data"])
+
+    server.stop()
+    expect(page.locator("#live")).to_have_text("reconnecting…")
+    server.start()
+    expect(page.locator("#live")).to_have_text("live")
+    second = wait_for(client, submit(client, chat_lines(1)).id)
+    expect(page.locator(f"tr[data-id='{second.id}'] .badge")).to_have_text("completed")
+    assert page.evaluate("window.notReloaded") is True
+    resumed = [r for r in tab.api_calls("/v1/events/stream") if r.headers.get("last-event-id")]
+    assert resumed and resumed[-1].headers["last-event-id"] == str(last_seq)
+
+
 def test_the_queue_pages_newest_first(server_factory: ServerFactory, tab: Tab) -> None:
     server = server_factory()
     client = sdk(server)

@@ -187,7 +187,8 @@ export class EventFeed {
   start() {
     if (!this.stopped) return;
     this.stopped = false;
-    this.run();
+    this.generation = (this.generation || 0) + 1;
+    this.run(this.generation);
   }
 
   stop() {
@@ -195,8 +196,10 @@ export class EventFeed {
     if (this.controller) this.controller.abort();
   }
 
-  async run() {
-    while (!this.stopped) {
+  // One loop per start(): a loop left waiting to reconnect when the feed was stopped and started again ends
+  // instead of running beside the new one.
+  async run(generation) {
+    while (!this.stopped && generation === this.generation) {
       this.controller = new AbortController();
       try {
         const extra = this.lastSeq === null ? {} : { "Last-Event-ID": String(this.lastSeq) };
@@ -219,7 +222,7 @@ export class EventFeed {
       } catch {
         if (this.stopped) return;
       }
-      if (this.stopped) return;
+      if (this.stopped || generation !== this.generation) return;
       this.onState("reconnecting");
       await new Promise((resolve) => setTimeout(resolve, this.retryMs));
     }
