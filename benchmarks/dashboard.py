@@ -14,7 +14,7 @@ down the server's status calls?
    then with five pages (queue and batch pages): p50/p99 side by side.
 
 Targets: page load < 1 s; status calls p99 < 50 ms while the page is open (one page; five are shown too, for
-headroom). On a machine shared with other work, run it twice: a p99 of a few hundred calls is its third-worst.
+headroom). On a machine shared with other work, run it twice: a p99 of ~475 calls is their fifth-worst.
 
     python -m benchmarks.dashboard [--batches 10000] [--seconds 15] [--loads 7]
 """
