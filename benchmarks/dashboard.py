@@ -10,13 +10,14 @@ down the server's status calls?
    is from navigation start to the first render of the queue's rows (a performance mark the page sets), also
    with a status and a model filter.
 3. Status calls (GET /v1/batches/{id}, GET /v1/batches, and GET /status where the server has it) are timed
-   from a separate client at a steady pace, first with no page open, then with one page open on the queue,
-   then with five pages (queue and batch pages): p50/p99 side by side.
+   from a separate client at a steady pace with no page open, with one page open on the queue, and with five
+   pages (queue and batch pages), the three taking turns so each sees the same background load: p50/p99 side
+   by side.
 
 Targets: page load < 1 s; status calls p99 < 50 ms while the page is open (one page; five are shown too, for
 headroom). On a machine shared with other work, run it twice: a p99 of ~475 calls is their fifth-worst.
 
-    python -m benchmarks.dashboard [--batches 10000] [--seconds 15] [--loads 7]
+    python -m benchmarks.dashboard [--batches 10000] [--seconds 30] [--rounds 6] [--loads 7]
 """
 
 from __future__ import annotations
