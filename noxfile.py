@@ -6,6 +6,7 @@
     tests-pythons    the fast suite on the oldest and newest supported Pythons, each in its own small venv
     lint, typecheck  ruff; mypy (strict for the client), for Python 3.10
     demo             the quickstart on real vLLM (CPU)
+    screenshots      the dashboard's screenshots in docs/img/ (needs Chromium)
     benchmarks       side-by-side measurements (see docs/performance.md)
 
 The demo, the tests and the benchmarks share one environment, `.venv/`, with vLLM for CPUs in it: it is built
@@ -238,3 +239,10 @@ def demo(session: nox.Session) -> None:
     session.run(str(PYTHON), "examples/quickstart.py", *session.posargs, external=True)
     session.log(f"vllm-batch-server and vllm-batch are in {VENV / 'bin'}: `source .venv/bin/activate` puts them "
                 "on PATH")
+
+
+@nox.session(venv_backend="none")
+def screenshots(session: nox.Session) -> None:
+    """The dashboard's screenshots in docs/img/ (needs Chromium: `apt-get install chromium`)."""
+    install(session, engine=False)
+    session.run(str(PYTHON), "docs/screenshots.py", *session.posargs, external=True)

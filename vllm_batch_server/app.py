@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -12,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from vllm_batch_server.api import batches, files, handlers, marks, models, openapi, results, retry
+from vllm_batch_server.api import batches, events, files, handlers, marks, models, openapi, results, retry, ui
 from vllm_batch_server.api.auth import BearerAuth
 from vllm_batch_server.api.context import Context
 from vllm_batch_server.api.deadlines import BodyIdleTimeout
@@ -63,12 +64,14 @@ def create_app(settings: Settings) -> Starlette:
                                     MarkIndex(db, blobs), result_handlers)
         app.state.started_at = int(time.time())
         await result_handlers.start()  # first: its cursor is placed before the scheduler ends any batch
+        app.state.loop = asyncio.get_running_loop()
         await scheduler.start()
         log.info("serving %s with the %s engine; data in %s", ", ".join(settings.models), settings.engine,
                  settings.data_dir)
         try:
             yield
         finally:
+            app.state.context.closing.set()
             await scheduler.stop()
             await result_handlers.stop()
             await db.close()
@@ -79,7 +82,7 @@ def create_app(settings: Settings) -> Starlette:
         middleware.append(Middleware(BearerAuth, api_key=settings.api_key))
     app = Starlette(
         routes=[*files.routes, *retry.routes, *batches.routes, *results.routes, *marks.routes,
-                *handlers.routes, *models.routes, *openapi.routes],
+                *handlers.routes, *models.routes, *events.routes, *openapi.routes, *ui.routes],
         middleware=middleware,
         exception_handlers={
             APIError: on_api_error,
@@ -96,3 +99,12 @@ def create_app(settings: Settings) -> Starlette:
     # No OpenAI route ends in a slash and the SDK never sends one: an unknown path is a 404 in the API's shape.
     app.router.redirect_slashes = False
     return app
+
+
+def begin_shutdown(app: Starlette) -> None:
+    """The server was asked to stop: end the long-lived responses (event streams) now, not at the graceful
+    shutdown's timeout. Called from a signal handler, so it only schedules the work on the loop."""
+    ctx: Context | None = getattr(app.state, "context", None)
+    loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
+    if ctx is not None and loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(ctx.closing.set)

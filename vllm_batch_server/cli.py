@@ -129,7 +129,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from vllm_batch_server.app import create_app
+    from vllm_batch_server.app import begin_shutdown, create_app
     from vllm_batch_server.connections import ConnectionLimits, ServerConfig
     from vllm_batch_server.data_dir_lock import DataDirInUse, locked
     from vllm_batch_server.handlers import HandlerConfigError
@@ -155,7 +155,13 @@ def serve(settings: Settings) -> None:
             sys.exit(f"vllm-batch-server: error: {exc}")
         config = ServerConfig(app, limits, host=settings.host, port=settings.port, log_level="info",
                               timeout_graceful_shutdown=5)
-        server = uvicorn.Server(config)
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                begin_shutdown(app)  # open event streams end now, not after the graceful timeout
+                super().handle_exit(sig, frame)
+
+        server = Server(config)
         with contextlib.suppress(KeyboardInterrupt):
             server.run()
         if not server.started:  # the port was taken, or start-up failed: uvicorn has logged why

@@ -355,14 +355,26 @@ class Database:
         row = await self._query_one("SELECT * FROM batches WHERE id = ?", (batch_id,))
         return _batch_from(row) if row else None
 
-    async def list_batches(self, *, after_seq: int | None, limit: int) -> list[BatchRow]:
-        """Newest first, one page plus one row."""
-        params: tuple[int, ...]
-        if after_seq is None:
-            sql, params = "SELECT * FROM batches ORDER BY seq DESC LIMIT ?", (limit + 1,)
-        else:
-            sql, params = "SELECT * FROM batches WHERE seq < ? ORDER BY seq DESC LIMIT ?", (after_seq, limit + 1)
-        return [_batch_from(row) for row in await self._query(sql, params)]
+    async def list_batches(self, *, after_seq: int | None, limit: int, statuses: Iterable[str] = (),
+                           model: str | None = None) -> list[BatchRow]:
+        """Newest first, one page plus one row; only the given statuses and model when they are given."""
+        where: list[str] = []
+        params: list[Any] = []
+        if after_seq is not None:
+            where.append("seq < ?")
+            params.append(after_seq)
+        statuses = tuple(statuses)
+        if statuses:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            params.extend(statuses)
+        if model is not None:
+            where.append("model = ?")
+            params.append(model)
+        sql = "SELECT * FROM batches"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        return [_batch_from(row) for row in await self._query(sql, (*params, limit + 1))]
 
     async def batches_in(self, statuses: Iterable[str]) -> list[BatchRow]:
         """Batches in these statuses, oldest first: the queue order."""

@@ -1,5 +1,5 @@
-"""With --api-key, every route but /health refuses a missing or wrong key; ids never reach outside the data
-directory."""
+"""With --api-key, every route but /health and the dashboard's static files refuses a missing or wrong key; ids
+never reach outside the data directory."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from starlette.routing import Route
 from tests.conftest import chat_lines, jsonl, sdk, submit, wait_for
 from tests.helpers.server import RunningServer, make_server
 from tests.hostile.errors import assert_openai_error
+from vllm_batch_server.api.auth import is_open
 from vllm_batch_server.app import create_app
 from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.settings import Settings
@@ -38,8 +39,9 @@ def every_route() -> list[tuple[str, str]]:
     found = []
     for route in app.routes:
         assert isinstance(route, Route)
-        path = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: {"file_id": "file-abc", "batch_id": "batch_abc"}.get(
-            m.group(1), "echo-model"), route.path)
+        path = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: {"file_id": "file-abc", "batch_id": "batch_abc",
+                                                       "asset": "index.html"}.get(m.group(1), "echo-model"),
+                      route.path)
         for method in sorted((route.methods or set()) - {"HEAD"}):
             found.append((method, path))
     return found
@@ -62,9 +64,12 @@ WRONG = {
 def test_the_route_table_is_what_we_think() -> None:
     assert len(ROUTES) >= 10
     assert ("GET", "/health") in ROUTES and ("POST", "/v1/files") in ROUTES
+    # What is open without a key: health and the dashboard's static files, nothing under /v1.
+    assert {path for _, path in ROUTES if is_open(path)} == {"/health", "/", "/ui/index.html"}
+    assert not any(is_open(path) for path in ("/v1/events", "/v1/events/stream", "/status", "/uix", "/v1/ui/"))
 
 
-@pytest.mark.parametrize("method,path", [r for r in ROUTES if r[1] != "/health"])
+@pytest.mark.parametrize("method,path", [r for r in ROUTES if not is_open(r[1])])
 @pytest.mark.parametrize("case", sorted(WRONG))
 def test_every_route_refuses_a_missing_or_wrong_key(server: RunningServer, method: str, path: str,
                                                     case: str) -> None:

@@ -1,4 +1,5 @@
-"""Optional Bearer-token check on every route but /health, compared in constant time."""
+"""Optional Bearer-token check on every route but /health and the dashboard's static files, compared in
+constant time. The dashboard's page is public (it holds no data); every call it makes for data carries the key."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vllm_batch_server.api.errors import error_response
 
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/", "/ui")
+OPEN_PREFIXES = ("/ui/",)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def bearer_token(header: bytes) -> bytes | None:
@@ -26,7 +32,7 @@ class BearerAuth:
         self._expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
@@ -27,6 +28,8 @@ class Context:
     results: CommittedResults
     marks: MarkIndex
     handlers: HandlerService
+    # Set when the server begins to shut down: long-lived responses (event streams) end at once.
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def context(request: Request) -> Context:

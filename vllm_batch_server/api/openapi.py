@@ -15,9 +15,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vllm_batch_server.api.batches import MAX_METADATA_PAIRS, MAX_METADATA_VALUE
+from vllm_batch_server.api.events import MAX_LIMIT, MAX_SEQ
 from vllm_batch_server.api.files import UPLOAD_PURPOSES
 from vllm_batch_server.api.params import MAX_EXPIRY, MIN_EXPIRY
+from vllm_batch_server.api.ui import MEDIA_TYPES
 from vllm_batch_server.engines.base import SUPPORTED_ENDPOINTS
+from vllm_batch_server.lifecycle import EVENT_TYPES
 from vllm_batch_server.marks import MAX_LABEL, MAX_NOTE
 
 
@@ -185,6 +188,21 @@ SCHEMAS: dict[str, Any] = {
                            "attempts": {"type": "integer"}, "last_error": _NULLABLE_STR,
                            "updated_at": {"type": "integer"}}}}},
     },
+    "Event": {
+        "type": "object",
+        "required": ["object", "id", "seq", "type", "created_at", "data"],
+        "properties": {
+            "object": {"const": "event"}, "id": {"type": "string"}, "seq": {"type": "integer"},
+            "type": {"enum": list(EVENT_TYPES)}, "created_at": {"type": "integer"},
+            "data": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
+        },
+    },
+    "EventList": {
+        "type": "object",
+        "required": ["object", "data", "has_more"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Event")},
+                       "first_id": _NULLABLE_STR, "last_id": _NULLABLE_STR, "has_more": {"type": "boolean"}},
+    },
     "Model": {
         "type": "object",
         "required": ["id", "object"],
@@ -282,7 +300,11 @@ def spec() -> dict[str, Any]:
                 "get": {
                     "operationId": "listBatches",
                     "parameters": [_query("after", {"type": "string"}),
-                                   _query("limit", {"type": "integer", "minimum": 1, "maximum": 100})],
+                                   _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}),
+                                   _query("status", {"type": "string", "description": "extension: only batches "
+                                          "in these statuses (comma-separated)"}),
+                                   _query("model", {"type": "string", "description": "extension: only batches "
+                                          "of this model"})],
                     "responses": {"200": _json(_ref("BatchList"), "A page of batches, newest first"),
                                   **_errors(400, 401)},
                 },
@@ -346,6 +368,43 @@ def spec() -> dict[str, Any]:
                 "get": {"operationId": "retrieveModel",
                         "parameters": [_path_param("model", {"type": "string"})],
                         "responses": {"200": _json(_ref("Model"), "The model"), **_errors(401, 404)}},
+            },
+            "/v1/events": {
+                "get": {
+                    "operationId": "listEvents",
+                    "description": "Extension: the lifecycle's event log, oldest first.",
+                    "parameters": [_query("after", {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}),
+                                   _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+                                   _query("batch_id", _BATCH_ID)],
+                    "responses": {"200": _json(_ref("EventList"), "A page of events"), **_errors(400, 401)},
+                },
+            },
+            "/v1/events/stream": {
+                "get": {
+                    "operationId": "streamEvents",
+                    "description": "Extension: server-sent events, one per lifecycle event, `id:` its seq. "
+                                   "Resumes after the Last-Event-ID header's seq, else after `after`, else from "
+                                   "now. Ends when the server shuts down.",
+                    "parameters": [_query("after", {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}),
+                                   {"name": "Last-Event-ID", "in": "header", "required": False,
+                                    "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}}],
+                    "responses": {"200": {"description": "The event stream", "content": {
+                        "text/event-stream": {"schema": {"type": "string"}}}}, **_errors(400, 401)},
+                },
+            },
+            "/": {
+                "get": {"operationId": "dashboard", "security": [],
+                        "responses": {"200": {"description": "The dashboard (public: it holds no data)",
+                                              "content": {"text/html": {"schema": {"type": "string"}}}}}},
+            },
+            "/ui/{asset}": {
+                "get": {"operationId": "dashboardFile", "security": [],
+                        "parameters": [_path_param("asset", {"type": "string",
+                                                             "pattern": "^[A-Za-z0-9_-][A-Za-z0-9_./-]*$"})],
+                        "responses": {"200": {"description": "A file of the dashboard", "content": {
+                            media_type.split(";")[0]: {"schema": {"type": "string"}}
+                            for media_type in sorted(set(MEDIA_TYPES.values()))}},
+                            **_errors(404)}},
             },
             "/health": {
                 "get": {"operationId": "health", "security": [],
