@@ -22,6 +22,7 @@ from benchmarks._harness import print_table, say, write_results
 
 # In the order they run: the quick echo-engine ones first, the real-engine comparison last.
 BENCHMARKS = {
+    "grouping_speed": "prefix grouping's cost per request on seven input shapes (no engine)",
     "pipeline": "echo engine, 50,000 lines: requests/s end to end, checkpointing on vs off, vs a bare loop",
     "memory": "server RSS through a 1 GB upload/download and a 50,000-line batch; client RSS (client_memory)",
     "crash": "kill -9 at random points: results recomputed, time from restart to resumed processing",
@@ -33,6 +34,9 @@ BENCHMARKS = {
 def targets_of(name: str, payload: dict[str, Any]) -> list[list[Any]]:
     """The suite's summary lines: one per target a benchmark checks."""
     t = payload.get("targets", {})
+    if name == "grouping_speed":
+        return [["grouping_speed", "prefix grouping ≤ 2 µs per request, every shape",
+                 f"max {payload['max_grouping_us']:.2f} µs", t.get("met")]]
     if name == "pipeline":
         on = payload["results"]["checkpointing on"]
         return [["pipeline", "echo end to end ≥ 5,000 req/s", f"{on['rps']:,.0f} req/s", t.get("rps_met")],
