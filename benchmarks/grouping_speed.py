@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._harness import common_args, print_table, say, workdir, write_jsonl, write_results
-from benchmarks.throughput import WORDS
+from benchmarks._workloads import WORDS
 from vllm_batch_server.grouping import group_by_prefix, prompt_parts
 from vllm_batch_server.validate import iter_requests
 
@@ -73,7 +73,7 @@ def shapes(n: int, seed: int) -> dict[str, Callable[[], Iterator[dict[str, Any]]
     }
 
 
-def key(request: tuple[int, str, dict[str, Any]]) -> str | None:
+def key(request: tuple[int, str, dict[str, Any]]) -> list[str] | None:
     return prompt_parts(request[2])
 
 
