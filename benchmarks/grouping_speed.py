@@ -4,8 +4,8 @@ For each shape, a JSONL batch file is read the way the runner reads it (`iter_re
 ways: streamed; in chunks of `--lookahead` parsed requests held in memory (what any look-ahead costs: a chunk
 of long prompts no longer fits the CPU's caches); and through `group_by_prefix(..., prompt_parts, lookahead)`.
 Grouping's cost per request is the difference between the last two (taking each prompt's parts, sorting the
-chunk, handing it out). Best of `--repeats` in CPU time (this process only: the machine may be shared), the
-three interleaved.
+chunk, handing it out): the median over `--repeats` back-to-back pairs, in CPU time (this process only: the
+machine may be shared).
 
     python -m benchmarks.grouping_speed [--requests 20000] [--lookahead 1024] [--repeats 5]
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                  formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--requests", type=int, default=20_000, help="requests per shape")
     parser.add_argument("--lookahead", type=int, default=1024, help="the server's --prefix-lookahead")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -115,18 +116,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 return timed(lambda: deque(group_by_prefix(iter_requests(file), key, args.lookahead), maxlen=0))
 
             runs: dict[str, list[float]] = {"read": [], "chunks": [], "grouped": []}
-            for _ in range(args.repeats):  # interleaved, so a busy moment hits all alike
+            costs = []
+            for repeat in range(args.repeats):  # interleaved, so a busy moment hits all alike
                 runs["read"].append(read())
-                runs["chunks"].append(read_in_chunks())
-                runs["grouped"].append(read_and_group())
+                if repeat % 2:  # each pair in both orders, so neither always runs on a warmer cache
+                    runs["grouped"].append(read_and_group())
+                    runs["chunks"].append(read_in_chunks())
+                else:
+                    runs["chunks"].append(read_in_chunks())
+                    runs["grouped"].append(read_and_group())
+                costs.append(runs["grouped"][-1] - runs["chunks"][-1])
             us = {name: min(values) / args.requests * 1e6 for name, values in runs.items()}
-            cost = us["grouped"] - us["chunks"]
+            # The median of the paired differences: steadier than the difference of two minima, whose noises
+            # add up.
+            cost = statistics.median(costs) / args.requests * 1e6
             results[name] = {"read_us": us["read"], "read_in_chunks_us": us["chunks"],
-                             "read_and_group_us": us["grouped"], "grouping_us": cost, "met": cost <= TARGET_US}
+                             "read_and_group_us": us["grouped"], "grouping_us": cost,
+                             "grouping_us_each": [c / args.requests * 1e6 for c in costs], "met": cost <= TARGET_US}
             path.unlink()
 
     print_table(f"Prefix grouping cost per request ({args.requests:,} requests per shape, lookahead "
-                f"{args.lookahead}, best of {args.repeats})",
+                f"{args.lookahead}; CPU time, best of {args.repeats}; grouping: median of the paired differences)",
                 ["shape", "read µs", "read, chunks held µs", "read, grouped µs", "grouping µs",
                  f"≤ {TARGET_US} µs"],
                 [[name, r["read_us"], r["read_in_chunks_us"], r["read_and_group_us"], r["grouping_us"],

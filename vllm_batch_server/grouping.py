@@ -36,8 +36,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# The shortest shared prefix worth moving a request for: about 128 tokens (8 of vLLM's 16-token KV blocks).
-# Requests that share less than this with every other request of their chunk keep the file's order.
+# The shortest shared prefix worth moving a request for: about 128 tokens, one KV block of vLLM's CPU backend
+# (the unit its prefix cache reuses there), eight of its 16-token GPU blocks. Requests that share less than
+# this with every other request of their chunk keep the file's order.
 MIN_SHARED_CHARS = 512
 
 Prompt = list[str]
@@ -54,6 +55,10 @@ def prompt_parts(body: dict[str, Any]) -> Prompt | None:
     messages = body.get("messages")
     if messages is not None:
         try:  # the common case, at C speed: every message a dict with string content
+            if len(messages) == 1:
+                content = messages[0]["content"]
+                if content.__class__ is str:
+                    return [content]
             parts = list(map(_content, messages))
             sum(map(str.__len__, parts))  # raises TypeError unless every part is a string
         except (TypeError, KeyError):
@@ -106,12 +111,15 @@ def group_by_prefix(items: Iterable[T], prompt: Callable[[T], Prompt | None], lo
     while True:
         chunk: list[T] = []
         prompts: list[Prompt | None] = []
-        candidates: list[int] = []  # the indexes of the requests that have a prompt
+        candidates: list[int] = []  # the requests whose prompts may share enough with another's
         previous: str | None = None
         for item in islice(source, lookahead):  # each prompt while its request is fresh in the CPU's caches
             parts = prompt(item)
-            if parts is not None:
-                if len(parts) > 1:
+            if parts:
+                if len(parts) == 1:
+                    if len(parts[0]) >= min_shared:  # a shorter one-part prompt cannot share enough
+                        candidates.append(len(chunk))
+                else:
                     # A first part equal to the previous prompt's (a system prompt on every line) becomes
                     # the same object: the sort then finds them equal by identity, without comparing their
                     # characters at every one of its comparisons.
@@ -119,7 +127,7 @@ def group_by_prefix(items: Iterable[T], prompt: Callable[[T], Prompt | None], lo
                         parts[0] = previous
                     else:
                         previous = parts[0]
-                candidates.append(len(chunk))
+                    candidates.append(len(chunk))
             chunk.append(item)
             prompts.append(parts)
         if not chunk:
@@ -137,9 +145,7 @@ def _grouped(chunk: list[T], prompts: list[Prompt | None], candidates: list[int]
     while start < end:
         first: Prompt = prompts[candidates[start]]  # type: ignore[assignment]
         stop = start + 1
-        if not first or (len(first) == 1 and len(first[0]) < min_shared):
-            pass  # too short to share enough with anything: the common case of short prompts
-        elif len(first[0]) >= min_shared:  # the common case: the first part alone is long enough
+        if len(first[0]) >= min_shared:  # the common case: the first part alone is long enough
             head = first[0][:min_shared]
             while stop < end and prompts[candidates[stop]][0].startswith(head):  # type: ignore[index]
                 stop += 1
