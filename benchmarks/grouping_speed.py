@@ -27,7 +27,7 @@ from typing import Any
 from benchmarks._harness import common_args, print_table, say, workdir, write_jsonl, write_results
 from benchmarks._workloads import WORDS
 from vllm_batch_server.grouping import group_by_prefix, prompt_parts
-from vllm_batch_server.validate import iter_requests
+from vllm_batch_server.jsonl import iter_requests
 
 TARGET_US = 2.0
 
