@@ -34,6 +34,8 @@ import contextlib
 import json
 import os
 import statistics
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,17 @@ class Recorder:
 
     def __init__(self) -> None:
         self.results: Results = {}
+        self.failed: list[str] = []
+
+    @contextlib.contextmanager
+    def attempt(self, what: str) -> Iterator[None]:
+        """A measurement that fails is reported and skipped: a long run keeps going with the others."""
+        try:
+            yield
+        except Exception:
+            traceback.print_exc()
+            say(f"FAILED: {what}; going on with the rest")
+            self.failed.append(what)
 
     def add(self, workload: str, system: str, result: dict[str, Any], round_no: int) -> None:
         entry = {**rates(result), "round": round_no}
@@ -91,23 +104,24 @@ def measure_round(args: argparse.Namespace, scratch: Path, names: list[str], sys
     files = {name: w.write(scratch / f"{name}-{round_no}.jsonl") for name, w in workloads.items()}
     say(f"round {round_no + 1}: {', '.join(names)}; systems in the order {', '.join(rotated(systems, round_no))}")
     for system in rotated(systems, round_no):
-        if system == "offline":
-            for kind, endpoint, model in (("generate", CHAT, args.model), ("embed", EMBEDDINGS, args.embed_model)):
-                group = {name: files[name] for name in names if workloads[name].endpoint == endpoint}
-                if group:
-                    for name, result in run_offline(args, scratch, kind, model, group).items():
-                        record.add(name, system, result, round_no)
-        elif system == "run-batch":
-            for name in names:
-                record.add(name, system, run_batch_cli(args, scratch, name, workloads[name].model, files[name]),
-                           round_no)
-        elif system == "server" and server is not None:
-            for name in names:
-                record.add(name, system, server.run(workloads[name], files[name]), round_no)
-        elif system == "server-file-order":  # a fresh server each time: nothing cached from the grouped runs
-            with OurServer(args, scratch, f"file-order-{round_no}", ("--prefix-lookahead", "0")) as plain:
+        with record.attempt(f"{system}, {', '.join(names)}, round {round_no + 1}"):
+            if system == "offline":
+                for kind, endpoint, model in (("generate", CHAT, args.model), ("embed", EMBEDDINGS, args.embed_model)):
+                    group = {name: files[name] for name in names if workloads[name].endpoint == endpoint}
+                    if group:
+                        for name, result in run_offline(args, scratch, kind, model, group).items():
+                            record.add(name, system, result, round_no)
+            elif system == "run-batch":
                 for name in names:
-                    record.add(name, system, plain.run(workloads[name], files[name]), round_no)
+                    record.add(name, system, run_batch_cli(args, scratch, name, workloads[name].model, files[name]),
+                               round_no)
+            elif system == "server" and server is not None:
+                for name in names:
+                    record.add(name, system, server.run(workloads[name], files[name]), round_no)
+            elif system == "server-file-order":  # a fresh server each time: nothing cached from the grouped runs
+                with OurServer(args, scratch, f"file-order-{round_no}", ("--prefix-lookahead", "0")) as plain:
+                    for name in names:
+                        record.add(name, system, plain.run(workloads[name], files[name]), round_no)
     for path in files.values():
         path.unlink()
 
@@ -118,13 +132,14 @@ def measure_queue(args: argparse.Namespace, scratch: Path, systems: list[str], r
     files = [(w, w.write(scratch / f"{w.name}-{round_no}.jsonl")) for w in queue]
     alternating = [files[0], files[2], files[1]]  # chats, embeddings, chats: one more model switch
     for system in rotated(systems, round_no):
-        if system == "run-batch":
-            record.add("queue", system, run_batch_queue(args, scratch, files), round_no)
-        elif system == "server":
-            record.add("queue", system, server_queue(args, scratch, f"queue-{round_no}", files), round_no)
-        elif system == "server-alternating":
-            record.add("queue", system, server_queue(args, scratch, f"queue-alt-{round_no}", alternating),
-                       round_no)
+        with record.attempt(f"{system}, queue, round {round_no + 1}"):
+            if system == "run-batch":
+                record.add("queue", system, run_batch_queue(args, scratch, files), round_no)
+            elif system == "server":
+                record.add("queue", system, server_queue(args, scratch, f"queue-{round_no}", files), round_no)
+            elif system == "server-alternating":
+                record.add("queue", system, server_queue(args, scratch, f"queue-alt-{round_no}", alternating),
+                           round_no)
 
 
 # ---- summary -------------------------------------------------------------------------------------------------
@@ -150,7 +165,7 @@ def summarize(results: Results) -> tuple[dict[str, dict[str, Any]], dict[str, di
             summary[name][system] = {
                 "n": len(runs), "wall_s": statistics.median(walls), "wall_min": min(walls), "wall_max": max(walls),
                 "rate": statistics.median(values),
-                "spread": (max(values) - min(values)) / statistics.median(values) if values[0] else 0.0,
+                "spread": (max(values) - min(values)) / statistics.median(values) if any(values) else 0.0,
                 "rps": statistics.median(r["rps"] for r in runs),
                 "out_tok_s": statistics.median(r["out_tok_s"] for r in runs),
                 "cached": statistics.median(cached) if cached else None,
@@ -240,9 +255,10 @@ def print_tables(args: argparse.Namespace, summary: dict[str, dict[str, Any]], r
                     headline)
         queue = summary.get("queue", {})
         if "server-alternating" in queue:
+            alternating = ratios.get("queue", {}).get("c/b alternating")
             print(f"queue with models alternating (chats, embeddings, chats): our server "
                   f"{queue['server-alternating']['wall_s']:.0f} s, {queue['server-alternating']['engine_starts']:.0f} "
-                  f"engine starts; c/b {ratios['queue'].get('c/b alternating', 0):.2f}")
+                  f"engine starts" + (f"; c/b {alternating:.2f}" if alternating else ""))
         for system, runs in results_of_queue(summary).items():
             print(f"queue, {LABELS[system]}: " + runs)
         for name in DOCUMENTS:
@@ -344,8 +360,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = report(args, record.results)
     payload["workloads"] = {name: _workloads.workload(args, name, "note").note
                             for name in (*DOCUMENTS, *PLAIN) if name in chosen}
+    payload["failed"] = record.failed
     if not args.no_json:
         say(f"wrote {write_results('throughput', payload)}")
+    if record.failed:
+        raise RuntimeError(f"measurements failed (tables above show the others): {'; '.join(record.failed)}")
     return payload
 
 
