@@ -32,8 +32,9 @@ LIMITS = "limits and timeouts"
 ENGINE = "engine"
 VLLM = "vLLM engine"
 SCALE = "backends and Ray replicas (docs/scale.md)"
+RESULTS = "results"
 TESTING = "testing and benchmarking (never in production)"
-GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, VLLM, SCALE, TESTING)
+GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, VLLM, SCALE, RESULTS, TESTING)
 
 
 class SettingsError(ValueError):
@@ -179,8 +180,28 @@ class Settings:
     max_file_bytes: int = setting(512 * 1024 * 1024, help="largest accepted upload, in bytes", group=LIMITS)
     max_batch_lines: int = setting(50_000, help="most requests in one batch", group=LIMITS)
     max_errors_reported: int = setting(100, help="most validation errors listed for one batch", group=LIMITS)
+    max_json_bytes: int = setting(1024 * 1024, help="largest JSON request body (POST /v1/batches), in bytes; "
+                                  "larger ones get 413, from Content-Length at once or as soon as the limit is "
+                                  "crossed", group=LIMITS)
+    header_timeout: float = setting(10.0, help="seconds a client has to send a request's line and headers, from "
+                                    "connecting (or from the request's first byte on a kept-alive connection); "
+                                    "then the connection is closed (408 if part of a request came)", group=LIMITS)
+    body_idle_timeout: float = setting(30.0, help="seconds a request body (an upload) may send nothing while the "
+                                       "server waits for it; then it gets 408 and whatever it uploaded is dropped. "
+                                       "A body that keeps arriving, however slowly, is never cut off. Likewise a "
+                                       "response the client stops reading is abandoned after this long",
+                                       group=LIMITS)
+    keep_alive_timeout: float = setting(5.0, help="seconds an idle kept-alive connection stays open after a "
+                                        "response", group=LIMITS)
+    max_connections: int | None = setting(None, help="most connections open at once; more are answered 503 with "
+                                          "Retry-After at once and closed (default: 1000, or fewer if the "
+                                          "descriptor limit, ulimit -n, leaves room for fewer; a value given is "
+                                          "used as is)", group=LIMITS)
     request_timeout: float = setting(600.0, help="a request running longer than this many seconds counts as an "
                                      "engine hang", group=LIMITS)
+    health_timeout: float = setting(10.0, help="an engine that does not answer a health check within this many "
+                                    "seconds (asked after a batch stopped with requests in flight) is restarted",
+                                    group=LIMITS)
 
     # ---- engine
     engine: str = setting("vllm", choices=("vllm", "echo", "http", "ray"),
@@ -243,13 +264,21 @@ class Settings:
     ray_namespace: str = setting("vllm-batch", help="Ray namespace of this server's replicas (one per server "
                                  "sharing a cluster)", group=SCALE)
 
+    # ---- results
+    result_handlers: dict[str, Any] = setting(
+        factory=dict, flag="--result-handler", metavar="NAME=CONFIG",
+        help="run a result handler when a batch ends: NAME=TYPE, or NAME=JSON with \"type\" and its options "
+        "(built in: postgres, directory; others from the vllm_batch.result_handlers entry points); repeat the "
+        "flag for several (environment: a JSON object of NAME: CONFIG). See docs/results.md",
+        group=RESULTS)
+
     # ---- testing and benchmarking
     checkpointing: bool = setting(True, help="fsync and commit results as they come (turn off only to measure "
                                   "what durability costs: a crash then loses the running batch's progress)",
                                   group=TESTING)
     echo_fault: str | None = setting(None, help="fault injection for reliability tests: comma-separated "
-                                     "crash-after=N, hang-after=N (per engine start), times=K (faults in all), "
-                                     "journal=PATH", group=TESTING)
+                                     "crash-after=N, hang-after=N, exhaust-after=N (per engine start), times=K "
+                                     "(faults in all), journal=PATH", group=TESTING)
 
     @property
     def db_path(self) -> Path:
