@@ -79,6 +79,10 @@ def targets_of(name: str, payload: dict[str, Any]) -> list[list[Any]]:
         if loss:
             rows.append(["scale", "losing a backend recomputes ≤ its window",
                          f"{loss['recomputed']} of {loss['window']}", loss["met"]])
+        affinity = payload.get("affinity")
+        if affinity:
+            rows.append(["scale", "prefix affinity: more prompt tokens cached", f"+{affinity['cached_gain']:.1%}, "
+                         f"{affinity['speedup']:.2f}× faster", affinity["cached_gain"] > 0])
         return rows
     return []
 

@@ -7,12 +7,17 @@
             started and another backend then computed (target: ≤ its window), and the batch's time against a
             run without the kill and against losing a quarter of the capacity for the rest of the batch.
   affinity  two real vLLM OpenAI servers (CPU build, one core each) and a shared-document workload (each
-            document asked several questions): the share of prompt tokens served from vLLM's prefix cache and
-            the batch's time, with prefix affinity and without (`--no-prefix-affinity`). Real engines: run it
-            under `flock /work/vllm.lock` on a shared machine.
+            document asked several questions, the file written question by question): the share of prompt
+            tokens served from vLLM's prefix cache and the batch's time, with prefix affinity and without
+            (`--no-prefix-affinity`). The documents together are larger than one backend's KV cache and
+            smaller than two. By default the runner's own grouping is off (`--prefix-lookahead 0`), so a
+            document's questions reach the router apart in time, as they do when they come in different
+            batches; `--prefix-lookahead 1024` measures both together. Real engines: run it under
+            `flock /work/vllm.lock` on a shared machine.
 
     python -m benchmarks.scale [--parts scaling,loss] [--counts 1,2,4,8] [--delay 0.5] [--window 16]
-    python -m benchmarks.scale --parts affinity [--documents 24] [--questions 4] [--doc-words 600]
+    python -m benchmarks.scale --parts affinity [--documents 40] [--questions 3] [--doc-words 600]
+                                                [--prefix-lookahead 0]
 """
 
 from __future__ import annotations
@@ -307,8 +312,9 @@ def affinity(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     with running(backends, timeout=900) as live:
         say("two vLLM backends ready")
         # Each run gets documents of its own (a different seed), so neither finds the other's in the cache.
-        for seed, (label, extra) in enumerate((("without affinity", ["--no-prefix-affinity"]),
-                                               ("with affinity", []))):
+        lookahead = ["--prefix-lookahead", str(args.prefix_lookahead)]
+        for seed, (label, extra) in enumerate((("without affinity", [*lookahead, "--no-prefix-affinity"]),
+                                               ("with affinity", lookahead))):
             path = directory / f"input-{seed}.jsonl"
             n = documents_workload(path, args, seed, served)
             with router_server(directory / f"data-{seed}", live, args.vllm_window, extra, [served]).start() as srv:
@@ -324,8 +330,8 @@ def affinity(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             rows.append([label, n, usage["input_tokens"], cached, seconds, n / seconds])
             say(f"{label}: {cached:.0%} of prompt tokens cached, {seconds:.0f} s")
     print_table(f"Prefix affinity on two vLLM backends ({args.documents} documents of {args.doc_words} words × "
-                f"{args.questions} questions)", ["routing", "requests", "prompt tokens", "cached", "seconds",
-                                                   "req/s"], rows)
+                f"{args.questions} questions, --prefix-lookahead {args.prefix_lookahead})",
+                ["routing", "requests", "prompt tokens", "cached", "seconds", "req/s"], rows)
     on, off = results["with affinity"], results["without affinity"]
     return {"results": results, "cached_gain": on["cached"] - off["cached"], "speedup": off["seconds"] / on["seconds"]}
 
@@ -337,13 +343,18 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--delay", type=float, default=1.0, help="seconds an echo backend takes per request")
     parser.add_argument("--window", type=int, default=16, help="requests in flight per echo backend")
     parser.add_argument("--per-backend", type=int, default=320, help="requests per echo backend in a batch")
-    parser.add_argument("--documents", type=int, default=24)
-    parser.add_argument("--questions", type=int, default=4)
+    # 40 documents of ~650 tokens: 26,000 tokens, more than one backend's 1 GiB KV cache (~23,000 tokens of
+    # SmolLM2 in float32) and less than two.
+    parser.add_argument("--documents", type=int, default=40)
+    parser.add_argument("--questions", type=int, default=3)
     parser.add_argument("--doc-words", type=int, default=600)
     parser.add_argument("--out-tokens", default="4-24", help="output tokens per request: a range MIN-MAX")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-cache-gib", type=int, default=1)
     parser.add_argument("--vllm-window", type=int, default=32, help="requests in flight per vLLM backend")
+    parser.add_argument("--prefix-lookahead", type=int, default=0,
+                        help="the routing server's --prefix-lookahead for the affinity part (0: the runner keeps "
+                        "the file's order, so only the router can keep a document's questions together)")
     args = parser.parse_args(argv)
     args.counts = [int(c) for c in args.counts.split(",")]
     low, _, high = args.out_tokens.partition("-")

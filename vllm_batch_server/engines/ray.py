@@ -91,7 +91,7 @@ class RayCluster:
                      runtime_env={"py_modules": [package]}, ignore_reinit_error=True)
         gpus = self.settings.replica_gpus
         if gpus is None:
-            has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+            has_gpus = ray.cluster_resources().get("GPU", 0) > 0  # type: ignore[no-untyped-call]
             per_model = (self.settings.tensor_parallel_size or 1) * (self.settings.pipeline_parallel_size or 1)
             gpus = float(per_model) if has_gpus else 0.0
         self._actor_class = ray.remote(Replica)
