@@ -1,7 +1,7 @@
 """Developer sessions. Start them with `python3 dev.py SESSION` (it creates `.venv/` and nox first).
 
     tests            what CI runs (`.ci/run`): lint, typecheck, tests-pythons (3.10 and 3.13), tests-full
-    tests-full       the whole suite with real vLLM for CPUs and a local Ray cluster, in .venv
+    tests-full       the whole suite with real vLLM for CPUs, in .venv
     tests-fast       everything but the real-engine tests, in .venv (no engine install: a minute or two)
     tests-pythons    the fast suite on the oldest and newest supported Pythons, each in its own small venv
     lint, typecheck  ruff; mypy (strict for the client), for Python 3.10
@@ -136,11 +136,11 @@ def install(session: nox.Session, *, engine: bool) -> None:
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16] + ("+engine" if engine else "")
     have = STAMP.read_text().split() if STAMP.exists() else []
     if wanted in have or (not engine and f"{wanted}+engine" in have):
-        session.log(f"{VENV} is up to date (pip install -e '.[dev{',cpu,ray' if engine else ''}]' was done)")
+        session.log(f"{VENV} is up to date (pip install -e '.[dev{',cpu' if engine else ''}]' was done)")
         return
     if engine:
         install_torch(session)
-        pip(session, "install", "-e", ".[cpu,dev,ray]")  # ray: the Ray replica test runs in the full suite
+        pip(session, "install", "-e", ".[cpu,dev]")
         pip(session, "uninstall", "--yes", *TORCH_EXTRAS_THAT_BREAK)
         session.run(str(VENV / "bin" / "vllm-batch-server"), "models", "prepare", external=True)
     else:

@@ -1,12 +1,14 @@
 """Echo replicas as Ray actors on a local Ray cluster the test starts; replicas are killed mid-batch (one for
 good, one for Ray to restart) and the batch completes with every custom_id exactly once.
 
-Opt-in by installing the `ray` extra (skipped without it); about a minute, most of it starting Ray.
+Opt-in: needs the `ray` extra and BATCH_SLOW_TESTS=1 (about a minute, most of it starting and stopping Ray;
+kept out of CI's default run, which has a budget). Passed 2026-11-30 (docs/scale.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -19,6 +21,8 @@ from tests.faults.checks import assert_echo_answers, assert_exactly_once
 from tests.helpers.ray_cluster import RayHead, start_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
+              pytest.mark.skipif(not os.environ.get("BATCH_SLOW_TESTS"),
+                                 reason="set BATCH_SLOW_TESTS=1 to start a local Ray cluster (about a minute)"),
               pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason='needs "vllm-batch[ray]"')]
 
 REPLICAS = 3
