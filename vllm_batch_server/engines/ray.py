@@ -20,8 +20,9 @@ import asyncio
 import dataclasses
 import logging
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from vllm_batch_server.engines.base import EngineError, Result
 from vllm_batch_server.settings import Settings
@@ -91,7 +92,9 @@ class RayCluster:
                      runtime_env={"py_modules": [package]}, ignore_reinit_error=True)
         gpus = self.settings.replica_gpus
         if gpus is None:
-            has_gpus = ray.cluster_resources().get("GPU", 0) > 0  # type: ignore[no-untyped-call]
+            # A cast, not a type: ignore: ray is untyped where it is installed and absent (Any) where it is not.
+            cluster_resources = cast("Callable[[], dict[str, float]]", ray.cluster_resources)
+            has_gpus = cluster_resources().get("GPU", 0) > 0
             per_model = (self.settings.tensor_parallel_size or 1) * (self.settings.pipeline_parallel_size or 1)
             gpus = float(per_model) if has_gpus else 0.0
         self._actor_class = ray.remote(Replica)
