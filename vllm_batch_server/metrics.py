@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from vllm_batch_server import __version__
+from vllm_batch_server.exhaustion import Exhausted
 from vllm_batch_server.lifecycle import TERMINAL, BatchStatus, event_type
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ for _result in ("success", "failure"):
     WEBHOOK_ATTEMPTS.labels(_result)
 for _status in ("delivered", "failed"):
     WEBHOOK_DELIVERIES.labels(_status)
+for _ending in TERMINAL:  # every series exists from the start, so a query for one never comes back empty
+    BATCH_DURATION_SECONDS.labels(_ending.value)
 
 
 class SchedulerMetrics:
@@ -198,10 +201,10 @@ class LiveCollector:
 
         paused = GaugeMetricFamily(PREFIX + "paused_batches", "Batches paused until a resource of ours comes back, "
                                    "by what ran out.", labels=["reason"])
-        reasons: dict[str, int] = {}
+        reasons = {kind.value: 0 for kind in Exhausted}  # every reason, so a query always finds a series
         for pause in list(scheduler.paused.values()):
-            reasons[pause.reason.value] = reasons.get(pause.reason.value, 0) + 1
-        for reason, count in sorted(reasons.items()):
+            reasons[pause.reason.value] += 1
+        for reason, count in reasons.items():
             paused.add_metric([reason], count)
         yield paused
 
