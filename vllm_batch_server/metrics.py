@@ -27,9 +27,8 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
 
 from vllm_batch_server import __version__
 from vllm_batch_server.exhaustion import Exhausted
@@ -45,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "vllm_batch_"
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus reads
 
 # Ours, observed as things happen. One registry per process: a server process serves one app.
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -252,7 +252,9 @@ class _Combined:
             yield from collector.collect()
 
 
-def render(live: LiveCollector, accept: str) -> tuple[bytes, str]:
-    """The exposition in the format the scraper asked for (OpenMetrics for Prometheus, else text 0.0.4)."""
-    encoder, content_type = choose_encoder(accept)
-    return encoder(_Combined([REGISTRY, live, prometheus_client.REGISTRY])), content_type
+def render(live: LiveCollector) -> tuple[bytes, str]:
+    """The exposition in Prometheus's text format 0.0.4, whatever the scraper prefers. Not OpenMetrics, which
+    Prometheus asks for first: prometheus-client 0.26 writes vLLM's sample names there with their colons
+    turned into underscores (`vllm_num_requests_running`) under TYPE lines that keep them, so Prometheus
+    would store none of vLLM's metrics under the names vLLM documents (seen with the real engine)."""
+    return generate_latest(_Combined([REGISTRY, live, prometheus_client.REGISTRY])), TEXT_FORMAT

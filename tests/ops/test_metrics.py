@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+import prometheus_client
+from prometheus_client import Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerFactory, chat_lines, request_line, sdk, submit, wait_for
 from tests.helpers.server import RunningServer
+from vllm_batch_server import metrics
 
 KEY = "sk-metrics-test"
 
@@ -144,9 +147,30 @@ def test_metrics_need_the_key_unless_public(server_factory: ServerFactory) -> No
     assert httpx.get(public.root_url + "/status").status_code == 401
 
 
-def test_prometheus_is_answered_in_openmetrics(shared_server: RunningServer) -> None:
+def test_vllm_names_keep_their_colons_whatever_the_scraper_asks() -> None:
+    """Regression: Prometheus asks for OpenMetrics first, and prometheus-client's OpenMetrics encoder turned
+    `vllm:num_requests_running` into `vllm_num_requests_running`, so no dashboard query found vLLM's metrics."""
+    gauge = Gauge("vllm:ops_test_requests", "A vLLM-style name, in the global registry as vLLM's are.",
+                  ["model_name"])
+    gauge.labels("m").set(3)
+
+    class NoLive:
+        def collect(self) -> Iterator[Any]:
+            return iter(())
+
+    try:
+        body, content_type = metrics.render(NoLive())  # type: ignore[arg-type]
+    finally:
+        prometheus_client.REGISTRY.unregister(gauge)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    samples = {s.name: s for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+    assert samples["vllm:ops_test_requests"].value == 3
+    assert "vllm_ops_test_requests" not in samples
+
+
+def test_prometheus_gets_the_text_format(shared_server: RunningServer) -> None:
     accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
     response = httpx.get(shared_server.root_url + "/metrics", headers={"accept": accept})
-    assert response.headers["content-type"].startswith("application/openmetrics-text")
-    names = {family.name for family in parse_openmetrics(response.text)}
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    names = {family.name for family in text_string_to_metric_families(response.text)}
     assert {"vllm_batch_requests", "vllm_batch_batches", "vllm_batch_checkpoint_commit_seconds"} <= names

@@ -21,7 +21,7 @@ READY_RETRY_AFTER = "5"
 async def metrics_endpoint(request: Request) -> Response:
     ctx = context(request)
     await ctx.monitor.snapshot()  # the numbers read from SQLite, at most a second old
-    body, content_type = metrics.render(ctx.metrics, request.headers.get("accept", ""))
+    body, content_type = metrics.render(ctx.metrics)
     return Response(body, media_type=content_type)
 
 
