@@ -95,6 +95,25 @@ def test_an_endpoint_may_ask_for_every_lifecycle_event(server_factory: ServerFac
     assert len({r.headers["webhook-id"] for r in received}) == 4
 
 
+def test_each_endpoint_gets_only_the_events_it_asked_for(server_factory: ServerFactory, receiver: Receiver) -> None:
+    other = Receiver().start()
+    try:
+        server = server_factory(extra_args=[*hook(receiver.url, events="batch.failed"),
+                                            *hook(other.url, secret=OTHER_SECRET)])
+        client = sdk(server)
+        completed = wait_for(client, submit(client, chat_lines(2)).id)
+        failed = wait_for(client, submit(client, b"not json\n").id)
+        assert (completed.status, failed.status) == ("completed", "failed")
+        (only,) = receiver.wait_for(1)
+        assert unwrap(only).type == "batch.failed" and unwrap(only).data.id == failed.id
+        both = other.wait_for(2)
+        assert sorted(unwrap(r, OTHER_SECRET).type for r in both) == ["batch.completed", "batch.failed"]
+        time.sleep(0.5)
+        assert len(receiver.received) == 1
+    finally:
+        other.stop()
+
+
 def test_a_failed_attempt_is_retried_with_the_same_webhook_id(server_factory: ServerFactory,
                                                               receiver: Receiver) -> None:
     receiver.answers = [500, 503]
