@@ -128,3 +128,12 @@ def test_an_event_read_twice_is_recorded_once(tmp_path: Path) -> None:
             await db.close()
 
     asyncio.run(scenario())
+
+
+def test_new_secret_makes_a_secret_both_the_server_and_the_sdk_accept(capsys: pytest.CaptureFixture[str]) -> None:
+    cli.main(["webhooks", "new-secret"])
+    secret = capsys.readouterr().out.strip()
+    assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:], validate=True)) == 32
+    webhooks.check_settings(Settings(engine="echo", webhook_secret=secret))
+    cli.main(["webhooks", "new-secret"])
+    assert capsys.readouterr().out.strip() != secret
