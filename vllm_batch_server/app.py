@@ -87,8 +87,8 @@ def create_app(settings: Settings) -> Starlette:
         await result_handlers.start()  # first: its cursor is placed before the scheduler ends any batch
         app.state.loop = asyncio.get_running_loop()
         # So are these readers': the batches that recovery finishes are announced too.
-        lifecycle_metrics.start()
-        hooks.start()
+        await lifecycle_metrics.start()
+        await hooks.start()
         await metrics.count_resumed(db)
         if settings.preload:
             await scheduler.preload()

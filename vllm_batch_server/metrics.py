@@ -107,7 +107,8 @@ class LifecycleMetrics:
         self._reader = events.reader(self.READER, start="end")
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self._reader.position()  # placed now, before the scheduler ends any batch
         self._task = asyncio.create_task(self._follow(), name="lifecycle metrics")
 
     async def stop(self) -> None:

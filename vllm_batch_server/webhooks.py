@@ -135,7 +135,8 @@ class Webhooks:
     def enabled(self) -> bool:
         return bool(self._settings.webhooks or self._settings.webhook_allowed_hosts)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self._reader.position()  # placed now, before the scheduler ends any batch
         # Never follows redirects: a receiver could otherwise point the server at any host.
         self._client = httpx.AsyncClient(timeout=self._settings.webhook_timeout, follow_redirects=False,
                                          headers={"user-agent": f"vllm-batch/{__version__}"}, trust_env=False)

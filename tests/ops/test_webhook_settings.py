@@ -137,3 +137,36 @@ def test_new_secret_makes_a_secret_both_the_server_and_the_sdk_accept(capsys: py
     webhooks.check_settings(Settings(engine="echo", webhook_secret=secret))
     cli.main(["webhooks", "new-secret"])
     assert capsys.readouterr().out.strip() != secret
+
+
+def test_the_readers_place_their_cursor_before_the_scheduler_starts(tmp_path: Path) -> None:
+    """A first start: events appended by the scheduler's recovery, right after the readers start, must reach
+    them (a cursor placed lazily, at the first read, would land after those events)."""
+    from vllm_batch_server.metrics import LifecycleMetrics
+
+    async def scenario() -> None:
+        db = await Database.open(tmp_path / "db.sqlite3")
+        try:
+            lifecycle = Lifecycle(db)
+            events = EventLog(db, lifecycle)
+            settings = Settings(engine="echo", models=["m"], data_dir=tmp_path,
+                                webhooks=[WebhookEndpoint("http://127.0.0.1:9/x", SECRET, ("batch.created",))])
+            hooks = webhooks.Webhooks(db, events, settings)
+            lifecycle_metrics = LifecycleMetrics(db, events)
+            await lifecycle_metrics.start()
+            await hooks.start()
+            assert await db.cursor_of(webhooks.READER) == 0 and await db.cursor_of(LifecycleMetrics.READER) == 0
+            # what recovery would do, before the readers' tasks ever ran
+            await lifecycle.create(BatchRow(id="batch_r", endpoint="/v1/chat/completions", input_file_id="file-a",
+                                            completion_window="24h", status=BatchStatus.VALIDATING, created_at=1))
+            for _ in range(50):
+                if await db.deliveries_of("batch_r"):
+                    break
+                await asyncio.sleep(0.05)
+            assert [row["event_type"] for row in await db.deliveries_of("batch_r")] == ["batch.created"]
+            await hooks.stop()
+            await lifecycle_metrics.stop()
+        finally:
+            await db.close()
+
+    asyncio.run(scenario())
