@@ -20,6 +20,7 @@ import base64
 import os
 import queue
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def demo(secret: str, receiver_port: int, events: queue.Queue[Any]) -> None:
                     raise SystemExit("the demo server did not start") from None
                 time.sleep(0.2)
         print(f"demo server on {root}, sending webhooks to http://127.0.0.1:{receiver_port}/webhooks")
-        with VLLMBatch(base_url=root + "/v1", api_key="unused") as batch:
+        with VLLMBatch(base_url=root + "/v1", api_key="unused", workdir=data_dir, output_dir=data_dir) as batch:
             for i in range(3):
                 batch.add_to_batch(model="echo-model", messages=[{"role": "user", "content": f"Hello {i}"}])
             finished, _, _ = batch.submit_wait_download(poll_interval=0.5, progress=False)
@@ -103,6 +104,7 @@ def demo(secret: str, receiver_port: int, events: queue.Queue[Any]) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def main() -> None:
