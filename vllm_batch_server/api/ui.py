@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from vllm_batch_server.api.errors import APIError
@@ -76,7 +76,13 @@ async def asset(request: Request) -> Response:
     return _serve(request, request.path_params["asset"] or INDEX)
 
 
+async def moved(request: Request) -> Response:
+    # The one redirect the server makes: the page's relative links need the trailing slash.
+    return RedirectResponse("/ui/", status_code=307)
+
+
 routes = [
     Route("/", page, methods=["GET"]),
+    Route("/ui", moved, methods=["GET"]),
     Route("/ui/{asset:path}", asset, methods=["GET"]),
 ]
