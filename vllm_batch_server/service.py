@@ -4,7 +4,8 @@
 
 - the unit (`/etc/systemd/system/vllm-batch.service`, or with `--user` `~/.config/systemd/user/...`):
   `Type=notify` (systemd counts the server started once it listens, after its data directory is locked, the
-  queue recovered and, with `--preload`, a model loaded), restart on failure, a graceful stop that leaves
+  queue recovered and a model loaded: a service preloads unless installed with `--no-preload`), restart on
+  failure, a graceful stop that leaves
   time for the last checkpoint, a watchdog on the event loop, and settings from
 - an environment file (`/etc/vllm-batch/vllm-batch.env`, or `~/.config/vllm-batch/vllm-batch.env`): every
   setting as its `BATCH_SERVER_*` variable, commented out at its default, and set where a flag given to
@@ -201,6 +202,9 @@ def _given_settings(args: argparse.Namespace, settings: Settings, home: Path | N
         if key not in given:
             # The defaults follow the home directory, which is the service user's, not the installer's.
             given[key] = str(home / default) if home is not None else str(getattr(settings, setting))
+    # A service preloads unless told not to (--no-preload): then systemd's "started" (READY=1) means a model is
+    # loaded and the engine can serve (a model that cannot load shows in /ready and `systemctl status`).
+    given.setdefault(env_name("preload"), env_value(True))
     return given
 
 

@@ -1,7 +1,8 @@
 """A real Prometheus server (Debian's `prometheus` package) on loopback, scraping a test server every second.
 
-CI installs it with `apt-get install -y --no-install-recommends prometheus` (see .ci/run); set PROMETHEUS_BIN
-to use another binary. The tests that need it skip, saying so, only where it cannot be found.
+Install it with `apt-get install -y --no-install-recommends prometheus` (dev.py does on CI); set PROMETHEUS_BIN to
+use another binary. Without one the tests that need it skip, saying so, on a developer's machine, and fail in
+CI (tests/helpers/tools.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.helpers.server import free_port
+from tests.helpers.tools import missing_tool
 
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus (Debian/Ubuntu), or set PROMETHEUS_BIN"
 
@@ -31,7 +32,7 @@ def prometheus_binary() -> str | None:
 def require_prometheus() -> str:
     found = prometheus_binary()
     if found is None:
-        pytest.skip(f"no Prometheus binary to scrape with: {INSTALL_HINT}")
+        missing_tool(f"no Prometheus binary to scrape with: {INSTALL_HINT}")
     return found
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.tools import missing_tool
 from vllm_batch_server import cli
 from vllm_batch_server.settings import ENV_PREFIX, Settings
 
@@ -41,7 +42,7 @@ def service_user() -> str:
 def verify(unit: Path, *, user: bool, tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
+        missing_tool("systemd-analyze is not installed (Debian: apt-get install systemd)")
     env = dict(os.environ)
     if user:  # a user manager needs a runtime directory, which a session would have
         runtime = tmp_path / "runtime"
@@ -115,7 +116,17 @@ def test_a_user_unit_verifies(tmp_path: Path) -> None:
     assert "User=" not in text and "WantedBy=default.target" in text and "network-online" not in text
     assert "SyslogIdentifier=batches" in text
     verify(unit, user=True, tmp_path=tmp_path)
-    assert read_env_file(units / "batches.env")[f"{ENV_PREFIX}ENGINE"] == "echo"  # from the environment
+    values = read_env_file(units / "batches.env")
+    assert values[f"{ENV_PREFIX}ENGINE"] == "echo"  # from the environment
+    # Unasked, a service preloads: systemd counts it started only once a model is loaded.
+    assert values[f"{ENV_PREFIX}PRELOAD"] == "true"
+
+
+def test_a_service_can_be_installed_without_preloading(tmp_path: Path) -> None:
+    units = tmp_path / "units"
+    done = run_cli("service", "install", "--user", "--unit-dir", str(units), "--no-preload")
+    assert done.returncode == 0, done.stderr
+    assert read_env_file(units / "vllm-batch.env")[f"{ENV_PREFIX}PRELOAD"] == "false"
 
 
 def test_install_without_systemd_writes_the_files_and_says_what_to_run(tmp_path: Path) -> None:

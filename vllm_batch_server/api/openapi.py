@@ -473,10 +473,10 @@ def spec() -> dict[str, Any]:
             },
             "/metrics": {
                 "get": {"operationId": "metrics",
-                        "description": "Prometheus metrics; open without the API key with --metrics-public.",
+                        "description": "Prometheus metrics in the text format 0.0.4 (also when OpenMetrics is "
+                                       "asked for); open without the API key with --metrics-public.",
                         "responses": {"200": {"description": "The Prometheus exposition", "content": {
-                            "text/plain": {"schema": {"type": "string"}},
-                            "application/openmetrics-text": {"schema": {"type": "string"}}}},
+                            "text/plain": {"schema": {"type": "string"}}}},
                             **_errors(401)}},
             },
             "/openapi.json": {
