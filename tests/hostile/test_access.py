@@ -64,9 +64,10 @@ WRONG = {
 def test_the_route_table_is_what_we_think() -> None:
     assert len(ROUTES) >= 10
     assert ("GET", "/health") in ROUTES and ("POST", "/v1/files") in ROUTES
-    # What is open without a key: health and the dashboard's static files, nothing under /v1.
-    assert {path for _, path in ROUTES if is_open(path)} == {"/health", "/", "/ui", "/ui/index.html"}
-    assert not any(is_open(path) for path in ("/v1/events", "/v1/events/stream", "/status", "/uix", "/v1/ui/"))
+    # What is open without a key: the probes and the dashboard's static files, nothing under /v1.
+    assert {path for _, path in ROUTES if is_open(path)} == {"/health", "/ready", "/", "/ui", "/ui/index.html"}
+    assert not any(is_open(path) for path in ("/v1/events", "/v1/events/stream", "/status", "/metrics", "/uix",
+                                               "/v1/ui/", "/readyx", "/ready/"))
 
 
 def test_only_the_probes_and_the_dashboard_page_are_open() -> None:

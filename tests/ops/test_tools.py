@@ -10,7 +10,7 @@ from tests.helpers.tools import missing_tool
 @pytest.mark.parametrize("ci", ["true", "1", "TRUE"])
 def test_a_missing_tool_fails_in_ci(monkeypatch: pytest.MonkeyPatch, ci: str) -> None:
     monkeypatch.setenv("CI", ci)
-    with pytest.raises(pytest.fail.Exception, match="no prometheus.*CI=true"):
+    with pytest.raises(pytest.fail.Exception, match=r"no prometheus.*CI=true"):
         missing_tool("no prometheus")
 
 

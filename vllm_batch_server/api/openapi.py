@@ -446,6 +446,12 @@ def spec() -> dict[str, Any]:
                         "responses": {"200": {"description": "The dashboard (public: it holds no data)",
                                               "content": {"text/html": {"schema": {"type": "string"}}}}}},
             },
+            "/ui": {
+                "get": {"operationId": "dashboardMoved", "security": [],
+                        "responses": {"307": {"description": "Redirects to the dashboard at /ui/ (its relative "
+                                                             "links need the trailing slash)",
+                                              "headers": {"location": {"schema": {"type": "string"}}}}}},
+            },
             "/ui/{asset}": {
                 "get": {"operationId": "dashboardFile", "security": [],
                         "parameters": [_path_param("asset", {"type": "string",
