@@ -13,7 +13,21 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from vllm_batch_server.api import batches, events, files, handlers, marks, models, openapi, results, retry, ui
+from vllm_batch_server import metrics, webhooks
+from vllm_batch_server.api import (
+    batches,
+    events,
+    files,
+    handlers,
+    marks,
+    models,
+    openapi,
+    operations,
+    results,
+    retry,
+    ui,
+)
+from vllm_batch_server.api import webhooks as webhook_routes
 from vllm_batch_server.api.auth import BearerAuth
 from vllm_batch_server.api.context import Context
 from vllm_batch_server.api.deadlines import BodyIdleTimeout
@@ -27,21 +41,26 @@ from vllm_batch_server.api.errors import (
 from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.data_dir_lock import locked
 from vllm_batch_server.database import Database
+from vllm_batch_server.engines import check_settings as check_engine_settings
 from vllm_batch_server.engines import create_engine
 from vllm_batch_server.events import EventLog
 from vllm_batch_server.handlers.loading import load_handlers
 from vllm_batch_server.handlers.service import HandlerService
 from vllm_batch_server.lifecycle import Lifecycle
 from vllm_batch_server.marks import MarkIndex
+from vllm_batch_server.monitor import Monitor
 from vllm_batch_server.partial import CommittedResults
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.webhooks import Webhooks
 
 log = logging.getLogger("vllm_batch_server")
 
 
 def create_app(settings: Settings) -> Starlette:
     configured_handlers = load_handlers(settings.result_handlers)  # a bad configuration fails here, at once
+    webhooks.check_settings(settings)  # raises SettingsError: refuse to start rather than drop events
+    check_engine_settings(settings)  # raises SettingsError: a bad --backend is one line, not a failed start-up
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -57,15 +76,26 @@ def create_app(settings: Settings) -> Starlette:
         blobs.prepare()
         db = await Database.open(settings.db_path)
         lifecycle = Lifecycle(db)
-        scheduler = Scheduler(db, blobs, create_engine(settings), settings, lifecycle)
         events = EventLog(db, lifecycle)
+        scheduler = Scheduler(db, blobs, create_engine(settings), settings, lifecycle, metrics.SchedulerMetrics())
         result_handlers = HandlerService(db, blobs, events, configured_handlers)
+        monitor = Monitor(db)
+        lifecycle_metrics = metrics.LifecycleMetrics(db, events)
+        hooks = Webhooks(db, events, settings)
         app.state.context = Context(settings, db, blobs, scheduler, events, CommittedResults(db, blobs),
-                                    MarkIndex(db, blobs), result_handlers)
+                                    MarkIndex(db, blobs), result_handlers, monitor,
+                                    metrics.LiveCollector(monitor, scheduler, settings), hooks)
         app.state.started_at = int(time.time())
         await result_handlers.start()  # first: its cursor is placed before the scheduler ends any batch
         app.state.loop = asyncio.get_running_loop()
+        # So are these readers': the batches that recovery finishes are announced too.
+        await lifecycle_metrics.start()
+        await hooks.start()
+        await metrics.count_resumed(db)
+        if settings.preload:
+            await scheduler.preload()
         await scheduler.start()
+        monitor.start()
         served = "the models its backends serve" if settings.engine == "http" else ", ".join(settings.models)
         log.info("serving %s with the %s engine; data in %s", served, settings.engine, settings.data_dir)
         try:
@@ -74,15 +104,20 @@ def create_app(settings: Settings) -> Starlette:
             app.state.context.closing.set()
             await scheduler.stop()
             await result_handlers.stop()
+            await monitor.stop()
+            await hooks.stop()
+            await lifecycle_metrics.stop()
             await db.close()
 
     # Outermost: the body deadline must see every handler's reads and be able to replace its answer.
     middleware = [Middleware(BodyIdleTimeout, seconds=settings.body_idle_timeout)]
     if settings.api_key:
-        middleware.append(Middleware(BearerAuth, api_key=settings.api_key))
+        open_paths = ("/metrics",) if settings.metrics_public else ()
+        middleware.append(Middleware(BearerAuth, api_key=settings.api_key, open_paths=open_paths))
     app = Starlette(
         routes=[*files.routes, *retry.routes, *batches.routes, *results.routes, *marks.routes,
-                *handlers.routes, *models.routes, *events.routes, *openapi.routes, *ui.routes],
+                *handlers.routes, *webhook_routes.routes, *models.routes, *events.routes, *operations.routes,
+                *openapi.routes, *ui.routes],
         middleware=middleware,
         exception_handlers={
             APIError: on_api_error,

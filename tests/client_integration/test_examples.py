@@ -46,6 +46,7 @@ EXPECTED = {
     "async_app.py": ["[job]", "completed 3/3", "stayed responsive", "... -> Quarterly revenue grew by twelve percent"],
     "switch_provider.py": ["provider: local", "Loved it, would buy again."],
     "embeddings.py": ["5 embeddings of dimension 384", "closest to 'baking at home':"],
+    "webhook_receiver.py": ["verified batch.completed for batch_", "the webhook arrived, verified: done"],
     "compare_models.py": ["(3 batches for 3 models)", "== math: What is 17 times 3?",
                           "echo-c: What is 17 times 3?"],
     "curation.py": ["q3: 'Who wrote Hamlet?'", "followed 6 results", "nothing to retry (no_failed_requests)",

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from playwright.sync_api import Browser, expect
 
 from tests.ui.conftest import browser, new_tab, playwright  # noqa: F401 - the browser fixtures
 from tests.vllm.conftest import CHAT_MODEL, EMBED_MODEL, BackToBack
-
-pytestmark = pytest.mark.vllm  # starts the real engine: not in `-m "not vllm"`, and only under the vLLM lock
 
 
 def test_the_dashboard_shows_real_batches(back_to_back: BackToBack, browser: Browser) -> None:  # noqa: F811

@@ -7,7 +7,7 @@ replicas (`--engine ray --replicas N`) and OpenAI-compatible backends (`--backen
 from __future__ import annotations
 
 from vllm_batch_server.engines.base import Engine, EngineError, Result, Usage
-from vllm_batch_server.settings import Settings
+from vllm_batch_server.settings import Settings, SettingsError
 
 __all__ = ["Engine", "EngineError", "Result", "Usage", "check_settings", "create_engine", "served_models"]
 
@@ -24,20 +24,23 @@ def in_process_engine(settings: Settings, kind: str) -> Engine:
 
 
 def check_settings(settings: Settings) -> None:
-    """Raise ValueError naming the setting when the engine settings cannot work (before anything starts)."""
+    """Raise SettingsError naming the setting when the engine settings cannot work (before anything starts)."""
     from vllm_batch_server.engines.http import parse_backends
 
     if settings.engine not in ("vllm", "echo", "http", "ray"):
-        raise ValueError(f"unknown engine {settings.engine!r}; expected vllm, echo, http or ray")
-    backends = parse_backends(settings.backends, settings.backend_window)
+        raise SettingsError(f"unknown engine {settings.engine!r}; expected vllm, echo, http or ray")
+    try:
+        backends = parse_backends(settings.backends, settings.backend_window)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
     if settings.engine == "http" and not backends:
-        raise ValueError("--engine http needs at least one --backend URL")
+        raise SettingsError("--engine http needs at least one --backend URL")
     if settings.engine == "ray" and settings.replicas < 1:
-        raise ValueError(f"--replicas must be at least 1, got {settings.replicas}")
+        raise SettingsError(f"--replicas must be at least 1, got {settings.replicas}")
 
 
 def create_engine(settings: Settings) -> Engine:
-    """The engine the scheduler drives. Raises ValueError naming the setting when the settings cannot work."""
+    """The engine the scheduler drives. Raises SettingsError naming the setting when the settings cannot work."""
     from vllm_batch_server.engines.http import HttpEngine, parse_backends
 
     check_settings(settings)
