@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import ServerFactory, chat_lines, read_jsonl, request_line, sdk, submit, wait_for
 from tests.faults.checks import assert_at_most_once, assert_echo_answers, assert_exactly_once
 from tests.helpers.server import RunningServer
+from tests.ops.test_metrics import scrape
 from tests.scale.conftest import BackendFactory, backend_args
 
 WINDOW = 8
@@ -56,6 +57,19 @@ def test_batch_completes_when_one_of_three_backends_is_killed_mid_batch(
     assert "is out of rotation" in full_log(server)
     # The server says where each model is served: the backends' own lists.
     assert {m.id for m in client.models.list()} == {"echo-model", "echo-embed"}
+    # GET /metrics tells the same story per backend.
+    samples = scrape(server)
+    member = {b.name: (("kind", "http"), ("member", b.url)) for b in backends}
+    assert samples["vllm_batch_router_member_up"][member[killed.name]] == 0
+    assert all(samples["vllm_batch_router_member_up"][member[b.name]] == 1 for b in survivors)
+    assert samples["vllm_batch_router_member_taken_out_total"][member[killed.name]] >= 1
+    # Its in-flight requests failed on it or were moved off it when it was taken out: at most its window.
+    moved = samples["vllm_batch_router_member_moved_requests_total"][member[killed.name]]
+    assert moved <= WINDOW
+    assert moved + samples["vllm_batch_router_member_failed_attempts_total"][member[killed.name]] >= 1
+    answered = samples["vllm_batch_router_member_requests_total"]
+    assert sum(answered[member[b.name]] for b in backends) == n  # each request answered once, somewhere
+    assert answered[member[killed.name]] <= len(killed_done)  # an answer it wrote as it died may be lost
 
 
 def test_a_backend_that_comes_back_rejoins_the_rotation(server_factory: ServerFactory,
