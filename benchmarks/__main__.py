@@ -20,7 +20,8 @@ from typing import Any
 
 from benchmarks._harness import print_table, say, write_results
 
-# In the order they run: the quick echo-engine ones first, the real-engine comparison last.
+# In the order they run: the quick echo-engine ones first, the real-engine comparison last (scale's default
+# parts use echo backends only).
 BENCHMARKS = {
     "grouping_speed": "prefix grouping's cost per request on seven input shapes (no engine)",
     "pipeline": "echo engine, 50,000 lines: requests/s end to end, checkpointing on vs off, vs a bare loop",
@@ -28,6 +29,7 @@ BENCHMARKS = {
     "crash": "kill -9 at random points: results recomputed, time from restart to resumed processing",
     "dashboard": "10,000 batches: queue page load in Chromium, status-call p99 with dashboards open",
     "throughput": "real vLLM: offline LLM vs run_batch vs our server: documents, a queue of files, 4 workloads",
+    "scale": "echo backends: throughput against 1-8 backends, cost of losing one (real vLLM: --parts affinity)",
 }
 
 
@@ -67,6 +69,20 @@ def targets_of(name: str, payload: dict[str, Any]) -> list[list[Any]]:
                 if key in ratios:
                     rows.append(["throughput", f"{workload} {key} ≥ {goal}", f"{ratios[key]:.3f}",
                                  met.get(workload, {}).get(key)])
+        return rows
+    if name == "scale":
+        rows = []
+        for result in (payload.get("scaling") or {}).get("results", []):
+            rows.append(["scale", f"{result['backends']} backends ≥ 0.9 × linear", f"{result['vs_linear']:.3f}",
+                         result["vs_linear"] >= 0.9])
+        loss = payload.get("loss")
+        if loss:
+            rows.append(["scale", "losing a backend recomputes ≤ its window",
+                         f"{loss['recomputed']} of {loss['window']}", loss["met"]])
+        affinity = payload.get("affinity")
+        if affinity:
+            rows.append(["scale", "prefix affinity: more prompt tokens cached", f"+{affinity['cached_gain']:.1%}, "
+                         f"{affinity['speedup']:.2f}× faster", affinity["cached_gain"] > 0])
         return rows
     return []
 

@@ -41,6 +41,7 @@ from vllm_batch_server.api.errors import (
 from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.data_dir_lock import locked
 from vllm_batch_server.database import Database
+from vllm_batch_server.engines import check_settings as check_engine_settings
 from vllm_batch_server.engines import create_engine
 from vllm_batch_server.events import EventLog
 from vllm_batch_server.handlers.loading import load_handlers
@@ -59,6 +60,7 @@ log = logging.getLogger("vllm_batch_server")
 def create_app(settings: Settings) -> Starlette:
     configured_handlers = load_handlers(settings.result_handlers)  # a bad configuration fails here, at once
     webhooks.check_settings(settings)  # raises SettingsError: refuse to start rather than drop events
+    check_engine_settings(settings)  # raises SettingsError: a bad --backend is one line, not a failed start-up
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -94,8 +96,8 @@ def create_app(settings: Settings) -> Starlette:
             await scheduler.preload()
         await scheduler.start()
         monitor.start()
-        log.info("serving %s with the %s engine; data in %s", ", ".join(settings.models), settings.engine,
-                 settings.data_dir)
+        served = "the models its backends serve" if settings.engine == "http" else ", ".join(settings.models)
+        log.info("serving %s with the %s engine; data in %s", served, settings.engine, settings.data_dir)
         try:
             yield
         finally:

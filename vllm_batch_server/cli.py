@@ -149,6 +149,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to a backend otherwise
     from vllm_batch_server.app import begin_shutdown, create_app
     from vllm_batch_server.connections import ConnectionLimits, ServerConfig
     from vllm_batch_server.data_dir_lock import DataDirInUse, locked

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from vllm_batch_server import __version__
+from vllm_batch_server.engines.router_metrics import member_metrics
 from vllm_batch_server.exhaustion import Exhausted
 from vllm_batch_server.lifecycle import TERMINAL, BatchStatus, event_type
 
@@ -216,6 +217,7 @@ class LiveCollector:
                                 "running batches.", value=uncommitted)
         yield GaugeMetricFamily(PREFIX + "running_batches", "Batches with a runner feeding the engine.",
                                 value=len(scheduler.runners))
+        yield from member_metrics(scheduler.engine)  # a router's backends and replicas; nothing for one engine
         yield GaugeMetricFamily(PREFIX + "webhook_pending_deliveries", "Webhook deliveries waiting for their "
                                 "next attempt.", value=snapshot.pending_deliveries)
         try:

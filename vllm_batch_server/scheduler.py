@@ -28,6 +28,7 @@ from vllm_batch_server import idempotency, ids
 from vllm_batch_server.aio import wait_event
 from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.database import ACTIVE_STATUSES, BatchRow, Database, FileRow
+from vllm_batch_server.engines import served_models
 from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.exhaustion import Exhausted, exhausted
 from vllm_batch_server.idempotency import IdempotencyKey
@@ -227,8 +228,9 @@ class Scheduler:
 
     async def _validate(self, batch: BatchRow) -> None:
         path = self.blobs.file_path(batch.input_file_id)
+        served = await served_models(self.engine, self.settings)  # with backends: what they serve now
         report = await asyncio.to_thread(
-            validate_input, path, endpoint=batch.endpoint, served_models=self.settings.models,
+            validate_input, path, endpoint=batch.endpoint, served_models=served,
             max_lines=self.settings.max_batch_lines, max_errors=self.settings.max_errors_reported)
         if report.ok:
             changed = await self.lifecycle.move(batch.id, S.IN_PROGRESS, only_from=[S.VALIDATING],

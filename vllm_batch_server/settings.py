@@ -33,10 +33,11 @@ QUEUE = "queue and durability"
 LIMITS = "limits and timeouts"
 ENGINE = "engine"
 VLLM = "vLLM engine"
+SCALE = "backends and Ray replicas (docs/scale.md)"
 RESULTS = "results"
 OPERATIONS = "operations: metrics, readiness, webhooks"
 TESTING = "testing and benchmarking (never in production)"
-GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, VLLM, RESULTS, OPERATIONS, TESTING)
+GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, VLLM, SCALE, RESULTS, OPERATIONS, TESTING)
 
 
 class SettingsError(ValueError):
@@ -216,9 +217,11 @@ class Settings:
                                     group=LIMITS)
 
     # ---- engine
-    engine: str = setting("vllm", choices=("vllm", "echo"), help="what computes requests: vllm (the product) or "
-                          "echo (deterministic answers without a model, for dry runs of a pipeline)",
-                          group=ENGINE)
+    engine: str = setting("vllm", choices=("vllm", "echo", "http", "ray"),
+                          help="what computes requests: vllm (in this process; the product), echo (deterministic "
+                          "answers without a model, for dry runs of a pipeline), http (only the --backend servers) or "
+                          "ray (--replicas engines on a Ray cluster); vllm, echo and ray also use any --backend "
+                          "given", group=ENGINE)
     window: int | None = setting(None, help="requests kept in flight (default: sized from the engine)",
                                  group=ENGINE)
     engine_max_restarts: int = setting(3, help="engine failures tolerated per batch before it is failed (its "
@@ -228,7 +231,12 @@ class Settings:
     # ---- vLLM engine
     max_model_len: int | None = setting(None, help="context length", group=VLLM)
     gpu_memory_utilization: float | None = setting(None, help="fraction of GPU memory for vLLM", group=VLLM)
-    tensor_parallel_size: int | None = setting(None, help="GPUs per model", group=VLLM)
+    tensor_parallel_size: int | None = setting(None, help="GPUs each model's layers are split across",
+                                               group=VLLM)
+    pipeline_parallel_size: int | None = setting(None, help="stages each model's layers are pipelined across "
+                                                 "(GPUs per model = tensor x pipeline)", group=VLLM)
+    data_parallel_size: int | None = setting(None, help="copies of the model vLLM runs side by side in this "
+                                             "process's engine, each with its own GPUs", group=VLLM)
     max_num_seqs: int | None = setting(None, help="sequences vLLM batches at once", group=VLLM)
     dtype: str | None = setting(None, help="weights dtype (default: auto; float32 on CPU)", group=VLLM)
     prefix_caching: bool = setting(True, help="vLLM prefix caching", group=VLLM)
@@ -237,6 +245,37 @@ class Settings:
                                           "several (environment: a JSON object)", group=VLLM)
     model_cache_dir: Path = setting(factory=default_cache_dir, help="where embedded models are prepared",
                                     group=VLLM)
+
+    # ---- backends and Ray replicas (engines/router.py, engines/http.py, engines/ray.py)
+    backends: list[str] = setting(factory=list, flag="--backend", metavar="URL[,key=env:VAR][,window=N]",
+                                  help="an OpenAI-compatible server to send requests to (vllm serve, SGLang, "
+                                  "another vllm-batch server, ...): its base URL (.../v1), optionally its API key "
+                                  "read from an environment variable (key=env:NAME) or a file (key=file:PATH), its "
+                                  "most requests in flight (window=N) and a name for logs (name=LABEL); repeat the "
+                                  "flag for several (environment: the same, comma-separated)", group=SCALE)
+    backend_window: int = setting(64, help="most requests in flight on a backend without window=N; each "
+                                  "backend's window adapts below this to its latency and errors", group=SCALE)
+    backend_timeout: float = setting(300.0, help="seconds one request may take on a backend before it is tried on "
+                                     "another (keep it below --request-timeout)", group=SCALE)
+    backend_probe_seconds: float = setting(5.0, help="how often each backend's /v1/models is checked (and how "
+                                           "long a check may take); two failed checks take it out of rotation",
+                                           group=SCALE)
+    backend_wait_seconds: float = setting(120.0, help="how long requests wait for a backend or replica to come "
+                                          "back when none can serve, before it counts as an engine failure",
+                                          group=SCALE)
+    prefix_affinity: bool = setting(True, help="send requests that share a prompt prefix to the backend or "
+                                    "replica that served it (its prefix cache has it)", group=SCALE)
+    replicas: int = setting(1, help="engine replicas to place on the Ray cluster (--engine ray)", group=SCALE)
+    replica_engine: str = setting("vllm", choices=("vllm", "echo"), help="what each Ray replica runs",
+                                  group=SCALE)
+    replica_gpus: float | None = setting(None, help="GPUs per Ray replica (default: tensor x pipeline parallel "
+                                         "size when the cluster has GPUs, else 0)", group=SCALE)
+    replica_cpus: float = setting(1.0, help="CPUs per Ray replica", group=SCALE)
+    ray_address: str | None = setting(None, help="the Ray cluster to join, as `ray start --address` takes it "
+                                      "(default: RAY_ADDRESS, else a cluster started on this machine, else a new "
+                                      "local one)", group=SCALE)
+    ray_namespace: str = setting("vllm-batch", help="Ray namespace of this server's replicas (one per server "
+                                 "sharing a cluster)", group=SCALE)
 
     # ---- results
     result_handlers: dict[str, Any] = setting(

@@ -8,6 +8,7 @@ from starlette.routing import Route
 
 from vllm_batch_server.api.context import context
 from vllm_batch_server.api.errors import not_found
+from vllm_batch_server.engines import served_models
 
 
 def _model(name: str, created: int) -> dict[str, object]:
@@ -17,12 +18,14 @@ def _model(name: str, created: int) -> dict[str, object]:
 async def list_models(request: Request) -> Response:
     ctx = context(request)
     created = request.app.state.started_at
-    return JSONResponse({"object": "list", "data": [_model(m, created) for m in ctx.settings.models]})
+    names = await served_models(ctx.scheduler.engine, ctx.settings)
+    return JSONResponse({"object": "list", "data": [_model(m, created) for m in names]})
 
 
 async def retrieve_model(request: Request) -> Response:
     name = request.path_params["model"]
-    if name not in context(request).settings.models:
+    ctx = context(request)
+    if name not in await served_models(ctx.scheduler.engine, ctx.settings):
         raise not_found("Model", name)
     return JSONResponse(_model(name, request.app.state.started_at))
 

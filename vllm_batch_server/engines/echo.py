@@ -95,7 +95,8 @@ class FaultPlan:
 class EchoEngine:
     def __init__(self, settings: Settings) -> None:
         self._delay = settings.echo_delay
-        self._capacity = settings.window or 256
+        # As vLLM's: twice the sequences it would batch, when that is set (the router's replicas use this).
+        self._capacity = settings.window or (2 * settings.max_num_seqs if settings.max_num_seqs else 256)
         self._model: str | None = None
         self._served = set(settings.models)
         self._fault = FaultPlan.parse(settings.echo_fault)

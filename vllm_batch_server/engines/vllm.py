@@ -101,6 +101,7 @@ class VLLMEngine:
         self._serving: _Serving | None = None
         self._model: str | None = None
         self._max_num_seqs = settings.max_num_seqs or 128
+        self._data_parallel = settings.data_parallel_size or 1
         self._inflight: dict[str, asyncio.Task[Result]] = {}
         self._set_env: list[str] = []
         self._fields: dict[str, frozenset[str]] = {}
@@ -112,8 +113,9 @@ class VLLMEngine:
     @property
     def capacity(self) -> int:
         # Twice what vLLM schedules at once: the runner tops the window up as requests finish, so vLLM's
-        # waiting queue always has the next requests ready when a sequence ends (continuous batching).
-        return 2 * self._max_num_seqs
+        # waiting queue always has the next requests ready when a sequence ends (continuous batching). With data
+        # parallelism, each of the engine's copies schedules max_num_seqs.
+        return 2 * self._max_num_seqs * self._data_parallel
 
     @property
     def model(self) -> str | None:
@@ -144,6 +146,7 @@ class VLLMEngine:
             raise EngineError(f"vLLM could not load model {model!r} ({resolved.path}): {exc}") from exc
         self._model = model
         self._max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
+        self._data_parallel = int(self._llm.vllm_config.parallel_config.data_parallel_size or 1)
         self.last_start_seconds = time.monotonic() - began
         log.info("vLLM loaded %s in %.1f s (max_num_seqs=%d, capacity=%d)", model, self.last_start_seconds,
                  self._max_num_seqs, self.capacity)
@@ -367,6 +370,8 @@ class VLLMEngine:
         for key, value in (("max_model_len", max_model_len),
                            ("gpu_memory_utilization", s.gpu_memory_utilization),
                            ("tensor_parallel_size", s.tensor_parallel_size),
+                           ("pipeline_parallel_size", s.pipeline_parallel_size),
+                           ("data_parallel_size", s.data_parallel_size),
                            ("max_num_seqs", s.max_num_seqs)):
             if value is not None:
                 kwargs[key] = value

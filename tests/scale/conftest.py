@@ -1,0 +1,37 @@
+"""Echo backends as separate processes, and servers that route to them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.backends import EchoBackend
+
+BackendFactory = Callable[..., EchoBackend]
+
+
+@pytest.fixture
+def echo_backend(tmp_path: Path) -> Iterator[BackendFactory]:
+    """Start an echo backend process (tests/helpers/echo_backend.py); all are killed at teardown."""
+    started: list[EchoBackend] = []
+
+    def start(name: str, *args: str, **kwargs: Any) -> EchoBackend:
+        backend = EchoBackend(tmp_path / "backends", name, list(args), **kwargs)
+        started.append(backend)
+        return backend.start()
+
+    yield start
+    for backend in started:
+        backend.kill()
+
+
+def backend_args(*backends: EchoBackend, window: int | None = 8, probe: float = 0.3,
+                 extra: tuple[str, ...] = ()) -> list[str]:
+    """Server flags routing to these backends (fast health checks, as a test needs)."""
+    args = ["--backend-probe-seconds", str(probe)]
+    for backend in backends:
+        args += ["--backend", backend.url + (f",window={window}" if window else "")]
+    return [*args, *extra]

