@@ -88,6 +88,7 @@ def test_datasets_loads_each_format_as_trainers_do(tmp_path: Path) -> None:
         assert row["messages"][-1]["role"] == "assistant"
 
 
+@pytest.mark.vllm  # transformers and the prepared model come with the engine's environment
 def test_a_chat_template_renders_the_exported_conversations(tmp_path: Path) -> None:
     """What an SFT trainer does with each row: the model's chat template over the messages."""
     transformers = pytest.importorskip("transformers")

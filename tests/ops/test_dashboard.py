@@ -74,6 +74,7 @@ def test_every_query_names_an_exported_metric(shared_server: RunningServer) -> N
                 assert name in ours, (where, name)
 
 
+@pytest.mark.vllm  # imports vLLM's metrics module, so it runs where vLLM is installed
 def test_every_vllm_name_is_one_vllm_declares() -> None:
     vllm = vllm_declared_metrics()
     if vllm is None:
