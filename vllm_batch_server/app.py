@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from vllm_batch_server.api import batches, files, models, openapi
+from vllm_batch_server.api import batches, files, models, online, openapi
 from vllm_batch_server.api.auth import BearerAuth
 from vllm_batch_server.api.context import Context
 from vllm_batch_server.api.errors import (
@@ -54,7 +54,7 @@ def create_app(settings: Settings) -> Starlette:
 
     middleware = [Middleware(BearerAuth, api_key=settings.api_key)] if settings.api_key else []
     return Starlette(
-        routes=[*files.routes, *batches.routes, *models.routes, *openapi.routes],
+        routes=[*files.routes, *batches.routes, *models.routes, *online.routes, *openapi.routes],
         middleware=middleware,
         exception_handlers={
             APIError: on_api_error,

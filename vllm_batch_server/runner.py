@@ -24,6 +24,7 @@ from vllm_batch_server.exhaustion import exhausted
 from vllm_batch_server.grouping import group_by_prefix, prefix_key
 from vllm_batch_server.jsonl import iter_requests
 from vllm_batch_server.lifecycle import BatchStatus
+from vllm_batch_server.priority import batch_priority
 from vllm_batch_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class BatchRunner:
     async def _feed(self, results: ResultLog, requests: Iterator[tuple[int, str, dict[str, Any]]],
                     done: set[str]) -> None:
         batch_id, url = self.batch.id, self.batch.endpoint
+        # Behind online requests, and behind batches due sooner (priority.py).
+        priority = batch_priority(self.batch.completion_window)
         slice_end, slices = time.monotonic() + YIELD_SECONDS, 0
 
         def next_request() -> tuple[int, str, dict[str, Any]] | None:
@@ -112,7 +115,7 @@ class BatchRunner:
                 request_id = f"{batch_id}-{line_no}"
                 self._in_flight[request_id] = time.monotonic()
                 try:
-                    result = await self._engine.run(request_id, url, body)
+                    result = await self._engine.run(request_id, url, body, priority=priority)
                 finally:
                     del self._in_flight[request_id]
                 results.append(custom_id, result)
