@@ -26,6 +26,7 @@ BENCHMARKS = {
     "memory": "server RSS through a 1 GB upload/download and a 50,000-line batch; client RSS (client_memory)",
     "crash": "kill -9 at random points: results recomputed, time from restart to resumed processing",
     "throughput": "real vLLM: offline LLM vs run_batch vs our server on four workloads, prefix grouping",
+    "online": "real vLLM: online latency idle and beside a batch, with and without priorities; batch kept",
 }
 
 
@@ -55,6 +56,14 @@ def targets_of(name: str, payload: dict[str, Any]) -> list[list[Any]]:
             for key, goal in (("c/a", "≥ 0.97"), ("c/b", "≥ 1.0")):
                 if key in ratios:
                     rows.append(["throughput", f"{workload} {key} {goal}", f"{ratios[key]:.3f}", met.get(key)])
+        return rows
+    if name == "online":
+        ratios = payload.get("ratios", {}).get("priority", {})
+        rows = [["online", "online e2e p50 beside a batch ≤ 1.5 × idle",
+                 f"{ratios.get('e2e_p50_shared_over_idle') or 0:.1f} ×", t.get("latency_met")]]
+        if "batch_kept" in ratios:
+            rows.append(["online", "batch keeps ≥ 90% with online ≤ 10%",
+                         f"{ratios['batch_kept']:.1%} (online {ratios['online_share']:.1%})", t.get("batch_kept_met")])
         return rows
     return []
 

@@ -194,6 +194,19 @@ def test_online_request_finishes_before_batch_requests_queued_earlier(server_fac
     assert_exactly_once(client, done, {f"req-{i}" for i in range(40)})
 
 
+def test_without_priority_scheduling_first_come_first_served(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=[*ONLINE, "--max-num-seqs", "1", "--echo-delay", "0.05",
+                                        "--no-priority-scheduling"])
+    client = sdk(server)
+    batch = submit(client, chat_lines(40, model="echo-model"))
+    wait_for(client, batch.id, statuses=("in_progress",))
+    time.sleep(0.3)
+    began = time.monotonic()
+    _chat(client)  # waits behind the ~35 batch requests handed to the engine before it (~1.7 s)
+    assert time.monotonic() - began > 1.0
+    assert wait_for(client, batch.id).status == "completed"
+
+
 def test_a_batch_due_sooner_runs_ahead_of_one_due_later(server_factory: ServerFactory) -> None:
     # A window of 8: the later batch hands the engine its requests over seconds, so the sooner batch must be
     # started beside it (scheduler) and its requests run first (engine priority) to overtake it.

@@ -156,6 +156,7 @@ class EchoEngine:
         # --max-num-seqs caps how many requests compute at once, as it does for vLLM; the rest wait in
         # priority order. Unset: no cap.
         self._gate = PriorityGate(settings.max_num_seqs)
+        self._priorities = settings.priority_scheduling  # off: first come, first served, as vLLM's fcfs
         self._model: str | None = None
         self._served = set(settings.models)
         self._fault = FaultPlan.parse(settings.echo_fault)
@@ -216,7 +217,7 @@ class EchoEngine:
         if body.get("stream") is True:
             return Result.error(400, "stream is not supported here; results are returned whole",
                                 param="stream")
-        async with self._gate.slot(priority):
+        async with self._gate.slot(priority if self._priorities else 0):
             if self._delay > 0:
                 await asyncio.sleep(self._delay)
             result = self._compute(request_id, url, body)

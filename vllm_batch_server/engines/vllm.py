@@ -171,8 +171,9 @@ class VLLMEngine:
         self._max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
         self._priority_scheduling = str(self._llm.vllm_config.scheduler_config.policy) == "priority"
         self.last_start_seconds = time.monotonic() - began
-        log.info("vLLM loaded %s in %.1f s (max_num_seqs=%d, capacity=%d)", model, self.last_start_seconds,
-                 self._max_num_seqs, self.capacity)
+        log.info("vLLM loaded %s in %.1f s (max_num_seqs=%d, capacity=%d, scheduling=%s)", model,
+                 self.last_start_seconds, self._max_num_seqs, self.capacity,
+                 "priority" if self._priority_scheduling else "fcfs")
 
     async def stop(self) -> None:
         for task in list(self._inflight.values()):
