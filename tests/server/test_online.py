@@ -256,18 +256,27 @@ def test_a_batch_line_cannot_set_its_own_priority(server_factory: ServerFactory)
 
 
 def test_online_model_is_kept_loaded_while_online_traffic_continues(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=[*ONLINE, "--online-idle-seconds", "3"])
+    server = server_factory(extra_args=[*ONLINE, "--online-idle-seconds", "3", "--echo-delay", "0.5"])
     client = sdk(server)
     assert httpx.get(server.root_url + "/health").json()["loaded_model"] == "echo-model"  # loaded at start
     _chat(client)
-    batch = submit(client, [request_line("e", "x", model="echo-embed", url="/v1/embeddings")],
-                   endpoint="/v1/embeddings")
-    for _ in range(10):  # online traffic keeps coming: the other model's batch waits
-        time.sleep(0.2)
+    lines = [request_line(f"e{i}", "x", model="echo-embed", url="/v1/embeddings") for i in range(4)]
+    batch = submit(client, lines, endpoint="/v1/embeddings")
+    for _ in range(6):  # online traffic keeps coming: the other model's batch waits
+        time.sleep(0.1)
         _chat(client)
     assert client.batches.retrieve(batch.id).request_counts.completed == 0
     assert httpx.get(server.root_url + "/health").json()["loaded_model"] == "echo-model"
-    # Quiet for --online-idle-seconds: the batch runs, then the engine goes back to the online model.
+    # Quiet for --online-idle-seconds: the batch runs, then the engine goes back to the online model. Meanwhile
+    # online requests are told to come back (503 with Retry-After), not to use another model.
+    deadline = time.monotonic() + 30
+    while httpx.get(server.root_url + "/health").json()["loaded_model"] != "echo-embed":
+        assert time.monotonic() < deadline, "the other model's batch never ran"
+        time.sleep(0.05)
+    refused = httpx.post(server.base_url + "/chat/completions", json={
+        "model": "echo-model", "messages": [{"role": "user", "content": "x"}]})
+    assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
+    assert refused.json()["error"]["code"] == "model_not_loaded" and "echo-embed" in refused.text
     assert wait_for(client, batch.id, timeout=30).status == "completed"
     deadline = time.monotonic() + 10
     while httpx.get(server.root_url + "/health").json()["loaded_model"] != "echo-model":

@@ -153,6 +153,18 @@ def _check_loaded(ctx: Context, model: str) -> None:
         raise APIError(503, f"The engine serving '{model}' failed and is being restarted; retry in a moment.",
                        type="server_error", code="engine_unavailable",
                        headers={"retry-after": str(RETRY_AFTER_LOADING)})
+    if model == ctx.settings.online_model:
+        # Kept for online traffic: it is about to be loaded (at start, after a failure), or loaded again once
+        # the batches of another model that ran while online traffic was quiet have ended.
+        other = scheduler.loading_model or loaded
+        if other is None or other == model:
+            message = f"The model '{model}' is being loaded; retry in a moment."
+        else:
+            message = (f"The model '{model}' is not loaded right now: the engine runs batches of '{other}', "
+                       f"started after online traffic was quiet for {ctx.settings.online_idle_seconds:g}s; "
+                       f"'{model}' is loaded again when they end.")
+        raise APIError(503, message, type="server_error", param="model", code="model_not_loaded",
+                       headers={"retry-after": str(RETRY_AFTER_LOADING)})
     if state is EngineState.LOADING:
         now = f"the engine is loading '{scheduler.loading_model}' for a batch"
     elif state is EngineState.READY and loaded is not None:
