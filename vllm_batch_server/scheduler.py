@@ -219,7 +219,7 @@ class Scheduler:
             if (batch is None or batch.status is not S.IN_PROGRESS or batch.id in self._runners
                     or self.engine_state is not EngineState.READY or self.engine.model != batch.model):
                 continue
-            runner = BatchRunner(self.db, self.blobs, self.engine, self.settings, batch)
+            runner = BatchRunner(self.db, self.blobs, self.engine, self.settings, batch, self.online.batch_turns)
             self._runners[batch.id] = runner
             driver = asyncio.create_task(self._drive(runner), name=f"run {batch.id}")
             self._drivers.add(driver)

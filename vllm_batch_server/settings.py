@@ -202,6 +202,11 @@ class Settings:
                                          "back to the online model afterwards)", group=ONLINE)
     online_max_requests: int = setting(256, help="online requests admitted at once (computing or waiting for "
                                        "the engine); more are answered 429 with Retry-After", group=ONLINE)
+    online_batch_window: int | None = setting(None, help="while online requests are being answered, batch work "
+                                              "keeps at most this many requests in the engine (default: no "
+                                              "limit); where an engine step's cost grows with the sequences in it "
+                                              "(CPU), this trades batch throughput for online latency",
+                                              group=ONLINE)
 
     # ---- vLLM engine
     max_model_len: int | None = setting(None, help="context length", group=VLLM)

@@ -315,3 +315,29 @@ def test_streamed_events_are_server_sent_events(server_factory: ServerFactory) -
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events)
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_online_batch_window_narrows_batch_work_while_online_requests_run(server_factory: ServerFactory) -> None:
+    # A window of 8 batch requests in the engine: narrowing takes effect once those already handed over finish
+    # (nothing is taken back), here within a tenth of a second.
+    server = server_factory(extra_args=[*ONLINE, "--max-num-seqs", "4", "--echo-delay", "0.05", "--window", "8",
+                                        "--online-batch-window", "1", "--checkpoint-seconds", "0.2"])
+    client = sdk(server)
+    batch = submit(client, chat_lines(1000, model="echo-model"))
+    wait_for(client, batch.id, statuses=("in_progress",), until=lambda b: b.request_counts.completed > 0)
+
+    def progress_over(seconds: float, online: bool) -> int:
+        start = client.batches.retrieve(batch.id).request_counts.completed
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            if online:
+                _chat(client)
+            else:
+                time.sleep(0.05)
+        return client.batches.retrieve(batch.id).request_counts.completed - start
+
+    alone = progress_over(2, online=False)  # 4 at a time: ~80 requests/s
+    beside = progress_over(2, online=True)  # 1 at a time while online requests run: ~20 requests/s
+    assert beside < alone / 2, (alone, beside)
+    assert wait_for(client, batch.id, timeout=60).status == "completed"
+    assert_exactly_once(client, client.batches.retrieve(batch.id), {f"req-{i}" for i in range(1000)})

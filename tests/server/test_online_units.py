@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from vllm_batch_server.engines.echo import PriorityGate
-from vllm_batch_server.online import OnlineTraffic
+from vllm_batch_server.online import NARROW_GRACE_SECONDS, BatchTurns, OnlineTraffic
 from vllm_batch_server.online_metrics import OnlineMetrics
 from vllm_batch_server.priority import BATCH_BASE, batch_priority, online_priority
 from vllm_batch_server.settings import Settings
@@ -91,5 +91,47 @@ def test_admission_is_bounded_and_metrics_count_by_model_and_endpoint() -> None:
             in text
         assert "vllm_batch_online_time_to_first_token_seconds_count" in text
         assert "vllm_batch_online_requests_in_flight 1.0" in text
+
+    asyncio.run(scenario())
+
+
+def test_batch_turns_narrow_only_while_online_requests_are_answered() -> None:
+    async def scenario() -> None:
+        turns = BatchTurns(narrow_to=2)
+        for _ in range(5):
+            await turns.take()  # not narrowed: no limit
+        assert turns.in_flight == 5
+        turns.narrow(True)
+        waiting = asyncio.create_task(turns.take())
+        for _ in range(3):
+            turns.give_back()
+        await asyncio.sleep(0)
+        assert not waiting.done() and turns.in_flight == 2  # waits until fewer than 2 are in flight
+        turns.give_back()
+        await asyncio.sleep(0)
+        assert waiting.done() and turns.in_flight == 2
+        cancelled = asyncio.create_task(turns.take())
+        later = asyncio.create_task(turns.take())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        turns.narrow(False)  # online traffic over: everyone goes
+        await asyncio.sleep(0)
+        assert later.done() and turns.in_flight == 3
+
+    asyncio.run(scenario())
+
+
+def test_online_traffic_narrows_batch_work_and_widens_a_grace_period_after() -> None:
+    async def scenario() -> None:
+        traffic = OnlineTraffic(Settings(models=["m"], online_batch_window=1))
+        assert not traffic.batch_turns.narrowed
+        assert traffic.try_admit() and traffic.batch_turns.narrowed
+        traffic.release()
+        await asyncio.sleep(0.5)
+        assert traffic.batch_turns.narrowed  # an app's next request usually follows within the grace period
+        assert traffic.try_admit()
+        traffic.release()
+        await asyncio.sleep(NARROW_GRACE_SECONDS + 0.2)
+        assert not traffic.batch_turns.narrowed
 
     asyncio.run(scenario())
