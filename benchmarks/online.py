@@ -1,8 +1,9 @@
 """Online requests on the batch engine (real vLLM): latency idle and under a saturating batch, with and
 without priority scheduling, and what a light online load costs the batch.
 
-One server per scheduling policy (`--priority-scheduling` on, then off), each with `--online-model` so the
-model is loaded at start. On each:
+One server per policy, each with `--online-model` so the model is loaded at start: `priority` (vLLM's
+priority scheduling, the default), `fcfs` (`--no-priority-scheduling`) and `narrow` (priority plus
+`--online-batch-window`). On each:
 
   idle     N online chat requests one after another on an otherwise idle engine;
   batch    a batch alone, sized to keep vLLM full (2 x max_num_seqs in flight): its output tokens/s;
@@ -126,13 +127,14 @@ def run_batch(api: BatchAPI, file_id: str) -> tuple[float, dict[str, Any], float
     return time.perf_counter() - began, batch, running_at
 
 
-def measure_server(args: argparse.Namespace, scratch: Path, priority: bool, input_path: Path) -> dict[str, Any]:
-    name = "priority" if priority else "fcfs"
+def measure_server(args: argparse.Namespace, scratch: Path, name: str, input_path: Path) -> dict[str, Any]:
     extra = ["--online-model", args.model, "--max-num-seqs", str(args.max_num_seqs),
              "--max-model-len", str(args.max_model_len),
-             "--priority-scheduling" if priority else "--no-priority-scheduling"]
+             "--no-priority-scheduling" if name == "fcfs" else "--priority-scheduling"]
+    if name == "narrow":
+        extra += ["--online-batch-window", str(args.narrow_window)]
     if args.engine == "echo":  # a quick dry run of this script: the echo engine has no vLLM settings to take
-        extra = [*extra[:2], "--max-num-seqs", str(args.max_num_seqs), "--echo-delay", "0.01"]
+        extra = [*extra[:4], "--echo-delay", "0.01", *extra[6:]]
     server = Server(scratch / f"data-{name}", engine=args.engine, models=[args.model], extra_args=extra)
     say(f"[{name}] starting the server (loads {args.model})")
     server.start(timeout=900)
@@ -152,7 +154,7 @@ def measure_server(args: argparse.Namespace, scratch: Path, priority: bool, inpu
         say(f"[{name}] idle: {args.online_requests} online requests one after another")
         out["idle"] = run_online(http, args.model, args.online_max_tokens, args.online_requests).summary()
 
-        if not args.skip_batch_alone:
+        if name == "priority" or not args.skip_batch_alone:
             say(f"[{name}] batch alone: {args.batch_requests} x {args.batch_max_tokens} tokens")
             seconds, _, _ = run_batch(api, file_id)
             out["batch_alone"] = {"seconds": seconds, "output_tokens_per_s": total_tokens / seconds}
@@ -162,18 +164,21 @@ def measure_server(args: argparse.Namespace, scratch: Path, priority: bool, inpu
         measured: dict[str, Any] = {}
 
         def batch_thread() -> None:
+            own = BatchAPI(server.base_url)  # an httpx client per thread
             try:
-                seconds, _, _ = run_batch(api, file_id)
+                seconds, batch, _ = run_batch(own, file_id)
                 measured["seconds"] = seconds
+                measured["id"] = batch["id"]
             finally:
+                own.close()
                 ended.set()
 
         thread = threading.Thread(target=batch_thread)
         thread.start()
         # Online traffic begins once the batch has filled the engine (its first results are in).
         while not ended.is_set():
-            listed = api.client.get("/v1/batches", params={"limit": 1}).json()["data"][0]
-            if listed["status"] == "in_progress" and listed["request_counts"]["completed"] > 0:
+            listed = api.client.get("/v1/batches", params={"limit": 1}).json()["data"]
+            if listed and listed[0]["status"] == "in_progress" and listed[0]["request_counts"]["completed"] > 0:
                 break
             time.sleep(0.2)
         load_began = time.perf_counter()
@@ -204,9 +209,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="seconds between online requests while the batch runs (0: back to back)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument("--policies", default="priority,fcfs", help="comma-separated: priority, fcfs")
-    parser.add_argument("--skip-batch-alone", action="store_true", help="fcfs too measures the batch alone "
-                        "unless given (priority always does)")
+    parser.add_argument("--policies", default="priority,fcfs,narrow",
+                        help="comma-separated: priority, fcfs, narrow")
+    parser.add_argument("--narrow-window", type=int, default=8, help="--online-batch-window of the narrow policy")
+    parser.add_argument("--skip-batch-alone", action="store_true", help="measure the batch alone on the priority "
+                        "server only (the engine and the batch are the same on all)")
     args = parser.parse_args(argv)
 
     results: dict[str, Any] = {}
@@ -214,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         input_path = scratch / "batch.jsonl"
         write_jsonl(input_path, batch_lines(args.model, args.batch_requests, args.batch_max_tokens))
         for policy in [p.strip() for p in args.policies.split(",") if p.strip()]:
-            results[policy] = measure_server(args, scratch, policy == "priority", input_path)
+            results[policy] = measure_server(args, scratch, policy, input_path)
 
     rows = []
     for policy, r in results.items():
@@ -225,9 +232,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table("Online latency (seconds; streamed chat, "
                 f"{args.online_max_tokens} tokens)", ["scenario", "n", "ttft p50", "ttft p99", "e2e p50",
                                                       "e2e p99"], rows)
+    reference = next((r["batch_alone"]["output_tokens_per_s"] for r in results.values() if "batch_alone" in r), None)
     rows = []
     for policy, r in results.items():
-        alone = r.get("batch_alone", {}).get("output_tokens_per_s")
+        alone = r.get("batch_alone", {}).get("output_tokens_per_s", reference)
         shared = r["shared"]["batch_output_tokens_per_s"]
         share = r["shared"]["online_output_tokens_per_s"] / alone if alone else None
         rows.append([policy, alone, shared, shared / alone if alone else None, share])
@@ -241,8 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "e2e_p50_shared_over_idle": shared["e2e_p50_s"] / idle["e2e_p50_s"] if shared["e2e_p50_s"] else None,
             "ttft_p50_shared_over_idle": shared["ttft_p50_s"] / idle["ttft_p50_s"] if shared["ttft_p50_s"] else None,
         }
-        if "batch_alone" in r:
-            alone = r["batch_alone"]["output_tokens_per_s"]
+        alone = r.get("batch_alone", {}).get("output_tokens_per_s", reference)
+        if alone:
             ratios[policy]["batch_kept"] = shared["batch_output_tokens_per_s"] / alone
             ratios[policy]["online_share"] = shared["online_output_tokens_per_s"] / alone
     targets: dict[str, Any] = {}
