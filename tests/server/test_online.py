@@ -144,7 +144,7 @@ def test_bad_online_requests_get_openai_errors(server_factory: ServerFactory) ->
 
 
 def test_past_the_admission_limit_429_with_retry_after(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=[*ONLINE, "--online-max-requests", "2", "--echo-delay", "1"])
+    server = server_factory(extra_args=[*ONLINE, "--online-max-requests", "2", "--echo-delay", "3"])
     body = {"model": "echo-model", "messages": [{"role": "user", "content": "slow"}]}
 
     def post(_: int) -> httpx.Response:
@@ -158,7 +158,8 @@ def test_past_the_admission_limit_429_with_retry_after(server_factory: ServerFac
     refused = next(a for a in answers if a.status_code == 429)
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-    assert time.monotonic() - began < 5  # refused at once, never queued without end
+    assert all(a.elapsed.total_seconds() < 2 for a in answers if a.status_code == 429)  # refused at once
+    assert time.monotonic() - began < 10
     # The slots came back: the SDK (which honours Retry-After) gets its answer.
     assert _chat(sdk(server)).choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
 
