@@ -1,9 +1,11 @@
 """Online requests on the batch engine (real vLLM): latency idle and under a saturating batch, with and
 without priority scheduling, and what a light online load costs the batch.
 
-One server per policy, each with `--online-model` so the model is loaded at start: `priority` (vLLM's
-priority scheduling, the default), `fcfs` (`--no-priority-scheduling`) and `narrow` (priority plus
-`--online-batch-window`). On each:
+One server per policy, each with `--online-model` so the model is loaded at start. A policy is `priority`
+(vLLM's priority scheduling, the default), `fcfs` (`--no-priority-scheduling`), `narrow:N` (priority plus
+`--online-batch-window N`), `headroom:K` (priority plus `--window max_num_seqs-K`: the batch never takes
+the last K of vLLM's sequence slots, so an online request finds one free), or parts joined with `+`
+(`headroom:4+narrow:16`). On each:
 
   idle     N online chat requests one after another on an otherwise idle engine;
   batch    a batch alone, sized to keep vLLM full (2 x max_num_seqs in flight): its output tokens/s;
@@ -127,15 +129,28 @@ def run_batch(api: BatchAPI, file_id: str) -> tuple[float, dict[str, Any], float
     return time.perf_counter() - began, batch, running_at
 
 
-def measure_server(args: argparse.Namespace, scratch: Path, name: str, input_path: Path) -> dict[str, Any]:
+def policy_args(name: str, max_num_seqs: int) -> list[str]:
+    """The server flags of a policy spec (see the module's doc)."""
+    extra = ["--no-priority-scheduling" if name == "fcfs" else "--priority-scheduling"]
+    for part in name.split("+"):
+        kind, _, value = part.partition(":")
+        if kind == "narrow":
+            extra += ["--online-batch-window", value]
+        elif kind == "headroom":
+            extra += ["--window", str(max_num_seqs - int(value))]
+        elif kind not in ("priority", "fcfs"):
+            raise SystemExit(f"unknown policy {part!r}: expected priority, fcfs, narrow:N or headroom:K")
+    return extra
+
+
+def measure_server(args: argparse.Namespace, scratch: Path, name: str, input_path: Path,
+                   batch_alone: bool) -> dict[str, Any]:
     extra = ["--online-model", args.model, "--max-num-seqs", str(args.max_num_seqs),
-             "--max-model-len", str(args.max_model_len),
-             "--no-priority-scheduling" if name == "fcfs" else "--priority-scheduling"]
-    if name == "narrow":
-        extra += ["--online-batch-window", str(args.narrow_window)]
+             "--max-model-len", str(args.max_model_len), *policy_args(name, args.max_num_seqs)]
     if args.engine == "echo":  # a quick dry run of this script: the echo engine has no vLLM settings to take
         extra = [*extra[:4], "--echo-delay", "0.01", *extra[6:]]
-    server = Server(scratch / f"data-{name}", engine=args.engine, models=[args.model], extra_args=extra)
+    folder = name.replace(":", "-").replace("+", "_")
+    server = Server(scratch / f"data-{folder}", engine=args.engine, models=[args.model], extra_args=extra)
     say(f"[{name}] starting the server (loads {args.model})")
     server.start(timeout=900)
     out: dict[str, Any] = {}
@@ -154,7 +169,7 @@ def measure_server(args: argparse.Namespace, scratch: Path, name: str, input_pat
         say(f"[{name}] idle: {args.online_requests} online requests one after another")
         out["idle"] = run_online(http, args.model, args.online_max_tokens, args.online_requests).summary()
 
-        if name == "priority" or not args.skip_batch_alone:
+        if batch_alone:
             say(f"[{name}] batch alone: {args.batch_requests} x {args.batch_max_tokens} tokens")
             seconds, _, _ = run_batch(api, file_id)
             out["batch_alone"] = {"seconds": seconds, "output_tokens_per_s": total_tokens / seconds}
@@ -209,19 +224,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="seconds between online requests while the batch runs (0: back to back)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument("--policies", default="priority,fcfs,narrow",
-                        help="comma-separated: priority, fcfs, narrow")
-    parser.add_argument("--narrow-window", type=int, default=8, help="--online-batch-window of the narrow policy")
-    parser.add_argument("--skip-batch-alone", action="store_true", help="measure the batch alone on the priority "
-                        "server only (the engine and the batch are the same on all)")
+    parser.add_argument("--policies", default="priority,fcfs,narrow:8,headroom:4",
+                        help="comma-separated policy specs: priority, fcfs, narrow:N, headroom:K, joined with +")
+    parser.add_argument("--skip-batch-alone", action="store_true", help="measure the batch alone on the first "
+                        "policy's server only (the engine and the batch are the same on all)")
     args = parser.parse_args(argv)
 
     results: dict[str, Any] = {}
     with workdir(args.keep, prefix="vllm-batch-online-") as scratch:
         input_path = scratch / "batch.jsonl"
         write_jsonl(input_path, batch_lines(args.model, args.batch_requests, args.batch_max_tokens))
-        for policy in [p.strip() for p in args.policies.split(",") if p.strip()]:
-            results[policy] = measure_server(args, scratch, policy, input_path)
+        for n, policy in enumerate(p.strip() for p in args.policies.split(",") if p.strip()):
+            results[policy] = measure_server(args, scratch, policy, input_path,
+                                             batch_alone=n == 0 or not args.skip_batch_alone)
 
     rows = []
     for policy, r in results.items():
@@ -254,12 +269,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ratios[policy]["batch_kept"] = shared["batch_output_tokens_per_s"] / alone
             ratios[policy]["online_share"] = shared["online_output_tokens_per_s"] / alone
     targets: dict[str, Any] = {}
-    if "priority" in ratios:
-        p = ratios["priority"]
-        targets["latency_met"] = (p["e2e_p50_shared_over_idle"] or 99) <= TARGET_LATENCY_RATIO
+    for policy, p in ratios.items():
+        met = {"latency_met": (p["e2e_p50_shared_over_idle"] or 99) <= TARGET_LATENCY_RATIO}
         if "batch_kept" in p:
-            targets["batch_kept_met"] = p["batch_kept"] >= TARGET_BATCH_KEPT and p["online_share"] <= \
-                TARGET_ONLINE_SHARE
+            met["batch_kept_met"] = p["batch_kept"] >= TARGET_BATCH_KEPT and p["online_share"] <= TARGET_ONLINE_SHARE
+        targets[policy] = met
     print_table("Ratios", ["policy", "e2e p50 shared/idle", "ttft p50 shared/idle", "batch kept", "online share"],
                 [[k, v["e2e_p50_shared_over_idle"], v["ttft_p50_shared_over_idle"], v.get("batch_kept"),
                   v.get("online_share")] for k, v in ratios.items()])

@@ -124,6 +124,7 @@ def test_responses_score_and_rerank_batches_round_trip(server: RunningServer, tm
         batch.submit_wait_download(poll_interval=0.3, progress=False, timeout=60)
         [answer] = batch.results()
     assert answer.endpoint == "/v1/responses" and answer.text == "respond to me"
+    assert answer.parsed().output_text == "respond to me"
 
     with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
         batch.add_to_batch(model=EMBED_MODEL, query="cat", documents=["a dog", "cat"], top_n=1)
