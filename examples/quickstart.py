@@ -4,9 +4,11 @@
 # A chat batch and an embeddings batch on your own machine, answers read back in the order you asked.
 #
 # It uses the server at `BATCH_BASE_URL` if set, else one already running on localhost:4080, else it starts
-# `vllm-batch-server serve` for the length of this script (the first start loads the models, which takes a
-# minute on a CPU). `MODEL` and `EMBED_MODEL` pick the models. Each `# %%` cell runs on its own in Jupyter
-# or VS Code, or run the whole file: `python examples/quickstart.py`.
+# `vllm-batch-server serve` for the length of this script (loading a model takes about half a minute on a
+# CPU; the progress bar says when the server is loading one). Its log goes to the server's data folder
+# (`BATCH_SERVER_DATA_DIR`, default ~/.local/share/vllm-batch). Result files go to `OUTPUT_DIR` (default
+# ./vllm-batch-output). `MODEL` and `EMBED_MODEL` pick the models. Each `# %%` cell runs on its own in
+# Jupyter or VS Code, or run the whole file: `python examples/quickstart.py`.
 
 # %%
 from __future__ import annotations
@@ -15,8 +17,8 @@ import atexit
 import os
 import subprocess
 import sys
-import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -24,6 +26,10 @@ from vllm_batch import VLLMBatch
 
 MODEL = os.environ.get("MODEL", "smollm2-135m-instruct")
 EMBED_MODEL = os.environ.get("EMBED_MODEL", "all-minilm-l6-v2")
+OUTPUT_DIR = Path(os.environ.get("OUTPUT_DIR", "vllm-batch-output"))
+# Where the server keeps its data unless told otherwise (the same rule as `vllm-batch-server serve`).
+DATA_DIR = Path(os.environ.get("BATCH_SERVER_DATA_DIR")
+                or Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "vllm-batch")
 
 
 def ensure_server() -> None:
@@ -38,11 +44,12 @@ def ensure_server() -> None:
             return
     except httpx.HTTPError:
         pass
-    log_path = os.path.join(tempfile.gettempdir(), "vllm-batch-quickstart-server.log")
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = DATA_DIR / "quickstart-server.log"
     print(f"starting vllm-batch-server on {root} (log: {log_path})")
     with open(log_path, "ab") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "vllm_batch_server.cli", "serve", "--port", port,
+            [sys.executable, "-m", "vllm_batch_server.cli", "serve", "--port", port, "--data-dir", str(DATA_DIR),
              "--model", MODEL, "--model", EMBED_MODEL],
             stdout=log, stderr=subprocess.STDOUT,
         )
@@ -81,7 +88,7 @@ questions = (
     + [f"Give me a synonym for '{word}'." for word in words]
     + [f"How many legs does {animal} have?" for animal in animals]
 )
-chat = VLLMBatch()  # reads BATCH_BASE_URL
+chat = VLLMBatch(output_dir=OUTPUT_DIR)  # reads BATCH_BASE_URL
 for n, question in enumerate(questions):
     chat.add_to_batch(
         custom_id=f"question-{n}",
@@ -114,7 +121,7 @@ chat.close()
 
 # %% Embeddings: sent as base64 (smaller files), decoded to floats for you.
 sentences = ["A cat sleeps on the sofa.", "A kitten naps on the couch.", "Stock markets fell today."]
-with VLLMBatch() as embed:
+with VLLMBatch(output_dir=OUTPUT_DIR) as embed:
     for sentence in sentences:
         embed.add_to_batch(model=EMBED_MODEL, input=sentence)
     embed.submit_wait_download(poll_interval=5)

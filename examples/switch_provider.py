@@ -20,9 +20,7 @@ from vllm_batch import VLLMBatch
 
 def classify(reviews: list[str], *, provider: str | None, model: str) -> list[tuple[str, str]]:
     # Nothing below depends on where the batch runs.
-    with VLLMBatch(provider=provider) as batch:
-        print(f"provider: {batch.provider.name} at {batch.provider.base_url} "
-              f"(≤{batch.provider.max_requests:,} requests, ≤{batch.provider.max_bytes:,} bytes per batch)")
+    with VLLMBatch(provider=provider, output_dir=os.environ.get("OUTPUT_DIR", "vllm-batch-output")) as batch:
         for review in reviews:
             batch.add_to_batch(
                 model=model,
@@ -34,6 +32,9 @@ def classify(reviews: list[str], *, provider: str | None, model: str) -> list[tu
                 temperature=0.0,
             )
         batch.submit_wait_download(poll_interval=10)
+        # A URL that is a vllm-batch-server on any port is recognised (it answers /health) and gets its limits.
+        print(f"provider: {batch.provider.name} at {batch.provider.base_url} "
+              f"(≤{batch.provider.max_requests:,} requests, ≤{batch.provider.max_bytes:,} bytes per batch)")
         labelled = []
         for r in batch.results():
             label = (r.text or "") if r.error is None else f"error: {r.error.message}"

@@ -10,7 +10,7 @@ with VLLMBatch() as batch:
 """
 
 from vllm_batch._async import AsyncVLLMBatch
-from vllm_batch._core import BatchStatus, RequestCounts
+from vllm_batch._curation import Mark
 from vllm_batch._errors import (
     APIConnectionError,
     APIError,
@@ -30,12 +30,18 @@ from vllm_batch._errors import (
     RateLimitError,
     VLLMBatchError,
 )
+from vllm_batch._export import FORMATS as EXPORT_FORMATS
+from vllm_batch._export import ExportError
+from vllm_batch._followup import UnsupportedError
+from vllm_batch._labelstudio import LabelStudioError, label_studio_config
 from vllm_batch._providers import PRESETS, Provider
 from vllm_batch._results import BatchResult, Comparison, ResultError
 from vllm_batch._retry import RetryPolicy
+from vllm_batch._status import BatchStatus, RequestCounts
 from vllm_batch._sync import VLLMBatch
 
 __all__ = [
+    "EXPORT_FORMATS",
     "PRESETS",
     "APIConnectionError",
     "APIError",
@@ -53,7 +59,10 @@ __all__ = [
     "Comparison",
     "ConfigurationError",
     "ConflictError",
+    "ExportError",
     "InternalServerError",
+    "LabelStudioError",
+    "Mark",
     "NotFoundError",
     "PermissionDeniedError",
     "Provider",
@@ -61,6 +70,8 @@ __all__ = [
     "RequestCounts",
     "ResultError",
     "RetryPolicy",
+    "UnsupportedError",
     "VLLMBatch",
     "VLLMBatchError",
+    "label_studio_config",
 ]

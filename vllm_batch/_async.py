@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -15,10 +14,9 @@ import httpx
 import openai
 from openai.types import Batch
 
-from vllm_batch._core import (
-    BatchCore,
-    BatchRequests,
-    BatchStatus,
+from vllm_batch._core import BatchCore, BatchRequests
+from vllm_batch._followup_client import AsyncFollowup
+from vllm_batch._ops import (
     Cancel,
     CreateBatch,
     Download,
@@ -28,20 +26,22 @@ from vllm_batch._core import (
     Notify,
     Op,
     Retrieve,
+    ServerInfo,
     Sleep,
     Upload,
-    find_created,
 )
 from vllm_batch._providers import (
-    AsyncOpenAIClient,
     Provider,
+    health_url,
     make_openai_kwargs,
+    request_headers,
     resolve_provider,
-    scrub_openai_client,
+    with_idempotency_key,
 )
 from vllm_batch._results import BatchResult, Comparison
-from vllm_batch._retry import RetryPolicy, async_retrying, translate
-from vllm_batch._sync import DEFAULT_TIMEOUT, _single
+from vllm_batch._retry import RetryPolicy, translate
+from vllm_batch._status import BatchStatus
+from vllm_batch._sync import DEFAULT_TIMEOUT, HEALTH_TIMEOUT
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ async def _sleep(seconds: float) -> None:
     await anyio.sleep(seconds)
 
 
-class AsyncVLLMBatch(BatchRequests):
+class AsyncVLLMBatch(BatchRequests, AsyncFollowup):
     """The async twin of `VLLMBatch`: same arguments, same methods, awaited; `results()` and `compare()`
     are async iterators. Adding requests is synchronous (it only writes to a local file).
 
@@ -81,12 +81,9 @@ class AsyncVLLMBatch(BatchRequests):
         resolved = resolve_provider(
             provider, base_url=base_url, api_key=api_key, max_requests=max_requests, max_bytes=max_bytes
         )
-        self._core = BatchCore(resolved, models=models, workdir=workdir, output_dir=output_dir)
-        self._retry = retry or RetryPolicy()
-        self._client = AsyncOpenAIClient(
-            **make_openai_kwargs(resolved, timeout=timeout), http_client=http_client
-        )
-        scrub_openai_client(self._client, resolved)
+        self._core = BatchCore(resolved, models=models, workdir=workdir, output_dir=output_dir, retry=retry)
+        self._client = openai.AsyncOpenAI(**make_openai_kwargs(resolved, timeout=timeout), http_client=http_client)
+        self._headers = request_headers(resolved)
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -183,7 +180,7 @@ class AsyncVLLMBatch(BatchRequests):
         async for comparison in self._chunks(self._core.iter_comparisons()):
             yield comparison
 
-    async def _chunks(self, iterator: Any) -> AsyncIterator[Any]:
+    async def _chunks(self, iterator: Iterator[T]) -> AsyncIterator[T]:
         # Reading and decoding results is disk work: do it in a worker thread, a few hundred at a time.
         while True:
             chunk = await anyio.to_thread.run_sync(lambda: list(islice(iterator, 256)))
@@ -193,7 +190,7 @@ class AsyncVLLMBatch(BatchRequests):
                 yield item
 
     async def list_batches(self, limit: int = 20, after: str | None = None) -> list[Batch]:
-        page, _ = await self._run(_single(ListBatches(limit, after)))
+        page, _ = await self._run(self._core.call(ListBatches(limit, after)))
         return cast(list[Batch], page)
 
     async def aclose(self) -> None:
@@ -209,6 +206,8 @@ class AsyncVLLMBatch(BatchRequests):
     # -- the shell ----------------------------------------------------------------------------------
 
     async def _run(self, flow: Flow[T]) -> T:
+        """As `VLLMBatch._run`, with awaits. When the task is cancelled the flow is closed, so its clean-up
+        (the progress bar, for one) runs then rather than whenever the generator is collected."""
         try:
             op = next(flow)
             while True:
@@ -220,6 +219,8 @@ class AsyncVLLMBatch(BatchRequests):
                     op = flow.send(result)
         except StopIteration as stop:
             return cast(T, stop.value)
+        finally:
+            flow.close()
 
     async def _execute(self, op: Op) -> Any:
         if isinstance(op, Sleep):
@@ -230,48 +231,51 @@ class AsyncVLLMBatch(BatchRequests):
         if isinstance(op, Notify):
             result = op.fn(op.status)
             return await result if inspect.isawaitable(result) else result
+        if isinstance(op, ServerInfo):
+            return await self._server_info()
         try:
-            async for attempt in async_retrying(self._retry, _sleep):
-                with attempt:
-                    return await self._http(op, attempt.retry_state.attempt_number)
+            return await self._http(op)
         except Exception as exc:
-            translated = translate(exc)
+            translated = translate(exc, self._core.provider.base_url)
             if translated is exc:
                 raise
             raise translated from exc
-        raise AssertionError("unreachable")
 
-    async def _http(self, op: Op, attempt: int) -> Any:
-        client = self._client
+    async def _http(self, op: Op) -> Any:
+        """One attempt at one HTTP operation (the core decides about retries)."""
+        client, headers = self._client, self._headers
         if isinstance(op, Upload):
             with open(op.path, "rb") as fh:  # noqa: ASYNC230 - httpx reads it in chunks as it sends
-                created = await client.files.create(file=(op.filename, fh), purpose="batch")
+                created = await client.files.create(
+                    file=(op.filename, fh), purpose="batch",
+                    extra_headers=with_idempotency_key(headers, op.idempotency_key))
             return created.id
         if isinstance(op, CreateBatch):
-            if attempt > 1:
-                page = await client.batches.list(limit=100)
-                existing = find_created(page.data, op)
-                if existing is not None:
-                    return existing
             return await client.batches.create(
                 input_file_id=op.input_file_id,
                 endpoint=cast(Any, op.endpoint),
                 completion_window=cast(Any, op.completion_window),
                 metadata=op.metadata,
+                extra_headers=with_idempotency_key(headers, op.idempotency_key),
             )
         if isinstance(op, Retrieve):
-            return await client.batches.retrieve(op.batch_id)
+            return await client.batches.retrieve(op.batch_id, extra_headers=headers)
         if isinstance(op, Cancel):
-            return await client.batches.cancel(op.batch_id)
+            return await client.batches.cancel(op.batch_id, extra_headers=headers)
         if isinstance(op, ListBatches):
-            page = await client.batches.list(limit=op.limit, after=op.after or openai.omit)
+            page = await client.batches.list(limit=op.limit, after=op.after or openai.omit, extra_headers=headers)
             return list(page.data), bool(page.has_more)
         if isinstance(op, Download):
-            tmp = op.path.with_name(op.path.name + ".part")
-            async with client.files.with_streaming_response.content(op.file_id) as response:
-                with open(tmp, "wb") as fh:  # noqa: ASYNC230 - local writes of network-sized chunks
+            async with client.files.with_streaming_response.content(op.file_id, extra_headers=headers) as response:
+                with open(op.path, "wb") as fh:  # noqa: ASYNC230 - local writes of network-sized chunks
                     async for chunk in response.iter_bytes(1 << 20):
                         fh.write(chunk)
-            os.replace(tmp, op.path)
-            return op.path
+            return None
         raise TypeError(f"unknown operation {op!r}")
+
+    async def _server_info(self) -> Any:
+        try:
+            return await self._client.get(health_url(self._core.provider.base_url), cast_to=object, options={
+                "headers": {**self._headers, "Authorization": openai.Omit()}, "timeout": HEALTH_TIMEOUT})
+        except Exception:
+            return None

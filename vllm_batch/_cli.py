@@ -3,6 +3,7 @@
     vllm-batch create prompts.txt --model smollm2-135m-instruct -o requests.jsonl
     vllm-batch submit requests.jsonl --wait -o results.jsonl
     vllm-batch status batch_abc123
+    vllm-batch mark batch_abc123 line-3 --label gold && vllm-batch export batch_abc123 -o train.jsonl --label gold
 
 Batch ids go to stdout (for scripts); progress and human messages go to stderr. `-o -` writes results to
 stdout. The backend comes from --provider/--base-url or the same environment variables as the library.
@@ -11,6 +12,8 @@ stdout. The backend comes from --provider/--base-url or the same environment var
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -18,21 +21,48 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from vllm_batch._core import BatchStatus
-from vllm_batch._errors import BatchFailedError, BatchTimeoutError, VLLMBatchError
+from vllm_batch import _cli_results
+from vllm_batch._errors import BatchFailedError, BatchTimeoutError, BatchValidationError, VLLMBatchError
 from vllm_batch._providers import PRESETS
 from vllm_batch._requests import CHAT, COMPLETIONS, EMBEDDINGS, dumps, normalize_endpoint, validate_body
+from vllm_batch._status import BatchStatus
 from vllm_batch._sync import VLLMBatch
 
+# Stands in for the model while `create` checks a request written without one (for `submit --models`).
+_NO_MODEL = "(set by submit --models)"
 
-def _client_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    where = parent.add_argument_group("backend (default: BATCH_PROVIDER / BATCH_BASE_URL, else the local server)")
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and not (
+            isinstance(action.default, list) and not action.default
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    # Added to each command rather than through `parents=`: argparse (before 3.12) moves a mutually exclusive
+    # group that sits in an argument group out of it when copying a parent.
+    where = parser.add_argument_group("backend (default: BATCH_PROVIDER / BATCH_BASE_URL, else the local server)")
     choice = where.add_mutually_exclusive_group()
     choice.add_argument("--provider", choices=sorted(PRESETS), help="a preset backend")
     choice.add_argument("--base-url", help="any OpenAI-compatible Batch API, e.g. http://gpu-box:4080/v1")
     where.add_argument("--api-key", help="key for that backend (default: the variable tied to its URL)")
-    return parent
+
+
+def _add_id(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", help="the batch id that submit printed (any shard's id of a sharded batch)")
 
 
 def _add_download_paths(parser: argparse.ArgumentParser) -> None:
@@ -42,50 +72,69 @@ def _add_download_paths(parser: argparse.ArgumentParser) -> None:
 
 def _add_wait_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-interval", type=float, default=60.0, help="longest wait between polls (s)")
-    parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit status 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print the server's batch objects as one JSON array (one object per server batch)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = _client_options()
-    parser = argparse.ArgumentParser(prog="vllm-batch", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="vllm-batch", description=(__doc__ or "").split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    submit = sub.add_parser("submit", parents=[common], help="submit a JSONL file of requests")
-    submit.add_argument("file", type=Path, help="request lines (custom_id/method/url/body) or bare bodies")
+    def command(name: str, text: str, client: bool = True) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+        if client:
+            _add_client_options(cmd)
+        return cmd
+
+    submit = command("submit", "submit a JSONL file of requests")
+    submit.add_argument("file", help="request lines (custom_id/method/url/body) or bare bodies; '-' for stdin")
     submit.add_argument("--wait", action="store_true", help="wait for the batch and download its results")
-    submit.add_argument("--models", help="comma-separated: run every request on each of these models")
-    submit.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    submit.add_argument("--models", help="comma-separated: run every request on each of these models "
+                                         "(the requests must not name a model: create them without --model)")
+    submit.add_argument("--metadata", action="append", default=[], type=_pair, metavar="KEY=VALUE",
+                        help="a metadata pair for the batch; repeatable")
     submit.add_argument("--max-requests", type=int, help="shard past this many requests per batch")
     submit.add_argument("--max-bytes", type=int, help="shard past this many bytes per batch file")
     _add_download_paths(submit)
     _add_wait_options(submit)
 
-    for name, text in (("status", "show a batch's status"), ("cancel", "cancel a batch")):
-        cmd = sub.add_parser(name, parents=[common], help=text)
-        cmd.add_argument("id")
-        cmd.add_argument("--json", action="store_true", help="print the server's batch objects as JSON")
+    status = command("status", "show a batch's status")
+    _add_id(status)
+    _add_json(status)
 
-    wait = sub.add_parser("wait", parents=[common], help="wait until a batch ends")
-    wait.add_argument("id")
+    cancel = command("cancel", "cancel a batch (exit status 1 if it had already ended)")
+    _add_id(cancel)
+    _add_json(cancel)
+
+    wait = command("wait", "wait until a batch ends")
+    _add_id(wait)
     _add_wait_options(wait)
 
-    download = sub.add_parser("download", parents=[common], help="download a finished batch's results")
-    download.add_argument("id")
+    download = command("download", "download a finished batch's results")
+    _add_id(download)
     _add_download_paths(download)
 
-    listing = sub.add_parser("list", parents=[common], help="recent batches, newest first")
-    listing.add_argument("--limit", type=int, default=20)
-    listing.add_argument("--json", action="store_true")
+    listing = command("list", "recent batches, newest first")
+    listing.add_argument("--limit", type=int, default=20, help="how many batches to show")
+    listing.add_argument("--json", action="store_true", help="print the server's batch objects as one JSON array")
 
-    create = sub.add_parser("create", help="turn a text file of prompts (one per line) into request JSONL")
-    create.add_argument("prompts", type=Path, help="text file, one prompt per line ('-' for stdin)")
-    create.add_argument("--model", required=True)
-    create.add_argument("--endpoint", default="chat", choices=["chat", "completions", "embeddings"])
+    create = command("create", "turn a text file of prompts (one per line) into request JSONL", client=False)
+    create.add_argument("prompts", help="text file, one prompt per line ('-' for stdin)")
+    create.add_argument("--model", help="the model every request names; leave it out to submit with --models")
+    create.add_argument("--endpoint", default="chat", choices=["chat", "completions", "embeddings"],
+                        help="what the requests ask for")
     create.add_argument("--system", help="a system message for every chat request")
-    create.add_argument("--max-tokens", type=int)
-    create.add_argument("--temperature", type=float)
-    create.add_argument("-o", "--output", default="-", help="where the JSONL goes (default stdout)")
+    create.add_argument("--max-tokens", type=int, help="the most tokens to generate per answer (chat, completions)")
+    create.add_argument("--temperature", type=float,
+                        help="sampling temperature, 0 to 2; 0 answers deterministically (chat, completions)")
+    create.add_argument("-o", "--output", default="-", help="where the JSONL goes ('-' for stdout)")
+    _cli_results.add_commands(sub, _add_client_options)
     return parser
 
 
@@ -120,15 +169,19 @@ def _download(batch: VLLMBatch, output: str | None, errors: str | None) -> None:
         _say(f"errors: {err}")
 
 
-def _wait(batch: VLLMBatch, args: argparse.Namespace) -> BatchStatus:
-    return batch.wait(
-        poll_interval=args.poll_interval, timeout=args.timeout, progress=not args.no_progress, raise_on_failure=False
-    )
+def _wait(batch: VLLMBatch, args: argparse.Namespace, raise_on_failure: bool = False) -> BatchStatus:
+    return batch.wait(poll_interval=args.poll_interval, timeout=args.timeout, progress=not args.no_progress,
+                      raise_on_failure=raise_on_failure)
 
 
 def _create(args: argparse.Namespace) -> None:
     endpoint = normalize_endpoint(args.endpoint)
-    source: IO[str] = sys.stdin if str(args.prompts) == "-" else open(args.prompts, encoding="utf-8")  # noqa: SIM115
+    if endpoint == EMBEDDINGS and (args.max_tokens is not None or args.temperature is not None):
+        raise VLLMBatchError("--max-tokens and --temperature do not apply to embeddings")
+    if endpoint != CHAT and args.system is not None:
+        raise VLLMBatchError("--system applies to chat requests only")
+    _check_options(args, endpoint)
+    source: IO[str] = sys.stdin if args.prompts == "-" else open(args.prompts, encoding="utf-8")  # noqa: SIM115
     sink: IO[bytes] = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
     count = 0
     try:
@@ -136,7 +189,7 @@ def _create(args: argparse.Namespace) -> None:
             prompt = raw.rstrip("\n")
             if not prompt.strip():
                 continue
-            body: dict[str, Any] = {"model": args.model}
+            body: dict[str, Any] = {"model": args.model} if args.model else {}
             if endpoint == CHAT:
                 messages = [{"role": "system", "content": args.system}] if args.system else []
                 body["messages"] = [*messages, {"role": "user", "content": prompt}]
@@ -144,12 +197,10 @@ def _create(args: argparse.Namespace) -> None:
                 body["prompt"] = prompt
             elif endpoint == EMBEDDINGS:
                 body["input"] = prompt
-            if endpoint != EMBEDDINGS:
-                if args.max_tokens is not None:
-                    body["max_tokens"] = args.max_tokens
-                if args.temperature is not None:
-                    body["temperature"] = args.temperature
-            validate_body(endpoint, body, number)
+            if args.max_tokens is not None:
+                body["max_tokens"] = args.max_tokens
+            if args.temperature is not None:
+                body["temperature"] = args.temperature
             sink.write(dumps({"custom_id": f"line-{number}", "method": "POST", "url": endpoint, "body": body}))
             count += 1
     finally:
@@ -159,7 +210,52 @@ def _create(args: argparse.Namespace) -> None:
             sink.close()
         else:
             sink.flush()
-    _say(f"{count} requests")
+    _say(f"{count} requests" + ("" if args.model else " without a model: submit them with --models"))
+
+
+def _check_options(args: argparse.Namespace, endpoint: str) -> None:
+    """Check the options once, on a sample request, and name the option (not a line) when one is wrong."""
+    body: dict[str, Any] = {"model": args.model or _NO_MODEL,
+                            {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}[endpoint]:
+                            [{"role": "user", "content": "x"}] if endpoint == CHAT else "x"}
+    options = {"max_tokens": ("--max-tokens", args.max_tokens), "temperature": ("--temperature", args.temperature),
+               "model": ("--model", args.model)}
+    for name, (_, value) in options.items():
+        if value is not None:
+            body[name] = value
+    try:
+        validate_body(endpoint, body)
+    except BatchValidationError as exc:
+        option = options.get(exc.field or "", (exc.field, None))[0]
+        raise VLLMBatchError(f"{option}: {exc.reason}") from None
+
+
+def _print_json(status_or_batches: Any) -> None:
+    batches = status_or_batches.batches if isinstance(status_or_batches, BatchStatus) else status_or_batches
+    print(json.dumps([b.model_dump(mode="json") for b in batches], indent=2))
+
+
+def _submit(args: argparse.Namespace) -> int:
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    with VLLMBatch(**_client(args, models=models, max_requests=args.max_requests, max_bytes=args.max_bytes)) as batch:
+        batch.add_jsonl(sys.stdin.buffer if args.file == "-" else args.file)
+        batch_id = batch.submit(metadata=dict(args.metadata) or None)
+        if not (args.wait and args.output == "-"):
+            print(batch_id, flush=True)
+        _say(
+            f"submitted {len(batch)} requests as {batch_id}"
+            + (f" ({len(batch.batch_ids)} batches)" if len(batch.batch_ids) > 1 else "")
+        )
+        if not args.wait:
+            return 0
+        try:
+            status = _wait(batch, args, raise_on_failure=True)
+        except BatchFailedError as exc:
+            _say(_describe(exc.status))
+            raise
+        _say(_describe(status))
+        _download(batch, args.output, args.errors)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,60 +263,55 @@ def run(args: argparse.Namespace) -> int:
         _create(args)
         return 0
     if args.command == "submit":
-        models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-        metadata = dict(item.split("=", 1) for item in args.metadata if "=" in item)
-        with VLLMBatch.from_jsonl(
-            args.file, **_client(args, models=models, max_requests=args.max_requests, max_bytes=args.max_bytes)
-        ) as batch:
-            batch_id = batch.submit(metadata=metadata or None)
-            if not (args.wait and args.output == "-"):
-                print(batch_id, flush=True)
-            _say(
-                f"submitted {len(batch)} requests as {batch_id}"
-                + (f" ({len(batch.batch_ids)} batches)" if len(batch.batch_ids) > 1 else "")
-            )
-            if not args.wait:
-                return 0
-            status = _wait(batch, args)
-            _say(_describe(status))
-            if status.status == "failed":
-                raise BatchFailedError(status.id, status.errors, status)
-            _download(batch, args.output, args.errors)
-        return 0
+        return _submit(args)
     if args.command == "list":
         with VLLMBatch(**_client(args)) as client:
             batches = client.list_batches(limit=args.limit)
+        if args.json:
+            _print_json(batches)
+            return 0
         for b in batches:
-            if args.json:
-                print(b.to_json(indent=None))
-            else:
-                c = b.request_counts
-                counts = f"{c.completed}/{c.total} failed {c.failed}" if c else ""
-                print(f"{b.id}\t{b.status}\t{b.endpoint}\t{counts}")
+            c = b.request_counts
+            counts = f"{c.completed}/{c.total} failed {c.failed}" if c else ""
+            print(f"{b.id}\t{b.status}\t{b.endpoint}\t{counts}")
         return 0
+    if (code := _cli_results.run_command(args, _client(args))) is not None:
+        return code
 
     with VLLMBatch.resume(args.id, **_client(args)) as batch:
+        if args.command == "download":
+            _download(batch, args.output, args.errors)
+            return 0
         if args.command == "status":
             status = batch.status()
         elif args.command == "cancel":
-            status = batch.cancel()
-        elif args.command == "wait":
+            status = batch.cancel()  # a shard that had already ended is left as it is
+        else:  # wait
             status = _wait(batch, args)
-        else:  # download
-            _download(batch, args.output, args.errors)
-            return 0
         if getattr(args, "json", False):
-            for b in status.batches:
-                print(b.to_json(indent=None))
+            _print_json(status)
         else:
             print(_describe(status))
             for error in status.errors[:20]:
                 _say(f"  line {error.get('line')}: {error.get('message')}")
+        if args.command == "cancel" and status.status not in ("cancelling", "cancelled"):
+            _say(f"vllm-batch: batch {status.id} had already ended ({status.status}); nothing was cancelled")
+            return 1
         return 1 if status.status == "failed" else 0
+
+
+class _StderrLog(logging.Handler):
+    """The client's retry messages, so a slow or unreachable server is never a silent wait."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _say(f"vllm-batch: {record.getMessage()}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("vllm_batch")
+    handler = _StderrLog(logging.WARNING)
+    logger.addHandler(handler)
     try:
         code = run(args)
     except BatchTimeoutError as exc:
@@ -231,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 1
     except KeyboardInterrupt:
         code = 130
+    finally:
+        logger.removeHandler(handler)
     sys.exit(code)
 
 

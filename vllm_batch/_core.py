@@ -1,29 +1,34 @@
 """The client's brain, shared by `VLLMBatch` and `AsyncVLLMBatch`, without any network I/O.
 
 Every operation (submit, status, wait, cancel, download, resume, results) is a generator — a *flow* — that
-yields small operation objects (`Upload`, `CreateBatch`, `Retrieve`, `Sleep`, ...) and receives their
-results. The sync client runs a flow with blocking calls, the async client with awaits; the logic exists
-once. Local disk work that can be large (splitting into shards, concatenating downloads, indexing results)
-is yielded as `Local` so the async client can move it off the event loop.
+yields small operations (`_ops.py`: `Upload`, `CreateBatch`, `Retrieve`, `Sleep`, ...) and receives their
+results. The sync client performs them with blocking calls, the async client with awaits; all behaviour lives
+here once: retries and their waits, finding a batch whose create answer was lost, downloads that only appear
+under their final name once complete, polling and the progress bar. Local disk work that can be large
+(splitting into shards, concatenating downloads, indexing results) is yielded as `Local` so the async
+client can move it off the event loop.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import logging
+import os
 import secrets
 import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any
 
 from openai.types import Batch
 
 from vllm_batch._errors import (
+    APIError,
     BatchFailedError,
     BatchStateError,
     BatchTimeoutError,
@@ -31,14 +36,30 @@ from vllm_batch._errors import (
     ConflictError,
     VLLMBatchError,
 )
-from vllm_batch._providers import Provider, ResolvedProvider
+from vllm_batch._journal import Journal, Shard
+from vllm_batch._ops import (
+    Cancel,
+    CreateBatch,
+    Download,
+    Flow,
+    HttpOp,
+    ListBatches,
+    Local,
+    Notify,
+    Retrieve,
+    ServerInfo,
+    Sleep,
+    Upload,
+)
+from vllm_batch._progress import ProgressBar, ProgressMeter
+from vllm_batch._providers import Provider, ResolvedProvider, as_batch_server, is_batch_server
 from vllm_batch._requests import RequestSpool, dumps, open_index
 from vllm_batch._results import BatchResult, Comparison, ResultIndex
+from vllm_batch._retry import RetryPolicy
+from vllm_batch._status import TERMINAL, BatchStatus, PollSchedule, RequestCounts, combine_status
 
-T = TypeVar("T")
-Flow = Generator["Op", Any, T]
+log = logging.getLogger("vllm_batch")
 
-TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 # Metadata keys that tie the shards of one logical batch together on the server, so that `resume` works
 # from any process with nothing but a batch id.
 META_GROUP = "vllm_batch_group"
@@ -47,66 +68,10 @@ META_TARGET = "vllm_batch_target"  # index of the model in a comparison, "0" oth
 META_MODEL = "vllm_batch_model"  # the model of a comparison shard
 MAX_USER_METADATA = 16 - 4  # OpenAI allows 16 pairs; these are ours
 RESUME_MAX_PAGES = 50
-
-
-# -- operations a flow asks its shell to perform ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Upload:
-    path: Path
-    filename: str
-
-
-@dataclass(frozen=True)
-class CreateBatch:
-    input_file_id: str
-    endpoint: str
-    completion_window: str
-    metadata: dict[str, str]
-
-
-@dataclass(frozen=True)
-class Retrieve:
-    batch_id: str
-
-
-@dataclass(frozen=True)
-class Cancel:
-    batch_id: str
-
-
-@dataclass(frozen=True)
-class ListBatches:
-    limit: int
-    after: str | None = None
-
-
-@dataclass(frozen=True)
-class Download:
-    file_id: str
-    path: Path
-
-
-@dataclass(frozen=True)
-class Sleep:
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Local:
-    fn: Callable[[], Any]
-
-
-@dataclass(frozen=True)
-class Notify:
-    """Call the user's callback (the async shell awaits it if it is a coroutine function)."""
-
-    fn: Callable[[BatchStatus], Any]
-    status: BatchStatus
-
-
-Op = Upload | CreateBatch | Retrieve | Cancel | ListBatches | Download | Sleep | Local | Notify
+# Looking for a batch whose create answer was lost: listings go newest first, so stop at batches created well
+# before the first attempt (allowing for the server's clock), or after this many pages.
+FIND_MAX_PAGES = 20
+CLOCK_SKEW = 3600.0
 
 
 def find_created(batches: Iterable[Batch], op: CreateBatch) -> Batch | None:
@@ -120,143 +85,8 @@ def find_created(batches: Iterable[Batch], op: CreateBatch) -> Batch | None:
     return None
 
 
-# -- status -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RequestCounts:
-    total: int
-    completed: int
-    failed: int
-
-    @property
-    def done(self) -> int:
-        return self.completed + self.failed
-
-
-@dataclass(frozen=True)
-class BatchStatus:
-    """Where a (possibly sharded) batch stands: the server's batches and their combined status and counts."""
-
-    id: str
-    status: str
-    request_counts: RequestCounts
-    batches: tuple[Batch, ...]
-
-    @property
-    def done(self) -> bool:
-        return self.status in TERMINAL
-
-    @property
-    def errors(self) -> list[dict[str, Any]]:
-        """The server's reasons for failing batches (for example invalid input lines)."""
-        out: list[dict[str, Any]] = []
-        for batch in self.batches:
-            if batch.errors and batch.errors.data:
-                out.extend(e.model_dump(exclude_none=True) for e in batch.errors.data)
-        return out
-
-    @property
-    def batch_ids(self) -> list[str]:
-        return [b.id for b in self.batches]
-
-    @property
-    def output_file_ids(self) -> list[str]:
-        return [b.output_file_id for b in self.batches if b.output_file_id]
-
-    @property
-    def error_file_ids(self) -> list[str]:
-        return [b.error_file_id for b in self.batches if b.error_file_id]
-
-    @property
-    def output_file_id(self) -> str | None:
-        ids = self.output_file_ids
-        return ids[0] if ids else None
-
-    @property
-    def error_file_id(self) -> str | None:
-        ids = self.error_file_ids
-        return ids[0] if ids else None
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return dict(self.batches[0].metadata or {}) if self.batches else {}
-
-
-def combine_status(statuses: list[str]) -> str:
-    """One status for several shards: terminal only when all are; failures and cancels win over success."""
-    if all(s in TERMINAL for s in statuses):
-        for outcome in ("failed", "cancelled", "expired"):
-            if outcome in statuses:
-                return outcome
-        return "completed"
-    if "cancelling" in statuses:
-        return "cancelling"
-    if all(s == "validating" for s in statuses):
-        return "validating"
-    if all(s in TERMINAL or s == "finalizing" for s in statuses):
-        return "finalizing"
-    return "in_progress"
-
-
-class PollSchedule:
-    """Adaptive polling: start quick (small batches finish in seconds), back off ×1.5 while nothing changes,
-    up to `max_interval`; speed up again when the counts move."""
-
-    def __init__(self, max_interval: float, min_interval: float = 0.5) -> None:
-        self.max_interval = max(max_interval, 0.01)
-        self.min_interval = min(min_interval, self.max_interval)
-        self.delay = self.min_interval
-
-    def next(self, progressed: bool) -> float:
-        if progressed:
-            self.delay = max(self.min_interval, self.delay / 1.5)
-        else:
-            self.delay = min(self.max_interval, self.delay * 1.5)
-        return self.delay
-
-
-class _Progress:
-    def __init__(self, enabled: bool, desc: str) -> None:
-        self.enabled = enabled
-        self.desc = desc
-        self.bar: Any = None
-
-    def update(self, status: BatchStatus) -> None:
-        if not self.enabled:
-            return
-        counts = status.request_counts
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=counts.total or None, desc=self.desc, unit="req", dynamic_ncols=True)
-        if counts.total and self.bar.total != counts.total:
-            self.bar.total = counts.total
-        self.bar.n = counts.done
-        self.bar.set_postfix_str(f"{status.status}, failed={counts.failed}", refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-# -- the core -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Shard:
-    """One server batch: a slice of the requests, for one model (target) of a comparison."""
-
-    number: int
-    target: int
-    model: str | None
-    count: int
-    path: Path | None = None
-    file_id: str | None = None
-    batch_id: str | None = None
-    batch: Batch | None = None
-    downloads: dict[str, Path] = field(default_factory=dict)
+def _describe(op: HttpOp) -> str:
+    return type(op).__name__.lower()
 
 
 class BatchCore:
@@ -267,9 +97,9 @@ class BatchCore:
         models: list[str] | None = None,
         workdir: str | Path | None = None,
         output_dir: str | Path | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.resolved = resolved
-        self.provider = resolved.provider
         if models is not None:
             models = list(models)
             if (
@@ -279,6 +109,8 @@ class BatchCore:
             ):
                 raise BatchValidationError("models must be distinct, non-empty model names", field="models")
         self.compare_models = models
+        self.retry = retry or RetryPolicy()
+        self.clock: Callable[[], float] = time.monotonic  # tests may replace it
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vllm-batch-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -286,13 +118,51 @@ class BatchCore:
         self._cleanup = (weakref.finalize(self, shutil.rmtree, self.workdir, True) if self._own_workdir
                          else None)
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.journal = Journal(self.workdir)
         self.spool: RequestSpool | None = None
         self.shards: list[Shard] = []
         self.group = secrets.token_hex(8)
         self.endpoint: str | None = None
+        self._metadata: dict[str, str] = {}
+        self._fingerprint = ""
+        # Only a custom URL can turn out to be a vllm-batch-server; the presets are known.
+        self._identified = resolved.provider.name != "custom"
         self._results: ResultIndex | None = None
         self._missing: dict[int, str] = {}
         self._db: Any = None
+
+    @property
+    def provider(self) -> Provider:
+        return self.resolved.provider
+
+    # -- one HTTP operation, retried ----------------------------------------------------------------
+
+    def call(self, op: HttpOp) -> Flow[Any]:
+        """Perform `op`, retrying what a later attempt can fix (connection errors, timeouts, 429, 5xx)."""
+        attempt = 1
+        while True:
+            try:
+                return (yield op)
+            except APIError as exc:
+                delay = self.retry.delay(attempt, exc)
+                if delay is None:
+                    raise
+                self._log_retry(op, exc, delay, attempt)
+            yield Sleep(delay)
+            attempt += 1
+
+    def _log_retry(self, op: HttpOp, exc: APIError, delay: float, attempt: int) -> None:
+        log.warning("%s failed: %s; retrying in %.1f s (attempt %d of %d)",
+                    _describe(op), exc, delay, attempt + 1, self.retry.max_attempts)
+
+    def identify(self) -> Flow[None]:
+        """Recognise a vllm-batch-server behind a custom URL (one look at its `/health`): its own limits then
+        apply, and `wait()` can tell when it is loading a model."""
+        if self._identified:
+            return
+        self._identified = True
+        if is_batch_server((yield ServerInfo())):
+            self.resolved = as_batch_server(self.resolved)
 
     # -- adding requests ----------------------------------------------------------------------------
 
@@ -312,25 +182,40 @@ class BatchCore:
         spool = self._spool()
         n = 0
         for request in requests:
+            if not isinstance(request, Mapping):
+                raise BatchValidationError(
+                    f"expected a request as a mapping, got {type(request).__name__}", index=spool.stats.count
+                )
             spool.add_line(request)
             n += 1
         return n
 
-    def add_jsonl(self, path: str | Path) -> int:
-        def lines() -> Iterator[Mapping[str, Any]]:
-            with open(path, "rb") as fh:
-                for number, raw in enumerate(fh, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        obj = json.loads(raw)
-                    except json.JSONDecodeError as exc:
-                        raise BatchValidationError(f"{path}:{number}: not JSON ({exc.msg})") from None
-                    if not isinstance(obj, dict):
-                        raise BatchValidationError(f"{path}:{number}: expected a JSON object")
-                    yield obj
-
-        return self.add_many(lines())
+    def add_jsonl(self, source: str | Path | IO[bytes]) -> int:
+        """Request lines or bare bodies from a JSONL file (or an open binary stream, such as stdin)."""
+        spool = self._spool()
+        name = str(source) if isinstance(source, (str, Path)) else getattr(source, "name", "<stream>")
+        fh: IO[bytes] = open(source, "rb") if isinstance(source, (str, Path)) else source  # noqa: SIM115
+        n = 0
+        try:
+            for number, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except ValueError as exc:
+                    reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                    raise BatchValidationError(f"not JSON ({reason})", line=number, source=name) from None
+                if not isinstance(obj, dict):
+                    raise BatchValidationError("expected a JSON object", line=number, source=name)
+                try:
+                    spool.add_line(obj, line=number)
+                except BatchValidationError as exc:
+                    raise exc.at_line(exc.line or number, source=name) from None
+                n += 1
+        finally:
+            if fh is not source:
+                fh.close()
+        return n
 
     def __len__(self) -> int:
         if self.spool is not None:
@@ -350,7 +235,7 @@ class BatchCore:
 
     def _require_submitted(self) -> str:
         if not self.submitted or self.id is None:
-            raise BatchStateError("the batch has not been submitted yet; call submit() first")
+            raise BatchStateError("the batch has not been submitted yet")
         return self.id
 
     # -- submit -------------------------------------------------------------------------------------
@@ -359,39 +244,120 @@ class BatchCore:
         if self.submitted:
             # Idempotent: a second call returns the same batch and creates nothing.
             return self._require_submitted()
-        user_md = dict(metadata or {})
-        if len(user_md) > MAX_USER_METADATA:
-            raise BatchValidationError(f"at most {MAX_USER_METADATA} metadata pairs", field="metadata")
-        if any(k.startswith("vllm_batch_") for k in user_md):
-            raise BatchValidationError(
-                "metadata keys starting with vllm_batch_ are reserved", field="metadata"
-            )
         if not self.shards:
+            user_md = dict(metadata or {})
+            if len(user_md) > MAX_USER_METADATA:
+                raise BatchValidationError(f"at most {MAX_USER_METADATA} metadata pairs", field="metadata")
+            if any(not isinstance(k, str) or not isinstance(v, str) for k, v in user_md.items()):
+                raise BatchValidationError("metadata keys and values must be strings", field="metadata")
+            if any(k.startswith("vllm_batch_") for k in user_md):
+                raise BatchValidationError(
+                    "metadata keys starting with vllm_batch_ are reserved", field="metadata"
+                )
             spool = self.spool
             if spool is None or spool.stats.count == 0:
-                raise BatchStateError("no requests to submit; add_to_batch() first")
+                raise BatchStateError("no requests to submit: add some first")
+            yield from self.identify()
             spool.freeze()
             self.endpoint = spool.endpoint
-            self.shards = yield Local(self._plan)
+            self._metadata = user_md
+            self._fingerprint = self._fingerprint_of(spool)
+            shards: list[Shard] = yield Local(self._plan)
+            self._recall(shards)
+            self.shards = shards
+            self._save_journal()
+        # A later call after an interrupted submit() carries on with the first call's metadata: every shard of
+        # one batch is tagged alike, and a repeated create must send the same body with the same key.
         total = len(self.shards)
         for shard in self.shards:
             if shard.batch_id:
                 continue  # created by an earlier, interrupted submit()
             if shard.file_id is None:
                 assert shard.path is not None
-                shard.file_id = yield Upload(shard.path, f"{self.group}-{shard.number}.jsonl")
+                shard.file_id = yield from self.call(
+                    Upload(shard.path, f"{self.group}-{shard.number}.jsonl", shard.upload_key)
+                )
+                self._save_journal()
             md = {
-                **user_md,
+                **self._metadata,
                 META_GROUP: self.group,
                 META_SHARD: f"{shard.number}/{total}",
                 META_TARGET: str(shard.target),
             }
             if shard.model is not None:
                 md[META_MODEL] = shard.model
-            assert self.endpoint is not None
-            batch = yield CreateBatch(shard.file_id, self.endpoint, self.provider.completion_window, md)
+            batch = yield from self._create(shard, md)
             shard.batch_id, shard.batch = batch.id, batch
+            self._save_journal()
         return self._require_submitted()
+
+    def _fingerprint_of(self, spool: RequestSpool) -> str:
+        """What makes two submissions the same one (see `_journal.py`)."""
+        facts = [spool.digest.hexdigest(), spool.endpoint, self.compare_models, self.provider.base_url,
+                 self.provider.max_requests, self.provider.max_bytes, self._metadata]
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+    def _recall(self, shards: list[Shard]) -> None:
+        """Carry over what an earlier submission of the same requests in this workdir already did."""
+        earlier = self.journal.load(self._fingerprint)
+        if earlier is None:
+            return
+        group, previous = earlier
+        if [(s.target, s.count) for s in previous] != [(s.target, s.count) for s in shards]:
+            return
+        self.group = group
+        for shard, old in zip(shards, previous, strict=True):
+            shard.file_id, shard.batch_id = old.file_id, old.batch_id
+            shard.upload_key, shard.create_key = old.upload_key, old.create_key
+            shard.create_sent_at = old.create_sent_at
+
+    def _save_journal(self) -> None:
+        if self._fingerprint:
+            self.journal.save(self._fingerprint, self.group, self.shards)
+
+    def _create(self, shard: Shard, metadata: dict[str, str]) -> Flow[Batch]:
+        """Create one shard's batch exactly once, even when an answer is lost.
+
+        Every attempt sends the same `Idempotency-Key`, so a server that honours it answers a repeat with
+        the batch it already made. For one that ignores it, once a create has been sent (by this call, an
+        earlier call, or an earlier process with this workdir) each further attempt first looks for a batch
+        carrying this shard's group and shard tags.
+        """
+        assert shard.file_id is not None and self.endpoint is not None
+        op = CreateBatch(shard.file_id, self.endpoint, self.provider.completion_window, metadata,
+                         shard.create_key)
+        attempt = 1
+        while True:
+            if shard.create_sent_at is not None:
+                found = yield from self._find_created(op, shard.create_sent_at)
+                if found is not None:
+                    return found
+            else:
+                shard.create_sent_at = time.time()
+                self._save_journal()  # on disk before the request leaves
+            try:
+                batch: Batch = yield op
+                return batch
+            except APIError as exc:
+                delay = self.retry.delay(attempt, exc)
+                if delay is None:
+                    raise
+                self._log_retry(op, exc, delay, attempt)
+            yield Sleep(delay)
+            attempt += 1
+
+    def _find_created(self, op: CreateBatch, since: float) -> Flow[Batch | None]:
+        after: str | None = None
+        for _ in range(FIND_MAX_PAGES):
+            page: list[Batch]
+            page, has_more = yield from self.call(ListBatches(100, after))
+            found = find_created(page, op)
+            if found is not None or not has_more or not page:
+                return found
+            if min(b.created_at for b in page) < since - CLOCK_SKEW:
+                return None
+            after = page[-1].id
+        return None
 
     def _plan(self) -> list[Shard]:
         """Split the spool into files within the provider's limits, per target model."""
@@ -441,7 +407,7 @@ class BatchCore:
         for shard in self.shards:
             if shard.batch is None or shard.batch.status not in TERMINAL:
                 assert shard.batch_id is not None
-                shard.batch = yield Retrieve(shard.batch_id)
+                shard.batch = yield from self.call(Retrieve(shard.batch_id))
         return self.snapshot()
 
     def snapshot(self) -> BatchStatus:
@@ -470,14 +436,18 @@ class BatchCore:
         raise_on_failure: bool,
     ) -> Flow[BatchStatus]:
         batch_id = self._require_submitted()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        yield from self.identify()
+        deadline = None if timeout is None else self.clock() + timeout
         schedule = PollSchedule(poll_interval)
-        bar = _Progress(progress, batch_id)
+        bar = ProgressBar(progress, batch_id)
+        meter = ProgressMeter()
         previous: tuple[str, int] | None = None
         try:
             while True:
                 status = yield from self.status()
-                bar.update(status)
+                meter.observe(self.clock(), status.request_counts.done, status.output_tokens)
+                hint = (yield from self._server_hint()) if progress else None
+                bar.update(status, meter, hint)
                 if callback is not None:
                     yield Notify(callback, status)
                 if status.done:
@@ -486,7 +456,7 @@ class BatchCore:
                 delay = schedule.next(progressed=previous is not None and now != previous)
                 previous = now
                 if deadline is not None:
-                    remaining = deadline - time.monotonic()
+                    remaining = deadline - self.clock()
                     if remaining <= 0:
                         raise BatchTimeoutError(batch_id, float(timeout or 0), status)
                     delay = min(delay, remaining)
@@ -494,8 +464,44 @@ class BatchCore:
         finally:
             bar.close()
         if raise_on_failure and status.status == "failed":
-            raise BatchFailedError(batch_id, status.errors, status)
+            raise self.failure(status)
         return status
+
+    def failure(self, status: BatchStatus) -> BatchFailedError:
+        """The error for a failed batch, naming the shard that failed (and its model in a comparison)."""
+        failed = [s for s in self.shards if s.batch is not None and s.batch.status == "failed"]
+        if not failed:
+            return BatchFailedError(status.id, status.errors, status)
+        errors: list[dict[str, Any]] = []
+        for shard in failed:
+            assert shard.batch is not None
+            if shard.batch.errors and shard.batch.errors.data:
+                errors.extend(e.model_dump(exclude_none=True) for e in shard.batch.errors.data)
+        first = failed[0]
+        assert first.batch_id is not None
+        return BatchFailedError(first.batch_id, errors, status, model=first.model)
+
+    def _server_hint(self) -> Flow[str | None]:
+        """Why nothing moves yet, when the backend is a vllm-batch-server that can say: it is loading the
+        model, or still running another model's batch."""
+        if self.provider.name != "local":
+            return None
+        waiting = next((s for s in self.shards if s.batch is not None and s.batch.status not in TERMINAL), None)
+        if waiting is None or waiting.batch is None:
+            return None
+        counts = waiting.batch.request_counts
+        if counts is not None and counts.completed + counts.failed > 0:
+            return None
+        model = waiting.batch.model or waiting.model or (self.models[0] if self.models else None)
+        health = yield ServerInfo()
+        if not is_batch_server(health):
+            return None
+        loaded = health.get("loaded_model")
+        if model is None or loaded == model:
+            return None
+        if loaded is None:
+            return f"server is loading {model}"
+        return f"server is running {loaded}, {model} is next"
 
     def cancel(self) -> Flow[BatchStatus]:
         self._require_submitted()
@@ -504,10 +510,10 @@ class BatchCore:
                 continue
             assert shard.batch_id is not None
             try:
-                shard.batch = yield Cancel(shard.batch_id)
+                shard.batch = yield from self.call(Cancel(shard.batch_id))
             except ConflictError:
                 # It finished between our last look and the cancel: nothing to cancel, just refresh.
-                shard.batch = yield Retrieve(shard.batch_id)
+                shard.batch = yield from self.call(Retrieve(shard.batch_id))
         return self.snapshot()
 
     # -- download and results -----------------------------------------------------------------------
@@ -515,7 +521,9 @@ class BatchCore:
     def _finished(self) -> Flow[BatchStatus]:
         status = yield from self.status()
         if not status.done:
-            raise BatchStateError(f"batch {status.id} is {status.status}; wait() for it to finish first")
+            raise BatchStateError(
+                f"batch {status.id} is still {status.status}: its results can be fetched once it has ended"
+            )
         return status
 
     def _default_path(self, kind: str) -> Path:
@@ -556,9 +564,16 @@ class BatchCore:
             path = dest[kind] if dest else self.workdir / "downloads" / f"{batch.id}-{kind}.jsonl"
             if shard.downloads.get(kind) == path and path.exists():
                 continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            yield Download(file_id, path)
+            yield from self._download(file_id, path)
             shard.downloads[kind] = path
+
+    def _download(self, file_id: str, path: Path) -> Flow[None]:
+        """Stream a file to `path`: it is written as `<path>.part` and takes its name only once complete, so
+        a file at `path` is never a truncated one. Missing folders are created."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(path.name + ".part")
+        yield from self.call(Download(file_id, part))
+        os.replace(part, path)
 
     def prepare_results(self) -> Flow[None]:
         """Download whatever results (and, after a resume, inputs) are not on disk yet, then index them."""
@@ -570,8 +585,7 @@ class BatchCore:
                 if shard.target == 0 and (shard.path is None or not shard.path.exists()):
                     assert shard.batch is not None
                     path = self.workdir / "inputs" / f"shard-{shard.number}.jsonl"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    yield Download(shard.batch.input_file_id, path)
+                    yield from self._download(shard.batch.input_file_id, path)
                     shard.path = path
         self._missing = {
             target: "; ".join(
@@ -629,7 +643,8 @@ class BatchCore:
     # -- resume -------------------------------------------------------------------------------------
 
     def resume(self, batch_id: str) -> Flow[str]:
-        head: Batch = yield Retrieve(batch_id)
+        yield from self.identify()
+        head: Batch = yield from self.call(Retrieve(batch_id))
         md = head.metadata or {}
         group, shard_tag = md.get(META_GROUP), md.get(META_SHARD)
         if not group or not shard_tag or "/" not in shard_tag:
@@ -646,7 +661,7 @@ class BatchCore:
             if len(found) >= total:
                 break
             page: list[Batch]
-            page, has_more = yield ListBatches(100, after)
+            page, has_more = yield from self.call(ListBatches(100, after))
             for batch in page:
                 bmd = batch.metadata or {}
                 if bmd.get(META_GROUP) == group and "/" in bmd.get(META_SHARD, ""):
@@ -701,6 +716,7 @@ def _total(batch: Batch) -> int:
 
 
 def _concat(parts: list[Path], dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     with open(tmp, "wb") as out:
         for part in parts:
@@ -724,10 +740,14 @@ class BatchRequests:
         return self._core.add(request, custom_id=custom_id, endpoint=endpoint)
 
     def add_requests(self, requests: Iterable[Mapping[str, Any]]) -> int:
+        """Add request bodies (as for `add_to_batch`; `custom_id`, `endpoint` or `url` keys are taken out of
+        the body and used as such). Returns how many were added."""
         return self._core.add_many(requests)
 
-    def add_jsonl(self, path: str | Path) -> int:
-        return self._core.add_jsonl(path)
+    def add_jsonl(self, source: str | Path | IO[bytes]) -> int:
+        """Request lines (`custom_id`, `url`, `body`) or bare bodies from a JSONL file or a binary stream.
+        A refused line raises `BatchValidationError` with its `line` (from 1) and `source`."""
+        return self._core.add_jsonl(source)
 
     def __len__(self) -> int:
         return len(self._core)

@@ -22,20 +22,39 @@ class ConfigurationError(VLLMBatchError):
 class BatchValidationError(VLLMBatchError, ValueError):
     """A request was rejected before anything was sent.
 
-    `field` names the offending part of the request (for example `messages.0.role`, `model`, `custom_id`)
-    and `index` its position in the batch, so a caller can point at the exact input.
+    `field` names the offending part of the request (for example `messages.0.role`, `model`, `custom_id`),
+    `index` its position in the batch (from 0) and, for requests read from a JSONL file, `line` its line
+    (from 1, as editors count) and `source` the file, so a caller can point at the exact input.
     """
 
-    def __init__(self, message: str, *, field: str | None = None, index: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        index: int | None = None,
+        line: int | None = None,
+        source: str | None = None,
+    ) -> None:
         where = []
-        if index is not None:
-            where.append(f"request {index}")
+        if source is not None:
+            where.append(source)
+        if line is not None:
+            where.append(f"line {line}")
+        elif index is not None:
+            where.append(f"request at index {index}")
         if field:
             where.append(f"field {field!r}")
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
         self.field = field
         self.index = index
+        self.line = line
+        self.source = source
         self.reason = message
+
+    def at_line(self, line: int, source: str | None = None) -> BatchValidationError:
+        """The same error, placed on a line (counted from 1) of a JSONL file."""
+        return BatchValidationError(self.reason, field=self.field, index=self.index, line=line, source=source)
 
 
 class BatchStateError(VLLMBatchError):
@@ -49,9 +68,18 @@ class APIError(VLLMBatchError):
         super().__init__(message)
         self.message = message
 
+    @property
+    def retryable(self) -> bool:
+        """Whether a later attempt can succeed (the client retries these itself before raising them)."""
+        return False
+
 
 class APIConnectionError(APIError):
     """The server could not be reached, even after retrying."""
+
+    @property
+    def retryable(self) -> bool:
+        return True
 
 
 class APITimeoutError(APIConnectionError):
@@ -70,6 +98,7 @@ class APIStatusError(APIError):
         param: str | None = None,
         body: Any = None,
         request_id: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -77,6 +106,12 @@ class APIStatusError(APIError):
         self.param = param
         self.body = body
         self.request_id = request_id
+        # Seconds the server asked us to wait before trying again (Retry-After / retry-after-ms).
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.status_code == 429 or self.status_code >= 500
 
     def __str__(self) -> str:
         extra = f" ({self.code})" if self.code else ""
@@ -112,17 +147,25 @@ class InternalServerError(APIStatusError):
 
 
 class BatchFailedError(VLLMBatchError):
-    """The server failed the batch (e.g. its input did not validate). `errors` are the server's reasons."""
+    """The server failed the batch (e.g. its input did not validate). `errors` are the server's reasons.
 
-    def __init__(self, batch_id: str, errors: list[dict[str, Any]], status: Any = None) -> None:
+    `batch_id` is the server batch that failed: in a sharded batch or a comparison, the failed shard (and
+    `model` its model in a comparison), not the first one.
+    """
+
+    def __init__(
+        self, batch_id: str, errors: list[dict[str, Any]], status: Any = None, *, model: str | None = None
+    ) -> None:
         reasons = "; ".join(
             (f"line {e['line']}: " if e.get("line") is not None else "")
             + str(e.get("message") or e.get("code"))
             for e in errors[:5]
         )
         more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
-        super().__init__(f"batch {batch_id} failed: {reasons or 'no reason given'}{more}")
+        which = f"batch {batch_id}" + (f" (model {model})" if model else "")
+        super().__init__(f"{which} failed: {reasons or 'no reason given'}{more}")
         self.batch_id = batch_id
+        self.model = model
         self.errors = errors
         self.status = status
 
@@ -132,7 +175,7 @@ class BatchTimeoutError(VLLMBatchError, TimeoutError):
 
     def __init__(self, batch_id: str, timeout: float, status: Any = None) -> None:
         super().__init__(
-            f"batch {batch_id} did not finish within {timeout:g}s (it keeps running on the server)"
+            f"batch {batch_id} did not finish within {timeout:g} s (it keeps running on the server)"
         )
         self.batch_id = batch_id
         self.timeout = timeout

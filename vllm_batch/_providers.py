@@ -5,7 +5,8 @@ for that origin and only sent there: `BATCH_API_KEY` goes with `BATCH_BASE_URL` 
 that is unset), `OPENAI_API_KEY` with api.openai.com, `PARASAIL_API_KEY` with api.parasail.io. A URL that
 matches none of them gets no key unless one is passed explicitly. The openai SDK's own environment fallbacks
 (`OPENAI_API_KEY`, `OPENAI_ORG_ID`, `OPENAI_PROJECT_ID`, `OPENAI_CUSTOM_HEADERS`, `OPENAI_BASE_URL`) are
-switched off in `make_openai_kwargs` and `scrub_openai_client`, so nothing else rides along either.
+switched off through the SDK's public options: explicit constructor arguments (`make_openai_kwargs`) and
+headers omitted on every request (`request_headers`), so nothing else rides along either.
 """
 
 from __future__ import annotations
@@ -54,8 +55,13 @@ class Provider:
         return origin_of(self.base_url)
 
     def with_limits(self, *, max_requests: int | None = None, max_bytes: int | None = None) -> Provider:
+        for name, value in (("max_requests", max_requests), ("max_bytes", max_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigurationError(f"{name} must be a positive whole number, got {value!r}")
         return replace(
-            self, max_requests=max_requests or self.max_requests, max_bytes=max_bytes or self.max_bytes
+            self,
+            max_requests=self.max_requests if max_requests is None else max_requests,
+            max_bytes=self.max_bytes if max_bytes is None else max_bytes,
         )
 
 
@@ -111,6 +117,9 @@ def origin_of(url: str) -> str:
 class ResolvedProvider:
     provider: Provider
     api_key: str | None
+    # The caller's own limits, kept so they still win if the provider is recognised later (`as_batch_server`).
+    max_requests: int | None = None
+    max_bytes: int | None = None
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -157,10 +166,24 @@ def resolve_provider(
     key = api_key if api_key is not None else key_for_origin(chosen, env)
     if key is None and chosen.name in ("openai", "parasail"):
         raise ConfigurationError(
-            f"no API key for {chosen.name}: set {chosen.api_key_env} or pass api_key= "
+            f"no API key for {chosen.name}: set {chosen.api_key_env}, or give the key explicitly "
             "(keys of other providers are never used for it)"
         )
-    return ResolvedProvider(chosen, key)
+    return ResolvedProvider(chosen, key, max_requests, max_bytes)
+
+
+def is_batch_server(health: Any) -> bool:
+    """Whether a `/health` answer comes from a vllm-batch-server (it names its engine and loaded model)."""
+    return isinstance(health, dict) and health.get("status") == "ok" and "engine" in health and (
+        "loaded_model" in health
+    )
+
+
+def as_batch_server(resolved: ResolvedProvider) -> ResolvedProvider:
+    """A custom URL that turned out to be a vllm-batch-server: the local preset's limits and endpoints there."""
+    server = replace(PRESETS["local"], base_url=resolved.provider.base_url)
+    server = server.with_limits(max_requests=resolved.max_requests, max_bytes=resolved.max_bytes)
+    return replace(resolved, provider=server)
 
 
 def key_for_origin(provider: Provider, environ: Mapping[str, str]) -> str | None:
@@ -201,18 +224,6 @@ def _for_url(url: str) -> Provider:
                    max_bytes=200 * MB)
 
 
-class OpenAIClient(openai.OpenAI):
-    """The openai SDK's client, allowed to talk without a key (a local server usually needs none)."""
-
-    def _validate_headers(self, headers: Any, custom_headers: Any) -> None:
-        return None
-
-
-class AsyncOpenAIClient(openai.AsyncOpenAI):
-    def _validate_headers(self, headers: Any, custom_headers: Any) -> None:
-        return None
-
-
 def make_openai_kwargs(resolved: ResolvedProvider, *, timeout: Any) -> dict[str, Any]:
     """Arguments for `openai.OpenAI` / `openai.AsyncOpenAI` that leave it no room to read the environment."""
     return {
@@ -227,14 +238,34 @@ def make_openai_kwargs(resolved: ResolvedProvider, *, timeout: Any) -> dict[str,
     }
 
 
-def scrub_openai_client(
-    client: Any, resolved: ResolvedProvider, environ: Mapping[str, str] | None = None
-) -> None:
-    """Undo what the SDK picked up from OPENAI_* variables that are not tied to this host."""
+def request_headers(
+    resolved: ResolvedProvider, environ: Mapping[str, str] | None = None
+) -> dict[str, str | openai.Omit]:
+    """Headers for every request: removes what the SDK picked up from OPENAI_* variables that are not tied
+    to this host (`openai.Omit` drops a header), and lets it talk without a key where none is set."""
     env = os.environ if environ is None else environ
-    on_openai = resolved.provider.origin == PRESETS["openai"].origin
-    # Organization and project identify an OpenAI account: meaningful (and only sent) on OpenAI's host.
-    client.organization = _env(env, "OPENAI_ORG_ID") if on_openai else None
-    client.project = _env(env, "OPENAI_PROJECT_ID") if on_openai else None
-    # OPENAI_CUSTOM_HEADERS is merged into the custom headers at construction; keep only the provider's own.
-    client._custom_headers = dict(resolved.provider.extra_headers)
+    own = {name.lower() for name in resolved.provider.extra_headers}
+    headers: dict[str, str | openai.Omit] = {}
+    # OPENAI_CUSTOM_HEADERS is merged into the SDK's default headers at construction: drop all but ours.
+    for entry in (env.get("OPENAI_CUSTOM_HEADERS") or "").split("\n"):
+        name = entry.partition(":")[0].strip()
+        if ":" in entry and name and name.lower() not in own:
+            headers[name] = openai.Omit()
+    if resolved.provider.origin != PRESETS["openai"].origin:
+        # Organization and project identify an OpenAI account: only ever sent to OpenAI's host.
+        headers["OpenAI-Organization"] = openai.Omit()
+        headers["OpenAI-Project"] = openai.Omit()
+    if not resolved.api_key:
+        # No key: send no Authorization header at all (the SDK asks for this to be said explicitly).
+        headers["Authorization"] = openai.Omit()
+    return headers
+
+
+def health_url(base_url: str) -> str:
+    """Where a vllm-batch-server answers `/health`: beside its `/v1`."""
+    root = base_url.rstrip("/")
+    return (root[: -len("/v1")] if root.endswith("/v1") else root) + "/health"
+
+
+def with_idempotency_key(headers: dict[str, str | openai.Omit], key: str | None) -> dict[str, str | openai.Omit]:
+    return {**headers, "Idempotency-Key": key} if key else headers

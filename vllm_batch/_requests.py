@@ -7,12 +7,13 @@ be joined back to their requests in input order — all without holding a millio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -43,20 +44,27 @@ _SHAPES = {"messages": CHAT, "prompt": COMPLETIONS, "input": EMBEDDINGS, "query"
 _SCORE_PAIRS = (("queries", "documents"), ("queries", "items"), ("text_1", "text_2"), ("data_1", "data_2"))
 
 
+# Strict: the request is written as given, so "0.5" or True must not pass as a number here and then reach
+# the server as a string or a bool. Finite only: NaN is not even valid JSON.
+Count = Annotated[int, Field(ge=1, strict=True)]
+Temperature = Annotated[float, Field(ge=0, le=2, strict=True, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0, le=1, strict=True, allow_inf_nan=False)]
+
+
 class _Body(BaseModel):
     # Unknown parameters pass through untouched: backends add their own (vLLM's `top_k`, `guided_json`, ...).
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, strict=True)
     # A batch cannot stream its answers; a backend would fail the line, so refuse it here instead.
     stream: Literal[False] | None = None
 
 
 class _Sampling(_Body):
-    max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: Count | None = None
+    n: Count | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
 
 
 class ChatMessage(BaseModel):
@@ -68,7 +76,7 @@ class ChatMessage(BaseModel):
 
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Count | None = None
 
 
 class CompletionBody(_Sampling):
@@ -78,13 +86,13 @@ class CompletionBody(_Sampling):
 class EmbeddingBody(_Body):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: Count | None = None
 
 
 class ResponsesBody(_Body):
     input: str | list[dict[str, Any]]
-    max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    max_output_tokens: Count | None = None
+    temperature: Temperature | None = None
 
 
 _ScoreItem = str | dict[str, Any]
@@ -172,7 +180,14 @@ def validate_body(endpoint: str, body: Mapping[str, Any], index: int | None = No
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def _line(obj: Any, index: int) -> bytes:
+    try:
+        return dumps(obj)
+    except (TypeError, ValueError) as exc:
+        raise BatchValidationError(f"the request is not valid JSON: {exc}", field="body", index=index) from None
 
 
 @dataclass
@@ -202,6 +217,8 @@ class RequestSpool:
         self.db = open_index(directory / "index.sqlite3")
         # A workdir may be reused: start from an empty spool and index, never mix in an old batch's requests.
         self.db.execute("DELETE FROM requests")
+        # A running hash of everything written: the submission journal recognises the same requests by it.
+        self.digest = hashlib.sha256()
         self._fh = open(self.path, "wb")  # noqa: SIM115 - closed by close()
         self._uncommitted = 0
         self.closed = False
@@ -215,12 +232,42 @@ class RequestSpool:
         custom_id: str | None = None,
         endpoint: str | None = None,
         method: str = "POST",
+        line: int | None = None,
     ) -> str:
+        """Validate one request and append it. `line` is its line in a JSONL file, for error messages."""
         index = self.stats.count
+        try:
+            return self._add(request, custom_id, endpoint, method, index, line)
+        except BatchValidationError as exc:
+            if line is not None and exc.line is None:
+                raise exc.at_line(line) from None
+            raise
+
+    def _add(
+        self,
+        request: Mapping[str, Any],
+        custom_id: str | None,
+        endpoint: str | None,
+        method: str,
+        index: int,
+        line: int | None,
+    ) -> str:
         body = dict(request)
         if "custom_id" in body:
             # Never let it leak into the body the model sees.
             custom_id = body.pop("custom_id") if custom_id is None else custom_id
+        for key in ("endpoint", "url"):
+            # Rows from from_requests/add_requests or a JSONL file may name their endpoint inside the body:
+            # it says where the request goes, and is no parameter of the model.
+            if key in body:
+                named = body.pop(key)
+                if not isinstance(named, str):
+                    raise BatchValidationError(f"{key} must be a string", field=key, index=index)
+                if endpoint is not None and normalize_endpoint(named, index) != normalize_endpoint(endpoint, index):
+                    raise BatchValidationError(
+                        f"{key} {named!r} contradicts endpoint {endpoint!r}", field=key, index=index
+                    )
+                endpoint = endpoint or named
         if self.compare_models:
             if "model" in body:
                 raise BatchValidationError(
@@ -232,6 +279,13 @@ class RequestSpool:
         if method.upper() != "POST":
             raise BatchValidationError(f"method must be POST, got {method!r}", field="method", index=index)
         url = self._check_endpoint(infer_endpoint(body, endpoint, index), index)
+        if "model" not in body:
+            raise BatchValidationError(
+                "no model: name one in the request, or run the requests on several models with models=[...] "
+                "(--models on the command line)",
+                field="model",
+                index=index,
+            )
         validate_body(url, body, index)
         self._check_model(body["model"], index)
         if url == EMBEDDINGS and self.provider.base64_embeddings and body.get("encoding_format") is None:
@@ -243,11 +297,11 @@ class RequestSpool:
                 raise BatchValidationError(
                     "custom_id must be a non-empty string", field="custom_id", index=index
                 )
-            line = dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
-            self._check_size(line, index)
-            if (first := self._index(custom_id, index)) is not None:
+            encoded = _line({"custom_id": custom_id, "method": "POST", "url": url, "body": body}, index)
+            self._check_size(encoded, index)
+            if (first := self._index(custom_id, index, line)) is not None:
                 raise BatchValidationError(
-                    f"duplicate custom_id {custom_id!r} (first used by request {first})",
+                    f"duplicate custom_id {custom_id!r} (first used {first})",
                     field="custom_id",
                     index=index,
                 )
@@ -255,36 +309,43 @@ class RequestSpool:
             custom_id = f"request-{index}"
             suffix = 0
             # A user may already have taken "request-N" for an earlier line; pick the next free variant.
-            while self._index(custom_id, index) is not None:
+            while self._index(custom_id, index, line) is not None:
                 suffix += 1
                 custom_id = f"request-{index}.{suffix}"
-            line = dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
-            self._check_size(line, index, undo=custom_id)
+            try:
+                encoded = _line({"custom_id": custom_id, "method": "POST", "url": url, "body": body}, index)
+            except BatchValidationError:
+                self.db.execute("DELETE FROM requests WHERE custom_id = ?", (custom_id,))
+                raise
+            self._check_size(encoded, index, undo=custom_id)
 
         # Only now, with the request accepted, does it fix the batch's endpoint and models.
         self.endpoint = url
         if body["model"] not in self.models:
             self.models.append(body["model"])
-        self._fh.write(line)
+        self._fh.write(encoded)
+        self.digest.update(encoded)
         self.stats.count += 1
-        self.stats.bytes += len(line)
-        self.stats.longest_line = max(self.stats.longest_line, len(line))
+        self.stats.bytes += len(encoded)
+        self.stats.longest_line = max(self.stats.longest_line, len(encoded))
         self._uncommitted += 1
         if self._uncommitted >= 20_000:
             self.db.commit()
             self._uncommitted = 0
         return custom_id
 
-    def add_line(self, obj: Mapping[str, Any]) -> str:
-        """A line of a JSONL file: a full request line (`custom_id`, `url`, `body`) or a bare body."""
+    def add_line(self, obj: Mapping[str, Any], line: int | None = None) -> str:
+        """A line of a JSONL file: a full request line (`custom_id`, `url`, `body`) or a bare body (which may
+        name its `endpoint` or `url` and `custom_id` among its keys)."""
         if isinstance(obj.get("body"), Mapping):
             return self.add(
                 obj["body"],
                 custom_id=obj.get("custom_id"),
                 endpoint=obj.get("url"),
                 method=str(obj.get("method", "POST")),
+                line=line,
             )
-        return self.add(obj)
+        return self.add(obj, line=line)
 
     def _check_endpoint(self, url: str, index: int) -> str:
         if url not in self.provider.endpoints:
@@ -326,13 +387,13 @@ class RequestSpool:
                 index=index,
             )
 
-    def _index(self, custom_id: str, index: int) -> int | None:
-        """Claim `custom_id` for request `index`; if it is taken, the index of the request that has it."""
+    def _index(self, custom_id: str, index: int, line: int | None) -> str | None:
+        """Claim `custom_id` for request `index`; if it is taken, where the request that has it came from."""
         try:
-            self.db.execute("INSERT INTO requests (custom_id, idx) VALUES (?, ?)", (custom_id, index))
+            self.db.execute("INSERT INTO requests (custom_id, idx, line) VALUES (?, ?, ?)", (custom_id, index, line))
         except sqlite3.IntegrityError:
-            row = self.db.execute("SELECT idx FROM requests WHERE custom_id = ?", (custom_id,)).fetchone()
-            return int(row[0])
+            row = self.db.execute("SELECT idx, line FROM requests WHERE custom_id = ?", (custom_id,)).fetchone()
+            return f"on line {row[1]}" if row[1] is not None else f"by the request at index {row[0]}"
         return None
 
     # -- reading back ---------------------------------------------------------------------------------
@@ -367,6 +428,7 @@ def open_index(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=OFF")
     db.execute("PRAGMA synchronous=OFF")
     db.execute(
-        "CREATE TABLE IF NOT EXISTS requests (custom_id TEXT PRIMARY KEY, idx INTEGER NOT NULL) WITHOUT ROWID"
+        "CREATE TABLE IF NOT EXISTS requests (custom_id TEXT PRIMARY KEY, idx INTEGER NOT NULL, line INTEGER) "
+        "WITHOUT ROWID"
     )
     return db

@@ -1,9 +1,10 @@
-"""Retries: one policy, applied by tenacity around every HTTP call the sync and async clients make.
+"""Retries: one policy, applied by the core (`_core.py`) around every HTTP operation, sync or async alike.
 
 Retried: connection errors, timeouts, 429 and 5xx — the failures that a later attempt can fix. A 429 or 503
 with `Retry-After` (or `retry-after-ms`) waits what the server asked, up to `max_retry_after`; otherwise the
 wait doubles from `initial_backoff` up to `max_backoff`, with jitter so many clients do not retry in step.
-Anything else, and the last failure once attempts run out, is translated into our own exception types.
+The shells translate every openai/httpx failure into our own exception types (`translate`) before the core
+sees it, so the decision is made on one set of types.
 """
 
 from __future__ import annotations
@@ -11,17 +12,16 @@ from __future__ import annotations
 import email.utils
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
-import tenacity
 
 from vllm_batch._errors import (
     APIConnectionError,
     APIError,
+    APIStatusError,
     APITimeoutError,
     VLLMBatchError,
     status_error_class,
@@ -38,12 +38,15 @@ class RetryPolicy:
     max_retry_after: float = 120.0
     jitter: float = 0.2  # each wait is stretched by up to this fraction, at random
 
-
-def is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code == 429 or exc.status_code >= 500
-    # APITimeoutError is a subclass of APIConnectionError; httpx errors escape while a download streams.
-    return isinstance(exc, openai.APIConnectionError | httpx.TransportError)
+    def delay(self, attempt: int, error: BaseException) -> float | None:
+        """Seconds to wait before attempt `attempt + 1` after `error`, or None to give up."""
+        if not isinstance(error, APIError) or not error.retryable or attempt >= max(1, self.max_attempts):
+            return None
+        asked = error.retry_after if isinstance(error, APIStatusError) else None
+        if asked is not None:
+            return min(asked, self.max_retry_after)
+        base = min(self.max_backoff, self.initial_backoff * 2.0 ** (attempt - 1))
+        return min(self.max_backoff, base * (1 + self.jitter * random.random()))
 
 
 def retry_after(exc: BaseException) -> float | None:
@@ -71,44 +74,20 @@ def retry_after(exc: BaseException) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class _Backoff(tenacity.wait.wait_base):
-    def __init__(self, policy: RetryPolicy) -> None:
-        self.policy = policy
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        asked = retry_after(exc) if exc is not None else None
-        if asked is not None:
-            return min(asked, self.policy.max_retry_after)
-        base = min(
-            self.policy.max_backoff, self.policy.initial_backoff * 2 ** (retry_state.attempt_number - 1)
-        )
-        return min(self.policy.max_backoff, base * (1 + self.policy.jitter * random.random()))
+def _reason(exc: BaseException) -> str:
+    """What went wrong on the wire, as a short text ("[Errno 111] Connection refused"): the httpx error under
+    the openai SDK's wrapper."""
+    if isinstance(exc, openai.OpenAIError) and isinstance(exc.__cause__, httpx.HTTPError | OSError):
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__
 
 
-def _common(policy: RetryPolicy) -> dict[str, Any]:
-    return {
-        "stop": tenacity.stop_after_attempt(max(1, policy.max_attempts)),
-        "wait": _Backoff(policy),
-        "retry": tenacity.retry_if_exception(is_retryable),
-        "reraise": True,  # the last real exception, not tenacity's RetryError; translate() then maps it
-    }
-
-
-def retrying(policy: RetryPolicy, sleep: Callable[[float], None]) -> tenacity.Retrying:
-    return tenacity.Retrying(sleep=sleep, **_common(policy))
-
-
-def async_retrying(policy: RetryPolicy, sleep: Callable[[float], Awaitable[None]]) -> tenacity.AsyncRetrying:
-    return tenacity.AsyncRetrying(sleep=sleep, **_common(policy))
-
-
-def translate(exc: BaseException) -> BaseException:
+def translate(exc: BaseException, base_url: str) -> BaseException:
     """Our exception for an openai/httpx one (anything else is returned unchanged)."""
     if isinstance(exc, VLLMBatchError):
         return exc
     if isinstance(exc, openai.APIStatusError):
-        body = exc.body
+        body: Any = exc.body
         message, code, param = None, exc.code, exc.param
         if isinstance(body, dict):
             message = body.get("message")
@@ -127,12 +106,12 @@ def translate(exc: BaseException) -> BaseException:
             param=param if isinstance(param, str) else None,
             body=body,
             request_id=exc.response.headers.get("x-request-id"),
+            retry_after=retry_after(exc),
         )
     if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
-        return APITimeoutError(f"request timed out: {exc}")
+        return APITimeoutError(f"{base_url} did not answer in time ({_reason(exc)})")
     if isinstance(exc, openai.APIConnectionError | httpx.TransportError):
-        cause = exc.__cause__ or exc
-        return APIConnectionError(f"cannot reach the server: {cause}")
+        return APIConnectionError(f"cannot reach {base_url} ({_reason(exc)})")
     if isinstance(exc, openai.OpenAIError):
         return APIError(str(exc))
     return exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -12,10 +11,9 @@ import httpx
 import openai
 from openai.types import Batch
 
-from vllm_batch._core import (
-    BatchCore,
-    BatchRequests,
-    BatchStatus,
+from vllm_batch._core import BatchCore, BatchRequests
+from vllm_batch._followup_client import Followup
+from vllm_batch._ops import (
     Cancel,
     CreateBatch,
     Download,
@@ -25,23 +23,26 @@ from vllm_batch._core import (
     Notify,
     Op,
     Retrieve,
+    ServerInfo,
     Sleep,
     Upload,
-    find_created,
 )
 from vllm_batch._providers import (
-    OpenAIClient,
     Provider,
+    health_url,
     make_openai_kwargs,
+    request_headers,
     resolve_provider,
-    scrub_openai_client,
+    with_idempotency_key,
 )
 from vllm_batch._results import BatchResult, Comparison
-from vllm_batch._retry import RetryPolicy, retrying, translate
+from vllm_batch._retry import RetryPolicy, translate
+from vllm_batch._status import BatchStatus
 
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
+HEALTH_TIMEOUT = 5.0
 
 
 def _sleep(seconds: float) -> None:
@@ -49,7 +50,7 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-class VLLMBatch(BatchRequests):
+class VLLMBatch(BatchRequests, Followup):
     """Build, submit, follow and collect one batch — sharded over several server batches when it must be.
 
         with VLLMBatch() as batch:
@@ -60,7 +61,9 @@ class VLLMBatch(BatchRequests):
 
     The backend is `provider=` ("local", "openai", "parasail" or a `Provider`), or `base_url=`, or the
     `BATCH_PROVIDER` / `BATCH_BASE_URL` environment variables, else the local server. `models=[...]` runs
-    every request on each model (see `compare()`).
+    every request on each model (see `compare()`). `workdir=` keeps the request spool and the submission
+    journal somewhere lasting (default: a temporary folder removed on close): run the same requests again
+    with the same workdir and `submit()` picks up the batch an earlier, interrupted run created.
     """
 
     def __init__(
@@ -81,10 +84,9 @@ class VLLMBatch(BatchRequests):
         resolved = resolve_provider(
             provider, base_url=base_url, api_key=api_key, max_requests=max_requests, max_bytes=max_bytes
         )
-        self._core = BatchCore(resolved, models=models, workdir=workdir, output_dir=output_dir)
-        self._retry = retry or RetryPolicy()
-        self._client = OpenAIClient(**make_openai_kwargs(resolved, timeout=timeout), http_client=http_client)
-        scrub_openai_client(self._client, resolved)
+        self._core = BatchCore(resolved, models=models, workdir=workdir, output_dir=output_dir, retry=retry)
+        self._client = openai.OpenAI(**make_openai_kwargs(resolved, timeout=timeout), http_client=http_client)
+        self._headers = request_headers(resolved)
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -125,7 +127,8 @@ class VLLMBatch(BatchRequests):
 
     def submit(self, metadata: Mapping[str, str] | None = None) -> str:
         """Upload and create the batch (several if limits require); returns its id. Calling it again returns
-        the same id and creates nothing; after an interrupted submit it finishes the missing shards."""
+        the same id and creates nothing; after an interrupted submit it finishes the missing shards. A create
+        whose answer was lost is found again (Idempotency-Key, then its metadata tags), never made twice."""
         return self._run(self._core.submit(metadata))
 
     def status(self) -> BatchStatus:
@@ -191,7 +194,7 @@ class VLLMBatch(BatchRequests):
 
     def list_batches(self, limit: int = 20, after: str | None = None) -> list[Batch]:
         """The most recent batches on this provider, newest first."""
-        page, _ = self._run(_single(ListBatches(limit, after)))
+        page, _ = self._run(self._core.call(ListBatches(limit, after)))
         return cast(list[Batch], page)
 
     def close(self) -> None:
@@ -207,6 +210,8 @@ class VLLMBatch(BatchRequests):
     # -- the shell ----------------------------------------------------------------------------------
 
     def _run(self, flow: Flow[T]) -> T:
+        """Perform the flow's operations until it returns. A failure goes back into the flow (as our own
+        exception type); if the caller is interrupted, the flow is closed so its clean-up runs."""
         try:
             op = next(flow)
             while True:
@@ -218,6 +223,8 @@ class VLLMBatch(BatchRequests):
                     op = flow.send(result)
         except StopIteration as stop:
             return cast(T, stop.value)
+        finally:
+            flow.close()
 
     def _execute(self, op: Op) -> Any:
         if isinstance(op, Sleep):
@@ -227,51 +234,51 @@ class VLLMBatch(BatchRequests):
             return op.fn()
         if isinstance(op, Notify):
             return op.fn(op.status)
+        if isinstance(op, ServerInfo):
+            return self._server_info()
         try:
-            for attempt in retrying(self._retry, _sleep):
-                with attempt:
-                    return self._http(op, attempt.retry_state.attempt_number)
+            return self._http(op)
         except Exception as exc:
-            translated = translate(exc)
+            translated = translate(exc, self._core.provider.base_url)
             if translated is exc:
                 raise
             raise translated from exc
-        raise AssertionError("unreachable")
 
-    def _http(self, op: Op, attempt: int) -> Any:
-        client = self._client
+    def _http(self, op: Op) -> Any:
+        """One attempt at one HTTP operation (the core decides about retries)."""
+        client, headers = self._client, self._headers
         if isinstance(op, Upload):
-            # A fresh handle per attempt; httpx streams it in chunks, never the whole file in memory.
+            # httpx streams the file in chunks, never the whole of it in memory.
             with open(op.path, "rb") as fh:
-                return client.files.create(file=(op.filename, fh), purpose="batch").id
+                return client.files.create(file=(op.filename, fh), purpose="batch",
+                                           extra_headers=with_idempotency_key(headers, op.idempotency_key)).id
         if isinstance(op, CreateBatch):
-            if attempt > 1:
-                # The earlier attempt may have created the batch before the connection broke.
-                existing = find_created(client.batches.list(limit=100).data, op)
-                if existing is not None:
-                    return existing
             return client.batches.create(
                 input_file_id=op.input_file_id,
                 endpoint=cast(Any, op.endpoint),
                 completion_window=cast(Any, op.completion_window),
                 metadata=op.metadata,
+                extra_headers=with_idempotency_key(headers, op.idempotency_key),
             )
         if isinstance(op, Retrieve):
-            return client.batches.retrieve(op.batch_id)
+            return client.batches.retrieve(op.batch_id, extra_headers=headers)
         if isinstance(op, Cancel):
-            return client.batches.cancel(op.batch_id)
+            return client.batches.cancel(op.batch_id, extra_headers=headers)
         if isinstance(op, ListBatches):
-            page = client.batches.list(limit=op.limit, after=op.after or openai.omit)
+            page = client.batches.list(limit=op.limit, after=op.after or openai.omit, extra_headers=headers)
             return list(page.data), bool(page.has_more)
         if isinstance(op, Download):
-            tmp = op.path.with_name(op.path.name + ".part")
-            with client.files.with_streaming_response.content(op.file_id) as response, open(tmp, "wb") as fh:
+            with client.files.with_streaming_response.content(op.file_id, extra_headers=headers) as response, \
+                    open(op.path, "wb") as fh:
                 for chunk in response.iter_bytes(1 << 20):
                     fh.write(chunk)
-            os.replace(tmp, op.path)
-            return op.path
+            return None
         raise TypeError(f"unknown operation {op!r}")
 
-
-def _single(op: Op) -> Flow[Any]:
-    return (yield op)
+    def _server_info(self) -> Any:
+        # No key: /health is open on a vllm-batch-server, and anything else need not see one.
+        try:
+            return self._client.get(health_url(self._core.provider.base_url), cast_to=object, options={
+                "headers": {**self._headers, "Authorization": openai.Omit()}, "timeout": HEALTH_TIMEOUT})
+        except Exception:
+            return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -12,9 +13,22 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from vllm_batch_server.api import batches, files, models, online, openapi
+from vllm_batch_server.api import (
+    batches,
+    events,
+    files,
+    handlers,
+    marks,
+    models,
+    online,
+    openapi,
+    results,
+    retry,
+    ui,
+)
 from vllm_batch_server.api.auth import BearerAuth
 from vllm_batch_server.api.context import Context
+from vllm_batch_server.api.deadlines import BodyIdleTimeout
 from vllm_batch_server.api.errors import (
     APIError,
     on_api_error,
@@ -23,10 +37,15 @@ from vllm_batch_server.api.errors import (
     on_unexpected,
 )
 from vllm_batch_server.blobs import Blobs
+from vllm_batch_server.data_dir_lock import locked
 from vllm_batch_server.database import Database
 from vllm_batch_server.engines import create_engine
 from vllm_batch_server.events import EventLog
+from vllm_batch_server.handlers.loading import load_handlers
+from vllm_batch_server.handlers.service import HandlerService
 from vllm_batch_server.lifecycle import Lifecycle
+from vllm_batch_server.marks import MarkIndex
+from vllm_batch_server.partial import CommittedResults
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
 
@@ -34,27 +53,48 @@ log = logging.getLogger("vllm_batch_server")
 
 
 def create_app(settings: Settings) -> Starlette:
+    configured_handlers = load_handlers(settings.result_handlers)  # a bad configuration fails here, at once
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Before anything touches the data directory (cli.py has usually taken it already; this is the same
+        # lock, counted twice). Another server holding it is refused here.
+        with locked(settings.data_dir, host=settings.host, port=settings.port):
+            async with _serving(app):
+                yield
+
+    @asynccontextmanager
+    async def _serving(app: Starlette) -> AsyncIterator[None]:
         blobs = Blobs(settings.data_dir)
         blobs.prepare()
         db = await Database.open(settings.db_path)
         lifecycle = Lifecycle(db)
         scheduler = Scheduler(db, blobs, create_engine(settings), settings, lifecycle)
-        app.state.context = Context(settings, db, blobs, scheduler, EventLog(db, lifecycle))
+        events = EventLog(db, lifecycle)
+        result_handlers = HandlerService(db, blobs, events, configured_handlers)
+        app.state.context = Context(settings, db, blobs, scheduler, events, CommittedResults(db, blobs),
+                                    MarkIndex(db, blobs), result_handlers)
         app.state.started_at = int(time.time())
+        await result_handlers.start()  # first: its cursor is placed before the scheduler ends any batch
+        app.state.loop = asyncio.get_running_loop()
         await scheduler.start()
         log.info("serving %s with the %s engine; data in %s", ", ".join(settings.models), settings.engine,
                  settings.data_dir)
         try:
             yield
         finally:
+            app.state.context.closing.set()
             await scheduler.stop()
+            await result_handlers.stop()
             await db.close()
 
-    middleware = [Middleware(BearerAuth, api_key=settings.api_key)] if settings.api_key else []
-    return Starlette(
-        routes=[*files.routes, *batches.routes, *models.routes, *online.routes, *openapi.routes],
+    # Outermost: the body deadline must see every handler's reads and be able to replace its answer.
+    middleware = [Middleware(BodyIdleTimeout, seconds=settings.body_idle_timeout)]
+    if settings.api_key:
+        middleware.append(Middleware(BearerAuth, api_key=settings.api_key))
+    app = Starlette(
+        routes=[*files.routes, *retry.routes, *batches.routes, *results.routes, *marks.routes,
+                *handlers.routes, *models.routes, *online.routes, *events.routes, *openapi.routes, *ui.routes],
         middleware=middleware,
         exception_handlers={
             APIError: on_api_error,
@@ -67,3 +107,16 @@ def create_app(settings: Settings) -> Starlette:
         },
         lifespan=lifespan,
     )
+    # Starlette would answer `/v1/files/file-x/` with a 307 to the path without the slash, and an empty body.
+    # No OpenAI route ends in a slash and the SDK never sends one: an unknown path is a 404 in the API's shape.
+    app.router.redirect_slashes = False
+    return app
+
+
+def begin_shutdown(app: Starlette) -> None:
+    """The server was asked to stop: end the long-lived responses (event streams) now, not at the graceful
+    shutdown's timeout. Called from a signal handler, so it only schedules the work on the loop."""
+    ctx: Context | None = getattr(app.state, "context", None)
+    loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
+    if ctx is not None and loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(ctx.closing.set)

@@ -13,6 +13,7 @@ by fsyncing the directory, so a crash leaves either nothing or a whole file, nev
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 import shutil
@@ -41,12 +42,14 @@ def fsync_dir(path: Path) -> None:
 class Upload:
     """An upload being streamed to a private temporary file; `commit` publishes it under a file id."""
 
-    def __init__(self, blobs: Blobs, limit: int) -> None:
+    def __init__(self, blobs: Blobs, limit: int, *, digest: bool = False) -> None:
         self._blobs = blobs
         self._limit = limit
         self.path = blobs.tmp_dir / f"upload-{secrets.token_hex(8)}"
         self._fh: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 - closed in commit/discard
         self.size = 0
+        # Only when asked (an Idempotency-Key came with it): hashing costs a little on every byte.
+        self._digest = hashlib.sha256() if digest else None
 
     def write(self, data: bytes) -> None:
         assert self._fh is not None
@@ -54,6 +57,12 @@ class Upload:
         if self.size > self._limit:
             raise TooLarge(self._limit)
         self._fh.write(data)
+        if self._digest is not None:
+            self._digest.update(data)
+
+    @property
+    def sha256(self) -> str | None:
+        return self._digest.hexdigest() if self._digest is not None else None
 
     async def commit(self, file_id: str) -> None:
         fh, self._fh = self._fh, None
@@ -168,8 +177,8 @@ class Blobs:
             raise ValueError(f"not a file id: {file_id!r}")
         return self.files_dir / file_id
 
-    def new_upload(self, limit: int) -> Upload:
-        return Upload(self, limit)
+    def new_upload(self, limit: int, *, digest: bool = False) -> Upload:
+        return Upload(self, limit, digest=digest)
 
     @staticmethod
     def publish(fh: BinaryIO, source: Path, target: Path) -> None:

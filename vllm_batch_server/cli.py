@@ -8,6 +8,7 @@ same for every setting: flag, then environment, then default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -92,8 +93,10 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the flags given; everything else from the environment or the defaults."""
     given = {item.name: getattr(args, item.name) for item in fields(Settings) if hasattr(args, item.name)}
-    if "engine_args" in given:
-        given["engine_args"] = dict(given["engine_args"])
+    types_ = field_types()
+    for name, value in given.items():
+        if typing.get_origin(types_[name]) is dict:  # repeated KEY=VALUE flags
+            given[name] = dict(value)
     return Settings(**given)
 
 
@@ -126,10 +129,43 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from vllm_batch_server.app import create_app
+    from vllm_batch_server.app import begin_shutdown, create_app
+    from vllm_batch_server.connections import ConnectionLimits, ServerConfig
+    from vllm_batch_server.data_dir_lock import DataDirInUse, locked
+    from vllm_batch_server.handlers import HandlerConfigError
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=5)
+    try:
+        limits = ConnectionLimits.from_settings(settings)
+    except SettingsError as exc:
+        sys.exit(f"vllm-batch-server: error: {exc}")
+
+    # The lock comes first, before uvicorn runs the app's start-up (which cleans the upload area and resumes
+    # batches) and before it binds the port: a second server on the same directory must touch nothing, whether
+    # its port is free or not. Held until the server has stopped.
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locked(settings.data_dir, host=settings.host, port=settings.port))
+        except DataDirInUse as exc:
+            sys.exit(f"vllm-batch-server: error: {exc}")
+        except OSError as exc:  # cannot create the directory, or its filesystem cannot lock
+            sys.exit(f"vllm-batch-server: error: cannot use the data directory {settings.data_dir}: {exc}")
+        try:
+            app = create_app(settings)
+        except HandlerConfigError as exc:
+            sys.exit(f"vllm-batch-server: error: {exc}")
+        config = ServerConfig(app, limits, host=settings.host, port=settings.port, log_level="info",
+                              timeout_graceful_shutdown=5)
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                begin_shutdown(app)  # open event streams end now, not after the graceful timeout
+                super().handle_exit(sig, frame)
+
+        server = Server(config)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+        if not server.started:  # the port was taken, or start-up failed: uvicorn has logged why
+            sys.exit(3)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

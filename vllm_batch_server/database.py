@@ -16,11 +16,14 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from vllm_batch_server.lifecycle import ACTIVE, BatchStatus, transition_guard_sql
+
+if TYPE_CHECKING:
+    from vllm_batch_server.idempotency import IdempotencyKey
 
 # Each entry moves the schema one version forward; PRAGMA user_version records how far a database has got.
 MIGRATIONS: list[str] = [
@@ -96,6 +99,43 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (route, key)
     );
     CREATE INDEX idempotency_age ON idempotency_keys (created_at);
+    """,
+    # Results (docs/results.md): curation marks per result, the input line of each custom_id (built the
+    # first time a batch is marked, so a mark can be checked and listed in input order), and the durable
+    # state of every result handler's run for every ended batch (handlers/service.py).
+    """
+    CREATE TABLE marks (
+        batch_id    TEXT NOT NULL,
+        custom_id   TEXT NOT NULL,
+        label       TEXT,
+        score       REAL,
+        note        TEXT,
+        updated_at  INTEGER NOT NULL,
+        PRIMARY KEY (batch_id, custom_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE request_lines (
+        batch_id    TEXT NOT NULL,
+        custom_id   TEXT NOT NULL,
+        line        INTEGER NOT NULL,
+        PRIMARY KEY (batch_id, custom_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE request_lines_built (
+        batch_id    TEXT PRIMARY KEY,
+        lines       INTEGER NOT NULL
+    );
+    CREATE TABLE handler_runs (
+        batch_id        TEXT NOT NULL,
+        handler         TEXT NOT NULL,
+        event_id        TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        last_error      TEXT,
+        next_attempt_at REAL NOT NULL,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL,
+        PRIMARY KEY (batch_id, handler)
+    );
+    CREATE INDEX handler_runs_due ON handler_runs (status, next_attempt_at);
     """,
 ]
 
@@ -242,9 +282,14 @@ class Database:
 
     # ---- files -------------------------------------------------------------------------------------------
 
-    async def insert_file(self, file: FileRow) -> FileRow:
+    async def insert_file(self, file: FileRow, key: IdempotencyKey | None = None) -> FileRow:
+        """Register an uploaded file, with the Idempotency-Key that created it in the same transaction. Raises
+        sqlite3.IntegrityError if the key was recorded meanwhile."""
         async with self.transaction() as conn:
             await self._insert_file(conn, file)
+            if key is not None:
+                await self._insert_idempotency_key(conn, key.route, key.key, key.fingerprint, file.id,
+                                                   file.created_at)
         return file
 
     @staticmethod
@@ -310,14 +355,26 @@ class Database:
         row = await self._query_one("SELECT * FROM batches WHERE id = ?", (batch_id,))
         return _batch_from(row) if row else None
 
-    async def list_batches(self, *, after_seq: int | None, limit: int) -> list[BatchRow]:
-        """Newest first, one page plus one row."""
-        params: tuple[int, ...]
-        if after_seq is None:
-            sql, params = "SELECT * FROM batches ORDER BY seq DESC LIMIT ?", (limit + 1,)
-        else:
-            sql, params = "SELECT * FROM batches WHERE seq < ? ORDER BY seq DESC LIMIT ?", (after_seq, limit + 1)
-        return [_batch_from(row) for row in await self._query(sql, params)]
+    async def list_batches(self, *, after_seq: int | None, limit: int, statuses: Iterable[str] = (),
+                           model: str | None = None) -> list[BatchRow]:
+        """Newest first, one page plus one row; only the given statuses and model when they are given."""
+        where: list[str] = []
+        params: list[Any] = []
+        if after_seq is not None:
+            where.append("seq < ?")
+            params.append(after_seq)
+        statuses = tuple(statuses)
+        if statuses:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            params.extend(statuses)
+        if model is not None:
+            where.append("model = ?")
+            params.append(model)
+        sql = "SELECT * FROM batches"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        return [_batch_from(row) for row in await self._query(sql, (*params, limit + 1))]
 
     async def batches_in(self, statuses: Iterable[str]) -> list[BatchRow]:
         """Batches in these statuses, oldest first: the queue order."""
@@ -397,9 +454,108 @@ class Database:
         await conn.execute("INSERT INTO idempotency_keys (route, key, fingerprint, object_id, created_at) "
                            "VALUES (?, ?, ?, ?, ?)", (route, key, fingerprint, object_id, created_at))
 
+    async def forget_idempotency_key(self, route: str, key: str) -> None:
+        async with self._write_lock:
+            await self._conn.execute("DELETE FROM idempotency_keys WHERE route = ? AND key = ?", (route, key))
+
     async def forget_idempotency_keys(self, before: int) -> None:
         async with self._write_lock:
             await self._conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (before,))
+
+
+    # ---- curation marks and the custom_id → input line index they are checked against (marks.py) ----------
+
+    async def request_lines_built(self, batch_id: str) -> int | None:
+        """How many input lines the index holds for this batch, or None if it has not been built."""
+        row = await self._query_one("SELECT lines FROM request_lines_built WHERE batch_id = ?", (batch_id,))
+        return int(row[0]) if row else None
+
+    async def add_request_lines(self, batch_id: str, rows: list[tuple[str, int]]) -> None:
+        """One chunk of (custom_id, line) for a batch whose index is being built."""
+        async with self.transaction() as conn:
+            await conn.executemany("INSERT OR IGNORE INTO request_lines (batch_id, custom_id, line) VALUES (?, ?, ?)",
+                                   [(batch_id, custom_id, line) for custom_id, line in rows])
+
+    async def finish_request_lines(self, batch_id: str, lines: int) -> None:
+        async with self._write_lock:
+            await self._conn.execute("INSERT OR REPLACE INTO request_lines_built (batch_id, lines) VALUES (?, ?)",
+                                     (batch_id, lines))
+
+    async def request_line(self, batch_id: str, custom_id: str) -> int | None:
+        row = await self._query_one("SELECT line FROM request_lines WHERE batch_id = ? AND custom_id = ?",
+                                    (batch_id, custom_id))
+        return int(row[0]) if row else None
+
+    async def set_mark(self, batch_id: str, custom_id: str, label: str | None, score: float | None,
+                       note: str | None, updated_at: int) -> None:
+        async with self._write_lock:
+            await self._conn.execute(
+                "INSERT INTO marks (batch_id, custom_id, label, score, note, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (batch_id, custom_id) DO UPDATE SET label = excluded.label, score = excluded.score, "
+                "note = excluded.note, updated_at = excluded.updated_at",
+                (batch_id, custom_id, label, score, note, updated_at))
+
+    async def delete_mark(self, batch_id: str, custom_id: str) -> bool:
+        async with self._write_lock:
+            cursor = await self._conn.execute("DELETE FROM marks WHERE batch_id = ? AND custom_id = ?",
+                                              (batch_id, custom_id))
+            return cursor.rowcount > 0
+
+    async def get_mark(self, batch_id: str, custom_id: str) -> aiosqlite.Row | None:
+        return await self._query_one("SELECT * FROM marks WHERE batch_id = ? AND custom_id = ?",
+                                     (batch_id, custom_id))
+
+    async def list_marks(self, batch_id: str, *, after_line: int, limit: int,
+                         label: str | None = None) -> list[aiosqlite.Row]:
+        """Marks in input order after an input line, one page plus one row."""
+        sql = ("SELECT m.*, r.line AS line FROM marks m JOIN request_lines r "
+               "ON r.batch_id = m.batch_id AND r.custom_id = m.custom_id WHERE m.batch_id = ? AND r.line > ?")
+        params: list[Any] = [batch_id, after_line]
+        if label is not None:
+            sql += " AND m.label = ?"
+            params.append(label)
+        sql += " ORDER BY r.line LIMIT ?"
+        return await self._query(sql, (*params, limit + 1))
+
+    # ---- result handler runs (handlers/service.py) ---------------------------------------------------------
+
+    async def add_handler_runs(self, batch_id: str, event_id: str, handlers: Iterable[str], now: float) -> None:
+        """A pending run of each handler for an ended batch; a run that exists already is left as it is, so an
+        event read twice (at least once) adds nothing."""
+        async with self.transaction() as conn:
+            await conn.executemany(
+                "INSERT OR IGNORE INTO handler_runs (batch_id, handler, event_id, status, attempts, next_attempt_at, "
+                "created_at, updated_at) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?)",
+                [(batch_id, name, event_id, now, int(now), int(now)) for name in handlers])
+
+    async def due_handler_runs(self, handlers: Iterable[str], now: float, limit: int) -> list[aiosqlite.Row]:
+        names = tuple(handlers)
+        if not names:
+            return []
+        marks = ",".join("?" * len(names))
+        return await self._query(
+            f"SELECT * FROM handler_runs WHERE status IN ('pending', 'retrying') AND next_attempt_at <= ? "
+            f"AND handler IN ({marks}) ORDER BY next_attempt_at LIMIT ?", (now, *names, limit))
+
+    async def next_handler_run_at(self, handlers: Iterable[str], after: float) -> float | None:
+        """When the next run not yet due falls due."""
+        names = tuple(handlers)
+        if not names:
+            return None
+        marks = ",".join("?" * len(names))
+        row = await self._query_one(
+            f"SELECT MIN(next_attempt_at) FROM handler_runs WHERE status IN ('pending', 'retrying') "
+            f"AND next_attempt_at > ? AND handler IN ({marks})", (after, *names))
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def update_handler_run(self, batch_id: str, handler: str, **changes: Any) -> None:
+        sets = ", ".join(f"{column} = ?" for column in changes)
+        async with self._write_lock:
+            await self._conn.execute(f"UPDATE handler_runs SET {sets} WHERE batch_id = ? AND handler = ?",
+                                     (*changes.values(), batch_id, handler))
+
+    async def handler_runs_of(self, batch_id: str) -> list[aiosqlite.Row]:
+        return await self._query("SELECT * FROM handler_runs WHERE batch_id = ? ORDER BY handler", (batch_id,))
 
 
 class CheckpointCommitter:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from vllm_batch_server import ids
+from vllm_batch_server import idempotency, ids
 from vllm_batch_server.aio import wait_event
 from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.database import ACTIVE_STATUSES, BatchRow, Database, FileRow
@@ -48,8 +48,8 @@ S = BatchStatus
 # How long a batch that ran out of a resource of ours (disk, descriptors, memory) waits before trying again.
 RESOURCE_RETRY_SECONDS = 2.0
 
-# How long a health check may take before the engine counts as wedged.
-HEALTH_CHECK_SECONDS = 10.0
+# How often Idempotency-Keys older than idempotency.KEEP_SECONDS are forgotten.
+KEY_SWEEP_SECONDS = 3600
 
 # How long the scheduler waits before trying again to load the online model after it failed to load.
 KEEP_MODEL_RETRY_SECONDS = 60.0
@@ -96,6 +96,7 @@ class Scheduler:
         # A batch stopped with requests in flight (cancel, expiry): the engine answers a health check before
         # the next batch is given to it, so a wedged engine is restarted instead of stalling the queue.
         self._engine_suspect = False
+        self._keys_swept = 0  # when old Idempotency-Keys were last forgotten
         self._last_model: str | None = None
         self._failed_under_online = False  # then restarted with _last_model even with no batch to run
         self._keep_failed_at: float | None = None
@@ -313,11 +314,11 @@ class Scheduler:
 
     async def _healthy(self) -> bool:
         try:
-            await asyncio.wait_for(self.engine.check_health(), HEALTH_CHECK_SECONDS)
+            await asyncio.wait_for(self.engine.check_health(), self.settings.health_timeout)
             return True
         except Exception as exc:  # TimeoutError included: a wedged engine never answers
             log.error("the engine failed a health check after a batch stopped with requests in flight (%s); "
-                      "restarting it", exc or f"no answer within {HEALTH_CHECK_SECONDS}s")
+                      "restarting it", exc or f"no answer within {self.settings.health_timeout:g}s")
             self.engine_state = EngineState.FAILED
             return False
 
@@ -545,3 +546,6 @@ class Scheduler:
             if await self.db.file_in_use(file.id) is None:
                 await self.db.delete_file(file.id)
                 self.blobs.remove_file(file.id)
+        if moment - self._keys_swept >= KEY_SWEEP_SECONDS:
+            await self.db.forget_idempotency_keys(moment - idempotency.KEEP_SECONDS)
+            self._keys_swept = moment

@@ -1,10 +1,12 @@
-"""Database rows rendered as the OpenAI objects the official SDK parses (openai.types.Batch, FileObject)."""
+"""Database rows rendered as the OpenAI objects the official SDK parses (openai.types.Batch, FileObject), and
+our own objects in the same style (events)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from vllm_batch_server.database import BatchRow, FileRow
+from vllm_batch_server.lifecycle import Event
 
 
 def file_object(file: FileRow) -> dict[str, Any]:
@@ -66,4 +68,16 @@ def page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
         "has_more": has_more,
+    }
+
+
+def event_object(event: Event) -> dict[str, Any]:
+    """One line of the lifecycle's event log (our extension: GET /v1/events and its stream)."""
+    return {
+        "object": "event",
+        "id": event.id,
+        "seq": event.seq,
+        "type": event.type,
+        "created_at": event.created_at,
+        "data": {"id": event.batch_id},
     }

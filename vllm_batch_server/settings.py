@@ -32,8 +32,9 @@ LIMITS = "limits and timeouts"
 ENGINE = "engine"
 ONLINE = "online requests"
 VLLM = "vLLM engine"
+RESULTS = "results"
 TESTING = "testing and benchmarking (never in production)"
-GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, ONLINE, VLLM, TESTING)
+GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, ONLINE, VLLM, RESULTS, TESTING)
 
 
 class SettingsError(ValueError):
@@ -179,8 +180,28 @@ class Settings:
     max_file_bytes: int = setting(512 * 1024 * 1024, help="largest accepted upload, in bytes", group=LIMITS)
     max_batch_lines: int = setting(50_000, help="most requests in one batch", group=LIMITS)
     max_errors_reported: int = setting(100, help="most validation errors listed for one batch", group=LIMITS)
+    max_json_bytes: int = setting(1024 * 1024, help="largest JSON request body (POST /v1/batches), in bytes; "
+                                  "larger ones get 413, from Content-Length at once or as soon as the limit is "
+                                  "crossed", group=LIMITS)
+    header_timeout: float = setting(10.0, help="seconds a client has to send a request's line and headers, from "
+                                    "connecting (or from the request's first byte on a kept-alive connection); "
+                                    "then the connection is closed (408 if part of a request came)", group=LIMITS)
+    body_idle_timeout: float = setting(30.0, help="seconds a request body (an upload) may send nothing while the "
+                                       "server waits for it; then it gets 408 and whatever it uploaded is dropped. "
+                                       "A body that keeps arriving, however slowly, is never cut off. Likewise a "
+                                       "response the client stops reading is abandoned after this long",
+                                       group=LIMITS)
+    keep_alive_timeout: float = setting(5.0, help="seconds an idle kept-alive connection stays open after a "
+                                        "response", group=LIMITS)
+    max_connections: int | None = setting(None, help="most connections open at once; more are answered 503 with "
+                                          "Retry-After at once and closed (default: 1000, or fewer if the "
+                                          "descriptor limit, ulimit -n, leaves room for fewer; a value given is "
+                                          "used as is)", group=LIMITS)
     request_timeout: float = setting(600.0, help="a request running longer than this many seconds counts as an "
                                      "engine hang", group=LIMITS)
+    health_timeout: float = setting(10.0, help="an engine that does not answer a health check within this many "
+                                    "seconds (asked after a batch stopped with requests in flight) is restarted",
+                                    group=LIMITS)
 
     # ---- engine
     engine: str = setting("vllm", choices=("vllm", "echo"), help="what computes requests: vllm (the product) or "
@@ -202,6 +223,9 @@ class Settings:
                                          "back to the online model afterwards)", group=ONLINE)
     online_max_requests: int = setting(256, help="online requests admitted at once (computing or waiting for "
                                        "the engine); more are answered 429 with Retry-After", group=ONLINE)
+    online_max_body_bytes: int = setting(16 * 1024 * 1024, help="largest online request body, in bytes (larger "
+                                         "than --max-json-bytes: prompts may carry images as data URLs)",
+                                         group=ONLINE)
     online_batch_window: int | None = setting(None, help="while online requests are being answered, batch work "
                                               "keeps at most this many requests in the engine (default: no "
                                               "limit); where an engine step's cost grows with the sequences in it "
@@ -226,13 +250,21 @@ class Settings:
     model_cache_dir: Path = setting(factory=default_cache_dir, help="where embedded models are prepared",
                                     group=VLLM)
 
+    # ---- results
+    result_handlers: dict[str, Any] = setting(
+        factory=dict, flag="--result-handler", metavar="NAME=CONFIG",
+        help="run a result handler when a batch ends: NAME=TYPE, or NAME=JSON with \"type\" and its options "
+        "(built in: postgres, directory; others from the vllm_batch.result_handlers entry points); repeat the "
+        "flag for several (environment: a JSON object of NAME: CONFIG). See docs/results.md",
+        group=RESULTS)
+
     # ---- testing and benchmarking
     checkpointing: bool = setting(True, help="fsync and commit results as they come (turn off only to measure "
                                   "what durability costs: a crash then loses the running batch's progress)",
                                   group=TESTING)
     echo_fault: str | None = setting(None, help="fault injection for reliability tests: comma-separated "
-                                     "crash-after=N, hang-after=N (per engine start), times=K (faults in all), "
-                                     "journal=PATH", group=TESTING)
+                                     "crash-after=N, hang-after=N, exhaust-after=N (per engine start), times=K "
+                                     "(faults in all), journal=PATH", group=TESTING)
 
     def __post_init__(self) -> None:
         if self.online_model is not None and self.online_model not in self.models:

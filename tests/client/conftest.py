@@ -59,6 +59,12 @@ class FakeBatchAPI:
         self.reverse_output = True
         self.drop: set[str] = set()  # custom_ids that get no result line at all
         self.max_page = 100  # the most batches one listing page returns, whatever limit was asked
+        # Idempotency-Key as vllm-batch-server honours it (same key + same body: the same object again; same
+        # key + another body: 409). Off by default: OpenAI-like providers ignore the header.
+        self.honour_idempotency = False
+        self._keys: dict[tuple[str, str], tuple[bytes, httpx.Response]] = {}
+        # What GET /health answers: None is a 404 (not a vllm-batch-server).
+        self.server_health: dict[str, Any] | None = None
         self._ids = itertools.count(1)
         self.upload = router.post(f"{base}/files").mock(side_effect=self._upload)
         self.create = router.post(f"{base}/batches").mock(side_effect=self._create)
@@ -66,19 +72,48 @@ class FakeBatchAPI:
         self.cancel = router.post(url__regex=rf"{base}/batches/(?P<bid>[^/]+)/cancel").mock(side_effect=self._cancel)
         self.retrieve = router.get(url__regex=rf"{base}/batches/(?P<bid>[^/]+)$").mock(side_effect=self._retrieve)
         self.content = router.get(url__regex=rf"{base}/files/(?P<fid>[^/]+)/content").mock(side_effect=self._content)
+        self.health = router.get(base.removesuffix("/v1") + "/health").mock(side_effect=self._health)
+
+    def _health(self, request: httpx.Request) -> httpx.Response:
+        if self.server_health is None:
+            return httpx.Response(404, json={"detail": "Not Found"})
+        return httpx.Response(200, json=self.server_health)
+
+    def _idempotent(self, kind: str, request: httpx.Request, body: bytes,
+                    make: Callable[[], httpx.Response]) -> httpx.Response:
+        key = request.headers.get("idempotency-key")
+        if not self.honour_idempotency or key is None:
+            return make()
+        if (kind, key) in self._keys:
+            seen, response = self._keys[(kind, key)]
+            if seen != body:
+                return httpx.Response(409, json={"error": {"message": "Idempotency-Key reused with another body",
+                                                           "type": "invalid_request_error", "param": None,
+                                                           "code": "idempotency_key_reused"}})
+            return httpx.Response(response.status_code, content=response.content, headers=response.headers)
+        response = make()
+        if response.status_code == 200:
+            self._keys[(kind, key)] = (body, response)
+        return response
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids):04d}"
 
     def _upload(self, request: httpx.Request) -> httpx.Response:
         _, data = parse_multipart(request)
+        return self._idempotent("file", request, data, lambda: self._store_file(data))
+
+    def _store_file(self, data: bytes) -> httpx.Response:
         fid = self.new_id("file")
         self.files[fid] = data
         return httpx.Response(200, json={"id": fid, "object": "file", "bytes": len(data), "created_at": 0,
                                          "filename": "x.jsonl", "purpose": "batch", "status": "processed"})
 
     def _create(self, request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.read())
+        raw = request.read()
+        return self._idempotent("batch", request, raw, lambda: self._store_batch(json.loads(raw)))
+
+    def _store_batch(self, body: dict[str, Any]) -> httpx.Response:
         bid = self.new_id("batch")
         lines = [json.loads(x) for x in self.files[body["input_file_id"]].splitlines() if x.strip()]
         self.batches[bid] = {

@@ -68,3 +68,27 @@ async def test_async_list(api: FakeBatchAPI) -> None:
         batch.add_to_batch(**chat("x"))
         bid = await batch.submit()
         assert [b.id for b in await batch.list_batches()] == [bid]
+
+
+async def test_a_cancelled_wait_closes_its_flow_at_once(api: FakeBatchAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    import anyio
+
+    import vllm_batch._async
+
+    closed: list[str] = []
+    monkeypatch.setattr("vllm_batch._progress.ProgressBar.close", lambda self: closed.append("bar"))
+
+    async def sleep_long(seconds: float) -> None:
+        await anyio.sleep(3600)
+
+    async with AsyncVLLMBatch(base_url=BASE) as batch:
+        batch.add_to_batch(**chat("x"))
+        await batch.submit()
+        monkeypatch.setattr(vllm_batch._async, "_sleep", sleep_long)
+        flows = []  # held here, so only an explicit close() can end the flow
+        original = batch._core.wait
+        monkeypatch.setattr(batch._core, "wait", lambda **kw: flows.append(original(**kw)) or flows[-1])
+        with anyio.move_on_after(0.2):
+            await batch.wait(progress=True)
+        # Closed when the task was cancelled, not whenever the generator gets collected.
+        assert closed == ["bar"] and flows[0].gi_frame is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.client.conftest import BASE, FakeBatchAPI, chat
@@ -85,7 +86,7 @@ def test_download_before_the_end_refuses(api: FakeBatchAPI, tmp_path: Path) -> N
     with make(tmp_path) as batch:
         batch.add_to_batch(**chat("x"))
         batch.submit()
-        with pytest.raises(BatchStateError, match="wait"):
+        with pytest.raises(BatchStateError, match="once it has ended"):
             batch.download()
     assert not api.content.called
 
@@ -277,3 +278,23 @@ def test_progress_bar_follows_request_counts(api: FakeBatchAPI, tmp_path: Path, 
         batch.wait()
     err = capsys.readouterr().err
     assert "4/4" in err and batch.id is not None and batch.id in err
+
+
+def test_a_failed_comparison_names_the_batch_that_failed(api: FakeBatchAPI, tmp_path: Path) -> None:
+    def fail_model_b(request: httpx.Request, bid: str) -> httpx.Response:
+        api._retrieve(request, bid)
+        batch = api.batches[bid]
+        if api.input_lines(bid)[0]["body"]["model"] == "b" and batch["status"] == "completed":
+            batch["status"] = "failed"
+            batch["errors"] = {"object": "list", "data": [{"code": "model_load_failed", "message": "no such model b"}]}
+        return httpx.Response(200, json=batch)
+
+    api.retrieve.side_effect = fail_model_b
+    with VLLMBatch(base_url=BASE, models=["a", "b"], output_dir=tmp_path) as batch:
+        batch.add_to_batch(messages=[{"role": "user", "content": "hi"}])
+        batch.submit()
+        with pytest.raises(BatchFailedError) as info:
+            batch.wait(progress=False)
+        first, second = batch.batch_ids
+    assert info.value.batch_id == second != first and info.value.model == "b"
+    assert str(info.value) == f"batch {second} (model b) failed: no such model b"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.client.conftest import BASE, FakeBatchAPI, chat
@@ -52,7 +54,7 @@ def test_submit_prints_the_id_and_the_other_commands_take_it(api: FakeBatchAPI, 
     assert cli("download", batch_id, "--base-url", BASE, "-o", str(out), "-e", str(err)) == 0
     assert len(out.read_text().splitlines()) == 3 and not err.exists()
     assert cli("list", "--base-url", BASE, "--json") == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[0])["id"] == batch_id
+    assert json.loads(capsys.readouterr().out)[0]["id"] == batch_id  # one JSON array
 
 
 def test_cancel_and_errors_exit_nonzero(api: FakeBatchAPI, tmp_path: Path, capsys) -> None:
@@ -88,3 +90,87 @@ def test_failed_batch_exits_1(api: FakeBatchAPI, tmp_path: Path, capsys) -> None
     src.write_text(json.dumps(chat("x")) + "\n")
     assert cli("submit", str(src), "--base-url", BASE, "--wait", "--no-progress") == 1
     assert "bad line" in capsys.readouterr().err
+
+
+def test_metadata_without_equals_is_an_error_not_dropped(api: FakeBatchAPI, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(chat("x")) + "\n")
+    assert cli("submit", str(src), "--base-url", BASE, "--metadata", "job") == 2
+    assert "expected KEY=VALUE, got 'job'" in capsys.readouterr().err
+    assert not api.upload.called
+
+
+def test_create_refuses_options_the_endpoint_does_not_take(tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    assert cli("create", str(prompts), "--model", "e", "--endpoint", "embeddings", "--max-tokens", "5") == 1
+    assert "--max-tokens and --temperature do not apply to embeddings" in capsys.readouterr().err
+    assert cli("create", str(prompts), "--model", "m", "--temperature", "7") == 1
+    assert "--temperature: Input should be less than or equal to 2" in capsys.readouterr().err
+
+
+def test_create_without_a_model_then_submit_with_models(api: FakeBatchAPI, tmp_path: Path, capsys) -> None:
+    prompts, requests = tmp_path / "p.txt", tmp_path / "r.jsonl"
+    prompts.write_text("hello\n")
+    assert cli("create", str(prompts), "--max-tokens", "8", "-o", str(requests)) == 0
+    assert "submit them with --models" in capsys.readouterr().err
+    assert cli("submit", str(requests), "--base-url", BASE, "--models", "a,b") == 0
+    assert sorted(api.input_lines(b)[0]["body"]["model"] for b in api.batches) == ["a", "b"]
+    assert cli("submit", str(requests), "--base-url", BASE) == 1  # and without --models, it says what to do
+    assert "line 1, field 'model': no model" in capsys.readouterr().err
+
+
+def test_submit_dash_reads_stdin(api: FakeBatchAPI, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    lines = "".join(json.dumps(chat(str(i))) + "\n" for i in range(2)).encode()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines)))
+    assert cli("submit", "-", "--base-url", BASE) == 0
+    batch_id = capsys.readouterr().out.strip()
+    assert len(api.input_lines(batch_id)) == 2
+
+
+def test_cancel_of_a_batch_that_already_ended_exits_1(api: FakeBatchAPI, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(chat("x")) + "\n")
+    cli("submit", str(src), "--base-url", BASE, "--wait", "--no-progress", "-o", str(tmp_path / "o.jsonl"))
+    batch_id = capsys.readouterr().out.strip()
+    assert cli("cancel", batch_id, "--base-url", BASE) == 1
+    assert "had already ended (completed); nothing was cancelled" in capsys.readouterr().err
+
+
+def test_messages_speak_command_line_not_python(api: FakeBatchAPI, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(chat("x")) + "\n" + json.dumps(chat("y", max_tokens="9")) + "\n")
+    assert cli("submit", str(src), "--base-url", BASE) == 1
+    err = capsys.readouterr().err
+    assert f"{src}, line 2, field 'max_tokens'" in err
+    src.write_text(json.dumps(chat("x")) + "\n")
+    cli("submit", str(src), "--base-url", BASE)
+    batch_id = capsys.readouterr().out.strip()
+    api.steps = ["validating", "in_progress", "in_progress"]  # never ends
+    assert cli("download", batch_id, "--base-url", BASE) == 1
+    err = capsys.readouterr().err
+    assert "once it has ended" in err and "wait()" not in err and "api_key=" not in err
+
+
+def test_an_unreachable_server_is_named_and_retries_are_not_silent(api: FakeBatchAPI, capsys) -> None:
+    api.retrieve.side_effect = httpx.ConnectError("[Errno 111] Connection refused")
+    assert cli("status", "batch_1", "--base-url", BASE) == 1
+    err = capsys.readouterr().err
+    assert err.count("retrying in") == 5
+    assert err.strip().splitlines()[-1] == (
+        "vllm-batch: cannot reach http://batch.test/v1 ([Errno 111] Connection refused)")
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("status", ["the batch id that submit printed", "one JSON array",
+                "backend (default: BATCH_PROVIDER / BATCH_BASE_URL, else the local server): --provider"]),
+    ("create", ["leave it out to submit with --models", "the most tokens", "sampling temperature",
+                "(default: chat)"]),
+    ("list", ["how many batches to show (default: 20)", "one JSON array"]),
+    ("wait", ["longest wait between polls (s) (default: 60.0)"]),
+])
+def test_help_explains_every_argument_and_its_default(command: str, expected: list[str], capsys) -> None:
+    assert cli(command, "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in expected:
+        assert phrase in text, phrase

@@ -123,3 +123,41 @@ def test_openai_preset_keeps_its_org_header(monkeypatch: pytest.MonkeyPatch) -> 
 def test_bad_url() -> None:
     with pytest.raises(ConfigurationError, match="http"):
         resolve_provider(base_url="ftp://x")
+
+
+def test_a_vllm_batch_server_on_another_port_gets_its_own_limits(api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.client.conftest import BASE
+
+    api.server_health = {"status": "ok", "engine": "echo", "loaded_model": None}
+    monkeypatch.setenv("BATCH_BASE_URL", BASE)
+    monkeypatch.setenv("BATCH_API_KEY", "box-key")
+    with VLLMBatch(max_requests=3) as batch:
+        assert batch.provider.name == "custom"  # nothing asked yet
+        batch.add_to_batch(**chat("x"))
+        batch.submit()
+        assert batch.provider.name == "local" and batch.provider.base_url == BASE
+        assert batch.provider.max_bytes == PRESETS["local"].max_bytes  # 512 MiB, not OpenAI's 200 MB
+        assert batch.provider.max_requests == 3  # the caller's own limit still wins
+    probe = api.health.calls.last.request.headers
+    assert "authorization" not in probe  # /health needs no key, so it is not sent one
+    assert api.upload.calls.last.request.headers["authorization"] == "Bearer box-key"
+
+
+def test_a_custom_url_that_is_not_a_vllm_batch_server_keeps_the_safe_limits(api) -> None:
+    from tests.client.conftest import BASE
+
+    with VLLMBatch(base_url=BASE) as batch:
+        batch.add_to_batch(**chat("x"))
+        batch.submit()
+        assert batch.provider.name == "custom" and batch.provider.max_bytes == 200_000_000
+    assert api.health.call_count == 1  # asked once
+
+
+def test_the_client_uses_only_the_openai_sdks_public_surface() -> None:
+    from pathlib import Path
+
+    import vllm_batch
+
+    source = "\n".join(p.read_text() for p in Path(vllm_batch.__file__).parent.glob("*.py"))
+    for private in ("_validate_headers", "_custom_headers", "client._client", "openai._"):
+        assert private not in source, private

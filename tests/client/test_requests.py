@@ -29,7 +29,7 @@ def spooled(batch: VLLMBatch) -> list[dict]:
     [
         ({"model": "m", "messages": []}, "messages", "at least 1"),
         ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "system"),
-        ({"messages": [{"role": "user", "content": "x"}]}, "model", "required"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "model", "no model"),
         ({"model": "", "messages": [{"role": "user", "content": "x"}]}, "model", "at least 1"),
         ({"model": 3, "messages": [{"role": "user", "content": "x"}]}, "model", "string"),
         (chat("x", temperature=3), "temperature", "less than or equal"),
@@ -88,7 +88,7 @@ def test_custom_ids_unique_and_generated(batch: VLLMBatch) -> None:
     assert batch.add_to_batch(custom_id="request-2", **chat("b")) == "request-2"
     # The generated id for line 2 is taken by the user's: the next free variant is used.
     assert batch.add_to_batch(**chat("c")) == "request-2.1"
-    with pytest.raises(BatchValidationError, match=r"duplicate custom_id 'request-2' .*request 1") as info:
+    with pytest.raises(BatchValidationError, match=r"duplicate custom_id 'request-2' .*request at index 1") as info:
         batch.add_to_batch(custom_id="request-2", **chat("d"))
     assert info.value.field == "custom_id"
     with pytest.raises(BatchValidationError, match="non-empty string"):
@@ -148,7 +148,7 @@ def test_a_line_larger_than_a_whole_batch_file(tmp_path: Path) -> None:
 def test_from_jsonl_reports_the_bad_line(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(chat("a")) + "\n{oops\n")
-    with pytest.raises(BatchValidationError, match=r"in.jsonl:2: not JSON"):
+    with pytest.raises(BatchValidationError, match=r"in.jsonl, line 2: not JSON"):
         VLLMBatch.from_jsonl(src, base_url=LOCAL)
 
 
@@ -209,3 +209,67 @@ def test_score_rerank_and_responses_requests(tmp_path: Path) -> None:
     with VLLMBatch(base_url="https://api.openai.com/v1", api_key="k", workdir=tmp_path / "oa") as b, \
             pytest.raises(BatchValidationError, match="openai does not offer /v1/rerank"):
         b.add_to_batch(model="e", query="q", documents=["a"])
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "message"),
+    [
+        ({"temperature": "0.5"}, "temperature", "valid number"),
+        ({"temperature": True}, "temperature", "valid number"),
+        ({"temperature": float("nan")}, "temperature", "finite number"),
+        ({"top_p": float("inf")}, "top_p", "finite number"),
+        ({"max_tokens": "10"}, "max_tokens", "valid integer"),
+        ({"max_tokens": 10.0}, "max_tokens", "valid integer"),
+        ({"n": False}, "n", "valid integer"),
+    ],
+)
+def test_numbers_must_be_numbers_not_strings_or_bools(batch: VLLMBatch, params: dict, field: str,
+                                                     message: str) -> None:
+    with pytest.raises(BatchValidationError, match=message) as info:
+        batch.add_to_batch(**chat("x", **params))
+    assert info.value.field == field
+    assert spooled(batch) == []
+
+
+def test_a_value_json_cannot_carry_is_refused(batch: VLLMBatch) -> None:
+    with pytest.raises(BatchValidationError, match="not valid JSON"):
+        batch.add_to_batch(**chat("x", logit_bias={"1": float("nan")}))
+    with pytest.raises(BatchValidationError, match="not valid JSON"):
+        batch.add_to_batch(**chat("x", extra=object()))
+    assert batch.add_to_batch(**chat("ok")) == "request-0"  # nothing of the refused ones was kept
+
+
+def test_endpoint_or_url_keys_of_a_row_choose_the_endpoint_and_leave_the_body(tmp_path: Path) -> None:
+    rows = [{"endpoint": "/v1/completions", "model": "m1", "prompt": "a"},
+            {"url": "completions", "model": "m1", "prompt": "b", "custom_id": "mine"}]
+    with VLLMBatch.from_requests(rows, base_url=LOCAL, workdir=tmp_path / "work") as batch:
+        lines = spooled(batch)
+    assert [line["url"] for line in lines] == ["/v1/completions", "/v1/completions"]
+    assert [line["body"] for line in lines] == [{"model": "m1", "prompt": "a"}, {"model": "m1", "prompt": "b"}]
+    assert lines[1]["custom_id"] == "mine"
+
+
+def test_a_bare_jsonl_body_may_name_its_endpoint(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"endpoint": "embeddings", "model": "e", "input": "hi"}) + "\n")
+    with VLLMBatch.from_jsonl(src, base_url=LOCAL, workdir=tmp_path / "work") as batch:
+        [line] = spooled(batch)
+    assert line["url"] == "/v1/embeddings" and "endpoint" not in line["body"]
+
+
+def test_an_endpoint_key_that_contradicts_the_argument_is_refused(batch: VLLMBatch) -> None:
+    with pytest.raises(BatchValidationError, match="contradicts"):
+        batch.add_requests([{"endpoint": "/v1/embeddings", "url": "/v1/completions", "model": "m", "input": "x"}])
+
+
+def test_jsonl_errors_count_lines_from_one_like_the_file(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(chat("a", custom_id="a")) + "\n\n" + json.dumps(chat("b", temperature=9)) + "\n")
+    with pytest.raises(BatchValidationError) as info:
+        VLLMBatch.from_jsonl(src, base_url=LOCAL)
+    assert info.value.line == 3 and info.value.index == 1 and info.value.field == "temperature"
+    assert str(info.value).startswith(f"{src}, line 3, field 'temperature': ")
+    src.write_text(json.dumps(chat("a", custom_id="a")) + "\n" + json.dumps(chat("b", custom_id="a")) + "\n")
+    with pytest.raises(BatchValidationError, match="line 2, field 'custom_id': duplicate custom_id 'a' "
+                                                   r"\(first used on line 1\)"):
+        VLLMBatch.from_jsonl(src, base_url=LOCAL)

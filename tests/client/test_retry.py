@@ -222,3 +222,119 @@ async def test_async_exhausted_errors_are_typed(sleeps: list[float]) -> None:
             with pytest.raises(APIConnectionError):
                 await batch.submit()
         assert api.upload.call_count == 2 and not api.create.called
+
+
+# -- a create whose answer was lost, across calls and processes (issue: duplicate batches) ---------------
+
+
+def lose_create_answer(api: FakeBatchAPI):
+    """The server makes the batch, then the connection drops before its answer arrives."""
+
+    def created_then_lost(request):
+        api._create(request)
+        raise httpx.ReadTimeout("connection dropped after the server acted")
+
+    return created_then_lost
+
+
+def test_a_second_submit_after_a_lost_create_makes_no_duplicate(api: FakeBatchAPI, sleeps: list[float]) -> None:
+    api.create.side_effect = lose_create_answer(api)
+    with VLLMBatch(base_url=BASE, retry=RetryPolicy(max_attempts=1)) as batch:
+        batch.add_to_batch(**chat("x"))
+        with pytest.raises(APITimeoutError, match=r"http://batch\.test/v1"):
+            batch.submit()
+        api.create.side_effect = api._create
+        batch_id = batch.submit()  # the provider ignores Idempotency-Key: found by its metadata
+    assert list(api.batches) == [batch_id]
+    assert api.create.call_count == 1 and api.upload.call_count == 1
+
+
+@pytest.mark.parametrize("honours_key", [True, False], ids=["server-honours-key", "provider-ignores-key"])
+def test_a_new_process_with_the_same_workdir_finds_the_batch(api: FakeBatchAPI, sleeps: list[float],
+                                                             tmp_path: Path, honours_key: bool) -> None:
+    api.honour_idempotency = honours_key
+    api.create.side_effect = lose_create_answer(api)
+    work = tmp_path / "work"
+    with VLLMBatch(base_url=BASE, workdir=work, retry=RetryPolicy(max_attempts=1)) as batch:
+        batch.add_to_batch(custom_id="a", **chat("x"))
+        with pytest.raises(APITimeoutError):
+            batch.submit(metadata={"job": "nightly"})
+    api.create.side_effect = api._create
+    if honours_key:
+        # A listing that does not show the batch yet: only the key can tell the server it is a repeat.
+        api.listing.side_effect = lambda request: httpx.Response(200, json={"object": "list", "data": [],
+                                                                            "has_more": False})
+    with VLLMBatch(base_url=BASE, workdir=work) as again:  # a new process: same requests, same workdir
+        again.add_to_batch(custom_id="a", **chat("x"))
+        batch_id = again.submit(metadata={"job": "nightly"})
+    assert list(api.batches) == [batch_id]
+    assert api.upload.call_count == 1  # the file id was in the journal
+    keys = {call.request.headers.get("idempotency-key") for call in api.create.calls}
+    assert len(keys) == 1 and None not in keys
+
+
+def test_other_requests_in_the_same_workdir_are_a_new_batch(api: FakeBatchAPI, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    with VLLMBatch(base_url=BASE, workdir=work) as batch:
+        batch.add_to_batch(**chat("x"))
+        first = batch.submit()
+    with VLLMBatch(base_url=BASE, workdir=work) as batch:
+        batch.add_to_batch(**chat("y"))
+        second = batch.submit()
+    with VLLMBatch(base_url=BASE, workdir=work) as batch:
+        batch.add_to_batch(**chat("y"))
+        assert batch.submit() == second  # the same requests again: the batch already made
+    assert first != second and len(api.batches) == 2
+
+
+def test_a_lost_upload_answer_gets_the_same_file_from_a_server_that_honours_the_key(
+        api: FakeBatchAPI, sleeps: list[float]) -> None:
+    api.honour_idempotency = True
+
+    def stored_then_lost(request):
+        api._upload(request)
+        raise httpx.ReadTimeout("dropped")
+
+    api.upload.side_effect = [stored_then_lost, api._upload]
+    with VLLMBatch(base_url=BASE, retry=NO_JITTER) as batch:
+        batch.add_to_batch(**chat("x"))
+        batch.submit()
+    assert len(api.files) == 1 and api.upload.call_count == 2
+    first, second = (call.request.headers["idempotency-key"] for call in api.upload.calls)
+    assert first == second
+
+
+def test_a_reused_key_with_another_body_is_a_conflict(api: FakeBatchAPI) -> None:
+    api.honour_idempotency = True
+    request = httpx.Request("POST", f"{BASE}/batches", headers={"Idempotency-Key": "k"},
+                            json={"input_file_id": "f", "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    api.files["f"] = b""
+    assert api._create(request).status_code == 200
+    other = httpx.Request("POST", f"{BASE}/batches", headers={"Idempotency-Key": "k"},
+                          json={"input_file_id": "f", "endpoint": "/v1/embeddings", "completion_window": "24h"})
+    answer = api._create(other)
+    assert answer.status_code == 409 and answer.json()["error"]["code"] == "idempotency_key_reused"
+
+
+@pytest.mark.anyio
+async def test_async_second_submit_after_a_lost_create_makes_no_duplicate(sleeps: list[float]) -> None:
+    with respx.mock(assert_all_called=False) as router:
+        api = FakeBatchAPI(router)
+        api.create.side_effect = lose_create_answer(api)
+        async with AsyncVLLMBatch(base_url=BASE, retry=RetryPolicy(max_attempts=1)) as batch:
+            batch.add_to_batch(**chat("x"))
+            with pytest.raises(APITimeoutError):
+                await batch.submit()
+            api.create.side_effect = api._create
+            batch_id = await batch.submit()
+        assert list(api.batches) == [batch_id] and api.create.call_count == 1
+
+
+def test_retries_are_reported_not_silent(api: FakeBatchAPI, sleeps: list[float],
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    with submitted(api, retry=NO_JITTER) as batch:
+        api.retrieve.side_effect = [httpx.ConnectError("[Errno 111] Connection refused"), api._retrieve]
+        batch.status()
+    [record] = [r for r in caplog.records if r.name == "vllm_batch"]
+    assert "cannot reach http://batch.test/v1 ([Errno 111] Connection refused)" in record.getMessage()
+    assert "retrying in 0.5 s (attempt 2 of 5)" in record.getMessage()

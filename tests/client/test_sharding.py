@@ -150,3 +150,19 @@ def test_mixed_models_in_one_file_when_the_provider_allows(api: FakeBatchAPI, tm
         batch.submit()
         assert len(batch.batch_ids) == 1
         assert [x["body"]["model"] for x in api.input_lines(batch.id)] == ["a", "b"]
+
+
+def test_a_sharded_download_into_a_folder_that_does_not_exist_yet(api: FakeBatchAPI, tmp_path: Path) -> None:
+    with submit(api, tmp_path, 5, max_requests=2) as batch:
+        batch.wait(progress=False)
+        out, _ = batch.download(tmp_path / "new" / "deeper" / "all.jsonl")
+        assert out is not None and len(out.read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("limit", [0, -1, 2.5, True])
+def test_limits_must_be_positive_whole_numbers(limit: object) -> None:
+    from vllm_batch import ConfigurationError
+
+    for name in ("max_requests", "max_bytes"):
+        with pytest.raises(ConfigurationError, match=f"{name} must be a positive whole number"):
+            VLLMBatch(base_url=BASE, **{name: limit})

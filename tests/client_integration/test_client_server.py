@@ -9,14 +9,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
 from tests.client_integration.conftest import CHAT_MODEL, EMBED_MODEL, ask
 from tests.helpers.server import RunningServer
 from vllm_batch import (
+    APITimeoutError,
     AsyncVLLMBatch,
     AuthenticationError,
     BatchFailedError,
+    RetryPolicy,
     VLLMBatch,
 )
 
@@ -237,3 +241,55 @@ def test_cli_against_the_server(server: RunningServer, tmp_path: Path) -> None:
     assert lines["line-2"]["response"]["body"]["choices"][0]["message"]["content"] == "beta"
     listing = subprocess.run([*cli, "list"], capture_output=True, text=True, env=env, timeout=60, check=True)
     assert "completed" in listing.stdout
+
+
+class LoseFirstCreateAnswer(httpx.BaseTransport):
+    """Forwards to the real server, but drops the answer to the first batch create after the server acted."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.lost = False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.method == "POST" and request.url.path == "/v1/batches" and not self.lost:
+            self.lost = True
+            response.read()
+            raise httpx.ReadTimeout("the answer was lost on the way back", request=request)
+        return response
+
+
+def test_a_lost_create_answer_leaves_one_batch_on_the_server(server: RunningServer, tmp_path: Path) -> None:
+    transport = LoseFirstCreateAnswer()
+    with httpx.Client(transport=transport) as http, VLLMBatch(
+        base_url=server.base_url, http_client=http, workdir=tmp_path / "work",
+        retry=RetryPolicy(max_attempts=1),
+    ) as batch:
+        batch.add_to_batch(**ask("only once"))
+        with pytest.raises(APITimeoutError):
+            batch.submit(metadata={"case": "lost-create"})
+        batch_id = batch.submit()
+        assert batch.provider.name == "local"  # recognised as a vllm-batch-server on its random port
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+    tagged = [b for b in client.batches.list(limit=100).data if (b.metadata or {}).get("case") == "lost-create"]
+    assert [b.id for b in tagged] == [batch_id]
+
+
+def test_the_server_honours_idempotency_keys(server: RunningServer, tmp_path: Path) -> None:
+    """The contract the client builds on (OpenAI's SDK sends the header as any extra header)."""
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                               "body": ask("keyed")}) + "\n")
+    upload_key = {"Idempotency-Key": f"upload-{tmp_path.name}"}
+    first_file = client.files.create(file=src.open("rb"), purpose="batch", extra_headers=upload_key)
+    again_file = client.files.create(file=src.open("rb"), purpose="batch", extra_headers=upload_key)
+    assert again_file.id == first_file.id
+    key = {"Idempotency-Key": f"create-{tmp_path.name}"}
+    create = {"input_file_id": first_file.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    first = client.batches.create(**create, extra_headers=key)
+    again = client.batches.create(**create, extra_headers=key)
+    assert again.id == first.id
+    with pytest.raises(openai.ConflictError) as info:
+        client.batches.create(**{**create, "metadata": {"other": "body"}}, extra_headers=key)
+    assert info.value.code == "idempotency_key_reused"

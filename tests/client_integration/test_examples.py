@@ -44,12 +44,15 @@ EXPECTED = {
     "quickstart.py": ["36 requests ready", "question-0: 'What is the capital of France?' -> 'What is the capital",
                       "... and 28 more in", "resumed: completed", "3 embeddings of dimension 384"],
     "async_app.py": ["[job]", "completed 3/3", "stayed responsive", "... -> Quarterly revenue grew by twelve percent"],
-    "switch_provider.py": ["provider: custom", "Loved it, would buy again."],
+    "switch_provider.py": ["provider: local", "Loved it, would buy again."],
     "embeddings.py": ["5 embeddings of dimension 384", "closest to 'baking at home':"],
     "online.py": ["submitted: 200 requests", "online: What is the capital of France?",
                   "streamed: Say hello to the team.", "batch: completed, 200 of 200 done"],
     "compare_models.py": ["(3 batches for 3 models)", "== math: What is 17 times 3?",
                           "echo-c: What is 17 times 3?"],
+    "curation.py": ["q3: 'Who wrote Hamlet?'", "followed 6 results", "nothing to retry (no_failed_requests)",
+                    "marked 6 gold", "wrote 6 training examples to gold.jsonl; roles: ['system', 'user', 'assistant']",
+                    "wrote 0 tasks to review.json"],
 }
 
 
@@ -62,7 +65,7 @@ def test_example_runs(path: Path, example_server: RunningServer, tmp_path: Path)
 
 
 def test_quickstart_starts_a_server_when_none_runs(tmp_path: Path) -> None:
-    """`nox -s demo` runs the quickstart with no server around: it starts one and stops it at the end."""
+    """`python3 dev.py demo` runs the quickstart with no server around: it starts one and stops it at the end."""
     port = str(free_port())
     done = run_example(REPO / "examples" / "quickstart.py", None, tmp_path, {
         "BATCH_SERVER_PORT": port, "BATCH_SERVER_ENGINE": "echo", "BATCH_SERVER_DATA_DIR": str(tmp_path / "data")})

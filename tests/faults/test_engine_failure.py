@@ -113,3 +113,50 @@ def test_a_batch_whose_engine_died_resumes_before_a_newer_batch_of_another_model
     assert log.count("loading model echo-model") == 2 and log.count("loading model other-model") == 1
     assert log.index("loading model other-model") > log.rindex("loading model echo-model")
     assert_exactly_once(client, older_done, {f"req-{i}" for i in range(30)})
+
+
+def test_the_next_batch_is_not_charged_for_an_engine_that_died_before_it(server_factory: ServerFactory) -> None:
+    """Regression: after an engine failure the run loop gave the next queued batch to the dead engine before
+    it was restarted, and that batch was charged a failure it did not cause (with --engine-max-restarts 0 it
+    failed, 4 of 4 runs)."""
+    server = server_factory(extra_args=["--engine-max-restarts", "0", "--window", "4", "--echo-delay", "0.005",
+                                        "--echo-fault", "crash-after=40,times=1"])
+    client = sdk(server)
+    first = submit(client, chat_lines(100))
+    second = submit(client, chat_lines(20, prefix="second"))
+    first_done = wait_for(client, first.id, timeout=60)
+    second_done = wait_for(client, second.id, timeout=60)
+    assert first_done.status == "failed", first_done  # the batch the engine died under, with no restart left
+    assert first_done.errors is not None and first_done.errors.data[0].code == "engine_error"
+    assert second_done.status == "completed", second_done.errors
+    assert_exactly_once(client, second_done, {f"second-{i}" for i in range(20)})
+
+
+def test_a_batch_after_a_cancel_on_a_hung_engine_does_not_wait_for_the_request_timeout(
+        server_factory: ServerFactory) -> None:
+    """Regression: a cancel ended the batch on a wedged engine, but the next batch was given to the same
+    engine and waited until --request-timeout (600 s by default). Now the engine must answer a health check
+    first, and is restarted when it does not."""
+    server = server_factory(extra_args=["--echo-fault", "hang-after=10,times=1", "--window", "2",
+                                        "--checkpoint-every", "1", "--health-timeout", "0.5"])
+    client = sdk(server)
+    batch_id = submit(client, chat_lines(50)).id
+    wait_for(client, batch_id, until=lambda b: b.request_counts.completed >= 8)
+    client.batches.cancel(batch_id)
+    assert wait_for(client, batch_id, timeout=10).status == "cancelled"
+    after = wait_for(client, submit(client, chat_lines(5, prefix="after")).id, timeout=15)
+    assert after.status == "completed", after
+    assert "failed a health check" in server.log()
+
+
+def test_an_engine_failing_because_we_ran_out_of_descriptors_pauses_the_batch(
+        server_factory: ServerFactory) -> None:
+    """Running out of our own resources is not an engine failure: the batch is paused and resumed on a
+    restarted engine, never charged (with --engine-max-restarts 0 a charge would fail it)."""
+    server = server_factory(extra_args=["--engine-max-restarts", "0", "--window", "4", "--echo-delay", "0.002",
+                                        "--echo-fault", "exhaust-after=30,times=1"])
+    client = sdk(server)
+    batch = wait_for(client, submit(client, chat_lines(N)).id, timeout=60)
+    assert batch.status == "completed", batch.errors
+    assert_exactly_once(client, batch, IDS)
+    assert "paused: out of file descriptors" in server.log()

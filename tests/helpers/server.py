@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ class RunningServer:
     process: subprocess.Popen[bytes] | None = None
     api_key: str | None = None
     starts: int = field(default=0)
+    nofile: int | None = None  # the server's descriptor limit (RLIMIT_NOFILE, soft and hard), if set
 
     @property
     def base_url(self) -> str:
@@ -47,6 +49,7 @@ class RunningServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vllm_batch_server.cli", "serve", *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            preexec_fn=self._limit_descriptors if self.nofile else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -60,6 +63,10 @@ class RunningServer:
             time.sleep(0.1)
         self.kill()
         raise RuntimeError(f"server did not become healthy within {timeout}s:\n{self.log()}")
+
+    def _limit_descriptors(self) -> None:
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def log(self) -> str:
         try:
@@ -90,7 +97,8 @@ class RunningServer:
 
 def make_server(data_dir: Path, *, engine: str = "echo", models: list[str] | None = None,
                 extra_args: list[str] | None = None, api_key: str | None = None,
-                env: dict[str, str] | None = None, port: int | None = None) -> RunningServer:
+                env: dict[str, str] | None = None, port: int | None = None,
+                nofile: int | None = None) -> RunningServer:
     """Build (not start) a server on a free loopback port with its data in `data_dir`."""
     port = port or free_port()
     args = ["--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), "--engine", engine]
@@ -103,4 +111,5 @@ def make_server(data_dir: Path, *, engine: str = "echo", models: list[str] | Non
     full_env.update(env or {})
     data_dir.mkdir(parents=True, exist_ok=True)
     return RunningServer(data_dir=data_dir, port=port, args=args, env=full_env,
-                         log_path=data_dir.parent / f"{data_dir.name}-server.log", api_key=api_key)
+                         log_path=data_dir.parent / f"{data_dir.name}-server.log", api_key=api_key,
+                         nofile=nofile)

@@ -1,5 +1,5 @@
-"""With --api-key, every route but /health refuses a missing or wrong key; ids never reach outside the data
-directory."""
+"""With --api-key, every route but /health and the dashboard's static files refuses a missing or wrong key; ids
+never reach outside the data directory."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from starlette.routing import Route
 from tests.conftest import chat_lines, jsonl, sdk, submit, wait_for
 from tests.helpers.server import RunningServer, make_server
 from tests.hostile.errors import assert_openai_error
+from vllm_batch_server.api.auth import is_open
 from vllm_batch_server.app import create_app
 from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.settings import Settings
@@ -38,8 +39,9 @@ def every_route() -> list[tuple[str, str]]:
     found = []
     for route in app.routes:
         assert isinstance(route, Route)
-        path = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: {"file_id": "file-abc", "batch_id": "batch_abc"}.get(
-            m.group(1), "echo-model"), route.path)
+        path = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: {"file_id": "file-abc", "batch_id": "batch_abc",
+                                                       "asset": "index.html"}.get(m.group(1), "echo-model"),
+                      route.path)
         for method in sorted((route.methods or set()) - {"HEAD"}):
             found.append((method, path))
     return found
@@ -62,9 +64,12 @@ WRONG = {
 def test_the_route_table_is_what_we_think() -> None:
     assert len(ROUTES) >= 10
     assert ("GET", "/health") in ROUTES and ("POST", "/v1/files") in ROUTES
+    # What is open without a key: health and the dashboard's static files, nothing under /v1.
+    assert {path for _, path in ROUTES if is_open(path)} == {"/health", "/", "/ui", "/ui/index.html"}
+    assert not any(is_open(path) for path in ("/v1/events", "/v1/events/stream", "/status", "/uix", "/v1/ui/"))
 
 
-@pytest.mark.parametrize("method,path", [r for r in ROUTES if r[1] != "/health"])
+@pytest.mark.parametrize("method,path", [r for r in ROUTES if not is_open(r[1])])
 @pytest.mark.parametrize("case", sorted(WRONG))
 def test_every_route_refuses_a_missing_or_wrong_key(server: RunningServer, method: str, path: str,
                                                     case: str) -> None:
@@ -121,3 +126,28 @@ def test_a_file_uploaded_under_a_key_is_readable_only_with_it(server: RunningSer
     response = httpx.get(f"{server.base_url}/files/{file_id}/content")
     assert_openai_error(response, 401)
     assert client.files.content(file_id).content == jsonl(chat_lines(1))
+
+
+# `/ui` is the one redirect there is, to the page at `/ui/`.
+@pytest.mark.parametrize("method,path", [r for r in ROUTES if r[1] != "/ui"])
+def test_no_route_answers_a_trailing_slash_with_a_redirect(server: RunningServer, method: str, path: str) -> None:
+    """Regression: `GET /v1/files/file-x/` was a 307 with an empty body."""
+    response = httpx.request(method, server.root_url + path + "/", headers={"authorization": f"Bearer {KEY}"},
+                             timeout=10, follow_redirects=False)
+    error = assert_openai_error(response, 404)
+    # Model ids and custom_ids may contain slashes (Hugging Face ids), so `/v1/models/x/` is a model that is
+    # not served and `.../marks/x/` the mark of a custom_id `x/` (of a batch that does not exist here).
+    expected = ("model_not_found" if path.startswith("/v1/models") else
+                "batch_not_found" if "/marks/" in path else
+                "not_found" if path.startswith("/ui/") else "unknown_url")  # a dashboard file of that name
+    assert error["code"] == expected, error
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_auth_scheme_is_case_insensitive(server: RunningServer, scheme: str) -> None:
+    """RFC 7235: the scheme is a case-insensitive token (the key itself is compared exactly)."""
+    response = httpx.get(server.base_url + "/models", headers={"authorization": f"{scheme} {KEY}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    wrong_case_key = httpx.get(server.base_url + "/models", headers={"authorization": f"{scheme} {KEY.upper()}"},
+                               timeout=10)
+    assert_openai_error(wrong_case_key, 401)

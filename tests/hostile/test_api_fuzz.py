@@ -52,7 +52,9 @@ TRICKY = ["..", "../x", "..%2fx", "%2e%2e%2f", "file-", "batch_", "file-abc", "b
           "\x00", "file-" + "a" * 64, "file-" + "a" * 65, "😀", "a" * 5000, " ", "%", "%zz", "?", "#"]
 segment = st.sampled_from(TRICKY) | st.text(max_size=40)
 TEMPLATES = ["/v1/files/{}", "/v1/files/{}/content", "/v1/batches/{}", "/v1/batches/{}/cancel",
-             "/v1/models/{}", "/v1/{}", "/{}", "/v1/files", "/v1/batches", "/v1/models", "/health"]
+             "/v1/models/{}", "/v1/{}", "/{}", "/v1/files", "/v1/batches", "/v1/models", "/health",
+             "/v1/batches/{}/output", "/v1/batches/{}/errors", "/v1/batches/{}/retry", "/v1/batches/{}/marks",
+             "/v1/batches/{}/handlers", "/v1/batches/batch_abc/marks/{}", "/v1/batches/retry"]
 
 
 def encode_path(template: str, value: str, raw: bool) -> bytes:
@@ -64,7 +66,7 @@ def encode_path(template: str, value: str, raw: bool) -> bytes:
 @FUZZ
 @given(method=st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH"]), template=st.sampled_from(TEMPLATES),
        value=segment, raw=st.booleans(),
-       query=st.dictionaries(st.sampled_from(["limit", "after", "order", "purpose", "x"]),
+       query=st.dictionaries(st.sampled_from(["limit", "after", "order", "purpose", "x", "after_line", "label"]),
                              st.sampled_from(TRICKY) | st.text(max_size=20) | st.integers().map(str),
                              max_size=3))
 def test_any_path_and_query(http: httpx.Client, method: str, template: str, value: str, raw: bool,

@@ -175,3 +175,16 @@ def test_hostile_files_through_the_server(server_factory: ServerFactory) -> None
     assert done.status == "completed" and done.request_counts.completed == 4
     assert httpx.get(server.root_url + "/health").status_code == 200
     assert "Traceback" not in server.log()
+
+
+def test_a_valid_but_deeply_nested_line_is_reported_as_too_deep_not_as_invalid() -> None:
+    """Regression: a valid line nested 1,000 levels deep was reported as "not valid JSON". How deep Python's
+    parser can follow depends on the version (about 1,000 levels up to 3.11, a few thousand on 3.12-3.13):
+    100,000 is past it everywhere."""
+    deep = json.dumps(line()).encode().replace(b'"POST"', b'"POST", "x": ' + b"[" * 100_000 + b"]" * 100_000)
+    report = validate(jsonl(chat_lines(1)) + deep + b"\n")
+    assert [(e.line, e.code) for e in report.errors] == [(2, "invalid_json_line")]
+    message = report.errors[0].message
+    assert "valid JSON" in message and "nested" in message and "not valid JSON" not in message
+    shallow = json.dumps(line()).encode().replace(b'"POST"', b'"POST", "x": ' + b"[" * 200 + b"]" * 200)
+    assert validate(shallow + b"\n").ok

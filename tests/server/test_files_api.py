@@ -85,7 +85,7 @@ def test_oversize_upload_is_refused_with_413_and_leaves_nothing(server_factory: 
         sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=abc\r\n"
                      b"Content-Length: 52428800\r\n\r\n--abc\r\n")
         status_line = sock.recv(4096).split(b"\r\n", 1)[0]
-    assert status_line == b"HTTP/1.1 413 Request Entity Too Large"
+    assert status_line.startswith(b"HTTP/1.1 413 ")  # the reason phrase differs by Python version
     assert len(client.files.list().data) == 1
     assert not any((server.data_dir / "tmp").iterdir())
 

@@ -85,3 +85,26 @@ def test_version() -> None:
                           text=True)
     assert done.returncode == 0 and done.stdout.strip() == f"vllm-batch-server {__version__}"
     assert __version__ and __version__ != "0+unknown"
+
+
+@pytest.mark.parametrize("flag", ["--header-timeout", "--body-idle-timeout", "--keep-alive-timeout",
+                                  "--max-connections"])
+def test_limits_must_be_positive(tmp_path: Path, flag: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "vllm_batch_server.cli", "serve", "--engine", "echo",
+                           "--data-dir", str(tmp_path / "data"), flag, "0"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0 and f"{flag} (BATCH_SERVER_" in done.stderr and "must be positive" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was touched
+
+
+@pytest.mark.parametrize("soft,configured,expected", [(1024, None, 448), (20000, None, 1000), (160, None, 16),
+                                                      (100, None, 1), (1024, 5000, 5000), (1024, 3, 3)])
+def test_the_default_connection_cap_fits_the_descriptor_limit(monkeypatch: pytest.MonkeyPatch, soft: int,
+                                                              configured: int | None, expected: int) -> None:
+    import resource
+
+    from vllm_batch_server import connections
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, soft))
+    assert connections.connection_cap(configured) == expected

@@ -107,3 +107,13 @@ def test_create_batch_refuses_bad_parameters(client: openai.OpenAI) -> None:
     assert done.status == "completed"
     output = client.files.retrieve(done.output_file_id)  # type: ignore[arg-type]
     assert output.expires_at is not None and output.expires_at - output.created_at == 3600
+
+
+def test_a_valid_line_nested_1000_deep_is_reported_by_line_with_a_message_about_nesting(
+        client: openai.OpenAI) -> None:
+    """Valid JSON deeper than the parser follows used to be reported as "not valid JSON"."""
+    deep = json.dumps(request_line("b", metadata="DEEP")).encode().replace(b'"DEEP"', b"[" * 1000 + b"]" * 1000)
+    data = GOOD + b"\n" + GOOD.replace(b'"a"', b'"c"') + b"\n" + deep + b"\n"
+    errors = _failed(client, data)
+    assert [(e["line"], e["code"]) for e in errors] == [(3, "invalid_json_line")]
+    assert "nested" in errors[0]["message"] and "not valid JSON" not in errors[0]["message"], errors[0]

@@ -1,4 +1,5 @@
-"""Optional Bearer-token check on every route but /health, compared in constant time."""
+"""Optional Bearer-token check on every route but /health and the dashboard's static files, compared in
+constant time. The dashboard's page is public (it holds no data); every call it makes for data carries the key."""
 
 from __future__ import annotations
 
@@ -8,20 +9,36 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vllm_batch_server.api.errors import error_response
 
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/", "/ui")
+OPEN_PREFIXES = ("/ui/",)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+def bearer_token(header: bytes) -> bytes | None:
+    """The token of an `Authorization: Bearer <token>` header, or None for another scheme or none. The scheme
+    is case-insensitive (RFC 7235 §2.1: `bearer`, `BEARER` are the same scheme); the token is not."""
+    scheme, _, token = header.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.lstrip(b" ")
 
 
 class BearerAuth:
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-        if hmac.compare_digest(given, self._expected):
+        token = bearer_token(given)
+        # compare_digest's time depends on the lengths only, never on where the token and the key differ.
+        if token is not None and hmac.compare_digest(token, self._expected):
             await self.app(scope, receive, send)
             return
         message = ("Incorrect API key provided." if given else

@@ -1,4 +1,4 @@
-"""/v1/batches: create, retrieve, list (newest first, cursor-paginated), cancel."""
+"""/v1/batches: create, retrieve, list (newest first, cursor-paginated, optionally filtered), cancel."""
 
 from __future__ import annotations
 
@@ -138,8 +138,21 @@ async def list_batches(request: Request) -> Response:
         if anchor is None:
             raise bad_request(f"Invalid 'after': no batch {after[:100]!r}.", "after")
         after_seq = anchor.seq
-    rows = await ctx.db.list_batches(after_seq=after_seq, limit=limit)
+    rows = await ctx.db.list_batches(after_seq=after_seq, limit=limit, statuses=_status_filter(request),
+                                     model=request.query_params.get("model") or None)
     return JSONResponse(page([batch_object(b) for b in rows[:limit]], len(rows) > limit))
+
+
+def _status_filter(request: Request) -> list[str]:
+    """`?status=in_progress,validating`: our extension (OpenAI's list has no filters), for the dashboard."""
+    raw = request.query_params.get("status") or ""
+    wanted = [part.strip() for part in raw.split(",") if part.strip()]
+    known = {status.value for status in BatchStatus}
+    for name in wanted:
+        if name not in known:
+            raise bad_request(f"Invalid 'status' {name[:50]!r}: expected one or more of "
+                              f"{', '.join(s.value for s in BatchStatus)}, separated by commas.", "status")
+    return wanted
 
 
 async def cancel_batch(request: Request) -> Response:

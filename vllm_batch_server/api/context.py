@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
 from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.database import Database
 from vllm_batch_server.events import EventLog
+from vllm_batch_server.handlers.service import HandlerService
+from vllm_batch_server.marks import MarkIndex
+from vllm_batch_server.partial import CommittedResults
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
 
@@ -20,6 +24,12 @@ class Context:
     blobs: Blobs
     scheduler: Scheduler
     events: EventLog
+    # Results (docs/results.md): committed lines of running batches, marks' custom_id index, result handlers.
+    results: CommittedResults
+    marks: MarkIndex
+    handlers: HandlerService
+    # Set when the server begins to shut down: long-lived responses (event streams) end at once.
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def context(request: Request) -> Context:

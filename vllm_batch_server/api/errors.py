@@ -1,7 +1,8 @@
 """OpenAI's error shape for every failure, and the handlers that guarantee it.
 
 Every error body is `{"error": {"message", "type", "param", "code"}}`. Client errors carry
-`x-should-retry: false` so the official SDK does not retry what cannot succeed (it would retry 408/409/429).
+`x-should-retry: false` so the official SDK does not retry what cannot succeed (it would retry 408/409/429);
+408 (a stalled upload was cut off) and 429 can succeed when retried, so they do not.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def error_response(status: int, message: str, *, type: str, param: str | None = 
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"error": {"message": message, "type": type, "param": param, "code": code}}
     merged = dict(headers or {})
-    if 400 <= status < 500 and status != 429:
+    if 400 <= status < 500 and status not in (408, 429):
         merged["x-should-retry"] = "false"
     return JSONResponse(body, status_code=status, headers=merged)
 

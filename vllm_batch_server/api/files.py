@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 from starlette.requests import Request
@@ -9,11 +10,13 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from vllm_batch_server import ids
-from vllm_batch_server.api.context import context
+from vllm_batch_server.api.context import Context, context
 from vllm_batch_server.api.errors import APIError, bad_request, not_found
+from vllm_batch_server.api.idempotency import key_header, key_reused
 from vllm_batch_server.api.multipart import read_upload
 from vllm_batch_server.api.params import checked_id, expiry_seconds, query_choice, query_int
 from vllm_batch_server.database import FileRow
+from vllm_batch_server.idempotency import IdempotencyKey, KeyReused, fingerprint, replayed
 from vllm_batch_server.schemas import file_object, page
 
 # What a client may upload; `batch_output` files are made by the server only.
@@ -23,7 +26,8 @@ MAX_FILENAME = 255
 
 async def create_file(request: Request) -> Response:
     ctx = context(request)
-    form = await read_upload(request, ctx.blobs, ctx.settings.max_file_bytes)
+    raw_key = key_header(request)
+    form = await read_upload(request, ctx.blobs, ctx.settings.max_file_bytes, digest=raw_key is not None)
     upload = form.upload
     try:
         purpose = form.fields.get("purpose")
@@ -39,13 +43,27 @@ async def create_file(request: Request) -> Response:
         if "expires_after[anchor]" in form.fields or "expires_after[seconds]" in form.fields:
             expires_at = created + expiry_seconds(form.fields.get("expires_after[anchor]"),
                                                   form.fields.get("expires_after[seconds]"), "expires_after")
-        file = FileRow(id=ids.new_file_id(), filename=(form.filename or "upload.jsonl")[:MAX_FILENAME],
-                       purpose=purpose, bytes=upload.size, created_at=created, expires_at=expires_at)
+        filename = (form.filename or "upload.jsonl")[:MAX_FILENAME]
+        key = None
+        if raw_key is not None:
+            # The content, not the multipart framing: a retry is sent with a new boundary.
+            key = IdempotencyKey("files", raw_key, fingerprint(upload.sha256, filename, dict(sorted(
+                form.fields.items()))))
+            if (replay := await _replayed(ctx, key)) is not None:
+                return JSONResponse(file_object(replay))
+        file = FileRow(id=ids.new_file_id(), filename=filename, purpose=purpose, bytes=upload.size,
+                       created_at=created, expires_at=expires_at)
         # Durable before visible: bytes fsynced and renamed into place, then the row committed.
         await upload.commit(file.id)
         upload = None
         try:
-            await ctx.db.insert_file(file)
+            await ctx.db.insert_file(file, key)
+        except sqlite3.IntegrityError:
+            # The same key arrived twice at once and the other request recorded it first: answer as it did.
+            ctx.blobs.remove_file(file.id)
+            if key is None or (replay := await _replayed(ctx, key)) is None:
+                raise
+            return JSONResponse(file_object(replay))
         except BaseException:
             ctx.blobs.remove_file(file.id)
             raise
@@ -53,6 +71,20 @@ async def create_file(request: Request) -> Response:
         if upload is not None:
             upload.discard()
     return JSONResponse(file_object(file))
+
+
+async def _replayed(ctx: Context, key: IdempotencyKey) -> FileRow | None:
+    """The file an earlier request with this Idempotency-Key created, if there was one and it still exists."""
+    try:
+        file_id = await replayed(ctx.db, key)
+    except KeyReused as exc:
+        raise key_reused(exc) from None
+    if file_id is None:
+        return None
+    file = await ctx.db.get_file(file_id)
+    if file is None:  # deleted since: the key may start afresh
+        await ctx.db.forget_idempotency_key(key.route, key.key)
+    return file
 
 
 async def list_files(request: Request) -> Response:

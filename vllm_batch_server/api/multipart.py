@@ -14,6 +14,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from vllm_batch_server.api.errors import APIError, bad_request
+from vllm_batch_server.api.params import declared_length
 from vllm_batch_server.blobs import Blobs, TooLarge, Upload
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -37,9 +38,10 @@ class UploadForm:
 class _Collector:
     """The parser's callbacks: routes the `file` part to disk and keeps the small fields."""
 
-    def __init__(self, blobs: Blobs, limit: int) -> None:
+    def __init__(self, blobs: Blobs, limit: int, digest: bool) -> None:
         self.blobs = blobs
         self.limit = limit
+        self.digest = digest
         self.form = UploadForm()
         self.finished = False
         self._header_field = b""
@@ -76,7 +78,7 @@ class _Collector:
             if self.form.upload is not None:
                 raise bad_request("Send exactly one 'file' part.", param="file")
             self.form.filename = options.get(b"filename", b"upload.jsonl").decode("utf-8", "replace")
-            self.form.upload = self.blobs.new_upload(self.limit)
+            self.form.upload = self.blobs.new_upload(self.limit, digest=self.digest)
             self._to_file = True
         elif len(self.form.fields) >= MAX_FIELDS:
             raise bad_request("Too many form fields.", code="invalid_multipart")
@@ -101,16 +103,17 @@ class _Collector:
         self.finished = True
 
 
-async def read_upload(request: Request, blobs: Blobs, limit: int) -> UploadForm:
-    """Parse the request's multipart body; the caller owns (commits or discards) `form.upload`."""
+async def read_upload(request: Request, blobs: Blobs, limit: int, *, digest: bool = False) -> UploadForm:
+    """Parse the request's multipart body; the caller owns (commits or discards) `form.upload`, which has a
+    sha256 of its content when `digest` is set."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not options.get(b"boundary"):
         raise bad_request("Uploads must be sent as multipart/form-data with a boundary.", code="invalid_multipart")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + ENVELOPE_SLACK:
+    declared = declared_length(request)
+    if declared is not None and declared > limit + ENVELOPE_SLACK:
         raise too_large(limit)
 
-    collector = _Collector(blobs, limit)
+    collector = _Collector(blobs, limit, digest)
     callbacks = {name: getattr(collector, name) for name in (
         "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
         "on_part_data", "on_part_end", "on_end")}

@@ -82,7 +82,7 @@ class _Call:
 async def create(request: Request) -> Response:
     ctx = context(request)
     url = request.url.path
-    body = await json_object(request)
+    body = await json_object(request, ctx.settings.online_max_body_bytes)
     call = _Call(ctx, url, body.get("model"))
     try:
         response = await _serve(ctx, request, call, url, body)

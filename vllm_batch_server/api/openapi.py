@@ -15,9 +15,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vllm_batch_server.api.batches import MAX_METADATA_PAIRS, MAX_METADATA_VALUE
+from vllm_batch_server.api.events import MAX_LIMIT, MAX_SEQ
 from vllm_batch_server.api.files import UPLOAD_PURPOSES
 from vllm_batch_server.api.params import MAX_EXPIRY, MIN_EXPIRY
+from vllm_batch_server.api.ui import MEDIA_TYPES
 from vllm_batch_server.engines.base import STREAMING_ENDPOINTS, SUPPORTED_ENDPOINTS
+from vllm_batch_server.lifecycle import EVENT_TYPES
+from vllm_batch_server.marks import MAX_LABEL, MAX_NOTE
 from vllm_batch_server.priority import BATCH_BASE
 
 
@@ -31,8 +35,9 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     texts = {400: "Invalid request", 401: "Missing or wrong API key", 404: "No such object", 409: "Conflict",
-             413: "File too large", 429: "Too many online requests at once (see Retry-After)",
-             503: "The model is loading or the engine restarting (see Retry-After)", 507: "Out of disk space"}
+             408: "The body stalled (nothing for --body-idle-timeout seconds)", 413: "Body too large",
+             429: "Too many online requests at once (see Retry-After)",
+             503: "Try again in a moment (see Retry-After)", 507: "Out of disk space"}
     return {str(status): _json(_ref("Error"), texts[status]) for status in statuses}
 
 
@@ -156,6 +161,84 @@ SCHEMAS: dict[str, Any] = {
                                "seconds": {"type": "integer", "minimum": MIN_EXPIRY, "maximum": MAX_EXPIRY}}},
         },
     },
+    "RetryOptions": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "completion_window": {"type": "string", "pattern": "^[1-9][0-9]{0,6}[smhd]$"},
+            "metadata": {"type": ["object", "null"], "maxProperties": MAX_METADATA_PAIRS - 1,
+                         "propertyNames": {"maxLength": 64, "not": {"const": "retry_of"}},
+                         "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE}},
+        },
+    },
+    "RetryBatches": {
+        "type": "object",
+        "required": ["batch_ids"],
+        "additionalProperties": False,
+        "properties": {
+            "batch_ids": {"type": "array", "minItems": 1, "maxItems": 16, "uniqueItems": True, "items": _BATCH_ID},
+            "completion_window": {"type": "string", "pattern": "^[1-9][0-9]{0,6}[smhd]$"},
+            "metadata": {"type": ["object", "null"], "maxProperties": MAX_METADATA_PAIRS - 1,
+                         "propertyNames": {"maxLength": 64, "not": {"const": "retry_of"}},
+                         "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE}},
+        },
+    },
+    "MarkInput": {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "properties": {
+            "label": {"type": ["string", "null"], "minLength": 1, "maxLength": MAX_LABEL},
+            "score": {"type": ["number", "null"]},
+            "note": {"type": ["string", "null"], "maxLength": MAX_NOTE},
+        },
+    },
+    "Mark": {
+        "type": "object",
+        "required": ["object", "batch_id", "custom_id", "label", "score", "note", "updated_at"],
+        "properties": {"object": {"const": "batch.mark"}, "batch_id": {"type": "string"},
+                       "custom_id": {"type": "string"}, "label": _NULLABLE_STR,
+                       "score": {"type": ["number", "null"]}, "note": _NULLABLE_STR,
+                       "updated_at": {"type": "integer"}},
+    },
+    "MarkDeleted": {
+        "type": "object",
+        "required": ["object", "batch_id", "custom_id", "deleted"],
+        "properties": {"object": {"const": "batch.mark"}, "batch_id": {"type": "string"},
+                       "custom_id": {"type": "string"}, "deleted": {"type": "boolean"}},
+    },
+    "MarkList": {
+        "type": "object",
+        "required": ["object", "data", "has_more"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Mark")},
+                       "first_id": _NULLABLE_STR, "last_id": _NULLABLE_STR, "has_more": {"type": "boolean"}},
+    },
+    "HandlerRunList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+            "type": "object",
+            "required": ["name", "status", "attempts", "last_error", "updated_at"],
+            "properties": {"name": {"type": "string"},
+                           "status": {"enum": ["pending", "succeeded", "failed", "retrying"]},
+                           "attempts": {"type": "integer"}, "last_error": _NULLABLE_STR,
+                           "updated_at": {"type": "integer"}}}}},
+    },
+    "Event": {
+        "type": "object",
+        "required": ["object", "id", "seq", "type", "created_at", "data"],
+        "properties": {
+            "object": {"const": "event"}, "id": {"type": "string"}, "seq": {"type": "integer"},
+            "type": {"enum": list(EVENT_TYPES)}, "created_at": {"type": "integer"},
+            "data": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
+        },
+    },
+    "EventList": {
+        "type": "object",
+        "required": ["object", "data", "has_more"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Event")},
+                       "first_id": _NULLABLE_STR, "last_id": _NULLABLE_STR, "has_more": {"type": "boolean"}},
+    },
     "Model": {
         "type": "object",
         "required": ["id", "object"],
@@ -178,9 +261,23 @@ def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema}
 
 
+def _committed_lines(operation: str, kind: str, batch_id: dict[str, Any]) -> dict[str, Any]:
+    return {"get": {
+        "operationId": operation,
+        "description": f"The batch's committed {kind} lines, while it runs and after it ended. The header x-next-line "
+        "says where to continue; x-batch-status is the batch's status when the lines were read.",
+        "parameters": [batch_id, _query("after_line", {"type": "integer", "minimum": 0, "maximum": 10**12}),
+                       _query("limit", {"type": "integer", "minimum": 1, "maximum": 100_000})],
+        "responses": {"200": {"description": "JSONL lines", "headers": {
+            "x-next-line": {"schema": {"type": "integer"}}, "x-batch-status": {"schema": {"type": "string"}}},
+            "content": {"application/jsonl": {"schema": {"type": "string"}}}},
+            **_errors(400, 401, 404, 503)}}}
+
+
 def spec() -> dict[str, Any]:
     file_id = _path_param("file_id", _FILE_ID)
     batch_id = _path_param("batch_id", _BATCH_ID)
+    custom_id = _path_param("custom_id", {"type": "string", "minLength": 1, "maxLength": 4096})
     return {
         "openapi": "3.1.0",
         "info": {"title": "vllm-batch server", "version": "1",
@@ -205,7 +302,7 @@ def spec() -> dict[str, Any]:
                                                        "maximum": MAX_EXPIRY},
                         }}}}},
                     "responses": {"200": _json(_ref("File"), "The stored file"),
-                                  **_errors(400, 401, 413, 507)},
+                                  **_errors(400, 401, 408, 413, 507)},
                 },
                 "get": {
                     "operationId": "listFiles",
@@ -233,12 +330,17 @@ def spec() -> dict[str, Any]:
                     "operationId": "createBatch",
                     "requestBody": {"required": True,
                                     "content": {"application/json": {"schema": _ref("CreateBatch")}}},
-                    "responses": {"200": _json(_ref("Batch"), "The new batch"), **_errors(400, 401, 404, 507)},
+                    "responses": {"200": _json(_ref("Batch"), "The new batch"),
+                                  **_errors(400, 401, 404, 408, 413, 507)},
                 },
                 "get": {
                     "operationId": "listBatches",
                     "parameters": [_query("after", {"type": "string"}),
-                                   _query("limit", {"type": "integer", "minimum": 1, "maximum": 100})],
+                                   _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}),
+                                   _query("status", {"type": "string", "description": "extension: only batches "
+                                          "in these statuses (comma-separated)"}),
+                                   _query("model", {"type": "string", "description": "extension: only batches "
+                                          "of this model"})],
                     "responses": {"200": _json(_ref("BatchList"), "A page of batches, newest first"),
                                   **_errors(400, 401)},
                 },
@@ -252,6 +354,48 @@ def spec() -> dict[str, Any]:
                          "responses": {"200": _json(_ref("Batch"), "Cancelling or cancelled"),
                                        **_errors(401, 404, 409)}},
             },
+            "/v1/batches/retry": {
+                "post": {
+                    "operationId": "retryBatches",
+                    "description": "A new batch of the requests that failed in all of the given ended batches.",
+                    "requestBody": {"required": True,
+                                    "content": {"application/json": {"schema": _ref("RetryBatches")}}},
+                    "responses": {"200": _json(_ref("Batch"), "The new batch"), **_errors(400, 401, 404, 409, 507)},
+                },
+            },
+            "/v1/batches/{batch_id}/retry": {
+                "post": {
+                    "operationId": "retryBatch",
+                    "description": "A new batch of this ended batch's failed requests (metadata.retry_of names it).",
+                    "parameters": [batch_id],
+                    "requestBody": {"required": False,
+                                    "content": {"application/json": {"schema": _ref("RetryOptions")}}},
+                    "responses": {"200": _json(_ref("Batch"), "The new batch"), **_errors(400, 401, 404, 409, 507)},
+                },
+            },
+            "/v1/batches/{batch_id}/output": _committed_lines("batchOutput", "output", batch_id),
+            "/v1/batches/{batch_id}/errors": _committed_lines("batchErrors", "error", batch_id),
+            "/v1/batches/{batch_id}/marks": {
+                "get": {"operationId": "listMarks", "parameters": [
+                    batch_id, _query("after", {"type": "string"}),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 10_000}),
+                    _query("label", {"type": "string"})],
+                    "responses": {"200": _json(_ref("MarkList"), "The batch's marks, in input order"),
+                                  **_errors(400, 401, 404)}},
+            },
+            "/v1/batches/{batch_id}/marks/{custom_id}": {
+                "put": {"operationId": "setMark", "parameters": [batch_id, custom_id],
+                        "requestBody": {"required": True,
+                                        "content": {"application/json": {"schema": _ref("MarkInput")}}},
+                        "responses": {"200": _json(_ref("Mark"), "The mark"), **_errors(400, 401, 404, 409)}},
+                "delete": {"operationId": "deleteMark", "parameters": [batch_id, custom_id],
+                           "responses": {"200": _json(_ref("MarkDeleted"), "Deleted"), **_errors(400, 401, 404)}},
+            },
+            "/v1/batches/{batch_id}/handlers": {
+                "get": {"operationId": "batchHandlers", "parameters": [batch_id],
+                        "responses": {"200": _json(_ref("HandlerRunList"), "Each result handler's run"),
+                                      **_errors(401, 404)}},
+            },
             "/v1/models": {
                 "get": {"operationId": "listModels",
                         "responses": {"200": _json(_ref("ModelList"), "The served models"), **_errors(401)}},
@@ -262,6 +406,43 @@ def spec() -> dict[str, Any]:
                         "responses": {"200": _json(_ref("Model"), "The model"), **_errors(401, 404)}},
             },
             **{url: _online(url) for url in SUPPORTED_ENDPOINTS},
+            "/v1/events": {
+                "get": {
+                    "operationId": "listEvents",
+                    "description": "Extension: the lifecycle's event log, oldest first.",
+                    "parameters": [_query("after", {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}),
+                                   _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+                                   _query("batch_id", _BATCH_ID)],
+                    "responses": {"200": _json(_ref("EventList"), "A page of events"), **_errors(400, 401)},
+                },
+            },
+            "/v1/events/stream": {
+                "get": {
+                    "operationId": "streamEvents",
+                    "description": "Extension: server-sent events, one per lifecycle event, `id:` its seq. "
+                                   "Resumes after the Last-Event-ID header's seq, else after `after`, else from "
+                                   "now. Ends when the server shuts down.",
+                    "parameters": [_query("after", {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}),
+                                   {"name": "Last-Event-ID", "in": "header", "required": False,
+                                    "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}}],
+                    "responses": {"200": {"description": "The event stream", "content": {
+                        "text/event-stream": {"schema": {"type": "string"}}}}, **_errors(400, 401)},
+                },
+            },
+            "/": {
+                "get": {"operationId": "dashboard", "security": [],
+                        "responses": {"200": {"description": "The dashboard (public: it holds no data)",
+                                              "content": {"text/html": {"schema": {"type": "string"}}}}}},
+            },
+            "/ui/{asset}": {
+                "get": {"operationId": "dashboardFile", "security": [],
+                        "parameters": [_path_param("asset", {"type": "string",
+                                                             "pattern": "^[A-Za-z0-9_-][A-Za-z0-9_./-]*$"})],
+                        "responses": {"200": {"description": "A file of the dashboard", "content": {
+                            media_type.split(";")[0]: {"schema": {"type": "string"}}
+                            for media_type in sorted(set(MEDIA_TYPES.values()))}},
+                            **_errors(404)}},
+            },
             "/health": {
                 "get": {"operationId": "health", "security": [],
                         "responses": {"200": _json({"type": "object", "properties": {

@@ -2,28 +2,64 @@
 
 from __future__ import annotations
 
-import json
+import math
+import re
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from vllm_batch_server.api.errors import bad_request, not_found
+from vllm_batch_server import jsonl
+from vllm_batch_server.api.context import context
+from vllm_batch_server.api.errors import APIError, bad_request, not_found
 
 # OpenAI's bounds for `expires_after` / `output_expires_after`: one hour to thirty days.
 MIN_EXPIRY, MAX_EXPIRY = 3600, 2_592_000
 
+_DIGITS = re.compile(r"\s*[+-]?[0-9]+\s*")
+# More digits than any bound of ours has: out of range without converting (int() of thousands of digits is slow,
+# and past 4,300 it raises).
+_MAX_DIGITS = 30
+
+
+def integer(value: Any, param: str, low: int, high: int) -> int:
+    """An integer parameter, from JSON (an int, or a float without a fraction such as 3600.0) or from text (a
+    query string or a form field: decimal digits). Anything else, a boolean, a fraction, NaN, an infinity, a
+    number too large for any bound, is a 400 naming the parameter, never an OverflowError."""
+    number: int
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad_request(f"Invalid '{param}': expected an integer, got {_kind(value)}.", param)
+    if isinstance(value, str):
+        if not _DIGITS.fullmatch(value):
+            raise bad_request(f"Invalid '{param}': expected an integer, got {value[:50]!r}.", param)
+        digits = value.strip().lstrip("+-")
+        if len(digits.lstrip("0")) > _MAX_DIGITS:
+            raise _out_of_range(param, low, high)
+        number = int(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise bad_request(f"Invalid '{param}': expected an integer, got {value!r}.", param)
+        if not low <= value <= high:  # compared as a float: 1e300 never becomes a 300-digit int
+            raise _out_of_range(param, low, high)
+        number = int(value)
+    else:
+        number = value
+    if not low <= number <= high:
+        raise _out_of_range(param, low, high)
+    return number
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", type(None): "null", dict: "an object", list: "an array"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _out_of_range(param: str, low: int, high: int) -> APIError:
+    return bad_request(f"Invalid '{param}': must be between {low} and {high}.", param)
+
 
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise bad_request(f"Invalid '{name}': expected an integer, got {raw[:50]!r}.", name) from None
-    if not low <= value <= high:
-        raise bad_request(f"Invalid '{name}': must be between {low} and {high}.", name)
-    return value
+    return default if raw is None else integer(raw, name, low, high)
 
 
 def query_choice(request: Request, name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -40,26 +76,55 @@ def checked_id(value: str, valid: bool, kind: str) -> str:
     return value
 
 
-async def json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than the maximum of {limit} bytes this server accepts.",
+                    code="request_too_large")
+
+
+def declared_length(request: Request) -> int | None:
+    """The Content-Length the client declared, if it is a number (the HTTP parser has checked the framing)."""
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit():
+        return None
+    return int(declared) if len(declared) <= 18 else 10**18
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, refusing one over `limit` bytes with a 413 before holding more than that: at once
+    from Content-Length, or as soon as a chunked body crosses the limit."""
+    declared = declared_length(request)
+    if declared is not None and declared > limit:
+        raise body_too_large(limit)
+    body = bytearray()
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise body_too_large(limit)
+    except ClientDisconnect:
+        raise bad_request("The client disconnected before the request body was complete.",
+                          code="client_disconnected") from None
+    return bytes(body)
+
+
+async def json_object(request: Request, limit: int | None = None) -> dict[str, Any]:
+    """The request's JSON object body, read with a size limit (default: the `max_json_bytes` setting) and parsed
+    strictly as JSON is defined: NaN, Infinity and numbers that overflow (1e999) are refused."""
+    raw = await read_body(request, context(request).settings.max_json_bytes if limit is None else limit)
+    try:
+        body = jsonl.loads(raw)
+    except jsonl.TooDeep as exc:
+        raise bad_request(f"The request body is valid JSON, but its {exc}, more than this server accepts.",
+                          code="invalid_json") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise bad_request(f"The request body is not valid JSON: {str(exc)[:200]}.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     return body
 
 
 def expiry_seconds(anchor: Any, seconds: Any, param: str) -> int:
-    """Validate an OpenAI expiry policy `{anchor: "created_at", seconds: N}`."""
+    """Validate an OpenAI expiry policy `{anchor: "created_at", seconds: N}` (from JSON or from form fields)."""
     if anchor != "created_at":
         raise bad_request(f"Invalid '{param}.anchor': only 'created_at' is supported.", f"{param}.anchor")
-    try:
-        value = int(seconds)
-    except (TypeError, ValueError):
-        raise bad_request(f"Invalid '{param}.seconds': expected an integer.", f"{param}.seconds") from None
-    if isinstance(seconds, bool) or not MIN_EXPIRY <= value <= MAX_EXPIRY:
-        raise bad_request(f"Invalid '{param}.seconds': must be between {MIN_EXPIRY} and {MAX_EXPIRY}.",
-                          f"{param}.seconds")
-    return value
+    return integer(seconds, f"{param}.seconds", MIN_EXPIRY, MAX_EXPIRY)

@@ -116,13 +116,15 @@ class FaultPlan:
 
     `crash-after=N`: after N requests since the engine (re)started, every request raises EngineError, as a
     dead engine process would, until the scheduler restarts the engine. `hang-after=N`: instead, requests
-    never return, as a wedged engine's would, until aborted. `times=K` limits how many faults are injected
+    never return, as a wedged engine's would, until aborted. `exhaust-after=N`: instead, requests fail as an
+    engine does when the server process has run out of file descriptors. `times=K` limits how many faults are injected
     over the process's life (default: one per engine start, forever). `journal=PATH` appends the id of every
     request the engine computed, so a soak test can count work done twice.
     """
 
     crash_after: int | None = None
     hang_after: int | None = None
+    exhaust_after: int | None = None
     times: int | None = None
     journal: str | None = None
 
@@ -139,13 +141,15 @@ class FaultPlan:
                 plan.crash_after = int(value)
             elif key == "hang-after":
                 plan.hang_after = int(value)
+            elif key == "exhaust-after":
+                plan.exhaust_after = int(value)
             elif key == "times":
                 plan.times = int(value)
             elif key == "journal":
                 plan.journal = value
             else:
                 raise ValueError(f"--echo-fault: unknown key {key!r}; expected crash-after, hang-after, "
-                                 "times or journal")
+                                 "exhaust-after, times or journal")
         return plan
 
 
@@ -190,8 +194,8 @@ class EchoEngine:
     async def check_health(self) -> None:
         if self._model is None:
             raise EngineError("no model is loaded")
-        if self._broken == "crash":
-            raise EngineError("echo engine crashed (fault injected)")
+        if self._broken in ("crash", "exhaust"):
+            raise EngineError(f"echo engine broken (fault injected: {self._broken})")
         if self._broken == "hang":
             await asyncio.Event().wait()  # as a wedged engine would: the caller's timeout ends this
 
@@ -204,6 +208,8 @@ class EchoEngine:
                 self._broken = "crash"
             elif plan.hang_after is not None and self._started_requests > plan.hang_after:
                 self._broken = "hang"
+            elif plan.exhaust_after is not None and self._started_requests > plan.exhaust_after:
+                self._broken = "exhaust"
             if self._broken is not None:
                 self._faults_injected += 1
 
@@ -214,6 +220,9 @@ class EchoEngine:
                               "requests)")
         if self._broken == "hang":
             await asyncio.Event().wait()  # never set: only an abort (task cancellation) ends this
+        if self._broken == "exhaust":
+            raise EngineError("echo engine could not serve: [Errno 24] Too many open files (fault injected after "
+                              f"{self._fault.exhaust_after} requests)")
         if body.get("stream") is True:
             return Result.error(400, "stream is not supported here; results are returned whole",
                                 param="stream")

@@ -487,7 +487,8 @@ class VLLMEngine:
         except (TypeError, ValueError) as exc:
             raise EngineError(f"invalid vLLM engine arguments: {exc}") from exc
         # The frontend defaults (chat template handling, tool parsers, ...) exactly as `vllm serve` has them.
-        frontend = make_arg_parser(FlexibleArgumentParser()).parse_args([])
+        untyped_parser: Any = FlexibleArgumentParser  # vLLM does not annotate its constructor
+        frontend = make_arg_parser(untyped_parser()).parse_args([])
         for f in dataclasses.fields(AsyncEngineArgs):
             setattr(frontend, f.name, getattr(engine_args, f.name))
         frontend.model = resolved.path
