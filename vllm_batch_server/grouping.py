@@ -1,4 +1,5 @@
-"""Requests that share a long prompt prefix go to the engine one after another.
+"""Requests whose prompts share a long prefix go to the engine one after another, grouped by the longest
+prefix they share.
 
 vLLM's prefix cache helps a request only if its prefix is still cached when the request is scheduled, and the
 engine schedules in arrival order. A file that interleaves many long prompts (each document asked several
@@ -8,66 +9,158 @@ SmolLM2 on 2 CPU cores, 2 GiB of KV cache): in file order 0% of prompt tokens ca
 and the batch ran 86% faster (449 s → 242 s). When every prompt fits in the cache, grouping changes nothing
 measurable.
 
-So the runner reads its input in chunks of `lookahead` requests and, within a chunk, moves each request up to
-just behind the first one that starts with the same KEY_CHARS characters; everything else keeps the file's
-order. Only one chunk is ever in memory, and no request is moved past the end of its chunk.
+A fixed-length key is not enough: when every prompt starts with the same long system prompt, every request
+has the same key and the documents behind it are not grouped at all. So the runner reads its input in chunks
+of `lookahead` requests and sorts each chunk by prompt (see `prompt_parts`). Sorted prompts are in the
+depth-first order of their prefix trie: the requests that share any prefix (a system prompt, then a document
+behind it, then an instruction behind that) are contiguous, at every depth, so each request runs next to the
+ones it shares the longest prefix with. Then, to move nothing without a reason:
+
+- a run of sorted requests that share their first `MIN_SHARED_CHARS` characters is a group, handed out where
+  its first member is in the file, in sorted order (requests with equal prompts keep the file's order);
+- every other request keeps its place in the file's order.
+
+Only one chunk is ever in memory (its prompts are lists of the request's own strings, not copies), and no
+request is moved past the end of its chunk. The cost is a handful of C-level operations per request and the
+sort's comparisons, which stop at the first differing character and find a system prompt repeated on every
+line equal by identity: see `benchmarks.grouping_speed` for the measured cost per request.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# How much of a prompt decides its group: about 250 tokens, long enough that a shared prefix saves real work,
-# short enough that a document followed by a question is grouped by the document.
-KEY_CHARS = 1024
+# The shortest shared prefix worth moving a request for: about 128 tokens, one KV block of vLLM's CPU backend
+# (the unit its prefix cache reuses there), eight of its 16-token GPU blocks. Requests that share less than
+# this with every other request of their chunk keep the file's order.
+MIN_SHARED_CHARS = 512
+
+Prompt = list[str]
 
 
-def prefix_key(body: dict[str, Any]) -> str | None:
-    """The first KEY_CHARS characters of the prompt, or None when the prompt is shorter (nothing worth
-    sharing) or there is none (embeddings)."""
+def prompt_parts(body: dict[str, Any]) -> Prompt | None:
+    """A request's prompt as the strings it is rendered from, in order, for grouping: the contents of its
+    messages (chat) or its prompt (completions). Two requests whose prompts start alike have parts that start
+    alike. None when there is no prompt to share (embeddings, or a body without one).
+
+    Parts, not one joined string: joining would copy every prompt (measured: half the cost of grouping).
+    Left out, for speed: the model (a batch has one) and the roles (short, and in practice the same at the
+    same position of a conversation)."""
     messages = body.get("messages")
-    if isinstance(messages, list):
-        parts: list[str] = []
-        size = 0
-        for message in messages:  # only as many messages as the key needs: a conversation can be long
-            part = _text(message.get("content")) if isinstance(message, dict) else ""
-            parts.append(part)
-            size += len(part) + 1
-            if size > KEY_CHARS:
-                break
-        text = "\x00".join(parts)
-    else:
-        text = _text(body.get("prompt"))
-    if len(text) < KEY_CHARS:
+    if messages is not None:
+        try:  # the common case, at C speed: every message a dict with string content
+            if len(messages) == 1:
+                content = messages[0]["content"]
+                if content.__class__ is str:
+                    return [content]
+            parts = list(map(_content, messages))
+            sum(map(str.__len__, parts))  # raises TypeError unless every part is a string
+        except (TypeError, KeyError):
+            if not isinstance(messages, list):
+                return None
+            parts = [_text(message.get("content") if isinstance(message, dict) else message)
+                     for message in messages]
+        return parts
+    prompt = body.get("prompt")
+    if prompt is None:
         return None
-    return f"{body.get('model')}\x00{text[:KEY_CHARS]}"
+    return [prompt if prompt.__class__ is str else _text(prompt)]
+
+
+_content = operator.itemgetter("content")
 
 
 def _text(content: Any) -> str:
+    """Content that is not a plain string, rendered so that equal content renders equally."""
     if isinstance(content, str):
         return content
     if content is None:
         return ""
-    return json.dumps(content, ensure_ascii=False)  # content parts, token ids: compared as written
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        return "\n".join(part["text"] for part in content)  # text parts render as their text
+    return json.dumps(content, ensure_ascii=False)  # images, audio, token ids: compared as written
 
 
-def group_by_prefix(items: Iterable[T], key: Callable[[T], str | None], lookahead: int) -> Iterator[T]:
-    """`items` with those sharing a key brought together, at most `lookahead` at a time."""
+def shared_at_least(a: Prompt, b: Prompt, chars: int) -> bool:
+    """Whether prompts `a` and `b` start with the same `chars` characters (the boundary between two parts
+    counts as one character, the same in both only where both go on)."""
+    for x, y in zip(a, b):  # noqa: B905 (where the shorter ends, so does what they share)
+        if x != y:
+            return len(x) >= chars and len(y) >= chars and x.startswith(y[:chars])
+        if len(x) >= chars:
+            return True
+        chars -= len(x) + 1
+    return False
+
+
+def group_by_prefix(items: Iterable[T], prompt: Callable[[T], Prompt | None], lookahead: int,
+                    min_shared: int = MIN_SHARED_CHARS) -> Iterator[T]:
+    """`items`, at most `lookahead` at a time, with those whose prompts share at least `min_shared` leading
+    characters brought together and ordered by their prompts (see the module's docstring)."""
     source = iter(items)
     if lookahead <= 1:
         yield from source
         return
-    while chunk := list(islice(source, lookahead)):
-        first_seen: dict[str, int] = {}
-        ranks = []
-        for index, item in enumerate(chunk):
-            group = key(item)
-            ranks.append(index if group is None else first_seen.setdefault(group, index))
-        order = sorted(range(len(chunk)), key=lambda index: (ranks[index], index))
-        for index in order:
-            yield chunk[index]
+    while True:
+        chunk: list[T] = []
+        prompts: list[Prompt | None] = []
+        candidates: list[int] = []  # the requests whose prompts may share enough with another's
+        previous: str | None = None
+        for item in islice(source, lookahead):  # each prompt while its request is fresh in the CPU's caches
+            parts = prompt(item)
+            if parts:
+                if len(parts) == 1:
+                    if len(parts[0]) >= min_shared:  # a shorter one-part prompt cannot share enough
+                        candidates.append(len(chunk))
+                else:
+                    # A first part equal to the previous prompt's (a system prompt on every line) becomes
+                    # the same object: the sort then finds them equal by identity, without comparing their
+                    # characters at every one of its comparisons.
+                    if parts[0] == previous:
+                        parts[0] = previous
+                    else:
+                        previous = parts[0]
+                    candidates.append(len(chunk))
+            chunk.append(item)
+            prompts.append(parts)
+        if not chunk:
+            return
+        yield from _grouped(chunk, prompts, candidates, min_shared)
+
+
+def _grouped(chunk: list[T], prompts: list[Prompt | None], candidates: list[int], min_shared: int) -> Iterator[T]:
+    # Sort once, at C speed (comparisons stop at the first differing character). Requests sharing their first
+    # `min_shared` characters are then adjacent runs, each already in depth-first trie order.
+    candidates.sort(key=prompts.__getitem__)  # type: ignore[arg-type]  # every candidate has a prompt
+    runs: dict[int, list[int]] = {}  # a run's first member in the file -> the run, in sorted order
+    in_run = bytearray(len(chunk))
+    start, end = 0, len(candidates)
+    while start < end:
+        first: Prompt = prompts[candidates[start]]  # type: ignore[assignment]
+        stop = start + 1
+        if len(first[0]) >= min_shared:  # the common case: the first part alone is long enough
+            head = first[0][:min_shared]
+            while stop < end and prompts[candidates[stop]][0].startswith(head):  # type: ignore[index]
+                stop += 1
+        else:
+            while stop < end and shared_at_least(first, prompts[candidates[stop]], min_shared):  # type: ignore[arg-type]
+                stop += 1
+        if stop - start > 1:
+            run = candidates[start:stop]
+            runs[min(run)] = run
+            for index in run:
+                in_run[index] = 1
+        start = stop
+    for index, item in enumerate(chunk):
+        if not in_run[index]:
+            yield item
+        elif index in runs:
+            for member in runs[index]:
+                yield chunk[member]

@@ -21,7 +21,7 @@ from vllm_batch_server.checkpoint import ResultLog
 from vllm_batch_server.database import BatchRow, Database
 from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.exhaustion import exhausted
-from vllm_batch_server.grouping import group_by_prefix, prefix_key
+from vllm_batch_server.grouping import group_by_prefix, prompt_parts
 from vllm_batch_server.jsonl import iter_requests
 from vllm_batch_server.lifecycle import BatchStatus
 from vllm_batch_server.online import BatchTurns
@@ -74,7 +74,7 @@ class BatchRunner:
         try:
             if self.stop_reason is None:
                 pending = (request for request in iter_requests(input_path) if request[1] not in done)
-                grouped = group_by_prefix(pending, lambda request: prefix_key(request[2]),
+                grouped = group_by_prefix(pending, lambda request: prompt_parts(request[2]),
                                           self._settings.prefix_lookahead)
                 await self._feed(results, grouped, done)
             if self.stop_reason == EXPIRED:
