@@ -434,6 +434,11 @@ def spec() -> dict[str, Any]:
                         "responses": {"200": {"description": "The dashboard (public: it holds no data)",
                                               "content": {"text/html": {"schema": {"type": "string"}}}}}},
             },
+            "/ui": {
+                "get": {"operationId": "dashboardRedirect", "security": [],
+                        "responses": {"307": {"description": "To /ui/ (the page's relative links need the slash)",
+                                              "headers": {"Location": {"schema": {"type": "string"}}}}}},
+            },
             "/ui/{asset}": {
                 "get": {"operationId": "dashboardFile", "security": [],
                         "parameters": [_path_param("asset", {"type": "string",
