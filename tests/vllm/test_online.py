@@ -173,6 +173,19 @@ def test_async_sdk_and_disconnects(chat_server: RunningServer) -> None:
             model=CHAT_MODEL, messages=[{"role": "user", "content": f"Name a number bigger than {i}."}],
             **GREEDY) for i in range(6)))  # type: ignore[call-overload]
         assert all(a.choices[0].message.content for a in answers)
+        # Streamed through the async client to its end: the same greedy text as the same request whole (each
+        # alone in the engine, so both see the same batch shapes).
+        question = [{"role": "user", "content": "Name a number bigger than 0."}]
+        whole = await client.chat.completions.create(model=CHAT_MODEL, messages=question,
+                                                     **GREEDY)  # type: ignore[call-overload]
+        streamed = await client.chat.completions.create(
+            model=CHAT_MODEL, messages=question, stream=True, stream_options={"include_usage": True},
+            **GREEDY)  # type: ignore[call-overload]
+        chunks = [chunk async for chunk in streamed]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            whole.choices[0].message.content
+        assert chunks[-1].usage is not None and whole.usage is not None
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
         stream = await client.chat.completions.create(
             model=CHAT_MODEL, messages=[{"role": "user", "content": "Count to twenty."}], stream=True,
             max_tokens=200, temperature=0, extra_body={"ignore_eos": True})
