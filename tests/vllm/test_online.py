@@ -247,3 +247,26 @@ def test_online_errors_are_openai_shaped_on_vllm(chat_server: RunningServer) -> 
         {"role": "user", "content": "hello " * 1200}]})
     assert streamed_error.status_code == 400  # refused before the first event: JSON, as `vllm serve` does
     assert json.loads(streamed_error.text)["error"]["message"]
+
+
+def test_requests_vllm_refuses_in_its_validators_fail_alone_with_a_400(chat_server: RunningServer) -> None:
+    """vLLM's request models raise its own VLLMValidationError (not a ValueError) for some values: answered
+    400 naming the parameter, online and in a batch, where only that line fails (it used to stop the batch)."""
+    bad = {"/v1/chat/completions": {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                    "tool_choice": "required", "max_tokens": 2},
+           "/v1/completions": {"model": CHAT_MODEL, "prompt": "", "max_tokens": 2}}
+    for url, body in bad.items():
+        answer = httpx.post(chat_server.root_url + url, json=body, timeout=60)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] in ("tool_choice", "prompt")
+
+    client = sdk(chat_server, timeout=120)
+    lines = [{"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+              "body": bad["/v1/chat/completions"]}, chat_line("good", "Hi", max_tokens=2)]
+    batch = wait_for(client, submit(client, lines).id, timeout=BATCH_TIMEOUT)
+    assert batch.status == "completed" and batch.request_counts is not None, batch
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 1)
+    [error_line] = read_jsonl(client, batch.error_file_id)
+    assert error_line["custom_id"] == "bad" and error_line["response"]["status_code"] == 400
+    assert "tools" in error_line["response"]["body"]["error"]["message"]

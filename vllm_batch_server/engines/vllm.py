@@ -423,6 +423,14 @@ class VLLMEngine:
                                 param=loc or None)
         except ValueError as exc:
             return Result.error(400, f"invalid request: {exc}")
+        except Exception as exc:
+            # vLLM's own validators raise its errors, which are no ValueError (VLLMValidationError for `tool_choice`
+            # without `tools`, an empty prompt): answered as `vllm serve` answers them (a 400 naming the
+            # parameter), so one bad line fails alone instead of stopping its batch.
+            from vllm.entrypoints.serve import create_error_response
+
+            error = create_error_response(exc)
+            return Result(int(error.error.code), error.model_dump(mode="json"))
 
     def _known_fields(self, url: str, *model_classes: Any) -> frozenset[str]:
         if url not in self._fields:
