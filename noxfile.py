@@ -20,6 +20,7 @@ import glob
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -147,6 +148,43 @@ def install(session: nox.Session, *, engine: bool) -> None:
     STAMP.write_text(" ".join([*have, wanted]))
 
 
+# -- system programs the tests start for real -------------------------------------------------------------
+
+# Debian/Ubuntu packages, by the program whose absence calls for them: a browser for the dashboard's tests, a
+# PostgreSQL server for the results handler's, Prometheus to scrape /metrics. Tests that need a missing one
+# skip with a message on a developer's machine and fail in CI (tests/helpers/system.py).
+SYSTEM_PACKAGES = {"chromium": ["chromium", "fonts-dejavu-core"], "initdb": ["postgresql"],
+                   "prometheus": ["prometheus"]}
+
+
+def _has_program(name: str) -> bool:
+    if shutil.which(name) or (name == "chromium" and shutil.which("chromium-browser")):
+        return True
+    # Debian's postgresql keeps its server programs off PATH, under /usr/lib/postgresql/<version>/bin.
+    return name == "initdb" and bool(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+
+def ensure_system_programs(session: nox.Session) -> None:
+    """apt-get install what is missing (as root, or through sudo, which may ask for a password)."""
+    missing = [package for program, packages in SYSTEM_PACKAGES.items() if not _has_program(program)
+               for package in packages]
+    if not missing:
+        return
+    sudo = [] if os.geteuid() == 0 else (["sudo"] if shutil.which("sudo") else None)
+    if not shutil.which("apt-get") or sudo is None:
+        message = (f"some tests need the Debian/Ubuntu packages {' '.join(missing)}, and this machine has no "
+                   f"{'apt-get' if not shutil.which('apt-get') else 'root or sudo'} to install them")
+        if os.environ.get("CI"):
+            session.error(message)
+        session.warn(message + ": those tests will be skipped")
+        return
+    session.log(f"installing the system packages some tests start for real: {' '.join(missing)}")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run(*sudo, "apt-get", "update", "-qq", external=True, env=env)
+    session.run(*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing, external=True,
+                env=env)
+
+
 # -- sessions -------------------------------------------------------------------------------------------
 
 
@@ -157,6 +195,7 @@ def tests(session: nox.Session) -> None:
     The other Pythons' fast suites run in the background while .venv is installed and checked (they mostly
     wait on subprocesses and disks, not the CPU); the real-engine suite then runs alone.
     """
+    ensure_system_programs(session)  # before the background suites start, which need them too
     logs = ROOT / ".nox" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     background: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
@@ -195,6 +234,7 @@ def tests(session: nox.Session) -> None:
 def tests_full(session: nox.Session) -> None:
     """The whole suite, real vLLM included, in .venv."""
     install(session, engine=True)
+    ensure_system_programs(session)
     session.run(str(PYTHON), "-m", "pytest", *(session.posargs or ["-q"]), external=True)
 
 
@@ -202,6 +242,7 @@ def tests_full(session: nox.Session) -> None:
 def tests_fast(session: nox.Session) -> None:
     """Everything but the real-vLLM tests, in .venv (no engine install needed)."""
     install(session, engine=False)
+    ensure_system_programs(session)
     session.run(str(PYTHON), "-m", "pytest", "-m", "not vllm", *(session.posargs or ["-q"]), external=True)
 
 

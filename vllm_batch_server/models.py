@@ -218,7 +218,7 @@ def prepare(name: str, cache_dir: Path, *, install: bool = True) -> list[str]:
     for dep in ("gguf", "accelerate", "safetensors", "transformers"):
         if importlib.util.find_spec(dep) is None:
             raise ModelNotAvailable(f"converting {name} needs the package {dep!r}: "
-                                    'pip install "vllm-batch[cpu]" (or pip install gguf accelerate)')
+                                    'pip install -e ".[cpu]" in a checkout, or pip install gguf accelerate')
     cache_dir.mkdir(parents=True, exist_ok=True)
     print(f"{name}: converting {gguf.name} into {target} (takes ~30 s once)", flush=True)
     # Build in a sibling temp folder and rename, so an interrupted conversion never looks prepared.

@@ -58,7 +58,7 @@ class _Validator:
             if isinstance(exc, UnicodeDecodeError):
                 reason = "is not valid UTF-8"
             elif isinstance(exc, TooDeep):
-                reason = f"is valid JSON, but its {exc}, more than this server accepts"
+                reason = f"is valid JSON, but its {exc}, which this server does not accept"
             else:
                 reason = "is not valid JSON"
             self.error("invalid_json_line", f"Line {number} {reason}.", number)

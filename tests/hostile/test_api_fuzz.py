@@ -44,6 +44,10 @@ def check(response: httpx.Response) -> None:
         assert "location" in response.headers  # Starlette's redirect of a trailing slash
     elif response.request.url.path.endswith("/content"):
         return  # raw file bytes
+    elif response.request.url.path in ("/", "/ui/") or response.request.url.path.startswith("/ui/"):
+        # The dashboard's files: the page itself, or a 404 above for any name the package does not ship.
+        assert response.headers["content-type"].split(";")[0] in {"text/html", "text/javascript", "text/css",
+                                                                 "image/svg+xml", "image/png"}
     else:
         json.loads(response.content)
 

@@ -13,14 +13,15 @@ import pytest
 from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
 from tests.helpers import postgres
 from tests.helpers.handlers import handler_flags, run_of, runs
-
-pytestmark = pytest.mark.skipif(postgres.why_not() is not None, reason=str(postgres.why_not()))
+from tests.helpers.system import unavailable
 
 DSN_ENV = "VB_TEST_RESULTS_DSN"
 
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[postgres.Postgres]:
+    if (reason := postgres.why_not()) is not None:
+        unavailable(reason)
     server = postgres.make_postgres().start()
     yield server
     server.remove()

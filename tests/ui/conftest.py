@@ -1,7 +1,7 @@
 """The dashboard in a real browser: Playwright for Python driving the system's Chromium (Debian's `chromium`
 package; Playwright's own browser download is not used), headless, against real servers (echo engine).
 
-Skips with the reason when no Chromium is installed; set BATCH_TEST_CHROMIUM to use another binary.
+Skips with the reason when no Chromium is installed (fails in CI); set BATCH_TEST_CHROMIUM to use another binary.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 
 from tests.helpers.server import RunningServer
+from tests.helpers.system import unavailable
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-default-apps", "--disable-extensions"]
@@ -44,7 +45,7 @@ def playwright() -> Iterator[Playwright]:
 def browser(playwright: Playwright) -> Iterator[Browser]:
     path = chromium_path()
     if path is None:
-        pytest.skip("no Chromium: install Debian's `chromium` package (apt-get install chromium) or set "
+        unavailable("no Chromium: install Debian's `chromium` package (apt-get install chromium) or set "
                     "BATCH_TEST_CHROMIUM to a Chromium binary")
     launched = playwright.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
     yield launched

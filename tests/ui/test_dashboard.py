@@ -19,7 +19,6 @@ from tests.ui.conftest import Tab, drop_file, new_tab
 from vllm_batch_server.api.openapi import spec
 
 # Routes other streams add; these tests run once they are merged (probed from the server's own description).
-HAS_RETRY = "/v1/batches/{batch_id}/retry" in spec()["paths"]
 HAS_STATUS = "/status" in spec()["paths"]
 HAS_PARTIAL = "/v1/batches/{batch_id}/errors" in spec()["paths"]
 KEY = "sk-dashboard-0123456789"
@@ -347,7 +346,6 @@ def test_error_lines_show_while_the_batch_runs(server_factory: ServerFactory, ta
     client.batches.cancel(running.id)
 
 
-@pytest.mark.skipif(not HAS_RETRY, reason="POST /v1/batches/{id}/retry is not on this branch (results stream)")
 def test_retry_failed_requests(server_factory: ServerFactory, tab: Tab) -> None:
     server = server_factory()
     client = sdk(server)
@@ -365,16 +363,6 @@ def test_retry_failed_requests(server_factory: ServerFactory, tab: Tab) -> None:
     assert retried.request_counts is not None and retried.request_counts.total == 3
     page.click("#retry-of")
     expect(page.locator("h1")).to_have_text("flaky")
-
-
-@pytest.mark.skipif(HAS_RETRY, reason="this server has the retry endpoint")
-def test_no_retry_button_without_the_endpoint(server_factory: ServerFactory, tab: Tab) -> None:
-    server = server_factory()
-    client = sdk(server)
-    batch = wait_for(client, submit(client, failing_lines(2, 2)).id)
-    page = tab.open(server, f"#/batches/{batch.id}")
-    expect(page.locator("#request-errors tbody tr")).to_have_count(2)
-    expect(page.locator("#retry")).to_have_count(0)
 
 
 def test_an_unknown_batch(server_factory: ServerFactory, tab: Tab) -> None:

