@@ -151,10 +151,11 @@ def install(session: nox.Session, *, engine: bool) -> None:
 # -- system programs the tests start for real -------------------------------------------------------------
 
 # Debian/Ubuntu packages, by the program whose absence calls for them: a browser for the dashboard's tests, a
-# PostgreSQL server for the results handler's, Prometheus to scrape /metrics. Tests that need a missing one
-# skip with a message on a developer's machine and fail in CI (tests/helpers/system.py).
+# PostgreSQL server for the results handler's, Prometheus to scrape /metrics, systemd-analyze to verify the
+# service unit (a container may have no systemd). Tests that need a missing one
+# skip with a message on a developer's machine and fail in CI (tests/helpers/tools.py).
 SYSTEM_PACKAGES = {"chromium": ["chromium", "fonts-dejavu-core"], "initdb": ["postgresql"],
-                   "prometheus": ["prometheus"]}
+                   "prometheus": ["prometheus"], "systemd-analyze": ["systemd"]}
 
 
 def _has_program(name: str) -> bool:

@@ -5,20 +5,27 @@ checkpoints, finalizing and the download. Measured with checkpointing on (the de
 500 results or 1 s) and off, and against the limit: a bare loop in one process that reads, parses, answers,
 serializes and writes the same lines (what any batch runner must do at least).
 
-    python -m benchmarks.pipeline [--lines 50000] [--repeats 3]
+    python -m benchmarks.pipeline [--lines 50000] [--repeats 3] [--scrape 1]
+
+`--scrape S` has a client read /metrics and /status every S seconds while the batches run (a Prometheus and
+a dashboard watching), to measure what observing the server costs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
 import statistics
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 from benchmarks._harness import (
@@ -81,11 +88,34 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
+@contextlib.contextmanager
+def watching(base_url: str, every: float | None) -> Iterator[list[int]]:
+    """Read /metrics and /status every `every` seconds meanwhile (nothing when None); yields the count."""
+    done, count = threading.Event(), [0]
+
+    def watch() -> None:
+        with httpx.Client(timeout=10) as http:
+            while not done.wait(every):
+                for path in ("/metrics", "/status"):
+                    http.get(base_url + path).raise_for_status()
+                count[0] += 1
+
+    thread = threading.Thread(target=watch, daemon=True) if every else None
+    if thread is not None:
+        thread.start()
+    try:
+        yield count
+    finally:
+        done.set()
+        if thread is not None:
+            thread.join()
+
+
 def measure_server(scratch: Path, source: Path, name: str, extra: list[str], repeats: int,
-                   poll: float) -> list[dict[str, Any]]:
+                   poll: float, scrape: float | None = None) -> list[dict[str, Any]]:
     runs = []
     server = Server(scratch / f"data-{name}", extra_args=["--max-batch-lines", "1000000", *extra])
-    with server.start():
+    with server.start(), watching(server.base_url, scrape):
         api = BatchAPI(server.base_url)
         try:
             for index in range(repeats):
@@ -111,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=8,
                         help="batches per configuration (best and median reported; runs vary by ±25% here)")
     parser.add_argument("--poll", type=float, default=0.02, help="seconds between status polls")
+    parser.add_argument("--scrape", type=float, default=None, metavar="S",
+                        help="read /metrics and /status every S seconds while batches run")
     args = parser.parse_args(argv)
 
     with workdir(args.keep) as scratch:
@@ -124,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
         for _ in range(args.repeats):
             for name, extra in configs.items():
-                runs[name] += measure_server(scratch, source, name.replace(" ", "-"), extra, 1, args.poll)
+                runs[name] += measure_server(scratch, source, name.replace(" ", "-"), extra, 1, args.poll,
+                                             args.scrape)
 
     n = args.lines
     rows: list[list[Any]] = []

@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
+from vllm_batch_server import metrics, webhooks
 from vllm_batch_server.api import (
     batches,
     events,
@@ -22,10 +23,12 @@ from vllm_batch_server.api import (
     models,
     online,
     openapi,
+    operations,
     results,
     retry,
     ui,
 )
+from vllm_batch_server.api import webhooks as webhook_routes
 from vllm_batch_server.api.auth import BearerAuth
 from vllm_batch_server.api.context import Context
 from vllm_batch_server.api.deadlines import BodyIdleTimeout
@@ -45,15 +48,18 @@ from vllm_batch_server.handlers.loading import load_handlers
 from vllm_batch_server.handlers.service import HandlerService
 from vllm_batch_server.lifecycle import Lifecycle
 from vllm_batch_server.marks import MarkIndex
+from vllm_batch_server.monitor import Monitor
 from vllm_batch_server.partial import CommittedResults
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.webhooks import Webhooks
 
 log = logging.getLogger("vllm_batch_server")
 
 
 def create_app(settings: Settings) -> Starlette:
     configured_handlers = load_handlers(settings.result_handlers)  # a bad configuration fails here, at once
+    webhooks.check_settings(settings)  # raises SettingsError: refuse to start rather than drop events
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -69,15 +75,26 @@ def create_app(settings: Settings) -> Starlette:
         blobs.prepare()
         db = await Database.open(settings.db_path)
         lifecycle = Lifecycle(db)
-        scheduler = Scheduler(db, blobs, create_engine(settings), settings, lifecycle)
         events = EventLog(db, lifecycle)
+        scheduler = Scheduler(db, blobs, create_engine(settings), settings, lifecycle, metrics.SchedulerMetrics())
         result_handlers = HandlerService(db, blobs, events, configured_handlers)
+        monitor = Monitor(db)
+        lifecycle_metrics = metrics.LifecycleMetrics(db, events)
+        hooks = Webhooks(db, events, settings)
         app.state.context = Context(settings, db, blobs, scheduler, events, CommittedResults(db, blobs),
-                                    MarkIndex(db, blobs), result_handlers)
+                                    MarkIndex(db, blobs), result_handlers, monitor,
+                                    metrics.LiveCollector(monitor, scheduler, settings), hooks)
         app.state.started_at = int(time.time())
         await result_handlers.start()  # first: its cursor is placed before the scheduler ends any batch
         app.state.loop = asyncio.get_running_loop()
+        # So are these readers': the batches that recovery finishes are announced too.
+        await lifecycle_metrics.start()
+        await hooks.start()
+        await metrics.count_resumed(db)
+        if settings.preload:
+            await scheduler.preload()
         await scheduler.start()
+        monitor.start()
         log.info("serving %s with the %s engine; data in %s", ", ".join(settings.models), settings.engine,
                  settings.data_dir)
         try:
@@ -86,15 +103,20 @@ def create_app(settings: Settings) -> Starlette:
             app.state.context.closing.set()
             await scheduler.stop()
             await result_handlers.stop()
+            await monitor.stop()
+            await hooks.stop()
+            await lifecycle_metrics.stop()
             await db.close()
 
     # Outermost: the body deadline must see every handler's reads and be able to replace its answer.
     middleware = [Middleware(BodyIdleTimeout, seconds=settings.body_idle_timeout)]
     if settings.api_key:
-        middleware.append(Middleware(BearerAuth, api_key=settings.api_key))
+        open_paths = ("/metrics",) if settings.metrics_public else ()
+        middleware.append(Middleware(BearerAuth, api_key=settings.api_key, open_paths=open_paths))
     app = Starlette(
         routes=[*files.routes, *retry.routes, *batches.routes, *results.routes, *marks.routes,
-                *handlers.routes, *models.routes, *online.routes, *events.routes, *openapi.routes, *ui.routes],
+                *handlers.routes, *webhook_routes.routes, *models.routes, *online.routes, *events.routes,
+                *operations.routes, *openapi.routes, *ui.routes],
         middleware=middleware,
         exception_handlers={
             APIError: on_api_error,

@@ -63,6 +63,16 @@ def _converter(kind: Any, flag: str) -> Any:
     return convert
 
 
+def _item_converter(kind: Any, flag: str) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return kind.parse_setting(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{flag}: {exc}") from None
+
+    return convert
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field, in help groups; only flags actually given end up in the namespace."""
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
@@ -83,6 +93,9 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(action="append", type=_engine_arg)
         elif origin is list:
             kwargs.update(action="append")
+            item_kind = typing.get_args(kind)[0] if typing.get_args(kind) else str
+            if hasattr(item_kind, "parse_setting"):  # items with a syntax of their own (webhook endpoints)
+                kwargs["type"] = _item_converter(item_kind, flag)
         else:
             kwargs["type"] = _converter(kind, flag)
             if opt.choices:
@@ -122,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"a model name, repeatable [env {env_name('models')}]")
     models.add_argument("--model-cache-dir", dest="model_cache_dir", type=Path, default=argparse.SUPPRESS,
                         help=f"where embedded models are prepared [env {env_name('model_cache_dir')}]")
+
+    from vllm_batch_server import service
+
+    service.add_parser(sub, add_settings_flags)
+    hooks = sub.add_parser("webhooks", help="webhook helpers", description="Webhook helpers (docs/operations.md).")
+    hooks.add_argument("action", choices=["new-secret"],
+                       help="new-secret: print a new random signing secret (whsec_...)")
     return parser
 
 
@@ -133,6 +153,29 @@ def serve(settings: Settings) -> None:
     from vllm_batch_server.connections import ConnectionLimits, ServerConfig
     from vllm_batch_server.data_dir_lock import DataDirInUse, locked
     from vllm_batch_server.handlers import HandlerConfigError
+    from vllm_batch_server.systemd import Notifier
+
+    notifier = Notifier()
+
+    class Server(uvicorn.Server):
+        """uvicorn, telling systemd (Type=notify) once it listens, which is after the app's start-up, and ending
+        open event streams as soon as a stop is asked for."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            begin_shutdown(app)  # open event streams end now, not after the graceful timeout
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                notifier.ready(f"serving {', '.join(settings.models)} on {settings.host}:{settings.port}")
+
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            notifier.stopping()
+            try:
+                await super().shutdown(sockets)
+            finally:
+                await notifier.close()
 
     try:
         limits = ConnectionLimits.from_settings(settings)
@@ -155,12 +198,6 @@ def serve(settings: Settings) -> None:
             sys.exit(f"vllm-batch-server: error: {exc}")
         config = ServerConfig(app, limits, host=settings.host, port=settings.port, log_level="info",
                               timeout_graceful_shutdown=5)
-
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig: int, frame: Any) -> None:
-                begin_shutdown(app)  # open event streams end now, not after the graceful timeout
-                super().handle_exit(sig, frame)
-
         server = Server(config)
         with contextlib.suppress(KeyboardInterrupt):
             server.run()
@@ -173,10 +210,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
+        if args.command == "serve":
+            serve(settings)
     except SettingsError as exc:
         parser.exit(2, f"vllm-batch-server: error: {exc}\n")
-    if args.command == "serve":
-        serve(settings)
+    if args.command == "service":
+        from vllm_batch_server import service
+
+        sys.exit(service.main(args, settings))
+    elif args.command == "webhooks":
+        import base64
+        import secrets
+
+        print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
     elif args.command == "models":
         from vllm_batch_server import models
 

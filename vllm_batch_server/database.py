@@ -137,6 +137,32 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX handler_runs_due ON handler_runs (status, next_attempt_at);
     """,
+    # Webhook deliveries (webhooks.py): one row per event and receiver, written before the webhooks reader
+    # acks the event, so a delivery survives kill -9 until it succeeds or its retry time runs out. `id` is the
+    # `webhook-id` header, the same on every attempt.
+    """
+    CREATE TABLE webhook_deliveries (
+        seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+        id               TEXT NOT NULL UNIQUE,
+        event_id         TEXT NOT NULL,
+        event_type       TEXT NOT NULL,
+        batch_id         TEXT NOT NULL,
+        url              TEXT NOT NULL,
+        source           TEXT NOT NULL,
+        payload          TEXT NOT NULL,
+        status           TEXT NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        created_at       INTEGER NOT NULL,
+        next_attempt_at  REAL,
+        last_attempt_at  INTEGER,
+        last_status_code INTEGER,
+        last_error       TEXT,
+        delivered_at     INTEGER,
+        UNIQUE (event_id, url)
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt_at);
+    CREATE INDEX webhook_deliveries_batch ON webhook_deliveries (batch_id, seq);
+    """,
 ]
 
 ACTIVE_STATUSES = tuple(s.value for s in ACTIVE)
@@ -438,6 +464,96 @@ class Database:
             await self._conn.execute(
                 "INSERT INTO event_cursors (reader, seq) VALUES (?, ?) "
                 "ON CONFLICT (reader) DO UPDATE SET seq = MAX(seq, excluded.seq)", (reader, seq))
+
+    # ---- numbers for metrics and /status (monitor.py) -------------------------------------------------------
+
+    async def progress(self, ended_after: int | None) -> list[aiosqlite.Row]:
+        """Batch counts, committed results and tokens, grouped by part, status, model and endpoint, in one
+        statement (so one consistent snapshot):
+
+        - part "active": every batch not yet ended;
+        - part "ended": batches that ended after event `ended_after` (with None: every ended batch). An ended
+          batch's numbers never change again, so a caller adds these to what it has and reads only new ones;
+        - part "upto": one row whose `count` is the last event's seq, the next call's `ended_after`.
+
+        A batch's terminal status and its event are committed together, so in one snapshot a batch is either
+        still active or has its terminal event: counted once, and the sums only ever grow. Cost: the active
+        batches and the newly ended ones, not the whole table (measured at 100,000 batches, 1,000 of them
+        active: 0.1 s for the first call, which reads the history, then 2 ms)."""
+        sums = ("COUNT(*) AS count, SUM(b.completed) AS completed, SUM(b.failed) AS failed, "
+                "SUM(b.input_tokens) AS input_tokens, SUM(b.cached_tokens) AS cached_tokens, "
+                "SUM(b.output_tokens) AS output_tokens")
+        active = ",".join("?" * len(ACTIVE_STATUSES))
+        terminal = tuple(s.value for s in BatchStatus if s.value not in ACTIVE_STATUSES)
+        ended_marks = ",".join("?" * len(terminal))
+        if ended_after is None:
+            ended = (f"SELECT 'ended' AS part, b.status, b.model, b.endpoint, {sums} FROM batches b "
+                     f"WHERE b.status IN ({ended_marks}) GROUP BY b.status, b.model, b.endpoint")
+            ended_params: tuple[Any, ...] = terminal
+        else:
+            ended_types = tuple(f"batch.{status}" for status in terminal)
+            ended = (f"SELECT 'ended' AS part, b.status, b.model, b.endpoint, {sums} FROM events e "
+                     f"JOIN batches b ON b.id = e.batch_id WHERE e.seq > ? AND e.type IN ({ended_marks}) "
+                     "GROUP BY b.status, b.model, b.endpoint")
+            ended_params = (ended_after, *ended_types)
+        return await self._query(
+            f"SELECT 'active' AS part, b.status, b.model, b.endpoint, {sums} FROM batches b "
+            f"WHERE b.status IN ({active}) GROUP BY b.status, b.model, b.endpoint "
+            f"UNION ALL {ended} "
+            "UNION ALL SELECT 'upto', NULL, NULL, NULL, COALESCE(MAX(seq), 0), 0, 0, 0, 0, 0 FROM events",
+            (*ACTIVE_STATUSES, *ended_params))
+
+    async def resumable_batches(self) -> int:
+        """Batches that stopped mid-run with committed results: they resume from their checkpoint."""
+        row = await self._query_one(
+            "SELECT COUNT(*) FROM batches WHERE status = 'in_progress' AND outcome IS NULL "
+            "AND (output_offset > 0 OR error_offset > 0)")
+        return int(row[0]) if row else 0
+
+    # ---- webhook deliveries (webhooks.py) -----------------------------------------------------------------
+
+    async def add_deliveries(self, rows: list[dict[str, Any]]) -> None:
+        """Record deliveries to make; one already recorded for the same event and URL is left as it is (the
+        webhooks reader may see an event twice after a crash)."""
+        if not rows:
+            return
+        columns = ("id", "event_id", "event_type", "batch_id", "url", "source", "payload", "status",
+                   "created_at", "next_attempt_at")
+        async with self.transaction() as conn:
+            await conn.executemany(
+                f"INSERT OR IGNORE INTO webhook_deliveries ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' * len(columns))})", [tuple(row[c] for c in columns) for row in rows])
+
+    async def due_deliveries(self, now: float, limit: int, skip: Iterable[str]) -> list[aiosqlite.Row]:
+        skip = tuple(skip)
+        marks = ",".join("?" * len(skip))
+        return await self._query(
+            "SELECT * FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ? "
+            + (f"AND id NOT IN ({marks}) " if skip else "") + "ORDER BY next_attempt_at LIMIT ?",
+            (now, *skip, limit))
+
+    async def next_delivery_at(self, skip: Iterable[str]) -> float | None:
+        """When the next pending delivery not in `skip` (being attempted) falls due."""
+        skip = tuple(skip)
+        marks = ",".join("?" * len(skip))
+        row = await self._query_one(
+            "SELECT MIN(next_attempt_at) FROM webhook_deliveries WHERE status = 'pending'"
+            + (f" AND id NOT IN ({marks})" if skip else ""), skip)
+        return float(row[0]) if row and row[0] is not None else None
+
+    async def update_delivery(self, delivery_id: str, *, attempted: bool, **changes: Any) -> None:
+        sets = ", ".join([*(f"{column} = ?" for column in changes), *(["attempts = attempts + 1"] if attempted
+                                                                       else [])])
+        async with self._write_lock:
+            await self._conn.execute(f"UPDATE webhook_deliveries SET {sets} WHERE id = ?",
+                                     (*changes.values(), delivery_id))
+
+    async def deliveries_of(self, batch_id: str) -> list[aiosqlite.Row]:
+        return await self._query("SELECT * FROM webhook_deliveries WHERE batch_id = ? ORDER BY seq", (batch_id,))
+
+    async def pending_deliveries(self) -> int:
+        row = await self._query_one("SELECT COUNT(*) FROM webhook_deliveries WHERE status = 'pending'")
+        return int(row[0]) if row else 0
 
     # ---- idempotency keys (idempotency.py) -------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Prometheus metrics of online traffic, by model and endpoint, kept apart from batch work.
 
-Each instance registers its collectors into the registry it is given (the server's one, from metrics.py,
-once wired; a private registry otherwise, e.g. in tests), so two servers in one process never clash. Model
+Each instance registers its collectors into a registry of its own (or the one it is given), so two servers in one
+process never clash; GET /metrics collects it with the server's other metrics (metrics.LiveCollector). Model
 labels are limited to the served models: a caller cannot grow the label set by sending made-up names.
 """
 

@@ -54,6 +54,7 @@ class BatchRunner:
         self.input_exhausted = asyncio.Event()  # every request handed out: the next batch may overlap
         self.stop_reason: BatchStatus | str | None = None
         self.aborted = 0  # requests in flight when the runner stopped early: aborted, to be recomputed
+        self.results: ResultLog | None = None  # while running: its checkpoint lag is a gauge (metrics.py)
         self._stopped = asyncio.Event()
         self._in_flight: dict[str, float] = {}  # engine request id -> start time
         self._engine_error: BaseException | None = None
@@ -70,7 +71,7 @@ class BatchRunner:
         resources ran out (exhaustion.py): neither is the batch's fault."""
         input_path = self._blobs.file_path(self.batch.input_file_id)
         done = await asyncio.to_thread(ResultLog.recover, self._blobs, self.batch)
-        results = ResultLog(self._db, self._blobs, self._settings, self.batch)
+        results = self.results = ResultLog(self._db, self._blobs, self._settings, self.batch)
         try:
             if self.stop_reason is None:
                 pending = (request for request in iter_requests(input_path) if request[1] not in done)
@@ -88,6 +89,7 @@ class BatchRunner:
             # Not input_exhausted: the scheduler must learn how this run ended before it starts another batch
             # on the same engine (an engine that just failed must be restarted first).
             await results.close()
+            self.results = None
         error = self._engine_error
         if error is not None:
             if exhausted(error) is not None or isinstance(error, EngineError):

@@ -23,9 +23,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Protocol
 
 from vllm_batch_server import idempotency, ids
 from vllm_batch_server.aio import wait_event
@@ -74,19 +76,41 @@ class Pause:
     until: float  # time.monotonic()
 
 
+class Observer(Protocol):
+    """What the scheduler reports about the engine and the start of runs, as it happens (metrics.py listens).
+    Batch statuses are not reported here: whatever reacts to them reads the lifecycle's event log."""
+
+    def model_loaded(self, model: str, seconds: float, *, switched: bool, restarted: bool) -> None:
+        """The engine has `model` loaded; `switched` from another model, or `restarted` after a failure."""
+
+    def batch_started(self, batch: BatchRow) -> None:
+        """A runner started on a batch that has no committed result yet (its first run)."""
+
+
+class _Unobserved:
+    def model_loaded(self, model: str, seconds: float, *, switched: bool, restarted: bool) -> None:
+        pass
+
+    def batch_started(self, batch: BatchRow) -> None:
+        pass
+
+
 class Scheduler:
     def __init__(self, db: Database, blobs: Blobs, engine: Engine, settings: Settings,
-                 lifecycle: Lifecycle) -> None:
+                 lifecycle: Lifecycle, observer: Observer | None = None) -> None:
         self.db = db
         self.blobs = blobs
         self.engine = engine
         self.settings = settings
         self.lifecycle = lifecycle
+        self.observer: Observer = observer or _Unobserved()
         self.engine_state = EngineState.IDLE
         self.loading_model: str | None = None  # while engine_state is LOADING
         self.online = OnlineTraffic(settings)
         self.paused: dict[str, Pause] = {}  # batches waiting for a resource of ours to come back
+        self.load_error: str | None = None  # why the last model load failed; None once one succeeds
         self._runners: dict[str, BatchRunner] = {}
+        self.runners: Mapping[str, BatchRunner] = MappingProxyType(self._runners)  # read-only, for gauges
         self._drivers: set[asyncio.Task[None]] = set()
         self._queue_changed = asyncio.Event()
         self._new_batch = asyncio.Event()
@@ -119,6 +143,56 @@ class Scheduler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.engine.stop()
+
+    async def preload(self) -> None:
+        """Load a model before any batch asks for one: the oldest queued batch's model, else `--online-model`,
+        else the first configured one. Called before `start`, so nothing races it for the engine. A model that
+        cannot load leaves the engine idle with `load_error` set (readiness reports it); batches are
+        unaffected."""
+        queued = [b.model for b in await self.db.batches_in([S.IN_PROGRESS]) if b.model and not b.outcome]
+        # As the run loop would: the queue first, then the model kept for online requests.
+        model = queued[0] if queued else (self.settings.online_model or
+                                          (self.settings.models[0] if self.settings.models else None))
+        if model is None:
+            return
+        async with self._engine_lock:
+            try:
+                await self._start_engine(model)
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await self.engine.stop()
+                self.engine_state = EngineState.IDLE
+                self.load_error = f"model {model!r} could not be loaded: {exc}"
+                log.exception("could not preload model %s", model)
+
+    async def _start_engine(self, model: str) -> None:
+        """(Re)start the engine with `model`, reporting how long it took and why it happened. The engine is
+        stopped once the online requests in flight have their answers (new ones are refused from now on).
+        Raises what the start raised, leaving the engine idle."""
+        restarted = self.engine_state is EngineState.FAILED
+        switched = not restarted and self.engine.model is not None and self.engine.model != model
+        self.engine_state = EngineState.LOADING
+        self.loading_model = model
+        try:
+            if not await self.online.drained(self.settings.request_timeout):
+                log.warning("stopping the engine with %d online requests still in flight",
+                            self.online.in_flight)
+            began = time.monotonic()
+            await self.engine.stop()
+            log.info("loading model %s", model)
+            await self.engine.start(model)
+            self.engine_state = EngineState.READY
+            self.load_error = None
+            self._last_model = model
+            self._failed_under_online = False
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.engine.stop()
+            self.engine_state = EngineState.IDLE
+            raise
+        finally:
+            self.loading_model = None
+        self.observer.model_loaded(model, time.monotonic() - began, switched=switched, restarted=restarted)
 
     async def submit(self, batch: BatchRow, key: IdempotencyKey | None = None) -> BatchRow:
         """Accept a new batch (durable when this returns) and validate it soon. Raises sqlite3.IntegrityError
@@ -222,6 +296,8 @@ class Scheduler:
                 continue
             runner = BatchRunner(self.db, self.blobs, self.engine, self.settings, batch, self.online.batch_turns)
             self._runners[batch.id] = runner
+            if batch.output_offset == 0 and batch.error_offset == 0 and batch.engine_failures == 0:
+                self.observer.batch_started(batch)
             driver = asyncio.create_task(self._drive(runner), name=f"run {batch.id}")
             self._drivers.add(driver)
             driver.add_done_callback(self._drivers.discard)
@@ -326,34 +402,11 @@ class Scheduler:
         while self._drivers:
             await asyncio.wait(set(self._drivers))
 
-    async def _switch_engine(self, model: str) -> None:
-        """Stop the engine (once the online requests in flight have their answers: new ones are refused from
-        now on) and start it with `model`. Raises what the start raised, leaving the engine idle."""
-        self.engine_state = EngineState.LOADING
-        self.loading_model = model
-        try:
-            if not await self.online.drained(self.settings.request_timeout):
-                log.warning("stopping the engine with %d online requests still in flight",
-                            self.online.in_flight)
-            await self.engine.stop()
-            log.info("loading model %s", model)
-            await self.engine.start(model)
-            self.engine_state = EngineState.READY
-            self._last_model = model
-            self._failed_under_online = False
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.engine.stop()
-            self.engine_state = EngineState.IDLE
-            raise
-        finally:
-            self.loading_model = None
-
     async def _load_model(self, model: str) -> None:
         """Load the model kept for online requests; a failure is logged and tried again later."""
         async with self._engine_lock:
             try:
-                await self._switch_engine(model)
+                await self._start_engine(model)
                 self._keep_failed_at = None
             except Exception:
                 log.exception("could not load model %s for online requests; retrying in %.0fs", model,
@@ -366,12 +419,13 @@ class Scheduler:
         assert batch.model is not None
         async with self._engine_lock:
             try:
-                await self._switch_engine(batch.model)
+                await self._start_engine(batch.model)
                 return
             except Exception as exc:  # the model, not the server, is broken: fail this batch only
                 if (kind := exhausted(exc)) is not None:
                     self._pause(batch.id, kind, exc)
                     return
+                self.load_error = f"model {batch.model!r} could not be loaded: {exc}"
                 log.exception("could not load model %s", batch.model)
                 await self._fail(batch, "model_load_failed", f"The model {batch.model!r} could not be loaded: "
                                  f"{exc}")

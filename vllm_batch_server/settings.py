@@ -20,6 +20,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
+from vllm_batch_server.webhook_targets import WebhookEndpoint
+
 ENV_PREFIX = "BATCH_SERVER_"
 
 # Served when no --model is given: the two small real models that PyPI packages carry (see models.py).
@@ -33,8 +35,9 @@ ENGINE = "engine"
 ONLINE = "online requests"
 VLLM = "vLLM engine"
 RESULTS = "results"
+OPERATIONS = "operations: metrics, readiness, webhooks"
 TESTING = "testing and benchmarking (never in production)"
-GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, ONLINE, VLLM, RESULTS, TESTING)
+GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, ONLINE, VLLM, RESULTS, OPERATIONS, TESTING)
 
 
 class SettingsError(ValueError):
@@ -114,6 +117,9 @@ def parse_value(kind: Any, raw: str, source: str) -> Any:
         if base is Path:
             return Path(text).expanduser()
         if origin is list:
+            parse_list = getattr(_item_type(base), "parse_setting_list", None)
+            if parse_list is not None:  # items with a syntax of their own (webhook endpoints)
+                return list(parse_list(text))
             return [item.strip() for item in text.split(",") if item.strip()]
         if origin is dict:
             value = json.loads(text)
@@ -131,7 +137,14 @@ def _describe(kind: Any) -> str:
     if kind in names:
         return names[kind]
     origin = typing.get_origin(kind)
+    if origin is list and hasattr(_item_type(kind), "SETTING_FORMAT"):
+        return str(_item_type(kind).SETTING_FORMAT)
     return {list: "expected comma-separated values", dict: "expected a JSON object"}.get(origin, "invalid value")
+
+
+def _item_type(kind: Any) -> Any:
+    args = typing.get_args(kind)
+    return args[0] if args else str
 
 
 def _unwrap_optional(kind: Any) -> tuple[bool, Any]:
@@ -257,6 +270,29 @@ class Settings:
         "(built in: postgres, directory; others from the vllm_batch.result_handlers entry points); repeat the "
         "flag for several (environment: a JSON object of NAME: CONFIG). See docs/results.md",
         group=RESULTS)
+
+    # ---- operations: metrics, readiness, webhooks (docs/operations.md)
+    metrics_public: bool = setting(False, help="serve /metrics without the API key (for a Prometheus that cannot "
+                                   "send one; the metrics carry no batch ids or user data)", group=OPERATIONS)
+    preload: bool = setting(False, help="load a model before serving (the oldest queued batch's, else the first "
+                            "--model), so /ready and systemd's start-up wait for a loaded engine",
+                            group=OPERATIONS)
+    webhooks: list[WebhookEndpoint] = setting(
+        factory=list, flag="--webhook", metavar="'URL [secret=whsec_...] [events=a,b]'",
+        help="send batch events to this URL, signed per Standard Webhooks (default events: batch.completed, "
+        "batch.failed, batch.expired, batch.cancelled; '*' for every lifecycle event); repeat the flag for "
+        "several (environment: a JSON list)", group=OPERATIONS)
+    webhook_secret: str | None = setting(None, metavar="whsec_...", help="signing secret for endpoints that "
+                                         "name none and for batches' metadata.webhook_url", group=OPERATIONS)
+    webhook_allowed_hosts: list[str] = setting(
+        factory=list, flag="--webhook-allowed-host", metavar="HOST",
+        help="a host a batch's metadata.webhook_url may name (host, host:port or *.domain); repeat for several. "
+        "Default none: per-batch URLs are refused (no server-side request forgery)", group=OPERATIONS)
+    webhook_retry_for: float = setting(3 * 86400.0, help="seconds to keep retrying a webhook that fails (as "
+                                       "OpenAI: three days)", group=OPERATIONS)
+    webhook_backoff: float = setting(5.0, help="seconds before the first retry of a failed webhook; doubles with "
+                                     "each attempt, up to an hour", group=OPERATIONS)
+    webhook_timeout: float = setting(10.0, help="seconds a webhook receiver has to answer", group=OPERATIONS)
 
     # ---- testing and benchmarking
     checkpointing: bool = setting(True, help="fsync and commit results as they come (turn off only to measure "

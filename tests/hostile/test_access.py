@@ -1,5 +1,5 @@
-"""With --api-key, every route but /health and the dashboard's static files refuses a missing or wrong key; ids
-never reach outside the data directory."""
+"""With --api-key, every route but the probes (/health, /ready) and the dashboard's static files refuses a
+missing or wrong key; ids never reach outside the data directory."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from starlette.routing import Route
 from tests.conftest import chat_lines, jsonl, sdk, submit, wait_for
 from tests.helpers.server import RunningServer, make_server
 from tests.hostile.errors import assert_openai_error
-from vllm_batch_server.api.auth import is_open
+from vllm_batch_server.api.auth import OPEN_PATHS, is_open
 from vllm_batch_server.app import create_app
 from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.settings import Settings
@@ -64,9 +64,14 @@ WRONG = {
 def test_the_route_table_is_what_we_think() -> None:
     assert len(ROUTES) >= 10
     assert ("GET", "/health") in ROUTES and ("POST", "/v1/files") in ROUTES
-    # What is open without a key: health and the dashboard's static files, nothing under /v1.
-    assert {path for _, path in ROUTES if is_open(path)} == {"/health", "/", "/ui", "/ui/index.html"}
-    assert not any(is_open(path) for path in ("/v1/events", "/v1/events/stream", "/status", "/uix", "/v1/ui/"))
+    # What is open without a key: the probes and the dashboard's static files, nothing under /v1.
+    assert {path for _, path in ROUTES if is_open(path)} == {"/health", "/ready", "/", "/ui", "/ui/index.html"}
+    assert not any(is_open(path) for path in ("/v1/events", "/v1/events/stream", "/status", "/metrics", "/uix",
+                                               "/v1/ui/", "/readyx", "/ready/"))
+
+
+def test_only_the_probes_and_the_dashboard_page_are_open() -> None:
+    assert set(OPEN_PATHS) == {"/health", "/ready", "/", "/ui"}
 
 
 @pytest.mark.parametrize("method,path", [r for r in ROUTES if not is_open(r[1])])
@@ -83,8 +88,9 @@ def test_unknown_paths_are_refused_before_they_are_routed(server: RunningServer)
     assert_openai_error(httpx.get(server.root_url + "/v1/nothing/here"), 401)
 
 
-def test_health_is_open_and_the_right_key_works(server: RunningServer) -> None:
+def test_probes_are_open_and_the_right_key_works(server: RunningServer) -> None:
     assert httpx.get(server.root_url + "/health").status_code == 200
+    assert httpx.get(server.root_url + "/ready").json() == {"ready": True, "reasons": []}
     client = sdk(server)
     batch = wait_for(client, submit(client, chat_lines(3)).id)
     assert batch.status == "completed"

@@ -36,18 +36,24 @@ def http(server: RunningServer) -> Iterator[httpx.Client]:
         yield client
 
 
+def is_dashboard(path: str) -> bool:
+    return path in ("/", "/ui") or path.startswith("/ui/")
+
+
 def check(response: httpx.Response) -> None:
     assert response.status_code < 500, (response.status_code, response.text[:300])
+    path = response.request.url.path
+    content_type = response.headers.get("content-type", "")
     if response.status_code >= 400:
         assert_openai_error(response)
     elif response.status_code >= 300:
         assert "location" in response.headers  # Starlette's redirect of a trailing slash
-    elif response.request.url.path.endswith("/content"):
+    elif path.endswith("/content"):
         return  # raw file bytes
-    elif response.request.url.path in ("/", "/ui/") or response.request.url.path.startswith("/ui/"):
-        # The dashboard's files: the page itself, or a 404 above for any name the package does not ship.
-        assert response.headers["content-type"].split(";")[0] in {"text/html", "text/javascript", "text/css",
-                                                                 "image/svg+xml", "image/png"}
+    elif path == "/metrics":
+        assert content_type.startswith("text/plain; version=0.0.4"), content_type  # Prometheus's text format
+    elif is_dashboard(path):
+        assert content_type.startswith(("text/html", "text/javascript", "text/css", "image/")), content_type
     else:
         json.loads(response.content)
 
@@ -58,7 +64,8 @@ segment = st.sampled_from(TRICKY) | st.text(max_size=40)
 TEMPLATES = ["/v1/files/{}", "/v1/files/{}/content", "/v1/batches/{}", "/v1/batches/{}/cancel",
              "/v1/models/{}", "/v1/{}", "/{}", "/v1/files", "/v1/batches", "/v1/models", "/health",
              "/v1/batches/{}/output", "/v1/batches/{}/errors", "/v1/batches/{}/retry", "/v1/batches/{}/marks",
-             "/v1/batches/{}/handlers", "/v1/batches/batch_abc/marks/{}", "/v1/batches/retry"]
+             "/v1/batches/{}/handlers", "/v1/batches/batch_abc/marks/{}", "/v1/batches/retry",
+             "/v1/batches/{}/webhooks", "/v1/events", "/metrics", "/ready", "/status", "/", "/ui", "/ui/{}"]
 
 
 def encode_path(template: str, value: str, raw: bool) -> bytes:

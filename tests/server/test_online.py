@@ -342,3 +342,40 @@ def test_online_batch_window_narrows_batch_work_while_online_requests_run(server
     assert beside < alone / 2, (alone, beside)
     assert wait_for(client, batch.id, timeout=60).status == "completed"
     assert_exactly_once(client, client.batches.retrieve(batch.id), {f"req-{i}" for i in range(1000)})
+
+
+def test_online_traffic_is_in_the_metrics_by_model_and_endpoint_apart_from_batches(
+        server_factory: ServerFactory) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = server_factory(extra_args=ONLINE)
+    client = sdk(server)
+    batch = wait_for(client, submit(client, chat_lines(3, model="echo-model")).id)
+    assert batch.status == "completed"
+    _chat(client)
+    list(client.chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "s"}],
+                                        stream=True))
+    client.embeddings.create(model="echo-model", input="x")
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="echo-model", input=[])
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="made-up-name", input="x")
+    time.sleep(1.1)  # the batch counts read from SQLite are at most a second old
+
+    text = httpx.get(server.root_url + "/metrics", timeout=10).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def online(status: str, endpoint: str = "/v1/chat/completions", model: str = "echo-model") -> float:
+        key = ("vllm_batch_online_requests_total",
+               (("endpoint", endpoint), ("model", model), ("status", status)))
+        return samples.get(key, 0.0)
+
+    assert online("200") == 2 and online("200", "/v1/embeddings") == 1 and online("400", "/v1/embeddings") == 1
+    assert online("404", "/v1/embeddings", model="other") == 1  # a made-up name never becomes a label
+    assert samples[("vllm_batch_online_time_to_first_token_seconds_count",
+                    (("endpoint", "/v1/chat/completions"), ("model", "echo-model")))] == 1
+    assert samples[("vllm_batch_online_requests_in_flight", ())] == 0
+    # The batch's requests are counted as batch work only; the online ones are not among them.
+    assert samples[("vllm_batch_requests_total", (("endpoint", "/v1/chat/completions"), ("model", "echo-model"),
+                                                  ("outcome", "succeeded")))] == 3

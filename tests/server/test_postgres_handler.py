@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
 from tests.helpers import postgres
 from tests.helpers.handlers import handler_flags, run_of, runs
-from tests.helpers.system import unavailable
+from tests.helpers.tools import missing_tool
 
 DSN_ENV = "VB_TEST_RESULTS_DSN"
 
@@ -21,7 +21,7 @@ DSN_ENV = "VB_TEST_RESULTS_DSN"
 @pytest.fixture(scope="module")
 def pg() -> Iterator[postgres.Postgres]:
     if (reason := postgres.why_not()) is not None:
-        unavailable(reason)
+        missing_tool(reason)
     server = postgres.make_postgres().start()
     yield server
     server.remove()

@@ -16,7 +16,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 
 from tests.helpers.server import RunningServer
-from tests.helpers.system import unavailable
+from tests.helpers.tools import missing_tool
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-default-apps", "--disable-extensions"]
@@ -45,7 +45,7 @@ def playwright() -> Iterator[Playwright]:
 def browser(playwright: Playwright) -> Iterator[Browser]:
     path = chromium_path()
     if path is None:
-        unavailable("no Chromium: install Debian's `chromium` package (apt-get install chromium) or set "
+        missing_tool("no Chromium: install Debian's `chromium` package (apt-get install chromium) or set "
                     "BATCH_TEST_CHROMIUM to a Chromium binary")
     launched = playwright.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
     yield launched

@@ -13,7 +13,7 @@ import pytest
 from tests.helpers import postgres
 from tests.helpers.handlers import handler_flags, run_of
 from tests.helpers.server import RunningServer, make_server
-from tests.helpers.system import unavailable
+from tests.helpers.tools import missing_tool
 from tests.vllm.conftest import CHAT_MODEL, MAX_MODEL_LEN, MAX_TOKENS, QUESTIONS, chat_line
 from vllm_batch import VLLMBatch
 from vllm_batch._cli import main
@@ -27,7 +27,7 @@ SYSTEM = "Answer in a few words."
 @pytest.fixture(scope="module")
 def pg() -> Iterator[postgres.Postgres]:
     if (reason := postgres.why_not()) is not None:
-        unavailable(reason)
+        missing_tool(reason)
     server = postgres.make_postgres().start()
     yield server
     server.remove()

@@ -1,5 +1,6 @@
-"""Optional Bearer-token check on every route but /health and the dashboard's static files, compared in
-constant time. The dashboard's page is public (it holds no data); every call it makes for data carries the key."""
+"""Optional Bearer-token check on every route but the probes (/health, /ready) and the dashboard's static
+files, compared in constant time. The dashboard's page is public (it holds no data); every call it makes
+for data carries the key."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vllm_batch_server.api.errors import error_response
 
-OPEN_PATHS = ("/health", "/", "/ui")
+OPEN_PATHS = ("/health", "/ready", "/", "/ui")
 OPEN_PREFIXES = ("/ui/",)
 
 
-def is_open(path: str) -> bool:
-    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+def is_open(path: str, also: tuple[str, ...] = ()) -> bool:
+    return path in OPEN_PATHS or path in also or path.startswith(OPEN_PREFIXES)
 
 
 def bearer_token(header: bytes) -> bytes | None:
@@ -27,12 +28,13 @@ def bearer_token(header: bytes) -> bytes | None:
 
 
 class BearerAuth:
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: tuple[str, ...] = ()) -> None:
         self.app = app
         self._expected = api_key.encode()
+        self._open = open_paths  # opened by a setting, beyond the always open ones (/metrics, say)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_open(scope["path"]):
+        if scope["type"] != "http" or is_open(scope["path"], self._open):
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from vllm_batch_server import ids, priority
+from vllm_batch_server import ids, priority, webhooks
 from vllm_batch_server.api.context import Context, context
 from vllm_batch_server.api.errors import APIError, bad_request, not_found
 from vllm_batch_server.api.idempotency import key_header, key_reused
@@ -71,6 +71,11 @@ async def create_batch(request: Request) -> Response:
                           f"{', '.join(SUPPORTED_ENDPOINTS)}.", "endpoint", "unsupported_endpoint")
     window = window_seconds(body["completion_window"])
     metadata = checked_metadata(body.get("metadata"))
+    if metadata and (url := metadata.get(webhooks.METADATA_KEY)) is not None:
+        refusal = webhooks.check_batch_url(url, ctx.settings)
+        if refusal is not None:  # refused rather than ignored: its owner expects a webhook
+            raise APIError(400, f"Invalid 'metadata.{webhooks.METADATA_KEY}': {refusal}.",
+                           param=f"metadata.{webhooks.METADATA_KEY}", code="webhook_url_not_allowed")
     output_expiry = None
     if (policy := body.get("output_expires_after")) is not None:
         if not isinstance(policy, dict):

@@ -12,9 +12,12 @@ from vllm_batch_server.database import Database
 from vllm_batch_server.events import EventLog
 from vllm_batch_server.handlers.service import HandlerService
 from vllm_batch_server.marks import MarkIndex
+from vllm_batch_server.metrics import LiveCollector
+from vllm_batch_server.monitor import Monitor
 from vllm_batch_server.partial import CommittedResults
 from vllm_batch_server.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.webhooks import Webhooks
 
 
 @dataclass
@@ -28,6 +31,9 @@ class Context:
     results: CommittedResults
     marks: MarkIndex
     handlers: HandlerService
+    monitor: Monitor
+    metrics: LiveCollector
+    webhooks: Webhooks
     # Set when the server begins to shut down: long-lived responses (event streams) end at once.
     closing: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -239,6 +239,50 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Event")},
                        "first_id": _NULLABLE_STR, "last_id": _NULLABLE_STR, "has_more": {"type": "boolean"}},
     },
+    "WebhookDelivery": {
+        "type": "object",
+        "required": ["object", "id", "event_id", "event_type", "url", "source", "status", "attempts", "created_at"],
+        "properties": {
+            "object": {"const": "batch.webhook_delivery"}, "id": {"type": "string"},
+            "event_id": {"type": "string"}, "event_type": {"type": "string"}, "url": {"type": "string"},
+            "source": {"enum": ["settings", "metadata"]},
+            "status": {"enum": ["pending", "delivered", "failed"]}, "attempts": {"type": "integer"},
+            "created_at": {"type": "integer"}, "last_attempt_at": _NULLABLE_INT, "last_status_code": _NULLABLE_INT,
+            "last_error": _NULLABLE_STR, "next_attempt_at": _NULLABLE_INT, "delivered_at": _NULLABLE_INT,
+        },
+    },
+    "WebhookDeliveryList": {
+        "type": "object",
+        "required": ["object", "data", "has_more"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("WebhookDelivery")},
+                       "first_id": _NULLABLE_STR, "last_id": _NULLABLE_STR, "has_more": {"type": "boolean"}},
+    },
+    "Readiness": {
+        "type": "object",
+        "required": ["ready", "reasons"],
+        "properties": {"ready": {"type": "boolean"}, "reasons": {"type": "array", "items": {"type": "string"}}},
+    },
+    "ServerStatus": {
+        "type": "object",
+        "required": ["object", "version", "engine", "queue", "throughput", "disk"],
+        "properties": {
+            "object": {"const": "server.status"}, "version": {"type": "string"},
+            "engine": {"type": "object", "required": ["kind", "state", "model", "kv_cache_usage"], "properties": {
+                "kind": {"type": "string"}, "state": {"enum": ["idle", "loading", "ready", "failed"]},
+                "model": _NULLABLE_STR, "kv_cache_usage": {"type": ["number", "null"]}}},
+            "queue": {"type": "object", "required": ["validating", "in_progress", "paused"], "properties": {
+                "validating": {"type": "integer"}, "in_progress": {"type": "integer"},
+                "paused": {"type": "array", "items": {"type": "object", "required": ["id", "reason"], "properties": {
+                    "id": {"type": "string"}, "reason": {"type": "string"}}}}}},
+            "throughput": {"type": "object", "required": ["requests_per_second", "output_tokens_per_second"],
+                           "properties": {"requests_per_second": {"type": "number"},
+                                          "output_tokens_per_second": {"type": "number"}}},
+            "disk": {"type": "object", "required": ["free_bytes", "total_bytes"], "properties": {
+                "free_bytes": {"type": "integer"}, "total_bytes": {"type": "integer"}}},
+            "checkpoint": {"type": "object", "properties": {"lag_seconds": {"type": "number"},
+                                                            "uncommitted_results": {"type": "integer"}}},
+        },
+    },
     "Model": {
         "type": "object",
         "required": ["id", "object"],
@@ -396,6 +440,11 @@ def spec() -> dict[str, Any]:
                         "responses": {"200": _json(_ref("HandlerRunList"), "Each result handler's run"),
                                       **_errors(401, 404)}},
             },
+            "/v1/batches/{batch_id}/webhooks": {
+                "get": {"operationId": "listBatchWebhookDeliveries", "parameters": [batch_id],
+                        "responses": {"200": _json(_ref("WebhookDeliveryList"), "The batch's webhook deliveries"),
+                                      **_errors(401, 404)}},
+            },
             "/v1/models": {
                 "get": {"operationId": "listModels",
                         "responses": {"200": _json(_ref("ModelList"), "The served models"), **_errors(401)}},
@@ -454,6 +503,24 @@ def spec() -> dict[str, Any]:
                         "responses": {"200": _json({"type": "object", "properties": {
                             "status": {"type": "string"}, "engine": {"type": "string"},
                             "loaded_model": _NULLABLE_STR}}, "The server is up")}},
+            },
+            "/ready": {
+                "get": {"operationId": "ready", "security": [],
+                        "responses": {"200": _json(_ref("Readiness"), "Ready to work"),
+                                      "503": _json(_ref("Readiness"), "Not ready, and why")}},
+            },
+            "/status": {
+                "get": {"operationId": "status",
+                        "responses": {"200": _json(_ref("ServerStatus"), "The server at a glance"),
+                                      **_errors(401)}},
+            },
+            "/metrics": {
+                "get": {"operationId": "metrics",
+                        "description": "Prometheus metrics in the text format 0.0.4 (also when OpenMetrics is "
+                                       "asked for); open without the API key with --metrics-public.",
+                        "responses": {"200": {"description": "The Prometheus exposition", "content": {
+                            "text/plain": {"schema": {"type": "string"}}}},
+                            **_errors(401)}},
             },
             "/openapi.json": {
                 "get": {"operationId": "openapi",

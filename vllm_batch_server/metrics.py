@@ -1,0 +1,266 @@
+"""Prometheus metrics: ours (prefixed `vllm_batch_`) and vLLM's own (`vllm:*`), in one scrape of GET /metrics.
+
+Where each number comes from, so that none costs the request path anything:
+
+- Requests, tokens and batches by status are read from SQLite when scraped (monitor.py): they are the
+  committed progress every checkpoint already records, so they survive restarts and never count a result a
+  crash took back.
+- Batch durations come from the lifecycle's event log, through a reader with its own cursor ("metrics"), like
+  every other consumer of batch events; nothing here hooks into the scheduler for them.
+- The engine's loads, switches and restarts, and a batch's wait before its first run, are reported by the
+  scheduler as they happen (scheduler.Observer); checkpoint commit times by each batch's checkpoint thread.
+- Gauges of live state (engine state, paused batches, checkpoint lag, disk) read the scheduler when scraped.
+- Online requests are counted as they are answered, by model and endpoint (online_metrics.py), in the
+  scheduler's own registry (one per app, so two apps in one process never clash), collected with the live
+  gauges.
+- vLLM registers its metrics in prometheus-client's global registry from inside the engine (`AsyncLLM` with
+  stats on, vLLM's default); they are appended to ours as they are.
+
+No label carries a batch id, a file name or anything a user sent: labels are model names (as configured),
+endpoints, statuses and outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from vllm_batch_server import __version__
+from vllm_batch_server.exhaustion import Exhausted
+from vllm_batch_server.lifecycle import TERMINAL, BatchStatus, event_type
+
+if TYPE_CHECKING:
+    from vllm_batch_server.database import BatchRow, Database
+    from vllm_batch_server.events import EventLog
+    from vllm_batch_server.monitor import Monitor
+    from vllm_batch_server.scheduler import Scheduler
+    from vllm_batch_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PREFIX = "vllm_batch_"
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus reads
+
+# Ours, observed as things happen. One registry per process: a server process serves one app.
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_MINUTES = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 43200, 86400, 172800)
+CHECKPOINT_COMMIT_SECONDS = Histogram(
+    PREFIX + "checkpoint_commit_seconds", "Time to make one checkpoint durable: fsync the result parts that grew, "
+    "then commit their offsets and counters to SQLite.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY)
+QUEUE_WAIT_SECONDS = Histogram(
+    PREFIX + "queue_wait_seconds", "From a batch's creation to the start of its first run (validation included).",
+    buckets=_MINUTES, registry=REGISTRY)
+BATCH_DURATION_SECONDS = Histogram(
+    PREFIX + "batch_duration_seconds", "From a batch's creation to its terminal status, by that status.",
+    ["status"], buckets=_MINUTES, registry=REGISTRY)
+MODEL_LOAD_SECONDS = Histogram(
+    PREFIX + "model_load_seconds", "Time to (re)start the engine with a model, by model.", ["model"],
+    buckets=(0.1, 1, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200), registry=REGISTRY)
+MODEL_SWITCHES = Counter(PREFIX + "model_switches", "Engine restarts to serve a different model.",
+                         registry=REGISTRY)
+ENGINE_RESTARTS = Counter(PREFIX + "engine_restarts", "Engine restarts after it failed (died, hung or failed a "
+                          "health check).", registry=REGISTRY)
+RESUMED_BATCHES = Counter(PREFIX + "resumed_batches", "Batches that resumed from their last checkpoint when the "
+                          "server started (they had been stopped mid-run).", registry=REGISTRY)
+WEBHOOK_ATTEMPTS = Counter(PREFIX + "webhook_attempts", "Webhook delivery attempts, by result (success: a 2xx "
+                           "answer).", ["result"], registry=REGISTRY)
+WEBHOOK_DELIVERIES = Counter(PREFIX + "webhook_deliveries", "Webhook deliveries that ended: delivered, or failed "
+                             "once their retry time ran out.", ["status"], registry=REGISTRY)
+for _result in ("success", "failure"):
+    WEBHOOK_ATTEMPTS.labels(_result)
+for _status in ("delivered", "failed"):
+    WEBHOOK_DELIVERIES.labels(_status)
+for _ending in TERMINAL:  # every series exists from the start, so a query for one never comes back empty
+    BATCH_DURATION_SECONDS.labels(_ending.value)
+
+
+class SchedulerMetrics:
+    """What the scheduler reports (scheduler.Observer), as metrics."""
+
+    def model_loaded(self, model: str, seconds: float, *, switched: bool, restarted: bool) -> None:
+        MODEL_LOAD_SECONDS.labels(model).observe(seconds)
+        if switched:
+            MODEL_SWITCHES.inc()
+        if restarted:
+            ENGINE_RESTARTS.inc()
+
+    def batch_started(self, batch: BatchRow) -> None:
+        QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - batch.created_at))
+
+
+class LifecycleMetrics:
+    """Batch durations, from the event log through the "metrics" reader. A crash between observing and the ack
+    observes those events again after the restart (histograms start afresh then anyway)."""
+
+    READER = "metrics"
+    _ENDINGS: ClassVar[dict[str, BatchStatus]] = {event_type(status): status for status in TERMINAL}
+
+    def __init__(self, db: Database, events: EventLog) -> None:
+        self._db = db
+        self._reader = events.reader(self.READER, start="end")
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._reader.position()  # placed now, before the scheduler ends any batch
+        self._task = asyncio.create_task(self._follow(), name="lifecycle metrics")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                events = await self._reader.next(timeout=30)
+                for event in events:
+                    status = self._ENDINGS.get(event.type)
+                    if status is None:
+                        continue
+                    batch = await self._db.get_batch(event.batch_id)
+                    if batch is not None:
+                        BATCH_DURATION_SECONDS.labels(status.value).observe(
+                            max(0, event.created_at - batch.created_at))
+                if events:
+                    await self._reader.ack(events[-1])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a full disk, say: keep the cursor and try again
+                log.exception("lifecycle metrics: could not read the event log; retrying")
+                await asyncio.sleep(5)
+
+
+async def count_resumed(db: Database) -> None:
+    """At start-up, before the scheduler runs anything: the batches about to resume from a checkpoint."""
+    RESUMED_BATCHES.inc(await db.resumable_batches())
+
+
+def vllm_kv_cache_usage() -> float | None:
+    """vLLM's KV-cache usage (0-1) from its own gauge, or None when no vLLM engine has reported one."""
+    values = [sample.value for metric in prometheus_client.REGISTRY.restricted_registry(
+        ["vllm:kv_cache_usage_perc"]).collect() for sample in metric.samples]
+    return max(values) if values else None
+
+
+class LiveCollector:
+    """Gauges and counters read when scraped: from the monitor's snapshot of SQLite and from the scheduler."""
+
+    def __init__(self, monitor: Monitor, scheduler: Scheduler, settings: Settings) -> None:
+        self._monitor = monitor
+        self._scheduler = scheduler
+        self._settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        from vllm_batch_server.scheduler import EngineState  # the scheduler's modules import this one
+
+        snapshot = self._monitor.latest
+        info = GaugeMetricFamily(PREFIX + "info", "The server's version and engine kind.",
+                                 labels=["version", "engine"])
+        info.add_metric([__version__, self._settings.engine], 1)
+        yield info
+
+        batches = GaugeMetricFamily(PREFIX + "batches", "Batches by status.", labels=["status"])
+        for status in BatchStatus:
+            batches.add_metric([status.value], snapshot.batch_counts.get(status.value, 0))
+        yield batches
+
+        requests = CounterMetricFamily(PREFIX + "requests", "Requests with a committed result, by model, endpoint "
+                                       "and outcome (succeeded: status 200, in the output file; failed: in the "
+                                       "error file).", labels=["model", "endpoint", "outcome"])
+        prompt = CounterMetricFamily(PREFIX + "prompt_tokens", "Prompt tokens of committed results.",
+                                     labels=["model", "endpoint"])
+        cached = CounterMetricFamily(PREFIX + "cached_tokens", "Prompt tokens served from the prefix cache.",
+                                     labels=["model", "endpoint"])
+        completion = CounterMetricFamily(PREFIX + "completion_tokens", "Completion tokens of committed results.",
+                                         labels=["model", "endpoint"])
+        for total in snapshot.totals:
+            labels = [total.model, total.endpoint]
+            requests.add_metric([*labels, "succeeded"], total.completed)
+            requests.add_metric([*labels, "failed"], total.failed)
+            prompt.add_metric(labels, total.input_tokens)
+            cached.add_metric(labels, total.cached_tokens)
+            completion.add_metric(labels, total.output_tokens)
+        yield from (requests, prompt, cached, completion)
+
+        scheduler = self._scheduler
+        state = GaugeMetricFamily(PREFIX + "engine_state", "1 for the engine's current state.", labels=["state"])
+        for candidate in EngineState:
+            state.add_metric([candidate.value], 1 if scheduler.engine_state is candidate else 0)
+        yield state
+        loaded = GaugeMetricFamily(PREFIX + "loaded_model", "1 for the model the engine has loaded.",
+                                   labels=["model"])
+        if scheduler.engine.model is not None and scheduler.engine_state is EngineState.READY:
+            loaded.add_metric([scheduler.engine.model], 1)
+        yield loaded
+
+        paused = GaugeMetricFamily(PREFIX + "paused_batches", "Batches paused until a resource of ours comes back, "
+                                   "by what ran out.", labels=["reason"])
+        reasons = {kind.value: 0 for kind in Exhausted}  # every reason, so a query always finds a series
+        for pause in list(scheduler.paused.values()):
+            reasons[pause.reason.value] += 1
+        for reason, count in reasons.items():
+            paused.add_metric([reason], count)
+        yield paused
+
+        lag, uncommitted = checkpoint_lag(scheduler)
+        yield GaugeMetricFamily(PREFIX + "checkpoint_lag_seconds", "Age of the oldest result not yet durable, over "
+                                "the running batches: the work a kill -9 now would redo.", value=lag)
+        yield GaugeMetricFamily(PREFIX + "uncommitted_results", "Results computed but not yet durable, over the "
+                                "running batches.", value=uncommitted)
+        yield GaugeMetricFamily(PREFIX + "running_batches", "Batches with a runner feeding the engine.",
+                                value=len(scheduler.runners))
+        yield GaugeMetricFamily(PREFIX + "webhook_pending_deliveries", "Webhook deliveries waiting for their "
+                                "next attempt.", value=snapshot.pending_deliveries)
+        # Online requests (api/online.py), counted as they are answered, apart from batch work.
+        yield from scheduler.online.metrics.registry.collect()
+        try:
+            usage = shutil.disk_usage(self._settings.data_dir)
+        except OSError:
+            return
+        yield GaugeMetricFamily(PREFIX + "disk_free_bytes", "Free space on the data directory's filesystem.",
+                                value=usage.free)
+        yield GaugeMetricFamily(PREFIX + "disk_total_bytes", "Size of the data directory's filesystem.",
+                                value=usage.total)
+
+
+def checkpoint_lag(scheduler: Scheduler) -> tuple[float, int]:
+    """The largest lag and the sum of not yet durable results over the running batches."""
+    lag, uncommitted = 0.0, 0
+    for runner in list(scheduler.runners.values()):
+        results = runner.results
+        if results is None:
+            continue
+        seconds, count = results.lag()
+        lag = max(lag, seconds)
+        uncommitted += count
+    return lag, uncommitted
+
+
+class _Combined:
+    """Several collectors seen as one registry by the encoders: ours first, then the process's global one
+    (vLLM's metrics, and prometheus-client's process and Python collectors)."""
+
+    def __init__(self, collectors: Iterable[Any]) -> None:
+        self._collectors = list(collectors)
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self._collectors:
+            yield from collector.collect()
+
+
+def render(live: LiveCollector) -> tuple[bytes, str]:
+    """The exposition in Prometheus's text format 0.0.4, whatever the scraper prefers. Not OpenMetrics, which
+    Prometheus asks for first: prometheus-client 0.26 writes vLLM's sample names there with their colons
+    turned into underscores (`vllm_num_requests_running`) under TYPE lines that keep them, so Prometheus
+    would store none of vLLM's metrics under the names vLLM documents (seen with the real engine)."""
+    return generate_latest(_Combined([REGISTRY, live, prometheus_client.REGISTRY])), TEXT_FORMAT
