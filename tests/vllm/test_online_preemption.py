@@ -1,8 +1,9 @@
 """Batch requests that vLLM preempts for online ones are recomputed, not lost and not counted twice.
 
-A server of its own with a KV cache far too small for its batch (9 blocks of 128 tokens for 8 sequences that
-each grow to 2 blocks): vLLM's priority scheduler must preempt running batch requests to make room, for
-each other and for the online requests sent meanwhile. vLLM's own counter (in GET /metrics) shows it did."""
+A server of its own with a KV cache far too small for its batch (`num_gpu_blocks_override=9`: 8 usable blocks
+of 128 tokens, as vLLM keeps one back, for 8 sequences that each grow to 2 blocks): vLLM's priority scheduler
+must preempt running batch requests to make room, for each other and for the online requests sent meanwhile.
+vLLM's own counter (in GET /metrics) shows it did."""
 
 from __future__ import annotations
 
