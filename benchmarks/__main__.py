@@ -30,6 +30,7 @@ BENCHMARKS = {
     "dashboard": "10,000 batches: queue page load in Chromium, status-call p99 with dashboards open",
     "throughput": "real vLLM: offline LLM vs run_batch vs our server: documents, a queue of files, 4 workloads",
     "scale": "echo backends: throughput against 1-8 backends, cost of losing one (real vLLM: --parts affinity)",
+    "online": "real vLLM: online latency idle and beside a batch, with and without priorities; batch kept",
 }
 
 
@@ -83,6 +84,17 @@ def targets_of(name: str, payload: dict[str, Any]) -> list[list[Any]]:
         if affinity:
             rows.append(["scale", "prefix affinity: more prompt tokens cached", f"+{affinity['cached_gain']:.1%}, "
                          f"{affinity['speedup']:.2f}× faster", affinity["cached_gain"] > 0])
+        return rows
+    if name == "online":
+        rows = []
+        for policy, ratios in payload.get("ratios", {}).items():
+            met = t.get(policy, {})
+            rows.append(["online", f"{policy}: e2e p50 beside a batch ≤ 1.5 × idle",
+                         f"{ratios.get('e2e_p50_shared_over_idle') or 0:.2f} ×", met.get("latency_met")])
+            if "batch_kept" in ratios:
+                rows.append(["online", f"{policy}: batch keeps ≥ 90% with online ≤ 10%",
+                             f"{ratios['batch_kept']:.1%} (online {ratios['online_share']:.1%})",
+                             met.get("batch_kept_met")])
         return rows
     return []
 

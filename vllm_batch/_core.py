@@ -734,7 +734,8 @@ class BatchRequests:
         """Validate one request and append it; returns its custom_id (generated when not given).
 
         The endpoint follows from the body (`messages` → chat, `prompt` → completions, `input` →
-        embeddings) unless `endpoint=` says otherwise (`"/v1/responses"` for the Responses API).
+        embeddings, `query` + `documents` → vLLM's rerank, `queries` + `documents` → vLLM's score) unless
+        `endpoint=` says otherwise (`"/v1/responses"` for the Responses API).
         """
         return self._core.add(request, custom_id=custom_id, endpoint=endpoint)
 

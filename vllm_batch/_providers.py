@@ -22,6 +22,8 @@ import openai
 from vllm_batch._errors import ConfigurationError
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+# vLLM's scoring endpoints: our server and `vllm run-batch` take them; OpenAI's Batch API does not.
+VLLM_ENDPOINTS = ("/v1/score", "/v1/rerank")
 
 MB = 1_000_000
 LOCAL_BASE_URL = "http://localhost:4080/v1"
@@ -74,7 +76,7 @@ PRESETS: dict[str, Provider] = {
         512 * 1024 * 1024,
         mixed_models=False,
         base64_embeddings=True,
-        endpoints=("/v1/chat/completions", "/v1/completions", "/v1/embeddings"),
+        endpoints=(*ENDPOINTS, *VLLM_ENDPOINTS),
     ),
     "openai": Provider(
         "openai",
@@ -218,7 +220,8 @@ def _for_url(url: str) -> Provider:
         return replace(local, base_url=url.rstrip("/"))
     # Any other URL: our server elsewhere or another OpenAI-compatible service. OpenAI's limits (the
     # safest common ground) and every endpoint; the server itself refuses what it does not offer.
-    return replace(local, name="custom", base_url=url.rstrip("/"), endpoints=ENDPOINTS, max_bytes=200 * MB)
+    return replace(local, name="custom", base_url=url.rstrip("/"), endpoints=(*ENDPOINTS, *VLLM_ENDPOINTS),
+                   max_bytes=200 * MB)
 
 
 def make_openai_kwargs(resolved: ResolvedProvider, *, timeout: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vllm_batch._errors import BatchValidationError
 from vllm_batch._providers import ENDPOINTS, Provider
@@ -24,6 +24,9 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
 RESPONSES = "/v1/responses"
+# vLLM's scoring endpoints (`vllm serve`, `vllm run-batch`, and vllm-batch's server take them in batches).
+SCORE = "/v1/score"
+RERANK = "/v1/rerank"
 
 _ALIASES = {
     "chat": CHAT,
@@ -31,7 +34,14 @@ _ALIASES = {
     "completions": COMPLETIONS,
     "embeddings": EMBEDDINGS,
     "responses": RESPONSES,
+    "score": SCORE,
+    "rerank": RERANK,
 }
+# The field that tells a body's endpoint when none is given (`input` alone means embeddings).
+_SHAPES = {"messages": CHAT, "prompt": COMPLETIONS, "input": EMBEDDINGS, "query": RERANK, "queries": SCORE,
+           "text_1": SCORE, "data_1": SCORE}
+# vLLM's score request pairs its two sides under one of these names.
+_SCORE_PAIRS = (("queries", "documents"), ("queries", "items"), ("text_1", "text_2"), ("data_1", "data_2"))
 
 
 # Strict: the request is written as given, so "0.5" or True must not pass as a number here and then reach
@@ -85,11 +95,40 @@ class ResponsesBody(_Body):
     temperature: Temperature | None = None
 
 
+_ScoreItem = str | dict[str, Any]
+
+
+class ScoreBody(_Body):
+    """One of vLLM's pairings: `queries` with `documents` (or `items`), `text_1` with `text_2`, `data_1` with
+    `data_2`; each side a text (or content object) or a list of them."""
+
+    @model_validator(mode="after")
+    def _one_pair(self) -> ScoreBody:
+        given = self.model_extra or {}
+        for first, second in _SCORE_PAIRS:
+            if first in given:
+                for name in (first, second):
+                    value = given.get(name)
+                    items = value if isinstance(value, list) else [value]
+                    if not items or not all(isinstance(x, (str, dict)) for x in items):
+                        raise ValueError(f"'{name}' must be a text or a non-empty list of texts")
+                return self
+        raise ValueError("a score request pairs 'queries' with 'documents' (or 'text_1' with 'text_2')")
+
+
+class RerankBody(_Body):
+    query: _ScoreItem
+    documents: list[_ScoreItem] = Field(min_length=1)
+    top_n: int | None = Field(None, ge=0)
+
+
 BODY_MODELS: dict[str, type[_Body]] = {
     CHAT: ChatBody,
     COMPLETIONS: CompletionBody,
     EMBEDDINGS: EmbeddingBody,
     RESPONSES: ResponsesBody,
+    SCORE: ScoreBody,
+    RERANK: RerankBody,
 }
 
 
@@ -108,19 +147,20 @@ def infer_endpoint(body: Mapping[str, Any], endpoint: str | None = None, index: 
     """The endpoint a request body is meant for: explicit, else from its shape."""
     if endpoint is not None:
         return normalize_endpoint(endpoint, index)
-    shapes = [name for name in ("messages", "prompt", "input") if name in body]
-    if len(shapes) > 1:
+    shapes = [name for name in _SHAPES if name in body]
+    if len({_SHAPES[name] for name in shapes}) > 1:
         raise BatchValidationError(
             f"ambiguous request: has {' and '.join(shapes)}; pass endpoint=", field=shapes[1], index=index
         )
     if not shapes:
         raise BatchValidationError(
             "cannot tell the endpoint: pass messages (chat), prompt (completions), input (embeddings), "
-            "or endpoint='/v1/responses' with input",
+            "query and documents (rerank), queries and documents (score), or endpoint='/v1/responses' "
+            "with input",
             field="messages",
             index=index,
         )
-    return {"messages": CHAT, "prompt": COMPLETIONS, "input": EMBEDDINGS}[shapes[0]]
+    return _SHAPES[shapes[0]]
 
 
 def _is_type_tag(part: str) -> bool:

@@ -100,7 +100,8 @@ class BatchResult:
 
     def parsed(self) -> Any:
         """The response as the openai SDK's own type (ChatCompletion, Completion, CreateEmbeddingResponse,
-        Response), for code that already works with those."""
+        Response), for code that already works with those. The SDK has no type for vLLM's score and rerank
+        answers: those come back as the dict they are."""
         if self.response is None:
             return None
         from openai.types import Completion, CreateEmbeddingResponse
@@ -112,7 +113,9 @@ class BatchResult:
             COMPLETIONS: Completion,
             EMBEDDINGS: CreateEmbeddingResponse,
             RESPONSES: Response,
-        }[self.endpoint]
+        }.get(self.endpoint)
+        if cls is None:
+            return self.response
         return (
             cls.construct(**self.response)
             if self.endpoint == EMBEDDINGS

@@ -21,6 +21,7 @@ from vllm_batch_server.api import (
     handlers,
     marks,
     models,
+    online,
     openapi,
     operations,
     results,
@@ -116,8 +117,8 @@ def create_app(settings: Settings) -> Starlette:
         middleware.append(Middleware(BearerAuth, api_key=settings.api_key, open_paths=open_paths))
     app = Starlette(
         routes=[*files.routes, *retry.routes, *batches.routes, *results.routes, *marks.routes,
-                *handlers.routes, *webhook_routes.routes, *models.routes, *events.routes, *operations.routes,
-                *openapi.routes, *ui.routes],
+                *handlers.routes, *webhook_routes.routes, *models.routes, *online.routes, *events.routes,
+                *operations.routes, *openapi.routes, *ui.routes],
         middleware=middleware,
         exception_handlers={
             APIError: on_api_error,

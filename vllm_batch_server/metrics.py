@@ -10,6 +10,9 @@ Where each number comes from, so that none costs the request path anything:
 - The engine's loads, switches and restarts, and a batch's wait before its first run, are reported by the
   scheduler as they happen (scheduler.Observer); checkpoint commit times by each batch's checkpoint thread.
 - Gauges of live state (engine state, paused batches, checkpoint lag, disk) read the scheduler when scraped.
+- Online requests are counted as they are answered, by model and endpoint (online_metrics.py), in the
+  scheduler's own registry (one per app, so two apps in one process never clash), collected with the live
+  gauges.
 - vLLM registers its metrics in prometheus-client's global registry from inside the engine (`AsyncLLM` with
   stats on, vLLM's default); they are appended to ours as they are.
 
@@ -220,6 +223,8 @@ class LiveCollector:
         yield from member_metrics(scheduler.engine)  # a router's backends and replicas; nothing for one engine
         yield GaugeMetricFamily(PREFIX + "webhook_pending_deliveries", "Webhook deliveries waiting for their "
                                 "next attempt.", value=snapshot.pending_deliveries)
+        # Online requests (api/online.py), counted as they are answered, apart from batch work.
+        yield from scheduler.online.metrics.registry.collect()
         try:
             usage = shutil.disk_usage(self._settings.data_dir)
         except OSError:

@@ -24,6 +24,8 @@ from vllm_batch_server.exhaustion import exhausted
 from vllm_batch_server.grouping import group_by_prefix, prompt_parts
 from vllm_batch_server.jsonl import iter_requests
 from vllm_batch_server.lifecycle import BatchStatus
+from vllm_batch_server.online import BatchTurns
+from vllm_batch_server.priority import batch_priority
 from vllm_batch_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,9 @@ SHUTDOWN = "shutdown"
 
 class BatchRunner:
     def __init__(self, db: Database, blobs: Blobs, engine: Engine, settings: Settings,
-                 batch: BatchRow) -> None:
+                 batch: BatchRow, turns: BatchTurns | None = None) -> None:
         self.batch = batch
+        self._turns = turns  # shared with online requests: narrowed while they are answered (online.py)
         self._db = db
         self._blobs = blobs
         self._engine = engine
@@ -99,6 +102,8 @@ class BatchRunner:
     async def _feed(self, results: ResultLog, requests: Iterator[tuple[int, str, dict[str, Any]]],
                     done: set[str]) -> None:
         batch_id, url = self.batch.id, self.batch.endpoint
+        # Behind online requests, and behind batches due sooner (priority.py).
+        priority = batch_priority(self.batch.completion_window)
         slice_end, slices = time.monotonic() + YIELD_SECONDS, 0
 
         def next_request() -> tuple[int, str, dict[str, Any]] | None:
@@ -112,11 +117,15 @@ class BatchRunner:
             while (item := next_request()) is not None:
                 line_no, custom_id, body = item
                 request_id = f"{batch_id}-{line_no}"
+                if self._turns is not None:
+                    await self._turns.take()
                 self._in_flight[request_id] = time.monotonic()
                 try:
-                    result = await self._engine.run(request_id, url, body)
+                    result = await self._engine.run(request_id, url, body, priority=priority)
                 finally:
                     del self._in_flight[request_id]
+                    if self._turns is not None:
+                        self._turns.give_back()
                 results.append(custom_id, result)
                 done.add(custom_id)
                 if results.behind():

@@ -7,6 +7,11 @@ in flight, the next batch of the same model may start, so the engine is never id
 Every status change is asked of the lifecycle (lifecycle.py), which commits it with its event; the API never
 writes a status, it calls `submit` and `cancel` here.
 
+Online requests share the loaded engine but never decide which model it holds: a model switch waits for the
+online requests in flight to finish, and `--online-model` keeps one model loaded while online requests keep
+coming. A batch due sooner (a shorter completion window) of the loaded model may start beside the running
+ones; the engine's priority scheduling then runs its requests first (priority.py).
+
 All state lives in SQLite; the scheduler's memory is only which runners are live, the engine's state and which
 batches wait for a resource to come back. A restart rebuilds everything: batches that were running resume
 from their checkpoint, half-finalized ones finish finalizing.
@@ -33,6 +38,8 @@ from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.exhaustion import Exhausted, exhausted
 from vllm_batch_server.idempotency import IdempotencyKey
 from vllm_batch_server.lifecycle import BatchStatus, Lifecycle, now
+from vllm_batch_server.online import OnlineTraffic
+from vllm_batch_server.priority import batch_priority
 from vllm_batch_server.runner import CANCELLED, EXPIRED, SHUTDOWN, BatchRunner
 from vllm_batch_server.settings import Settings
 from vllm_batch_server.validate import validate_input
@@ -46,6 +53,9 @@ RESOURCE_RETRY_SECONDS = 2.0
 
 # How often Idempotency-Keys older than idempotency.KEEP_SECONDS are forgotten.
 KEY_SWEEP_SECONDS = 3600
+
+# How long the scheduler waits before trying again to load the online model after it failed to load.
+KEEP_MODEL_RETRY_SECONDS = 60.0
 
 
 class EngineState(str, Enum):
@@ -96,6 +106,8 @@ class Scheduler:
         self.lifecycle = lifecycle
         self.observer: Observer = observer or _Unobserved()
         self.engine_state = EngineState.IDLE
+        self.loading_model: str | None = None  # while engine_state is LOADING
+        self.online = OnlineTraffic(settings)
         self.paused: dict[str, Pause] = {}  # batches waiting for a resource of ours to come back
         self.load_error: str | None = None  # why the last model load failed; None once one succeeds
         self._runners: dict[str, BatchRunner] = {}
@@ -110,6 +122,9 @@ class Scheduler:
         # the next batch is given to it, so a wedged engine is restarted instead of stalling the queue.
         self._engine_suspect = False
         self._keys_swept = 0  # when old Idempotency-Keys were last forgotten
+        self._last_model: str | None = None
+        self._failed_under_online = False  # then restarted with _last_model even with no batch to run
+        self._keep_failed_at: float | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -131,11 +146,14 @@ class Scheduler:
             await self.engine.stop()
 
     async def preload(self) -> None:
-        """Load a model before any batch asks for one: the oldest queued batch's model, else the first configured
-        one. Called before `start`, so nothing races it for the engine. A model that cannot load leaves the
-        engine idle with `load_error` set (readiness reports it); batches are unaffected."""
+        """Load a model before any batch asks for one: the oldest queued batch's model, else `--online-model`,
+        else the first configured one. Called before `start`, so nothing races it for the engine. A model that
+        cannot load leaves the engine idle with `load_error` set (readiness reports it); batches are
+        unaffected."""
         queued = [b.model for b in await self.db.batches_in([S.IN_PROGRESS]) if b.model and not b.outcome]
-        model = queued[0] if queued else (self.settings.models[0] if self.settings.models else None)
+        # As the run loop would: the queue first, then the model kept for online requests.
+        model = queued[0] if queued else (self.settings.online_model or
+                                          (self.settings.models[0] if self.settings.models else None))
         if model is None:
             return
         async with self._engine_lock:
@@ -149,16 +167,32 @@ class Scheduler:
                 log.exception("could not preload model %s", model)
 
     async def _start_engine(self, model: str) -> None:
-        """(Re)start the engine with `model`, reporting how long it took and why it happened."""
+        """(Re)start the engine with `model`, reporting how long it took and why it happened. The engine is
+        stopped once the online requests in flight have their answers (new ones are refused from now on).
+        Raises what the start raised, leaving the engine idle."""
         restarted = self.engine_state is EngineState.FAILED
         switched = not restarted and self.engine.model is not None and self.engine.model != model
         self.engine_state = EngineState.LOADING
-        began = time.monotonic()
-        await self.engine.stop()
-        log.info("loading model %s", model)
-        await self.engine.start(model)
-        self.engine_state = EngineState.READY
-        self.load_error = None
+        self.loading_model = model
+        try:
+            if not await self.online.drained(self.settings.request_timeout):
+                log.warning("stopping the engine with %d online requests still in flight",
+                            self.online.in_flight)
+            began = time.monotonic()
+            await self.engine.stop()
+            log.info("loading model %s", model)
+            await self.engine.start(model)
+            self.engine_state = EngineState.READY
+            self.load_error = None
+            self._last_model = model
+            self._failed_under_online = False
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.engine.stop()
+            self.engine_state = EngineState.IDLE
+            raise
+        finally:
+            self.loading_model = None
         self.observer.model_loaded(model, time.monotonic() - began, switched=switched, restarted=restarted)
 
     async def submit(self, batch: BatchRow, key: IdempotencyKey | None = None) -> BatchRow:
@@ -248,6 +282,9 @@ class Scheduler:
             self._queue_changed.clear()  # before looking, so a change made meanwhile wakes us again
             batch = await self._next_batch()
             if batch is None:
+                if not self._drivers and (model := self._model_to_keep()) is not None:
+                    await self._load_model(model)
+                    continue
                 await wait_event(self._queue_changed, self.settings.sweep_seconds)
                 continue
             if not await self._engine_ready_for(batch):
@@ -259,27 +296,81 @@ class Scheduler:
             if (batch is None or batch.status is not S.IN_PROGRESS or batch.id in self._runners
                     or self.engine_state is not EngineState.READY or self.engine.model != batch.model):
                 continue
-            runner = BatchRunner(self.db, self.blobs, self.engine, self.settings, batch)
+            runner = BatchRunner(self.db, self.blobs, self.engine, self.settings, batch, self.online.batch_turns)
             self._runners[batch.id] = runner
             if batch.output_offset == 0 and batch.error_offset == 0 and batch.engine_failures == 0:
                 self.observer.batch_started(batch)
             driver = asyncio.create_task(self._drive(runner), name=f"run {batch.id}")
             self._drivers.add(driver)
             driver.add_done_callback(self._drivers.discard)
-            # Start the next batch once this one has handed out all its requests (or ended).
+            # Start the next batch once this one has handed out all its requests (or ended), or sooner when
+            # a batch due sooner arrives for the loaded model.
             exhausted_input = asyncio.create_task(runner.input_exhausted.wait())
-            await asyncio.wait([exhausted_input, driver], return_when=asyncio.FIRST_COMPLETED)
+            while not (exhausted_input.done() or driver.done()):
+                changed = asyncio.create_task(self._queue_changed.wait())
+                await asyncio.wait([exhausted_input, driver, changed], return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                if changed.done() and not changed.cancelled() and not exhausted_input.done():
+                    self._queue_changed.clear()
+                    if await self._sooner_batch_waiting():
+                        break
             exhausted_input.cancel()
 
     async def _next_batch(self) -> BatchRow | None:
-        """The oldest batch ready to run. Strictly in creation order: while an older batch is still being
-        validated, nothing newer starts (it would overtake it, and could force an extra model switch)."""
-        for batch in await self.db.batches_in([S.VALIDATING, S.IN_PROGRESS]):
-            # A batch with an outcome is being finalized; a paused one waits for a resource.
-            if batch.id in self._runners or batch.outcome or batch.id in self.paused:
-                continue
-            return batch if batch.status is S.IN_PROGRESS else None
-        return None
+        """The batch to run next: the oldest ready one, in creation order (while an older batch is still being
+        validated, nothing newer starts: it would overtake it, and could force an extra model switch) — unless
+        a batch of the loaded model is due sooner than that one and than every running batch: it goes first,
+        with no model switch. Batches of other models than `--online-model` wait while online requests keep
+        coming."""
+        waiting = [batch for batch in await self.db.batches_in([S.VALIDATING, S.IN_PROGRESS])
+                   # A batch with an outcome is being finalized; a paused one waits for a resource.
+                   if not (batch.id in self._runners or batch.outcome or batch.id in self.paused
+                           or self._held_for_online(batch))]
+        if not waiting:
+            return None
+        head = waiting[0]
+        if self.engine_state is EngineState.READY:
+            bar = min([batch_priority(head.completion_window),
+                       *(batch_priority(r.batch.completion_window) for r in self._runners.values())])
+            sooner = min((b for b in waiting if b.status is S.IN_PROGRESS and b.model == self.engine.model),
+                         key=lambda b: (batch_priority(b.completion_window), b.seq), default=None)
+            if sooner is not None and batch_priority(sooner.completion_window) < bar:
+                return sooner
+        return head if head.status is S.IN_PROGRESS else None
+
+    async def _sooner_batch_waiting(self) -> bool:
+        """Whether a batch of the loaded model, due sooner than every running batch, waits to start."""
+        batch = await self._next_batch()
+        return (batch is not None and batch.model == self.engine.model and self._runners != {} and
+                batch_priority(batch.completion_window) <
+                min(batch_priority(r.batch.completion_window) for r in self._runners.values()))
+
+    def _held_for_online(self, batch: BatchRow) -> bool:
+        """A batch of another model than `--online-model` waits while online requests keep coming."""
+        pinned = self.settings.online_model
+        return (pinned is not None and batch.model is not None and batch.model != pinned
+                and self.online.recent(self.settings.online_idle_seconds))
+
+    def _model_to_keep(self) -> str | None:
+        """With nothing to run: the model to have loaded anyway, if it is not — `--online-model`, or, after
+        an online request found the engine failed, the model it had."""
+        if self._keep_failed_at is not None and time.monotonic() - self._keep_failed_at < KEEP_MODEL_RETRY_SECONDS:
+            return None  # it failed to load a moment ago: do not retry in a tight loop
+        model = self.settings.online_model
+        if model is None and self.engine_state is EngineState.FAILED and self._failed_under_online:
+            model = self._last_model
+        if model is None or (self.engine_state is EngineState.READY and self.engine.model == model):
+            return None
+        return model
+
+    def online_engine_failed(self, exc: BaseException) -> None:
+        """An online request found the engine broken: restart it before anything else runs on it (with no
+        batch running, the run loop restarts it with the model it had)."""
+        if self.engine_state is EngineState.READY:
+            log.error("the engine failed under an online request (%s); restarting it", exc)
+            self.engine_state = EngineState.FAILED
+            self._failed_under_online = True
+        self._queue_changed.set()
 
     async def _engine_ready_for(self, batch: BatchRow) -> bool:
         """Whether the engine is ready to run `batch` now. If it is not (another model, failed, suspect), wait
@@ -313,6 +404,17 @@ class Scheduler:
         while self._drivers:
             await asyncio.wait(set(self._drivers))
 
+    async def _load_model(self, model: str) -> None:
+        """Load the model kept for online requests; a failure is logged and tried again later."""
+        async with self._engine_lock:
+            try:
+                await self._start_engine(model)
+                self._keep_failed_at = None
+            except Exception:
+                log.exception("could not load model %s for online requests; retrying in %.0fs", model,
+                              KEEP_MODEL_RETRY_SECONDS)
+                self._keep_failed_at = time.monotonic()
+
     async def _load(self, batch: BatchRow) -> None:
         """(Re)start the engine with the batch's model. A model that cannot load fails the batch; a resource
         of ours that ran out pauses it."""
@@ -322,9 +424,6 @@ class Scheduler:
                 await self._start_engine(batch.model)
                 return
             except Exception as exc:  # the model, not the server, is broken: fail this batch only
-                with contextlib.suppress(Exception):
-                    await self.engine.stop()
-                self.engine_state = EngineState.IDLE
                 if (kind := exhausted(exc)) is not None:
                     self._pause(batch.id, kind, exc)
                     return

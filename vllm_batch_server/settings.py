@@ -32,12 +32,13 @@ SERVER = "server"
 QUEUE = "queue and durability"
 LIMITS = "limits and timeouts"
 ENGINE = "engine"
+ONLINE = "online requests"
 VLLM = "vLLM engine"
 SCALE = "backends and Ray replicas (docs/scale.md)"
 RESULTS = "results"
 OPERATIONS = "operations: metrics, readiness, webhooks"
 TESTING = "testing and benchmarking (never in production)"
-GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, VLLM, SCALE, RESULTS, OPERATIONS, TESTING)
+GROUPS = (SERVER, QUEUE, LIMITS, ENGINE, ONLINE, VLLM, SCALE, RESULTS, OPERATIONS, TESTING)
 
 
 class SettingsError(ValueError):
@@ -228,6 +229,25 @@ class Settings:
                                        "committed results are kept)", group=ENGINE)
     echo_delay: float = setting(0.0, help="seconds the echo engine takes per request", group=ENGINE)
 
+    # ---- online requests (POST /v1/chat/completions etc. on the loaded model, ahead of batch work)
+    online_model: str | None = setting(None, help="keep this model loaded for online requests: it is loaded at "
+                                       "start, and batches of other models wait while online requests keep "
+                                       "coming (an online request never switches the model itself)",
+                                       group=ONLINE)
+    online_idle_seconds: float = setting(300.0, help="with --online-model: after this many seconds without an "
+                                         "online request, batches of other models run (the engine switches "
+                                         "back to the online model afterwards)", group=ONLINE)
+    online_max_requests: int = setting(256, help="online requests admitted at once (computing or waiting for "
+                                       "the engine); more are answered 429 with Retry-After", group=ONLINE)
+    online_max_body_bytes: int = setting(16 * 1024 * 1024, help="largest online request body, in bytes (larger "
+                                         "than --max-json-bytes: prompts may carry images as data URLs)",
+                                         group=ONLINE)
+    online_batch_window: int | None = setting(None, help="while online requests are being answered, batch work "
+                                              "keeps at most this many requests in the engine (default: no "
+                                              "limit); where an engine step's cost grows with the sequences in it "
+                                              "(CPU), this trades batch throughput for online latency",
+                                              group=ONLINE)
+
     # ---- vLLM engine
     max_model_len: int | None = setting(None, help="context length", group=VLLM)
     gpu_memory_utilization: float | None = setting(None, help="fraction of GPU memory for vLLM", group=VLLM)
@@ -237,9 +257,14 @@ class Settings:
                                                  "(GPUs per model = tensor x pipeline)", group=VLLM)
     data_parallel_size: int | None = setting(None, help="copies of the model vLLM runs side by side in this "
                                              "process's engine, each with its own GPUs", group=VLLM)
-    max_num_seqs: int | None = setting(None, help="sequences vLLM batches at once", group=VLLM)
+    max_num_seqs: int | None = setting(None, help="sequences vLLM batches at once (the echo engine: requests "
+                                       "it computes at once, the others waiting in priority order; default "
+                                       "unlimited)", group=VLLM)
     dtype: str | None = setting(None, help="weights dtype (default: auto; float32 on CPU)", group=VLLM)
     prefix_caching: bool = setting(True, help="vLLM prefix caching", group=VLLM)
+    priority_scheduling: bool = setting(True, help="vLLM priority scheduling: online requests run ahead of "
+                                        "batch work, and a batch due sooner ahead of one due later (off: "
+                                        "first come, first served)", group=VLLM)
     engine_args: dict[str, Any] = setting(factory=dict, flag="--engine-arg", metavar="KEY=VALUE",
                                           help="any other vLLM AsyncEngineArgs field; repeat the flag for "
                                           "several (environment: a JSON object)", group=VLLM)
@@ -315,6 +340,13 @@ class Settings:
     echo_fault: str | None = setting(None, help="fault injection for reliability tests: comma-separated "
                                      "crash-after=N, hang-after=N, exhaust-after=N (per engine start), times=K "
                                      "(faults in all), journal=PATH", group=TESTING)
+
+    def __post_init__(self) -> None:
+        if self.online_model is not None and self.online_model not in self.models:
+            raise SettingsError(f"--online-model {self.online_model!r} ({env_name('online_model')}) is not one of "
+                                f"the served models (--model): {', '.join(self.models) or 'none'}")
+        if self.online_max_requests < 1:
+            raise SettingsError(f"--online-max-requests ({env_name('online_max_requests')}) must be at least 1")
 
     @property
     def db_path(self) -> Path:

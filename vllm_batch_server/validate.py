@@ -105,6 +105,12 @@ class _Validator:
         if not isinstance(body, dict):
             self.error("invalid_type", "'body' must be a JSON object.", number, "body")
             return
+        if "priority" in body:
+            # vLLM's own request field; here the server sets it (priority.py), so a line cannot jump the queue
+            # ahead of online requests or of batches due sooner.
+            self.error("unsupported_parameter", "'body.priority' is set by the server: a batch's requests run "
+                       "behind online requests and in the order of their batches' completion_window. Remove "
+                       "it (a shorter completion_window runs a batch sooner).", number, "body.priority")
         model = body.get("model")
         if model is None:
             self.error("missing_required_parameter", "Missing required parameter: 'body.model'.", number,

@@ -182,6 +182,35 @@ def test_scratch_files_are_removed(tmp_path: Path) -> None:
     assert (tmp_path / "mine" / "requests.jsonl").exists()
 
 
+def test_score_rerank_and_responses_requests(tmp_path: Path) -> None:
+    cases = [
+        ({"model": "e", "query": "q", "documents": ["a", "b"], "top_n": 1}, None, "/v1/rerank"),
+        ({"model": "e", "queries": "q", "documents": ["a", "b"]}, None, "/v1/score"),
+        ({"model": "e", "text_1": ["q"], "text_2": ["a"]}, None, "/v1/score"),
+        ({"model": "e", "data_1": "q", "data_2": "a"}, "score", "/v1/score"),
+        ({"model": "m", "input": [{"role": "user", "content": "x"}]}, "responses", "/v1/responses"),
+    ]
+    for n, (request, endpoint, expected) in enumerate(cases):
+        with VLLMBatch(base_url=LOCAL, workdir=tmp_path / str(n)) as b:
+            b.add_to_batch(endpoint=endpoint, **request)
+            assert spooled(b)[0]["url"] == expected
+    bad = [
+        ({"model": "e", "query": "q", "documents": []}, "documents", "at least 1"),
+        ({"model": "e", "query": "q", "documents": ["a"], "top_n": -1}, "top_n", "greater than or equal"),
+        ({"model": "e", "queries": "q"}, None, "'documents' must be"),
+        ({"model": "e", "queries": [], "documents": ["a"]}, None, "'queries' must be"),
+        ({"model": "e", "query": "q", "documents": ["a"], "messages": []}, "query", "ambiguous"),
+    ]
+    for request, field, message in bad:
+        with VLLMBatch(base_url=LOCAL, workdir=tmp_path / "bad") as b, \
+                pytest.raises(BatchValidationError, match=message) as info:
+            b.add_to_batch(**request)
+        assert info.value.field == field
+    with VLLMBatch(base_url="https://api.openai.com/v1", api_key="k", workdir=tmp_path / "oa") as b, \
+            pytest.raises(BatchValidationError, match="openai does not offer /v1/rerank"):
+        b.add_to_batch(model="e", query="q", documents=["a"])
+
+
 @pytest.mark.parametrize(
     ("params", "field", "message"),
     [

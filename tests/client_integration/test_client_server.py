@@ -20,7 +20,6 @@ from vllm_batch import (
     AsyncVLLMBatch,
     AuthenticationError,
     BatchFailedError,
-    BatchValidationError,
     RetryPolicy,
     VLLMBatch,
 )
@@ -123,9 +122,27 @@ def test_unknown_model_fails_with_the_servers_reason(server: RunningServer) -> N
     assert info.value.errors[0]["code"] == "model_not_found"
 
 
-def test_responses_endpoint_is_refused_by_the_local_preset() -> None:
-    with VLLMBatch(provider="local") as batch, pytest.raises(BatchValidationError, match="responses"):
-        batch.add_to_batch(endpoint="/v1/responses", model=CHAT_MODEL, input="x")
+def test_responses_score_and_rerank_batches_round_trip(server: RunningServer, tmp_path: Path) -> None:
+    with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
+        batch.add_to_batch(endpoint="/v1/responses", model=CHAT_MODEL, input="respond to me")
+        batch.submit_wait_download(poll_interval=0.3, progress=False, timeout=60)
+        [answer] = batch.results()
+    assert answer.endpoint == "/v1/responses" and answer.text == "respond to me"
+    assert answer.parsed().output_text == "respond to me"
+
+    with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
+        batch.add_to_batch(model=EMBED_MODEL, query="cat", documents=["a dog", "cat"], top_n=1)
+        batch.submit_wait_download(poll_interval=0.3, progress=False, timeout=60)
+        [ranked] = batch.results()
+    assert ranked.endpoint == "/v1/rerank" and ranked.ok
+    assert [r["index"] for r in ranked.parsed()["results"]] == [1]
+
+    with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
+        batch.add_to_batch(model=EMBED_MODEL, queries="cat", documents=["cat", "a dog"])
+        batch.submit_wait_download(poll_interval=0.3, progress=False, timeout=60)
+        [scored] = batch.results()
+    assert scored.endpoint == "/v1/score"
+    assert [d["index"] for d in scored.response["data"]] == [0, 1]
 
 
 def test_api_key_from_the_environment(server_factory, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,6 +46,8 @@ EXPECTED = {
     "async_app.py": ["[job]", "completed 3/3", "stayed responsive", "... -> Quarterly revenue grew by twelve percent"],
     "switch_provider.py": ["provider: local", "Loved it, would buy again."],
     "embeddings.py": ["5 embeddings of dimension 384", "closest to 'baking at home':"],
+    "online.py": ["submitted: 200 requests", "online: What is the capital of France?",
+                  "streamed: Say hello to the team.", "batch: completed, 200 of 200 done"],
     "webhook_receiver.py": ["verified batch.completed for batch_", "the webhook arrived, verified: done"],
     "compare_models.py": ["(3 batches for 3 models)", "== math: What is 17 times 3?",
                           "echo-c: What is 17 times 3?"],

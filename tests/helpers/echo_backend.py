@@ -95,7 +95,10 @@ def build_app(args: argparse.Namespace) -> Starlette:
             return JSONResponse({"error": {"message": f"The model {body.get('model')!r} does not exist.",
                                            "type": "NotFoundError", "param": "model", "code": 404}},
                                 status_code=404)
-        result = await engine.run(request_id, request.url.path, body)
+        # The whole answer first (the engine's own `run` refuses "stream"), then cut into events below with
+        # this backend's pace between them.
+        whole = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
+        result = await engine.run(request_id, request.url.path, whole)
         note("done", request_id, auth)
         if body.get("stream") and result.ok:
             return StreamingResponse(sse(result.body, args.delay), media_type="text/event-stream")

@@ -78,3 +78,39 @@ def test_openai_fields_users_rely_on_are_accepted(engine: VLLMEngine) -> None:
     parsed = engine._parse("req-1", CHAT, body)
     assert not isinstance(parsed, Result), parsed.body
     assert parsed.request_id == "req-1" and parsed.n == 2 and parsed.max_completion_tokens == 8
+
+
+def test_priority_scheduling_and_the_request_priority(engine: VLLMEngine, model_cache: Path) -> None:
+    from vllm_batch_server import models
+    from vllm_batch_server.engines.vllm import VLLMEngine
+
+    assert engine._engine_kwargs(models.resolve(models.SMOLLM2, model_cache))["scheduling_policy"] == "priority"
+    fcfs = VLLMEngine(Settings(model_cache_dir=model_cache, priority_scheduling=False))
+    assert fcfs._engine_kwargs(models.resolve(models.SMOLLM2, model_cache))["scheduling_policy"] == "fcfs"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    engine._priority_scheduling = True  # as start() records it from the loaded engine's config
+    assert engine._parse("r", CHAT, body, 1_086_400).priority == 1_086_400
+    engine._priority_scheduling = False  # vLLM refuses a non-zero priority under fcfs: none is sent
+    assert engine._parse("r", CHAT, body, 1_086_400).priority == 0
+
+
+def test_responses_score_and_rerank_bodies_parse_as_vllm_serve_takes_them(engine: VLLMEngine) -> None:
+    from vllm_batch_server.engines.base import RERANK, RESPONSES, SCORE
+
+    responses = engine._parse("r", RESPONSES, {"model": "m", "input": "hi", "store": True,
+                                                "metadata": {"a": "b"}, "max_output_tokens": 5})
+    assert not isinstance(responses, Result) and responses.metadata == {"a": "b"}
+    refused = engine._parse("r", RESPONSES, {"model": "m", "input": "hi", "background": True})
+    assert isinstance(refused, Result) and refused.body["error"]["param"] == "background"
+    for body in ({"queries": "q", "documents": ["a", "b"]}, {"text_1": "q", "text_2": "a"},
+                 {"data_1": ["q"], "data_2": ["a"]}):
+        parsed = engine._parse("r", SCORE, {"model": "m", **body})
+        assert not isinstance(parsed, Result), (body, parsed.body)
+    rerank = engine._parse("r", RERANK, {"model": "m", "query": "q", "documents": ["a"], "top_n": 1})
+    assert not isinstance(rerank, Result) and rerank.top_n == 1
+    unknown = engine._parse("r", RERANK, {"model": "m", "query": "q", "documents": ["a"], "frob": 1})
+    assert isinstance(unknown, Result) and unknown.body["error"]["param"] == "frob"
+    streamed = engine._parse("r", CHAT, {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                         "stream": True, "stream_options": {"include_usage": True}},
+                             streaming=True)
+    assert not isinstance(streamed, Result) and streamed.stream is True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import time
 from typing import Any
@@ -11,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from vllm_batch_server import ids, webhooks
+from vllm_batch_server import ids, priority, webhooks
 from vllm_batch_server.api.context import Context, context
 from vllm_batch_server.api.errors import APIError, bad_request, not_found
 from vllm_batch_server.api.idempotency import key_header, key_reused
@@ -26,16 +25,9 @@ from vllm_batch_server.schemas import batch_object, page
 CREATE_FIELDS = {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
 # OpenAI's metadata limits.
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
-# OpenAI accepts only "24h"; shorter windows are our extension (handy for deadlines and tests).
-_WINDOW = re.compile(r"([1-9][0-9]{0,6})([smhd])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-MAX_WINDOW_SECONDS = 30 * 86400
-
-
 def window_seconds(value: Any) -> int:
-    match = _WINDOW.fullmatch(value) if isinstance(value, str) else None
-    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)] if match else 0
-    if not 0 < seconds <= MAX_WINDOW_SECONDS:
+    seconds = priority.window_seconds(value)
+    if seconds is None:
         raise bad_request("Invalid 'completion_window': expected '24h' (or a duration such as '90m', '2h' "
                           "or '30s', at most 30 days).", "completion_window")
     return seconds

@@ -24,12 +24,13 @@ _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers  # e.g. Retry-After on a 429 or 503
         self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
 
@@ -52,7 +53,8 @@ def not_found(kind: str, object_id: str) -> APIError:
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+    return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code,
+                          headers=exc.headers)
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:

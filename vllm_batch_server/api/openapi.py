@@ -19,9 +19,10 @@ from vllm_batch_server.api.events import MAX_LIMIT, MAX_SEQ
 from vllm_batch_server.api.files import UPLOAD_PURPOSES
 from vllm_batch_server.api.params import MAX_EXPIRY, MIN_EXPIRY
 from vllm_batch_server.api.ui import MEDIA_TYPES
-from vllm_batch_server.engines.base import SUPPORTED_ENDPOINTS
+from vllm_batch_server.engines.base import STREAMING_ENDPOINTS, SUPPORTED_ENDPOINTS
 from vllm_batch_server.lifecycle import EVENT_TYPES
 from vllm_batch_server.marks import MAX_LABEL, MAX_NOTE
+from vllm_batch_server.priority import BATCH_BASE
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -35,8 +36,33 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     texts = {400: "Invalid request", 401: "Missing or wrong API key", 404: "No such object", 409: "Conflict",
              408: "The body stalled (nothing for --body-idle-timeout seconds)", 413: "Body too large",
-             503: "Try again in a moment", 507: "Out of disk space"}
+             429: "Too many online requests at once (see Retry-After)",
+             503: "Try again in a moment (see Retry-After)", 507: "Out of disk space"}
     return {str(status): _json(_ref("Error"), texts[status]) for status in statuses}
+
+
+def _online(url: str) -> dict[str, Any]:
+    """An online endpoint: the body is the engine's (vLLM's serving classes: as `vllm serve` answers)."""
+    properties: dict[str, Any] = {
+        "model": {"type": "string", "description": "must be the loaded model"},
+        "priority": {"type": "integer", "maximum": BATCH_BASE - 1,
+                     "description": "vLLM's extension: lower runs first; online requests always run ahead of "
+                     "batch work"},
+    }
+    answers: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+    if url in STREAMING_ENDPOINTS:
+        properties["stream"] = {"type": ["boolean", "null"]}
+        answers["text/event-stream"] = {"schema": {"type": "string"}}
+    errors = _errors(400, 401, 404, 429, 503)
+    # Errors the engine itself answers come in vLLM's form, whose `code` is the HTTP status as a number.
+    errors["400"] = _json(_ref("OnlineError"), "Invalid request, or the model is not the loaded one")
+    name = url.removeprefix("/v1/").replace("/", "_")
+    return {"post": {
+        "operationId": f"online_{name}",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["model"], "properties": properties}}}},
+        "responses": {"200": {"description": "The engine's answer", "content": answers}, **errors},
+    }}
 
 
 _NULLABLE_INT = {"type": ["integer", "null"]}
@@ -53,6 +79,16 @@ SCHEMAS: dict[str, Any] = {
             "required": ["message", "type", "param", "code"],
             "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": _NULLABLE_STR,
                            "code": _NULLABLE_STR},
+        }},
+    },
+    "OnlineError": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": _NULLABLE_STR,
+                           "code": {"type": ["string", "integer", "null"]}},
         }},
     },
     "File": {
@@ -418,6 +454,7 @@ def spec() -> dict[str, Any]:
                         "parameters": [_path_param("model", {"type": "string"})],
                         "responses": {"200": _json(_ref("Model"), "The model"), **_errors(401, 404)}},
             },
+            **{url: _online(url) for url in SUPPORTED_ENDPOINTS},
             "/v1/events": {
                 "get": {
                     "operationId": "listEvents",

@@ -9,14 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import heapq
+import itertools
 import os
 import struct
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_batch_server.engines.base import CHAT, COMPLETIONS, EMBEDDINGS, EngineError, Result, Usage
+from vllm_batch_server.engines import echo_stream
+from vllm_batch_server.engines.base import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    RERANK,
+    RESPONSES,
+    SCORE,
+    STREAMING_ENDPOINTS,
+    EngineError,
+    Result,
+    Usage,
+)
 from vllm_batch_server.settings import Settings
 
 EMBED_DIM = 384
@@ -47,6 +63,51 @@ def _embedding(text: str) -> list[float]:
     values = values[:EMBED_DIM]
     norm = sum(v * v for v in values) ** 0.5 or 1.0
     return [v / norm for v in values]
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))  # both are unit vectors
+
+
+class PriorityGate:
+    """At most `slots` requests compute at once; the others wait, lowest priority value first, then in
+    arrival order — the rule vLLM's priority scheduler applies, so the echo engine orders work as vLLM does
+    and tests of who-goes-first run at echo speed. `slots=None`: no limit (everything computes at once)."""
+
+    def __init__(self, slots: int | None) -> None:
+        self._free = slots
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: int) -> AsyncIterator[None]:
+        if self._free is None:
+            yield
+            return
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (priority, next(self._arrivals), turn))
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # the slot was handed over just as the waiter was cancelled: pass it on
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            _, _, turn = heapq.heappop(self._waiting)
+            if not turn.done():  # a waiter cancelled meanwhile is skipped
+                turn.set_result(None)
+                return
+        assert self._free is not None
+        self._free += 1
 
 
 @dataclass
@@ -97,6 +158,10 @@ class EchoEngine:
         self._delay = settings.echo_delay
         # As vLLM's: twice the sequences it would batch, when that is set (the router's replicas use this).
         self._capacity = settings.window or (2 * settings.max_num_seqs if settings.max_num_seqs else 256)
+        # --max-num-seqs caps how many requests compute at once, as it does for vLLM; the rest wait in
+        # priority order. Unset: no cap.
+        self._gate = PriorityGate(settings.max_num_seqs)
+        self._priorities = settings.priority_scheduling  # off: first come, first served, as vLLM's fcfs
         self._model: str | None = None
         self._served = set(settings.models)
         self._fault = FaultPlan.parse(settings.echo_fault)
@@ -149,7 +214,7 @@ class EchoEngine:
             if self._broken is not None:
                 self._faults_injected += 1
 
-    async def run(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
+    async def run(self, request_id: str, url: str, body: dict[str, Any], *, priority: int = 0) -> Result:
         self._inject_fault()
         if self._broken == "crash":
             raise EngineError(f"echo engine crashed (fault injected after {self._fault.crash_after} "
@@ -159,12 +224,29 @@ class EchoEngine:
         if self._broken == "exhaust":
             raise EngineError("echo engine could not serve: [Errno 24] Too many open files (fault injected after "
                               f"{self._fault.exhaust_after} requests)")
-        if self._delay > 0:
-            await asyncio.sleep(self._delay)
-        result = self._compute(request_id, url, body)
+        if body.get("stream") is True:
+            return Result.error(400, "stream is not supported here; results are returned whole",
+                                param="stream")
+        async with self._gate.slot(priority if self._priorities else 0):
+            if self._delay > 0:
+                await asyncio.sleep(self._delay)
+            result = self._compute(request_id, url, body)
         if self._journal is not None:
             os.write(self._journal, f"{request_id}\n".encode())
         return result
+
+    async def stream(self, request_id: str, url: str, body: dict[str, Any], *,
+                     priority: int = 0) -> Result | AsyncIterator[bytes]:
+        """The same answer as `run`, cut into the server-sent events `vllm serve` would send."""
+        if url not in STREAMING_ENDPOINTS:
+            return Result.error(400, f"{url} does not stream", param="stream")
+        whole = await self.run(request_id, url, {k: v for k, v in body.items()
+                                                 if k not in ("stream", "stream_options")}, priority=priority)
+        if not whole.ok:
+            return whole
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        return echo_stream.events(url, whole.body, include_usage=include_usage)
 
     def _compute(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
         model = body.get("model")
@@ -177,6 +259,12 @@ class EchoEngine:
             return self._completion(request_id, body)
         if url == EMBEDDINGS:
             return self._embeddings(body)
+        if url == RESPONSES:
+            return self._responses(request_id, body)
+        if url == SCORE:
+            return self._score(request_id, body)
+        if url == RERANK:
+            return self._rerank(request_id, body)
         return Result.error(404, f"Unsupported endpoint {url!r}.", code="unknown_url")
 
     @staticmethod
@@ -264,3 +352,96 @@ class EchoEngine:
             "model": body["model"],
             "usage": {"prompt_tokens": usage.input_tokens, "total_tokens": usage.input_tokens},
         }, usage)
+
+    def _responses(self, request_id: str, body: dict[str, Any]) -> Result:
+        raw = body.get("input")
+        if isinstance(raw, str):
+            prompt = raw
+        elif isinstance(raw, list) and raw:
+            users = [item for item in raw if isinstance(item, dict) and item.get("role", "user") == "user"]
+            prompt = _text_of((users or raw)[-1].get("content")) if isinstance((users or raw)[-1], dict) else ""
+        else:
+            return Result.error(400, "'input' must be a string or a non-empty list of input items.",
+                                param="input")
+        limit = body.get("max_output_tokens")
+        text, finish, usage = self._answer(prompt, {"max_tokens": limit})
+        return Result(200, {
+            "id": "resp_" + request_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": body["model"],
+            "status": "completed" if finish == "stop" else "incomplete",
+            "incomplete_details": None if finish == "stop" else {"reason": "max_output_tokens"},
+            "error": None,
+            "instructions": body.get("instructions"),
+            "metadata": body.get("metadata"),
+            "max_output_tokens": limit,
+            "temperature": body.get("temperature", 1.0),
+            "top_p": body.get("top_p", 1.0),
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "output": [{
+                "type": "message", "id": "msg_" + request_id, "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}],
+            }],
+            "usage": {
+                "input_tokens": usage.input_tokens,
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": usage.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage.input_tokens + usage.output_tokens,
+            },
+        }, usage)
+
+    @staticmethod
+    def _texts(value: Any, param: str) -> list[str] | Result:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
+            return Result.error(400, f"'{param}' must be a string or a non-empty list of strings.", param=param)
+        return items
+
+    def _score(self, request_id: str, body: dict[str, Any]) -> Result:
+        """As vLLM pairs them: one query against every document, or the i-th query with the i-th document."""
+        for first, second in (("queries", "documents"), ("queries", "items"), ("text_1", "text_2"),
+                              ("data_1", "data_2")):
+            if first in body or second in body:
+                break
+        left, right = self._texts(body.get(first), first), self._texts(body.get(second), second)
+        if isinstance(left, Result):
+            return left
+        if isinstance(right, Result):
+            return right
+        if len(left) == 1:
+            left = left * len(right)
+        if len(left) != len(right):
+            return Result.error(400, f"'{first}' and '{second}' must have the same length, or '{first}' one "
+                                "item.", param=first)
+        scores = [_cosine(_embedding(a), _embedding(b)) for a, b in zip(left, right, strict=True)]
+        tokens = sum(_tokens(a) + _tokens(b) for a, b in zip(left, right, strict=True))
+        return Result(200, {
+            "id": "score-" + request_id, "object": "list", "created": int(time.time()), "model": body["model"],
+            "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                      "prompt_tokens_details": None},
+        }, Usage(input_tokens=tokens))
+
+    def _rerank(self, request_id: str, body: dict[str, Any]) -> Result:
+        query = body.get("query")
+        if not isinstance(query, str):
+            return Result.error(400, "'query' must be a string.", param="query")
+        documents = self._texts(body.get("documents"), "documents")
+        if isinstance(documents, Result):
+            return documents
+        top_n = body.get("top_n") or len(documents)
+        if not isinstance(top_n, int) or top_n < 0:
+            return Result.error(400, "'top_n' must be a non-negative integer.", param="top_n")
+        wanted = _embedding(query)
+        scores = [_cosine(wanted, _embedding(d)) for d in documents]
+        order = sorted(range(len(documents)), key=lambda i: -scores[i])[:top_n]
+        results = [{"index": i, "document": {"text": documents[i], "multi_modal": None},
+                    "relevance_score": scores[i]} for i in order]
+        tokens = sum(_tokens(query) + _tokens(d) for d in documents)
+        return Result(200, {
+            "id": "score-" + request_id, "model": body["model"],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results,
+        }, Usage(input_tokens=tokens))

@@ -8,6 +8,9 @@ model's generation config, structured outputs, logprobs, usage. We only add what
   unconstrained or unexpected output with no signal);
 - an engine that died raises EngineError (the scheduler restarts it and resumes from the last checkpoint),
   while a bad request is a non-200 Result;
+- vLLM runs with priority scheduling, so online requests (priority 0) go ahead of batch work and a batch
+  due sooner goes ahead of one due later (priority.py); a batch request vLLM preempts for them is recomputed
+  by vLLM and still answers its one `run` call, so nothing is lost or counted twice;
 - CPU-only machines get float32, eager mode and a bounded KV cache by default.
 
 All knowledge of vLLM's internal module layout lives in this module, so vLLM version drift stays here.
@@ -26,10 +29,23 @@ import threading
 import time
 import typing
 from argparse import Namespace
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from vllm_batch_server import models
-from vllm_batch_server.engines.base import CHAT, COMPLETIONS, EMBEDDINGS, EngineError, Result, Usage
+from vllm_batch_server.engines.base import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    RERANK,
+    RESPONSES,
+    SCORE,
+    STREAMING_ENDPOINTS,
+    SUPPORTED_ENDPOINTS,
+    EngineError,
+    Result,
+    Usage,
+)
 from vllm_batch_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -57,6 +73,14 @@ class _Serving:
         self.chat = getattr(state, "openai_serving_chat", None)
         self.completion = getattr(state, "openai_serving_completion", None)
         self.embedding = getattr(state, "serving_embedding", None)
+        self.responses = getattr(state, "openai_serving_responses", None)
+        # Score and rerank share one object, as in `vllm serve` (bi-encoder scoring for embedding models,
+        # cross-encoder for classifiers with one label).
+        self.scores = getattr(state, "serving_scores", None)
+
+    def handler(self, url: str) -> Any:
+        return {CHAT: self.chat, COMPLETIONS: self.completion, EMBEDDINGS: self.embedding,
+                RESPONSES: self.responses, SCORE: self.scores, RERANK: self.scores}.get(url)
 
 
 def _field_names(*model_classes: Any) -> frozenset[str]:
@@ -105,6 +129,7 @@ class VLLMEngine:
         self._inflight: dict[str, asyncio.Task[Result]] = {}
         self._set_env: list[str] = []
         self._fields: dict[str, frozenset[str]] = {}
+        self._priority_scheduling = False  # as the loaded engine was configured
         # Measured, for logs and benchmarks.
         self.last_start_seconds: float | None = None
 
@@ -147,9 +172,11 @@ class VLLMEngine:
         self._model = model
         self._max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
         self._data_parallel = int(self._llm.vllm_config.parallel_config.data_parallel_size or 1)
+        self._priority_scheduling = str(self._llm.vllm_config.scheduler_config.policy) == "priority"
         self.last_start_seconds = time.monotonic() - began
-        log.info("vLLM loaded %s in %.1f s (max_num_seqs=%d, capacity=%d)", model, self.last_start_seconds,
-                 self._max_num_seqs, self.capacity)
+        log.info("vLLM loaded %s in %.1f s (max_num_seqs=%d, capacity=%d, scheduling=%s)", model,
+                 self.last_start_seconds, self._max_num_seqs, self.capacity,
+                 "priority" if self._priority_scheduling else "fcfs")
 
     async def stop(self) -> None:
         for task in list(self._inflight.values()):
@@ -176,10 +203,10 @@ class VLLMEngine:
         # model does not start while the previous one's memory is still held.
         gc.collect()
 
-    async def run(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
+    async def run(self, request_id: str, url: str, body: dict[str, Any], *, priority: int = 0) -> Result:
         if self._llm is None or self._serving is None:
             raise EngineError("no model is loaded")
-        task = asyncio.ensure_future(self._dispatch(request_id, url, body))
+        task = asyncio.ensure_future(self._dispatch(request_id, url, body, priority))
         self._inflight[request_id] = task
         try:
             # Cancelling run() cancels the task, and cancelling the task makes vLLM abort the request.
@@ -203,46 +230,84 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    async def _dispatch(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
-        assert self._serving is not None
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    async def stream(self, request_id: str, url: str, body: dict[str, Any], *,
+                     priority: int = 0) -> Result | AsyncIterator[bytes]:
+        """An online request with `"stream": true`: vLLM's own event stream, as `vllm serve` sends it."""
+        if self._llm is None or self._serving is None:
+            raise EngineError("no model is loaded")
+        if url not in STREAMING_ENDPOINTS:
+            return Result.error(400, f"{url} does not stream; leave out 'stream'", param="stream")
+        response = await self._call(request_id, url, body, priority, streaming=True)
+        if isinstance(response, Result):
+            return response
+        if not hasattr(response, "__aiter__"):  # vLLM answered whole (it does so for some errors)
+            return self._result_of(url, response)
+        return self._sse(url, response)
 
-        if url == CHAT:
-            handler = self._serving.chat
-        elif url == COMPLETIONS:
-            handler = self._serving.completion
-        elif url == EMBEDDINGS:
-            handler = self._serving.embedding
-        else:
-            return Result.error(400, f"unsupported endpoint {url}; expected one of {CHAT}, {COMPLETIONS}, "
-                                f"{EMBEDDINGS}", param="url")
+    async def _sse(self, url: str, generator: Any) -> AsyncIterator[bytes]:
+        """vLLM's stream as bytes: chat and completions already yield `data: ...` lines; the Responses API
+        yields event objects, written out the way vLLM's own router does."""
+        try:
+            async for item in generator:
+                if url == RESPONSES:
+                    payload = item.model_dump_json(indent=None, by_alias=True)
+                    yield f"event: {getattr(item, 'type', 'unknown')}\ndata: {payload}\n\n".encode()
+                else:
+                    yield item.encode() if isinstance(item, str) else bytes(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._raise_if_dead(exc)
+            raise
+        finally:
+            # Closing vLLM's generator is what aborts the request in the engine (client gone, or done).
+            await generator.aclose()
+
+    async def _dispatch(self, request_id: str, url: str, body: dict[str, Any], priority: int) -> Result:
+        response = await self._call(request_id, url, body, priority, streaming=False)
+        return response if isinstance(response, Result) else self._result_of(url, response)
+
+    async def _call(self, request_id: str, url: str, body: dict[str, Any], priority: int, *,
+                    streaming: bool) -> Any:
+        """Hand one request to vLLM's serving object for `url`: its response object (or stream), or a
+        non-200 Result when the request cannot be served."""
+        assert self._serving is not None
+        if url not in SUPPORTED_ENDPOINTS:
+            return Result.error(400, f"unsupported endpoint {url}; expected one of "
+                                f"{', '.join(SUPPORTED_ENDPOINTS)}", param="url")
+        handler = self._serving.handler(url)
         if handler is None:
-            kind = "an embedding" if url == EMBEDDINGS else "a text generation"
+            kind = {EMBEDDINGS: "an embedding", SCORE: "a scoring", RERANK: "a scoring"}.get(url, "a text "
+                                                                                              "generation")
             return Result.error(400, f"model {self._model!r} is not {kind} model, so it cannot serve {url}",
                                 param="url", code="model_not_supported")
 
-        parsed = self._parse(request_id, url, body)
+        parsed = self._parse(request_id, url, body, priority, streaming=streaming)
         if isinstance(parsed, Result):
             return parsed
         try:
-            if url == EMBEDDINGS:
-                response: Any = await handler(parsed, None)
-            elif url == CHAT:
-                response = await handler.create_chat_completion(parsed, None)
-            else:
-                response = await handler.create_completion(parsed, None)
+            if url in (EMBEDDINGS, SCORE, RERANK):
+                return await handler(parsed, None)
+            if url == CHAT:
+                return await handler.create_chat_completion(parsed, None)
+            if url == RESPONSES:
+                return await handler.create_responses(parsed, None)
+            return await handler.create_completion(parsed, None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._raise_if_dead(exc)
             from vllm.entrypoints.serve import create_error_response
 
-            response = create_error_response(exc)
+            return create_error_response(exc)
+
+    def _result_of(self, url: str, response: Any) -> Result:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         if isinstance(response, ErrorResponse):
             self._raise_if_dead(None)
             return Result(int(response.error.code), response.model_dump(mode="json"))
-        out = self._body_of(response)
+        out = self._body_of(response, by_alias=url == RESPONSES)
         if out is None:
             return Result.error(500, f"vLLM answered with an unexpected {type(response).__name__}",
                                 type="server_error")
@@ -253,10 +318,11 @@ class VLLMEngine:
         return Result(200, out, Usage.from_body(out))
 
     @staticmethod
-    def _body_of(response: Any) -> dict[str, Any] | None:
-        """A pydantic response (chat, completion) or a starlette JSONResponse (embeddings) as a dict."""
+    def _body_of(response: Any, *, by_alias: bool = False) -> dict[str, Any] | None:
+        """A pydantic response (chat, completion, responses) or a starlette JSONResponse (embeddings, score,
+        rerank) as a dict, serialized as vLLM's own routes do (the Responses API by alias)."""
         if hasattr(response, "model_dump"):
-            return dict(response.model_dump(mode="json"))
+            return dict(response.model_dump(mode="json", by_alias=by_alias))
         raw = getattr(response, "body", None)
         if isinstance(raw, (bytes, bytearray, memoryview)):
             loaded = json.loads(bytes(raw))
@@ -269,18 +335,24 @@ class VLLMEngine:
         if isinstance(exc, EngineDeadError) or (self._llm is not None and self._llm.errored):
             raise EngineError(f"the vLLM engine died: {exc or 'engine core errored'}") from exc
 
-    def _parse(self, request_id: str, url: str, body: dict[str, Any]) -> Any:
+    def _parse(self, request_id: str, url: str, body: dict[str, Any], priority: int = 0, *,
+               streaming: bool = False) -> Any:
         """The body as vLLM's request model, or a 400 Result naming the offending field."""
         from pydantic import TypeAdapter, ValidationError
 
         if not isinstance(body, dict):
             return Result.error(400, "the request body must be a JSON object", param="body")
-        body = {k: v for k, v in body.items() if k not in _HARMLESS_OPENAI_FIELDS}
-        if body.get("stream"):
-            return Result.error(400, "stream is not supported in a batch; results are written to the output "
-                                "file", param="stream")
-        body.pop("stream", None)
-        body.pop("stream_options", None)
+        # The Responses API knows `store`, `metadata`, `service_tier` and `user`, and echoes them back.
+        dropped = frozenset() if url == RESPONSES else _HARMLESS_OPENAI_FIELDS
+        body = {k: v for k, v in body.items() if k not in dropped}
+        if streaming:
+            body["stream"] = True
+        else:
+            if body.get("stream"):
+                return Result.error(400, "stream is not supported in a batch; results are written to the "
+                                    "output file", param="stream")
+            body.pop("stream", None)
+            body.pop("stream_options", None)
 
         if url == CHAT:
             from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -301,6 +373,24 @@ class VLLMEngine:
             if best_of not in (None, 1, body.get("n", 1)):
                 return Result.error(400, "best_of is not supported (vLLM returns exactly n choices)",
                                     param="best_of")
+        elif url == RESPONSES:
+            from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+            model_cls = ResponsesRequest
+            known = self._known_fields(url, ResponsesRequest)
+            if body.get("background"):
+                return Result.error(400, "background is not supported: the server already runs the request "
+                                    "(a batch in the background, an online request while you wait)",
+                                    param="background")
+        elif url in (SCORE, RERANK):
+            from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
+
+            if url == RERANK:
+                model_cls, members = RerankRequest, [RerankRequest]
+            else:
+                # A union of request shapes (queries/documents, queries/items, data_1/data_2, text_1/text_2).
+                model_cls, members = TypeAdapter(ScoreRequest), list(typing.get_args(ScoreRequest))
+            known = self._known_fields(url, *members)
         else:
             from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
 
@@ -319,6 +409,11 @@ class VLLMEngine:
                                 f"{', '.join(unknown)}", param=unknown[0], code="unsupported_parameter")
         # vLLM uses this as the engine request id (prefixed): ties its logs to the batch's request.
         body["request_id"] = request_id
+        if self._priority_scheduling:
+            # Only then: vLLM refuses a non-zero priority from an engine scheduling first-come-first-served.
+            body["priority"] = priority
+        else:
+            body.pop("priority", None)
         try:
             if isinstance(model_cls, TypeAdapter):
                 return model_cls.validate_python(body)
@@ -331,6 +426,14 @@ class VLLMEngine:
                                 param=loc or None)
         except ValueError as exc:
             return Result.error(400, f"invalid request: {exc}")
+        except Exception as exc:
+            # vLLM's own validators raise its errors, which are no ValueError (VLLMValidationError for `tool_choice`
+            # without `tools`, an empty prompt): answered as `vllm serve` answers them (a 400 naming the
+            # parameter), so one bad line fails alone instead of stopping its batch.
+            from vllm.entrypoints.serve import create_error_response
+
+            error = create_error_response(exc)
+            return Result(int(error.error.code), error.model_dump(mode="json"))
 
     def _known_fields(self, url: str, *model_classes: Any) -> frozenset[str]:
         if url not in self._fields:
@@ -347,6 +450,8 @@ class VLLMEngine:
             # Left unset otherwise: vLLM then turns it on for every model that supports it (decoders) and
             # off for those that cannot (encoder-only embedding models fail to start with it forced on).
             kwargs["enable_prefix_caching"] = False
+        # Online requests ahead of batch work, and sooner-due batches ahead of later ones (priority.py).
+        kwargs["scheduling_policy"] = "priority" if s.priority_scheduling else "fcfs"
         if resolved.kind == "embed":
             kwargs["runner"] = "pooling"
         elif resolved.kind == "generate":

@@ -1,0 +1,381 @@
+"""Online requests on the batch engine (echo): the official SDK against every online endpoint, streaming and
+not, sync and async; the loaded model only; admission with 429; online requests ahead of batch work."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ServerFactory, chat_lines, read_jsonl, request_line, sdk, submit, wait_for
+from tests.faults.checks import assert_exactly_once
+
+ONLINE = ["--online-model", "echo-model"]
+
+
+def _chat(client: openai.OpenAI, content: str = "hello online world", **kwargs: object) -> object:
+    return client.chat.completions.create(model="echo-model", messages=[{"role": "user", "content": content}],
+                                          **kwargs)  # type: ignore[call-overload]
+
+
+def test_sdk_answers_every_online_endpoint(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=ONLINE)
+    client = sdk(server)
+    chat = client.chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "one two"}])
+    assert chat.object == "chat.completion" and chat.choices[0].message.content == "one two"
+    assert chat.id.startswith("chatcmpl-") and chat.usage is not None and chat.usage.total_tokens == 4
+
+    completion = client.completions.create(model="echo-model", prompt="three four five", max_tokens=2)
+    assert completion.choices[0].text == "three four" and completion.choices[0].finish_reason == "length"
+
+    embedding = client.embeddings.create(model="echo-model", input=["a", "b"])
+    assert [d.index for d in embedding.data] == [0, 1] and len(embedding.data[0].embedding) == 384
+
+    response = client.responses.create(model="echo-model", input="six seven")
+    assert response.object == "response" and response.output_text == "six seven"
+    assert response.usage is not None and response.usage.output_tokens == 2
+
+    # vLLM's scoring endpoints have no SDK method: plain HTTP, with the same base URL and key.
+    score = httpx.post(server.base_url + "/score", json={"model": "echo-model", "queries": "cat",
+                                                         "documents": ["cat", "a dog"]}).json()
+    assert score["object"] == "list" and [d["index"] for d in score["data"]] == [0, 1]
+    assert score["data"][0]["score"] == pytest.approx(1.0) and score["data"][1]["score"] < 1.0
+    rerank = httpx.post(server.base_url + "/rerank", json={"model": "echo-model", "query": "cat", "top_n": 1,
+                                                           "documents": ["a dog", "cat"]}).json()
+    assert [r["index"] for r in rerank["results"]] == [1] and rerank["results"][0]["document"]["text"] == "cat"
+
+
+def test_sdk_streams_chat_completions_and_responses(server_factory: ServerFactory) -> None:
+    client = sdk(server_factory(extra_args=ONLINE))
+    chunks = list(client.chat.completions.create(
+        model="echo-model", messages=[{"role": "user", "content": "stream these words"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "stream these words"
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    assert len({c.id for c in chunks}) == 1
+
+    pieces = list(client.completions.create(model="echo-model", prompt="a b c", stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == "a b c" and pieces[-1].choices[0].finish_reason == "stop"
+
+    with client.responses.stream(model="echo-model", input="respond in a stream") as stream:
+        types = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert "response.output_text.delta" in types and final.output_text == "respond in a stream"
+
+
+def test_async_sdk_concurrent_and_streaming(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=[*ONLINE, "--echo-delay", "0.05"])
+
+    async def scenario() -> None:
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        answers = await asyncio.gather(*(client.chat.completions.create(
+            model="echo-model", messages=[{"role": "user", "content": f"question {i}"}]) for i in range(20)))
+        assert [a.choices[0].message.content for a in answers] == [f"question {i}" for i in range(20)]
+        stream = await client.chat.completions.create(
+            model="echo-model", messages=[{"role": "user", "content": "async stream"}], stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "async stream"
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_online_requests_need_the_key_like_every_route(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=ONLINE, api_key="sk-online")
+    with pytest.raises(openai.AuthenticationError):
+        _chat(sdk(server, api_key="wrong"))
+    assert _chat(sdk(server)).choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
+
+
+def test_only_the_loaded_model_answers_and_online_never_switches(server_factory: ServerFactory) -> None:
+    server = server_factory()
+    client = sdk(server)
+    # Nothing loaded yet (no --online-model, no batch): told so, and nothing is loaded because of it.
+    with pytest.raises(openai.BadRequestError) as idle:
+        _chat(client)
+    assert idle.value.code == "model_not_loaded" and "no model is loaded" in idle.value.message
+    assert "--online-model echo-model" in idle.value.message
+    assert httpx.get(server.root_url + "/health").json()["loaded_model"] is None
+
+    # A batch loads echo-embed; online requests for echo-model are refused naming it, and it stays loaded.
+    batch = wait_for(client, submit(client, [request_line("e", "x", model="echo-embed", url="/v1/embeddings")],
+                                    endpoint="/v1/embeddings").id)
+    assert batch.status == "completed"
+    with pytest.raises(openai.BadRequestError) as other:
+        _chat(client)
+    assert other.value.code == "model_not_loaded" and other.value.param == "model"
+    assert "the loaded model is 'echo-embed'" in other.value.message
+    assert httpx.get(server.root_url + "/health").json()["loaded_model"] == "echo-embed"
+    assert client.embeddings.create(model="echo-embed", input="fine").data[0].index == 0
+
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.embeddings.create(model="no-such-model", input="x")
+    assert unknown.value.code == "model_not_found" and "echo-model, echo-embed" in unknown.value.message
+
+
+def test_bad_online_requests_get_openai_errors(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=ONLINE)
+    url = server.base_url + "/chat/completions"
+    messages = [{"role": "user", "content": "x"}]
+    cases = [
+        ({"messages": messages}, 400, "model"),
+        ({"model": "echo-model", "messages": messages, "priority": 1_000_000}, 400, "priority"),
+        ({"model": "echo-model", "messages": messages, "priority": "high"}, 400, "priority"),
+        ({"model": "echo-model", "messages": []}, 400, "messages"),
+    ]
+    for body, status, param in cases:
+        answer = httpx.post(url, json=body)
+        assert answer.status_code == status, (body, answer.text)
+        error = answer.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
+    answer = httpx.post(server.base_url + "/embeddings", json={"model": "echo-model", "input": "x",
+                                                               "stream": True})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "stream"
+    assert httpx.post(url, content=b"{not json").status_code == 400
+    # A priority below the batch band is accepted (it orders online requests among themselves).
+    assert httpx.post(url, json={"model": "echo-model", "messages": messages, "priority": -5}).status_code == 200
+
+
+def test_past_the_admission_limit_429_with_retry_after(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=[*ONLINE, "--online-max-requests", "2", "--echo-delay", "3"])
+    body = {"model": "echo-model", "messages": [{"role": "user", "content": "slow"}]}
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(server.base_url + "/chat/completions", json=body, timeout=30)
+
+    began = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(post, range(6)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200, 200, 429, 429, 429, 429], statuses
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert all(a.elapsed.total_seconds() < 2 for a in answers if a.status_code == 429)  # refused at once
+    assert time.monotonic() - began < 10
+    # The slots came back: the SDK (which honours Retry-After) gets its answer.
+    assert _chat(sdk(server)).choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
+
+
+def test_a_caller_who_leaves_frees_its_slot(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=[*ONLINE, "--online-max-requests", "1", "--echo-delay", "3"])
+    body = {"model": "echo-model", "messages": [{"role": "user", "content": "abandoned"}]}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.base_url + "/chat/completions", json=body, timeout=0.5)
+    time.sleep(0.3)
+    # Had the abandoned request kept its slot, this one would be refused with 429.
+    answer = httpx.post(server.base_url + "/chat/completions", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+
+
+def test_online_request_finishes_before_batch_requests_queued_earlier(server_factory: ServerFactory) -> None:
+    # One request computes at a time (as vLLM's max_num_seqs): the batch queues 40 in the engine first.
+    server = server_factory(extra_args=[*ONLINE, "--max-num-seqs", "1", "--echo-delay", "0.05", "--window", "64"])
+    client = sdk(server)
+    batch = submit(client, chat_lines(40, model="echo-model"))
+    wait_for(client, batch.id, statuses=("in_progress",))
+    time.sleep(0.3)  # the runner has handed the engine its whole window by now
+    began = time.monotonic()
+    answer = _chat(client)
+    took = time.monotonic() - began
+    during = client.batches.retrieve(batch.id)
+    # First come, first served it would have waited for the ~35 batch requests ahead of it (~1.7 s).
+    assert took < 1.0, took
+    assert during.status == "in_progress" and during.request_counts.completed < 30, during.request_counts
+    assert answer.choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
+    done = wait_for(client, batch.id)
+    assert done.status == "completed"
+    assert_exactly_once(client, done, {f"req-{i}" for i in range(40)})
+
+
+def test_without_priority_scheduling_first_come_first_served(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=[*ONLINE, "--max-num-seqs", "1", "--echo-delay", "0.05", "--window", "64",
+                                        "--no-priority-scheduling"])
+    client = sdk(server)
+    batch = submit(client, chat_lines(40, model="echo-model"))
+    wait_for(client, batch.id, statuses=("in_progress",))
+    time.sleep(0.3)
+    began = time.monotonic()
+    _chat(client)  # waits behind the ~35 batch requests handed to the engine before it (~1.7 s)
+    assert time.monotonic() - began > 1.0
+    assert wait_for(client, batch.id).status == "completed"
+
+
+def test_a_batch_due_sooner_runs_ahead_of_one_due_later(server_factory: ServerFactory) -> None:
+    # A window of 8: the later batch hands the engine its requests over seconds, so the sooner batch must be
+    # started beside it (scheduler) and its requests run first (engine priority) to overtake it.
+    server = server_factory(extra_args=["--max-num-seqs", "1", "--echo-delay", "0.02", "--window", "8"])
+    client = sdk(server)
+    later = submit(client, chat_lines(200, prefix="day", model="echo-model"), completion_window="24h")
+    wait_for(client, later.id, statuses=("in_progress",), until=lambda b: b.request_counts.completed > 0)
+    sooner = submit(client, chat_lines(5, prefix="hour", model="echo-model"), completion_window="1h")
+    sooner = wait_for(client, sooner.id)
+    assert sooner.status == "completed"
+    during = client.batches.retrieve(later.id)
+    assert during.status == "in_progress" and during.request_counts.completed < 150, during.request_counts
+    later = wait_for(client, later.id)
+    assert later.status == "completed"
+    assert_exactly_once(client, later, {f"day-{i}" for i in range(200)})
+
+
+def test_batches_of_responses_score_and_rerank(server_factory: ServerFactory) -> None:
+    client = sdk(server_factory())
+    lines = {
+        "/v1/responses": [{"custom_id": "r", "method": "POST", "url": "/v1/responses",
+                           "body": {"model": "echo-model", "input": "answer this"}}],
+        "/v1/score": [{"custom_id": "s", "method": "POST", "url": "/v1/score",
+                       "body": {"model": "echo-model", "queries": "a", "documents": ["a", "b"]}}],
+        "/v1/rerank": [{"custom_id": "k", "method": "POST", "url": "/v1/rerank",
+                        "body": {"model": "echo-model", "query": "a", "documents": ["b", "a"]}}],
+    }
+    for endpoint, batch_lines in lines.items():
+        batch = wait_for(client, submit(client, batch_lines, endpoint=endpoint).id)
+        assert batch.status == "completed" and batch.endpoint == endpoint, batch
+        [line] = read_jsonl(client, batch.output_file_id)
+        body = line["response"]["body"]
+        if endpoint == "/v1/responses":
+            assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == "answer this"
+        elif endpoint == "/v1/score":
+            assert [d["object"] for d in body["data"]] == ["score", "score"]
+        else:
+            assert [r["index"] for r in body["results"]] == [1, 0]
+
+
+def test_a_batch_line_cannot_set_its_own_priority(server_factory: ServerFactory) -> None:
+    client = sdk(server_factory())
+    batch = wait_for(client, submit(client, [request_line("p", priority=-1)]).id)
+    assert batch.status == "failed" and batch.errors is not None
+    [error] = batch.errors.data
+    assert error.param == "body.priority" and error.line == 1 and "completion_window" in (error.message or "")
+
+
+def test_online_model_is_kept_loaded_while_online_traffic_continues(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=[*ONLINE, "--online-idle-seconds", "3", "--echo-delay", "0.5"])
+    client = sdk(server)
+    assert httpx.get(server.root_url + "/health").json()["loaded_model"] == "echo-model"  # loaded at start
+    _chat(client)
+    lines = [request_line(f"e{i}", "x", model="echo-embed", url="/v1/embeddings") for i in range(4)]
+    batch = submit(client, lines, endpoint="/v1/embeddings")
+    for _ in range(6):  # online traffic keeps coming: the other model's batch waits
+        time.sleep(0.1)
+        _chat(client)
+    assert client.batches.retrieve(batch.id).request_counts.completed == 0
+    assert httpx.get(server.root_url + "/health").json()["loaded_model"] == "echo-model"
+    # Quiet for --online-idle-seconds: the batch runs, then the engine goes back to the online model. Meanwhile
+    # online requests are told to come back (503 with Retry-After), not to use another model.
+    deadline = time.monotonic() + 30
+    while httpx.get(server.root_url + "/health").json()["loaded_model"] != "echo-embed":
+        assert time.monotonic() < deadline, "the other model's batch never ran"
+        time.sleep(0.05)
+    refused = httpx.post(server.base_url + "/chat/completions", json={
+        "model": "echo-model", "messages": [{"role": "user", "content": "x"}]})
+    assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
+    assert refused.json()["error"]["code"] == "model_not_loaded" and "echo-embed" in refused.text
+    assert wait_for(client, batch.id, timeout=30).status == "completed"
+    deadline = time.monotonic() + 10
+    while httpx.get(server.root_url + "/health").json()["loaded_model"] != "echo-model":
+        assert time.monotonic() < deadline, "the online model was not loaded again"
+        time.sleep(0.1)
+    assert _chat(client).choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
+
+
+def test_an_engine_failing_under_online_requests_is_restarted(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=[*ONLINE, "--echo-fault", "crash-after=2,times=1"])
+    url = server.base_url + "/chat/completions"
+    body = {"model": "echo-model", "messages": [{"role": "user", "content": "x"}]}
+    assert [httpx.post(url, json=body).status_code for _ in range(2)] == [200, 200]
+    failed = httpx.post(url, json=body)
+    assert failed.status_code == 503 and failed.headers["retry-after"]
+    assert failed.json()["error"]["code"] == "engine_unavailable"
+    deadline = time.monotonic() + 10
+    while (answer := httpx.post(url, json=body)).status_code != 200:
+        assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
+        time.sleep(0.1)
+
+
+def test_online_model_must_be_a_served_model(server_factory: ServerFactory) -> None:
+    with pytest.raises(RuntimeError) as exc:
+        server_factory(extra_args=["--online-model", "not-served"])
+    assert "--online-model 'not-served'" in str(exc.value) and "echo-model, echo-embed" in str(exc.value)
+
+
+def test_streamed_events_are_server_sent_events(server_factory: ServerFactory) -> None:
+    server = server_factory(extra_args=ONLINE)
+    with httpx.stream("POST", server.base_url + "/chat/completions", json={
+            "model": "echo-model", "messages": [{"role": "user", "content": "raw"}], "stream": True}) as answer:
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        text = answer.read().decode()
+    events = [block for block in text.split("\n\n") if block]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_online_batch_window_narrows_batch_work_while_online_requests_run(server_factory: ServerFactory) -> None:
+    # A window of 8 batch requests in the engine: narrowing takes effect once those already handed over finish
+    # (nothing is taken back), here within a tenth of a second.
+    server = server_factory(extra_args=[*ONLINE, "--max-num-seqs", "4", "--echo-delay", "0.05", "--window", "8",
+                                        "--online-batch-window", "1", "--checkpoint-seconds", "0.2"])
+    client = sdk(server)
+    batch = submit(client, chat_lines(1000, model="echo-model"))
+    wait_for(client, batch.id, statuses=("in_progress",), until=lambda b: b.request_counts.completed > 0)
+
+    def progress_over(seconds: float, online: bool) -> int:
+        start = client.batches.retrieve(batch.id).request_counts.completed
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            if online:
+                _chat(client)
+            else:
+                time.sleep(0.05)
+        return client.batches.retrieve(batch.id).request_counts.completed - start
+
+    alone = progress_over(2, online=False)  # 4 at a time: ~80 requests/s
+    beside = progress_over(2, online=True)  # 1 at a time while online requests run: ~20 requests/s
+    assert beside < alone / 2, (alone, beside)
+    assert wait_for(client, batch.id, timeout=60).status == "completed"
+    assert_exactly_once(client, client.batches.retrieve(batch.id), {f"req-{i}" for i in range(1000)})
+
+
+def test_online_traffic_is_in_the_metrics_by_model_and_endpoint_apart_from_batches(
+        server_factory: ServerFactory) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = server_factory(extra_args=ONLINE)
+    client = sdk(server)
+    batch = wait_for(client, submit(client, chat_lines(3, model="echo-model")).id)
+    assert batch.status == "completed"
+    _chat(client)
+    list(client.chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "s"}],
+                                        stream=True))
+    client.embeddings.create(model="echo-model", input="x")
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="echo-model", input=[])
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="made-up-name", input="x")
+    time.sleep(1.1)  # the batch counts read from SQLite are at most a second old
+
+    text = httpx.get(server.root_url + "/metrics", timeout=10).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def online(status: str, endpoint: str = "/v1/chat/completions", model: str = "echo-model") -> float:
+        key = ("vllm_batch_online_requests_total",
+               (("endpoint", endpoint), ("model", model), ("status", status)))
+        return samples.get(key, 0.0)
+
+    assert online("200") == 2 and online("200", "/v1/embeddings") == 1 and online("400", "/v1/embeddings") == 1
+    assert online("404", "/v1/embeddings", model="other") == 1  # a made-up name never becomes a label
+    assert samples[("vllm_batch_online_time_to_first_token_seconds_count",
+                    (("endpoint", "/v1/chat/completions"), ("model", "echo-model")))] == 1
+    assert samples[("vllm_batch_online_requests_in_flight", ())] == 0
+    # The batch's requests are counted as batch work only; the online ones are not among them.
+    assert samples[("vllm_batch_requests_total", (("endpoint", "/v1/chat/completions"), ("model", "echo-model"),
+                                                  ("outcome", "succeeded")))] == 3

@@ -1,0 +1,64 @@
+"""Batch requests that vLLM preempts for online ones are recomputed, not lost and not counted twice.
+
+A server of its own with a KV cache far too small for its batch (`num_gpu_blocks_override=9`: 8 usable blocks
+of 128 tokens, as vLLM keeps one back, for 8 sequences that each grow to 2 blocks): vLLM's priority scheduler
+must preempt running batch requests to make room, for each other and for the online requests sent meanwhile.
+vLLM's own counter (in GET /metrics) shows it did."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import sdk, submit, wait_for
+from tests.faults.checks import assert_exactly_once
+from tests.vllm.conftest import BATCH_TIMEOUT, CHAT_MODEL, chat_line, start_vllm_server
+
+pytestmark = pytest.mark.vllm
+
+TOKENS = 200  # with a prompt of ~40 tokens: two KV blocks of 128 tokens per sequence
+
+
+def _preemptions(server_url: str) -> float:
+    text = httpx.get(server_url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_preemptions_total"))
+
+
+def test_preempted_batch_requests_are_recomputed_exactly_once(model_cache: Path, tmp_path: Path) -> None:
+    server = start_vllm_server(tmp_path / "data", "--max-num-seqs", "8", "--online-model", CHAT_MODEL,
+                               "--engine-arg", "num_gpu_blocks_override=9")
+    try:
+        client = sdk(server, timeout=300)
+        deadline = time.monotonic() + BATCH_TIMEOUT
+        while httpx.get(server.root_url + "/health").json()["loaded_model"] != CHAT_MODEL:  # --online-model
+            assert time.monotonic() < deadline, "the online model never loaded"
+            time.sleep(1)
+        lines = [chat_line(f"long-{i}", f"Write about the number {i}.", max_tokens=TOKENS, ignore_eos=True)
+                 for i in range(16)]
+        batch = submit(client, lines)
+        wait_for(client, batch.id, statuses=("in_progress",), timeout=BATCH_TIMEOUT)
+        answers: list[str | None] = []
+
+        def online() -> None:
+            for i in range(3):
+                answer = client.chat.completions.create(
+                    model=CHAT_MODEL, messages=[{"role": "user", "content": f"Say {i}."}], max_tokens=150,
+                    temperature=0, extra_body={"ignore_eos": True})
+                answers.append(answer.choices[0].message.content)
+
+        worker = threading.Thread(target=online)
+        worker.start()
+        done = wait_for(client, batch.id, timeout=BATCH_TIMEOUT)
+        worker.join(timeout=BATCH_TIMEOUT)
+        assert done.status == "completed", done
+        results = assert_exactly_once(client, done, {f"long-{i}" for i in range(16)})
+        assert all(r["response"]["body"]["usage"]["completion_tokens"] == TOKENS for r in results)
+        assert len(answers) == 3 and all(answers)
+        assert _preemptions(server.root_url) > 0  # the point: vLLM did preempt, and nothing was lost
+    finally:
+        server.stop()

@@ -1,0 +1,241 @@
+"""Online requests: POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, /v1/score and
+/v1/rerank, answered right away by the engine the batches use.
+
+The body of an answer is the engine's (for vLLM, what `vllm serve` answers: its own serving classes compute it),
+streamed as server-sent events when the request asks for `"stream": true`. What this module adds is the
+sharing rule:
+
+- only the loaded model answers; a request for another served model gets a 400 naming the loaded one, never a
+  model switch (the scheduler alone decides which model is loaded; `--online-model` keeps one loaded);
+- online requests run ahead of batch work (priority 0, see priority.py);
+- at most `--online-max-requests` are admitted at once; the next one gets 429 with Retry-After at once,
+  rather than a wait without end;
+- a caller who goes away has its request aborted in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from vllm_batch_server.api.context import Context, context
+from vllm_batch_server.api.errors import APIError
+from vllm_batch_server.api.params import json_object
+from vllm_batch_server.engines.base import (
+    STREAMING_ENDPOINTS,
+    SUPPORTED_ENDPOINTS,
+    EngineError,
+    Result,
+    StreamingEngine,
+)
+from vllm_batch_server.priority import online_priority
+from vllm_batch_server.scheduler import EngineState
+
+log = logging.getLogger(__name__)
+
+# What a caller refused for a full queue is told to wait: online requests are short, a slot frees soon.
+RETRY_AFTER_FULL = 1
+# ... and while the engine loads a model or restarts (tens of seconds for vLLM).
+RETRY_AFTER_LOADING = 10
+
+
+class _Call:
+    """One online request's bookkeeping: admission slot, metrics, released exactly once."""
+
+    def __init__(self, ctx: Context, url: str, model: Any) -> None:
+        self.scheduler = ctx.scheduler
+        self.traffic = ctx.scheduler.online
+        self.url = url
+        self.model = model
+        self.started = time.monotonic()
+        self.admitted = False
+        self._done = False
+
+    def admit(self) -> None:
+        if not self.traffic.try_admit():
+            raise APIError(429, f"The server is answering its limit of {self.traffic.limit} online requests "
+                           f"at once; retry in {RETRY_AFTER_FULL}s.", code="rate_limit_exceeded",
+                           headers={"retry-after": str(RETRY_AFTER_FULL)})
+        self.admitted = True
+
+    def first_token(self) -> None:
+        self.traffic.metrics.first_token(self.model, self.url, time.monotonic() - self.started)
+
+    def finish(self, status: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self.admitted:
+            self.traffic.release()
+        self.traffic.metrics.answered(self.model, self.url, status, time.monotonic() - self.started)
+
+
+async def create(request: Request) -> Response:
+    ctx = context(request)
+    url = request.url.path
+    body = await json_object(request, ctx.settings.online_max_body_bytes)
+    call = _Call(ctx, url, body.get("model"))
+    try:
+        response = await _serve(ctx, request, call, url, body)
+    except APIError as exc:
+        call.finish(exc.status)
+        raise
+    except BaseException:
+        call.finish(500)
+        raise
+    if not isinstance(response, _EventStream):
+        call.finish(response.status_code)  # a stream finishes when its last event is sent
+    return response
+
+
+async def _serve(ctx: Context, request: Request, call: _Call, url: str, body: dict[str, Any]) -> Response:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "Missing required parameter: 'model'.", param="model",
+                       code="missing_required_parameter")
+    served = ctx.settings.models
+    if model not in served:
+        raise APIError(404, f"The model '{model[:200]}' does not exist or is not served here (served: "
+                       f"{', '.join(served)}).", param="model", code="model_not_found")
+    ctx.scheduler.online.arrived()
+    _check_loaded(ctx, model)
+    try:
+        priority = online_priority(body.pop("priority", None))
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="priority", code="invalid_value") from None
+    streaming = body.get("stream") is True
+    engine = ctx.scheduler.engine
+    if streaming and (url not in STREAMING_ENDPOINTS or not isinstance(engine, StreamingEngine)):
+        raise APIError(400, f"'stream' is not supported for {url}" + (
+            "" if url not in STREAMING_ENDPOINTS else f" by the {ctx.settings.engine} engine") + ".",
+            param="stream", code="unsupported_parameter")
+
+    call.admit()
+    # vLLM's own form of request id, so response ids look as `vllm serve` makes them (`chatcmpl-<hex>`).
+    request_id = uuid.uuid4().hex
+    try:
+        if streaming:
+            assert isinstance(engine, StreamingEngine)
+            outcome = await _unless_disconnected(request, engine.stream(request_id, url, body,
+                                                                        priority=priority))
+            if not isinstance(outcome, Result):
+                return _EventStream(outcome, call)
+            result = outcome
+        else:
+            result = await _unless_disconnected(request, engine.run(request_id, url, body, priority=priority))
+    except EngineError as exc:
+        ctx.scheduler.online_engine_failed(exc)
+        raise APIError(503, "The engine failed while computing this request and is being restarted; retry in "
+                       "a moment.", type="server_error", code="engine_unavailable",
+                       headers={"retry-after": str(RETRY_AFTER_LOADING)}) from None
+    return JSONResponse(result.body, status_code=result.status_code)
+
+
+def _check_loaded(ctx: Context, model: str) -> None:
+    """Only the loaded model answers online requests; anything else is told which model that is."""
+    scheduler = ctx.scheduler
+    state, loaded = scheduler.engine_state, scheduler.engine.model
+    if state is EngineState.READY and loaded == model:
+        return
+    if state is EngineState.LOADING and scheduler.loading_model == model:
+        raise APIError(503, f"The model '{model}' is being loaded; retry in a moment.", type="server_error",
+                       param="model", code="model_loading", headers={"retry-after": str(RETRY_AFTER_LOADING)})
+    if state is EngineState.FAILED and loaded == model:
+        raise APIError(503, f"The engine serving '{model}' failed and is being restarted; retry in a moment.",
+                       type="server_error", code="engine_unavailable",
+                       headers={"retry-after": str(RETRY_AFTER_LOADING)})
+    if model == ctx.settings.online_model:
+        # Kept for online traffic: it is about to be loaded (at start, after a failure), or loaded again once
+        # the batches of another model that ran while online traffic was quiet have ended.
+        other = scheduler.loading_model or loaded
+        if other is None or other == model:
+            message = f"The model '{model}' is being loaded; retry in a moment."
+        else:
+            message = (f"The model '{model}' is not loaded right now: the engine runs batches of '{other}', "
+                       f"started after online traffic was quiet for {ctx.settings.online_idle_seconds:g}s; "
+                       f"'{model}' is loaded again when they end.")
+        raise APIError(503, message, type="server_error", param="model", code="model_not_loaded",
+                       headers={"retry-after": str(RETRY_AFTER_LOADING)})
+    if state is EngineState.LOADING:
+        now = f"the engine is loading '{scheduler.loading_model}' for a batch"
+    elif state is EngineState.READY and loaded is not None:
+        now = f"the loaded model is '{loaded}'"
+    else:
+        now = "no model is loaded"
+    raise APIError(400, f"The model '{model}' is not loaded: {now}. Online requests are answered by the loaded "
+                   "model only and never switch it (batches decide which model is loaded; start the server "
+                   f"with --online-model {model} to keep it loaded).", param="model", code="model_not_loaded")
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Await `work`, aborting it (in the engine too) if the caller disconnects first, as `vllm serve` does."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        # Starlette has no one left to answer; the status only reaches the metrics (499: client closed).
+        raise APIError(499, "The client closed the connection before the answer was ready.")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _EventStream(StreamingResponse):
+    """The engine's server-sent events to the caller. However the response ends (the last event, the caller
+    gone, the engine failing, or never started at all), the engine's stream is closed — which aborts the
+    request there — and the admission slot is released."""
+
+    def __init__(self, events: AsyncIterator[bytes], call: _Call) -> None:
+        super().__init__(self._relay(events, call), media_type="text/event-stream")
+        self._events = events
+        self._call = call
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._call.finish(499)  # unless finished already: it ended before its last event
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    @staticmethod
+    async def _relay(events: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:
+        first = True
+        try:
+            async for chunk in events:
+                if first:
+                    call.first_token()
+                    first = False
+                yield chunk
+        except EngineError as exc:
+            # Too late for a status: end the stream with an error event, as `vllm serve` does (the SDK raises it).
+            log.error("the engine failed during a streamed online request: %s", exc)
+            call.scheduler.online_engine_failed(exc)
+            call.finish(503)
+            error = {"error": {"message": "The engine failed while streaming this answer and is being "
+                               "restarted; retry in a moment.", "type": "server_error", "param": None,
+                               "code": 503}}
+            yield b"data: " + json.dumps(error).encode() + b"\n\n"
+            return
+        call.finish(200)
+
+
+routes = [Route(path, create, methods=["POST"]) for path in SUPPORTED_ENDPOINTS]
