@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from vllm_batch_server.engines.base import EngineError, Result, Usage
+from vllm_batch_server.engines.inflight import InFlight
 from vllm_batch_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class HttpEngine:
         self._probe_seconds = settings.backend_probe_seconds
         self._model: str | None = None
         self._client: httpx.AsyncClient | None = None
-        self._inflight: dict[str, asyncio.Task[Result]] = {}
+        self._inflight = InFlight()
         self.models: list[str] | None = None  # what /v1/models listed last time it answered
         self.models_checked_at = 0.0  # time.monotonic()
 
@@ -216,11 +217,7 @@ class HttpEngine:
         self._model = model
 
     async def stop(self) -> None:
-        for task in list(self._inflight.values()):
-            task.cancel()
-        if self._inflight:
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
-        self._inflight.clear()
+        await self._inflight.end_all()
         self._model = None
         client, self._client = self._client, None
         if client is not None:
@@ -234,19 +231,11 @@ class HttpEngine:
         if body.get("stream"):
             return Result.error(400, "stream is not supported in a batch; results are written to the output file",
                                 param="stream")
-        task = asyncio.ensure_future(self._post(request_id, url, body))
-        self._inflight[request_id] = task
-        try:
-            return await task
-        finally:
-            self._inflight.pop(request_id, None)
+        return await self._inflight.run(request_id, self._post(request_id, url, body))
 
     async def abort(self, request_ids: list[str]) -> None:
         # Cancelling the request closes its connection; vLLM and SGLang abort a request whose client went away.
-        for request_id in request_ids:
-            task = self._inflight.get(request_id)
-            if task is not None:
-                task.cancel()
+        self._inflight.abort(request_ids)
 
     async def check_health(self) -> None:
         served = await self.list_models()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from vllm_batch_server.engines.base import EngineError, Result
+from vllm_batch_server.engines.inflight import InFlight
 from vllm_batch_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class RayReplica:
         self._model: str | None = None
         settings = cluster.settings
         self._capacity = 2 * (settings.max_num_seqs or 128)  # until its engine reports its own
-        self._inflight: dict[str, asyncio.Task[Result]] = {}
+        self._inflight = InFlight()
 
     @property
     def capacity(self) -> int:
@@ -165,10 +166,7 @@ class RayReplica:
         self._model = model
 
     async def stop(self) -> None:
-        for task in list(self._inflight.values()):
-            task.cancel()
-        if self._inflight:
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        await self._inflight.end_all()
         self._model = None
         if self._actor is not None:
             try:
@@ -179,18 +177,10 @@ class RayReplica:
     async def run(self, request_id: str, url: str, body: dict[str, Any], *, priority: int = 0) -> Result:
         if self._model is None or self._actor is None:
             raise EngineError(f"Ray {self.name}: no model is loaded")
-        task = asyncio.ensure_future(self._call(request_id, url, body, priority))
-        self._inflight[request_id] = task
-        try:
-            return await task
-        finally:
-            self._inflight.pop(request_id, None)
+        return await self._inflight.run(request_id, self._call(request_id, url, body, priority))
 
     async def abort(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            task = self._inflight.get(request_id)
-            if task is not None:
-                task.cancel()
+        self._inflight.abort(request_ids)
 
     async def check_health(self) -> None:
         if self._actor is None:

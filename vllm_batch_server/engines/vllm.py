@@ -46,6 +46,7 @@ from vllm_batch_server.engines.base import (
     Result,
     Usage,
 )
+from vllm_batch_server.engines.inflight import InFlight
 from vllm_batch_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ class VLLMEngine:
         self._model: str | None = None
         self._max_num_seqs = settings.max_num_seqs or 128
         self._data_parallel = settings.data_parallel_size or 1
-        self._inflight: dict[str, asyncio.Task[Result]] = {}
+        self._inflight = InFlight()
         self._set_env: list[str] = []
         self._fields: dict[str, frozenset[str]] = {}
         self._priority_scheduling = False  # as the loaded engine was configured
@@ -179,11 +180,7 @@ class VLLMEngine:
                  "priority" if self._priority_scheduling else "fcfs")
 
     async def stop(self) -> None:
-        for task in list(self._inflight.values()):
-            task.cancel()
-        if self._inflight:
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
-        self._inflight.clear()
+        await self._inflight.end_all()
         llm, self._llm, self._serving, self._model = self._llm, None, None, None
         if llm is not None:
             # Stop reading outputs before the engine core goes away, or the reader logs the core's exit as
@@ -206,19 +203,10 @@ class VLLMEngine:
     async def run(self, request_id: str, url: str, body: dict[str, Any], *, priority: int = 0) -> Result:
         if self._llm is None or self._serving is None:
             raise EngineError("no model is loaded")
-        task = asyncio.ensure_future(self._dispatch(request_id, url, body, priority))
-        self._inflight[request_id] = task
-        try:
-            # Cancelling run() cancels the task, and cancelling the task makes vLLM abort the request.
-            return await task
-        finally:
-            self._inflight.pop(request_id, None)
+        return await self._inflight.run(request_id, self._dispatch(request_id, url, body, priority))
 
     async def abort(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            task = self._inflight.get(request_id)
-            if task is not None:
-                task.cancel()
+        self._inflight.abort(request_ids)
 
     async def check_health(self) -> None:
         if self._llm is None:
