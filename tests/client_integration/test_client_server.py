@@ -85,7 +85,9 @@ def test_sharded_batch_against_a_server_with_a_low_line_limit(server_factory, tm
 
 
 def test_cancel_keeps_partial_results(server_factory, tmp_path: Path) -> None:
-    server = server_factory(extra_args=["--echo-delay", "0.2"])
+    # 8 at a time, 0.2 s each: about 5 s of work, so the cancel lands mid-batch even on a loaded machine (with
+    # the echo engine's default window all 200 ran at once and could finish before the cancel arrived).
+    server = server_factory(extra_args=["--echo-delay", "0.2", "--window", "8"])
     with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
         for i in range(200):
             batch.add_to_batch(**ask(f"q{i}"))
