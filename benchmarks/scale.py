@@ -23,109 +23,27 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
-from benchmarks._harness import (
-    REPO,
-    BatchAPI,
-    Server,
-    common_args,
-    free_port,
-    print_table,
-    say,
-    workdir,
-    write_jsonl,
-    write_results,
-)
+from benchmarks._harness import BatchAPI, Server, common_args, print_table, say, workdir, write_jsonl, write_results
+
+# The backends' processes, shared with the router's tests (the echo backend itself lives there too).
+from tests.helpers.backends import Backend, echo, running, vllm_serve
 
 CHAT = "/v1/chat/completions"
 TARGET_SCALING = 0.9
 
 
-@dataclass
-class Backend:
-    """An OpenAI-compatible server in its own process group: an echo backend, or vLLM's own server."""
-
-    name: str
-    directory: Path
-    command: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    @property
-    def journal(self) -> Path:
-        return self.directory / f"{self.name}.journal.jsonl"
-
-    def launch(self) -> Backend:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCH_")}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-        env.update(self.env)
-        with open(self.directory / f"{self.name}.log", "ab") as log:
-            self.process = subprocess.Popen([*self.command, "--port", str(self.port)], stdout=log,
-                                            stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO)
-        return self
-
-    def wait_ready(self, timeout: float) -> float:
-        began = time.monotonic()
-        while time.monotonic() - began < timeout:
-            if self.process is None or self.process.poll() is not None:
-                raise RuntimeError(f"backend {self.name} exited; see {self.directory}/{self.name}.log")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/models", timeout=2.0).status_code == 200:
-                    return time.monotonic() - began
-            time.sleep(0.1)
-        raise RuntimeError(f"backend {self.name} not ready after {timeout}s")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=60)
-        self.process = None
-
-    def events(self) -> list[dict[str, Any]]:
-        if not self.journal.exists():
-            return []
-        return [json.loads(line) for line in self.journal.read_text().splitlines() if line]
-
-
 def echo_backend(directory: Path, name: str, delay: float) -> Backend:
-    backend = Backend(name, directory, [])
-    backend.command = [sys.executable, "-m", "tests.helpers.echo_backend", "--delay", str(delay),
-                       "--journal", str(backend.journal)]
-    return backend
-
-
-@contextlib.contextmanager
-def running(backends: list[Backend], timeout: float = 60.0) -> Iterator[list[Backend]]:
-    try:
-        for backend in backends:
-            backend.launch()
-        for backend in backends:
-            backend.wait_ready(timeout)
-        yield backends
-    finally:
-        for backend in backends:
-            backend.kill()
+    return echo(directory, name, "--delay", str(delay))
 
 
 def router_server(directory: Path, backends: list[Backend], window: int, extra: list[str] | None = None,
@@ -286,14 +204,10 @@ def documents_workload(path: Path, args: argparse.Namespace, seed: int, model: s
 
 def vllm_backend(directory: Path, name: str, model_path: str, served: str, args: argparse.Namespace,
                  core: int | None) -> Backend:
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-               "--model", model_path, "--served-model-name", served, "--dtype", "float32", "--enforce-eager",
-               "--max-model-len", str(args.max_model_len), "--enable-prompt-tokens-details",
-               ]
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib), "HF_HUB_OFFLINE": "1"}
-    if core is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)  # one core each, as two machines would have their own
-    return Backend(name, directory, command, env)
+    # One core each, as two machines would have their own.
+    env = {"VLLM_CPU_OMP_THREADS_BIND": str(core)} if core is not None else {}
+    return vllm_serve(directory, name, model_path, served, max_model_len=args.max_model_len,
+                      kv_cache_gib=args.kv_cache_gib, env=env)
 
 
 def affinity(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """What GET /ready and GET /status answer.
 
 /health says the process is up. /ready says it can do its job: the data directory takes writes, the engine
-is loaded or can be loaded, and no batch is paused because a resource of ours ran out. Readiness is about the
-server, never about one batch's input: a batch that fails validation or a request vLLM rejects leaves it
-ready.
+is loaded or can be loaded (with several engines or backends, at least one is in rotation), and no batch is
+paused because a resource of ours ran out. Readiness is about the server, never about one batch's input: a
+batch that fails validation or a request vLLM rejects leaves it ready.
 
 What "the engine can be loaded" means, since models load lazily (when the first batch for them runs): every
 configured model resolves to weights on this machine (an embedded model that was never prepared does not), and
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vllm_batch_server import __version__, models
+from vllm_batch_server.engines.router import Router
 from vllm_batch_server.lifecycle import BatchStatus
 from vllm_batch_server.metrics import checkpoint_lag, vllm_kv_cache_usage
 from vllm_batch_server.scheduler import EngineState
@@ -65,6 +66,8 @@ async def readiness(ctx: Context) -> list[str]:
     scheduler = ctx.scheduler
     if scheduler.load_error is not None:
         reasons.append(scheduler.load_error)
+    if isinstance(scheduler.engine, Router) and (down := scheduler.engine.not_ready()) is not None:
+        reasons.append(down)  # every backend is out of rotation: batches wait, online requests fail
     reasons.extend(await asyncio.to_thread(_unloadable, ctx))
     paused: dict[str, int] = {}
     for pause in list(scheduler.paused.values()):

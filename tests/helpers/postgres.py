@@ -8,16 +8,19 @@ PostgreSQL refuses to run as root. When the tests run as root (CI here does), th
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.helpers.server import free_port
+from tests.helpers.tools import missing_tool
 
 USER = "batch"
 
@@ -110,3 +113,16 @@ def make_postgres() -> Postgres:
     os.chmod(directory, 0o700)
     os.chown(directory, owner.pw_uid, owner.pw_gid)
     return Postgres(directory, free_port(), binaries, owner).init()
+
+
+@contextlib.contextmanager
+def running() -> Iterator[Postgres]:
+    """A started cluster for a test or a module, removed afterwards; where none can start, the test skips (a
+    developer's machine) or fails (CI) saying what to install."""
+    if (reason := why_not()) is not None:
+        missing_tool(reason)
+    server = make_postgres().start()
+    try:
+        yield server
+    finally:
+        server.remove()

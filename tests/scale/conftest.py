@@ -8,18 +8,18 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.backends import EchoBackend
+from tests.helpers.backends import Backend, echo
 
-BackendFactory = Callable[..., EchoBackend]
+BackendFactory = Callable[..., Backend]
 
 
 @pytest.fixture
 def echo_backend(tmp_path: Path) -> Iterator[BackendFactory]:
     """Start an echo backend process (tests/helpers/echo_backend.py); all are killed at teardown."""
-    started: list[EchoBackend] = []
+    started: list[Backend] = []
 
-    def start(name: str, *args: str, **kwargs: Any) -> EchoBackend:
-        backend = EchoBackend(tmp_path / "backends", name, list(args), **kwargs)
+    def start(name: str, *args: str, **kwargs: Any) -> Backend:
+        backend = echo(tmp_path / "backends", name, *args, **kwargs)
         started.append(backend)
         return backend.start()
 
@@ -28,7 +28,7 @@ def echo_backend(tmp_path: Path) -> Iterator[BackendFactory]:
         backend.kill()
 
 
-def backend_args(*backends: EchoBackend, window: int | None = 8, probe: float = 0.3,
+def backend_args(*backends: Backend, window: int | None = 8, probe: float = 0.3,
                  extra: tuple[str, ...] = ()) -> list[str]:
     """Server flags routing to these backends (fast health checks, as a test needs)."""
     args = ["--backend-probe-seconds", str(probe)]

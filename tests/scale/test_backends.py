@@ -121,12 +121,19 @@ def test_when_the_only_backend_comes_back_in_time_the_batch_resumes(server_facto
     client = sdk(server)
     batch_id = submit(client, chat_lines(300)).id
     wait_for(client, batch_id, until=lambda b: b.request_counts.completed >= 40)
+    assert httpx.get(server.root_url + "/ready").status_code == 200
     only.kill()
     time.sleep(1.0)
     assert client.batches.retrieve(batch_id).status == "in_progress"  # waiting for it, not failed
+    # Not ready while no backend can take the work: a load balancer sends it elsewhere meanwhile.
+    down = httpx.get(server.root_url + "/ready")
+    assert down.status_code == 503, down.text
+    assert any("no engine or backend is in rotation" in reason and only.url in reason
+               for reason in down.json()["reasons"]), down.json()
     only.start()
     batch = wait_for(client, batch_id, timeout=60)
     assert batch.status == "completed", batch
+    assert httpx.get(server.root_url + "/ready").status_code == 200
     assert_exactly_once(client, batch, {f"req-{i}" for i in range(300)})
     assert "engine failed on batch" not in full_log(server)  # one backend down for a second is no engine failure
 

@@ -13,18 +13,14 @@ import pytest
 from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
 from tests.helpers import postgres
 from tests.helpers.handlers import handler_flags, run_of, runs
-from tests.helpers.tools import missing_tool
 
 DSN_ENV = "VB_TEST_RESULTS_DSN"
 
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[postgres.Postgres]:
-    if (reason := postgres.why_not()) is not None:
-        missing_tool(reason)
-    server = postgres.make_postgres().start()
-    yield server
-    server.remove()
+    with postgres.running() as server:
+        yield server
 
 
 def rows(pg: postgres.Postgres, sql: str, *params: Any) -> list[tuple[Any, ...]]:

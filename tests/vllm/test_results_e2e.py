@@ -13,7 +13,6 @@ import pytest
 from tests.helpers import postgres
 from tests.helpers.handlers import handler_flags, run_of
 from tests.helpers.server import RunningServer, make_server
-from tests.helpers.tools import missing_tool
 from tests.vllm.conftest import CHAT_MODEL, MAX_MODEL_LEN, MAX_TOKENS, QUESTIONS, chat_line
 from vllm_batch import VLLMBatch
 from vllm_batch._cli import main
@@ -26,11 +25,8 @@ SYSTEM = "Answer in a few words."
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[postgres.Postgres]:
-    if (reason := postgres.why_not()) is not None:
-        missing_tool(reason)
-    server = postgres.make_postgres().start()
-    yield server
-    server.remove()
+    with postgres.running() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

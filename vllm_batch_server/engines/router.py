@@ -237,6 +237,13 @@ class Router:
         if not any(m.state is MemberState.UP for m in self.members):
             raise EngineError(f"no engine is in rotation: {self._summary()}")
 
+    def not_ready(self) -> str | None:
+        """Why the router cannot serve its loaded model now (/ready's reason), or None. Before a model is
+        loaded, nothing: backends are asked when the first batch needs them, and a model switch is no fault."""
+        if self._model is None or any(m.state is MemberState.UP for m in self.members):
+            return None
+        return f"no engine or backend is in rotation for model {self._model!r}: {self._summary()}"
+
     # ------------------------------------------------------------------------------------------ models
 
     async def served_models(self) -> list[str]:
