@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from benchmarks._harness import REPO, BatchAPI, Server, round_trip, say
 from benchmarks._workloads import EMBEDDINGS, Workload, warmup_body
 
@@ -65,6 +67,30 @@ def run_offline(args: argparse.Namespace, scratch: Path, kind: str, model: str,
     return {name: {**by_path[str(path)], "engine": report} for name, path in inputs.items()}
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds used so far by the process `pid` (the frontend: HTTP, tokenizing, detokenizing, our queue)
+    and by its live descendants (vLLM's engine core and workers). Both systems' frontends share the machine's
+    cores with the engine: on 2 cores, a frontend's CPU can be the engine's loss."""
+    try:
+        root = psutil.Process(pid)
+        own = root.cpu_times()
+        frontend = own.user + own.system
+        engine = 0.0
+        for child in root.children(recursive=True):
+            try:
+                times = child.cpu_times()
+            except psutil.Error:
+                continue
+            engine += times.user + times.system
+        return frontend, engine
+    except psutil.Error:
+        return 0.0, 0.0
+
+
+def cpu_used(before: tuple[float, float], after: tuple[float, float]) -> dict[str, float]:
+    return {"frontend_cpu_s": round(after[0] - before[0], 2), "engine_cpu_s": round(after[1] - before[1], 2)}
+
+
 def run_batch_cli(args: argparse.Namespace, scratch: Path, name: str, model: str, source: Path) -> dict[str, Any]:
     """vLLM's run_batch as a user runs it; timed from its 'Reading batch' log line to its exit."""
     say(f"(b) vLLM run_batch: {name}")
@@ -85,6 +111,7 @@ def run_batch_cli(args: argparse.Namespace, scratch: Path, name: str, model: str
     began = time.perf_counter()
     reading: list[float] = []
     writing: list[float] = []  # all results are in: what is left is writing the file and shutting down
+    cpu: list[tuple[float, float]] = []  # at those two lines
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, cwd=scratch, env=vllm_env(args), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
@@ -95,8 +122,10 @@ def run_batch_cli(args: argparse.Namespace, scratch: Path, name: str, model: str
             for line in proc.stdout:
                 if not reading and b"Reading batch from" in line:
                     reading.append(time.perf_counter())
+                    cpu.append(cpu_seconds(proc.pid))
                 elif not writing and b"Writing outputs" in line:
                     writing.append(time.perf_counter())
+                    cpu.append(cpu_seconds(proc.pid))
                 log.write(line)
 
         reader = threading.Thread(target=pump, daemon=True)
@@ -125,7 +154,7 @@ def run_batch_cli(args: argparse.Namespace, scratch: Path, name: str, model: str
     # after it are left out, in run_batch's favour).
     done = writing[0] if writing else ended
     return {"wall_s": done - (reading[0] if reading else began), "total_wall_s": ended - began,
-            "engine_start_s": start, **usage}
+            "engine_start_s": start, **(cpu_used(*cpu) if len(cpu) == 2 else {}), **usage}
 
 
 def server_args(args: argparse.Namespace) -> list[str]:
@@ -177,10 +206,12 @@ class OurServer:
         say(f"(c) our server: {workload.name}")
         # Polled every 0.25 s: a status call costs the server ~1 ms of CPU, which on 2 cores is taken from the
         # engine (polling every 50 ms cost 2% of a run's CPU); the poll adds at most 0.25 s to the wall time.
+        before = cpu_seconds(self.server.pid)
         trip = round_trip(self.api, source, workload.endpoint, self.scratch / f"server-{workload.name}.out.jsonl",
                           poll=0.25)
         return {"wall_s": trip.wall_s, "upload_s": trip.upload_s, "run_s": trip.run_s,
-                "download_s": trip.download_s, **batch_usage(trip.batch)}
+                "download_s": trip.download_s, **cpu_used(before, cpu_seconds(self.server.pid)),
+                **batch_usage(trip.batch)}
 
 
 def batch_usage(batch: dict[str, Any]) -> dict[str, Any]:

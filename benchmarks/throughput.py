@@ -173,6 +173,8 @@ def summarize(results: Results) -> tuple[dict[str, dict[str, Any]], dict[str, di
                 "total_wall_s": _median_or_none([r.get("total_wall_s") for r in runs]),
                 "engine_start_s": _median_or_none([r.get("engine_start_s") for r in runs]),
                 "engine_starts": _median_or_none([r.get("engine_starts") for r in runs]),
+                "frontend_cpu_s": _median_or_none([r.get("frontend_cpu_s") for r in runs]),
+                "engine_cpu_s": _median_or_none([r.get("engine_cpu_s") for r in runs]),
                 "last": runs[-1] if name == "queue" else None,
             }
         ours = summary[name].get("server")
@@ -212,6 +214,13 @@ def results_of_queue(summary: dict[str, dict[str, Any]]) -> dict[str, str]:
             done = "; ".join(f"{f['name']} done after {f['done_after_s']:.0f} s" for f in last.get("files", []))
             lines[system] = f"{done}; model loads: {loads}; server up in {last.get('server_start_s', 0):.1f} s"
     return lines
+
+
+def frontend_cpu(by_system: dict[str, Any]) -> str:
+    """Where each system's CPU went (run_batch's and our server's; the offline run has no frontend process):
+    on a 2-core machine the frontend shares the cores with the engine."""
+    return "; ".join(f"{LABELS[system]} {s['frontend_cpu_s']:.0f} / {s['engine_cpu_s']:.0f}"
+                     for system, s in by_system.items() if s.get("frontend_cpu_s") is not None)
 
 
 def _median_or_none(values: list[Any]) -> float | None:
@@ -264,6 +273,8 @@ def print_tables(args: argparse.Namespace, summary: dict[str, dict[str, Any]], r
         for name in DOCUMENTS:
             if "grouped/file order" in ratios.get(name, {}):
                 print(f"{name}: our server grouped vs in file order: {ratios[name]['grouped/file order']:.2f}×")
+            if cpu := frontend_cpu(summary.get(name, {})):
+                print(f"{name}, CPU seconds of the frontend process / of vLLM's engine processes: {cpu}")
 
     rows = []
     for name in PLAIN:
