@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -164,7 +165,7 @@ def server_args(args: argparse.Namespace) -> list[str]:
             "--engine-arg", f"max_num_batched_tokens={kw['max_num_batched_tokens']}",
             "--engine-arg", f"enforce_eager={'true' if kw['enforce_eager'] else 'false'}",
             "--no-prefix-caching" if "enable_prefix_caching" in kw else "--prefix-caching",
-            "--max-batch-lines", "1000000"]
+            "--max-batch-lines", "1000000", *shlex.split(getattr(args, "server_flags", "") or "")]
 
 
 def new_server(args: argparse.Namespace, scratch: Path, name: str, extra_args: tuple[str, ...] = ()) -> Server:

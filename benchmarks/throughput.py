@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--systems", default="offline,run-batch,server",
                         help="comma-separated subset; add server-file-order to run the documents on our server "
                              "in the file's order too (--prefix-lookahead 0)")
+    parser.add_argument("--server-flags", default="", metavar="FLAGS",
+                        help="more flags for our server, one string (to see what a setting costs: "
+                             "--server-flags='--no-priority-scheduling')")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the plain workloads")
     parser.add_argument("--documents-repeats", type=int, default=1, help="rounds of the documents workloads")
     parser.add_argument("--queue-repeats", type=int, default=1, help="rounds of the queue")
