@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from benchmarks._harness import (
     BatchAPI,
     Server,
     common_args,
+    cpu_seconds,
     print_table,
     round_trip,
     say,
@@ -81,11 +81,6 @@ def bare_loop(source: Path, dest: Path) -> float:
         out.flush()
         os.fsync(out.fileno())
     return time.perf_counter() - began
-
-
-def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
 
 
 @contextlib.contextmanager
@@ -139,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = common_args(argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__))
     parser.add_argument("--lines", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=8,
-                        help="batches per configuration (best and median reported; runs vary by ±25% here)")
+                        help="batches per configuration (best and median reported; runs vary by ±25%% here)")
     parser.add_argument("--poll", type=float, default=0.02, help="seconds between status polls")
     parser.add_argument("--scrape", type=float, default=None, metavar="S",
                         help="read /metrics and /status every S seconds while batches run")
