@@ -228,7 +228,24 @@ class Server:
         self.stop()
 
 
-# ---- memory ----------------------------------------------------------------------------------------------
+# ---- CPU and memory ---------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int, *, descendants: bool = False) -> float:
+    """CPU seconds (user + system) used so far by process `pid`, or with `descendants` by its live descendants
+    instead (vLLM's engine core and workers are child processes). 0 for a process that is gone."""
+    try:
+        root = psutil.Process(pid)
+        processes = root.children(recursive=True) if descendants else [root]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
 
 
 def tree_rss(pid: int) -> int:

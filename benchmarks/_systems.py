@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from benchmarks._harness import REPO, BatchAPI, Server, round_trip, say
+from benchmarks._harness import REPO, BatchAPI, Server, cpu_seconds, round_trip, say
 from benchmarks._workloads import EMBEDDINGS, Workload, warmup_body
 
 
@@ -68,24 +66,11 @@ def run_offline(args: argparse.Namespace, scratch: Path, kind: str, model: str,
     return {name: {**by_path[str(path)], "engine": report} for name, path in inputs.items()}
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """CPU seconds used so far by the process `pid` (the frontend: HTTP, tokenizing, detokenizing, our queue)
-    and by its live descendants (vLLM's engine core and workers). Both systems' frontends share the machine's
-    cores with the engine: on 2 cores, a frontend's CPU can be the engine's loss."""
-    try:
-        root = psutil.Process(pid)
-        own = root.cpu_times()
-        frontend = own.user + own.system
-        engine = 0.0
-        for child in root.children(recursive=True):
-            try:
-                times = child.cpu_times()
-            except psutil.Error:
-                continue
-            engine += times.user + times.system
-        return frontend, engine
-    except psutil.Error:
-        return 0.0, 0.0
+def cpu_split(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of the frontend process `pid` (HTTP, tokenizing, detokenizing, our queue) and of vLLM's
+    engine processes under it. Both systems' frontends share the machine's cores with the engine: on 2 cores,
+    a frontend's CPU can be the engine's loss."""
+    return cpu_seconds(pid), cpu_seconds(pid, descendants=True)
 
 
 def cpu_used(before: tuple[float, float], after: tuple[float, float]) -> dict[str, float]:
@@ -123,10 +108,10 @@ def run_batch_cli(args: argparse.Namespace, scratch: Path, name: str, model: str
             for line in proc.stdout:
                 if not reading and b"Reading batch from" in line:
                     reading.append(time.perf_counter())
-                    cpu.append(cpu_seconds(proc.pid))
+                    cpu.append(cpu_split(proc.pid))
                 elif not writing and b"Writing outputs" in line:
                     writing.append(time.perf_counter())
-                    cpu.append(cpu_seconds(proc.pid))
+                    cpu.append(cpu_split(proc.pid))
                 log.write(line)
 
         reader = threading.Thread(target=pump, daemon=True)
@@ -207,11 +192,11 @@ class OurServer:
         say(f"(c) our server: {workload.name}")
         # Polled every 0.25 s: a status call costs the server ~1 ms of CPU, which on 2 cores is taken from the
         # engine (polling every 50 ms cost 2% of a run's CPU); the poll adds at most 0.25 s to the wall time.
-        before = cpu_seconds(self.server.pid)
+        before = cpu_split(self.server.pid)
         trip = round_trip(self.api, source, workload.endpoint, self.scratch / f"server-{workload.name}.out.jsonl",
                           poll=0.25)
         return {"wall_s": trip.wall_s, "upload_s": trip.upload_s, "run_s": trip.run_s,
-                "download_s": trip.download_s, **cpu_used(before, cpu_seconds(self.server.pid)),
+                "download_s": trip.download_s, **cpu_used(before, cpu_split(self.server.pid)),
                 **batch_usage(trip.batch)}
 
 

@@ -31,9 +31,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from benchmarks._harness import BatchAPI, Server, common_args, print_table, say, workdir, write_jsonl, write_results
+from benchmarks._harness import (
+    BatchAPI,
+    Server,
+    common_args,
+    cpu_seconds,
+    print_table,
+    say,
+    workdir,
+    write_jsonl,
+    write_results,
+)
 
 # The backends' processes, shared with the router's tests (the echo backend itself lives there too).
 from tests.helpers.backends import Backend, echo, running, vllm_serve
@@ -58,11 +66,6 @@ def chat_lines(n: int, model: str = "echo-model") -> Iterator[dict[str, Any]]:
     for i in range(n):
         yield {"custom_id": f"req-{i}", "method": "POST", "url": CHAT,
                "body": {"model": model, "messages": [{"role": "user", "content": f"message number {i}"}]}}
-
-
-def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
 
 
 def run_batch(api: BatchAPI, path: Path, poll: float = 0.05) -> tuple[float, dict[str, Any]]:
