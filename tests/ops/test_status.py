@@ -44,16 +44,18 @@ def test_status_has_the_contracts_shape_and_follows_a_batch(server_factory: Serv
 
     client = sdk(server)
     batch = submit(client, chat_lines(1500))
-    busiest: dict[str, Any] = {}
+    samples: list[dict[str, Any]] = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and client.batches.retrieve(batch.id).status != "completed":
-        now = get_status(server)
-        if now["throughput"]["requests_per_second"] > busiest.get("throughput", {}).get("requests_per_second", 0):
-            busiest = now
+        samples.append(get_status(server))
         time.sleep(0.3)
-    assert busiest, "no throughput was ever reported"
-    assert busiest["engine"]["state"] == "ready" and busiest["engine"]["model"] == "echo-model"
-    assert busiest["queue"]["in_progress"] == 1
+    # Seen running: the engine loaded and the batch counted as in progress in the same answer.
+    assert any(now["queue"]["in_progress"] == 1 and now["engine"]["state"] == "ready"
+               and now["engine"]["model"] == "echo-model" for now in samples), samples
+    # The busiest answer may come as the batch ends (the rate covers the last seconds, while the counts move
+    # to completed), so it is judged on its rate alone.
+    busiest = max(samples, key=lambda now: now["throughput"]["requests_per_second"])
+    assert busiest["throughput"]["requests_per_second"] > 0, "no throughput was ever reported"
     # 4 requests in flight, 10 ms each: about 400 a second, as measured over the last seconds.
     assert 50 < busiest["throughput"]["requests_per_second"] < 800
     assert busiest["throughput"]["output_tokens_per_second"] > 0
