@@ -7,7 +7,7 @@ Grouping's cost per request is the difference between the last two (taking each 
 chunk, handing it out): the median over `--repeats` back-to-back pairs, in CPU time (this process only: the
 machine may be shared).
 
-    python -m benchmarks.grouping_speed [--requests 20000] [--lookahead 1024] [--repeats 5]
+    python -m benchmarks.grouping_speed [--requests 20000] [--lookahead 1024] [--repeats 11] [--shapes multi-turn]
 
 Target: ≤ 2 µs per request on every shape.
 """
@@ -92,11 +92,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lookahead", type=int, default=1024, help="the server's --prefix-lookahead")
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shapes", default="",
+                        help="only the shapes whose names contain one of these comma-separated words (default: all)")
     args = parser.parse_args(argv)
+    chosen = {name: bodies for name, bodies in shapes(args.requests, args.seed).items()
+              if not args.shapes or any(word.strip() in name for word in args.shapes.split(","))}
+    if not chosen:
+        parser.error(f"no shape matches --shapes {args.shapes!r}; the shapes: "
+                     f"{', '.join(shapes(0, args.seed))}")
 
     results: dict[str, dict[str, Any]] = {}
     with workdir(args.keep, prefix="vllm-batch-grouping-") as scratch:
-        for name, bodies in shapes(args.requests, args.seed).items():
+        for name, bodies in chosen.items():
             path = scratch / "input.jsonl"
             write_jsonl(path, ({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                                 "body": body} for i, body in enumerate(bodies())))

@@ -13,18 +13,36 @@ import pytest
 
 from tests.helpers.server import RunningServer, make_server
 
+# The processes a test started, by name: when the test fails, their logs and exit codes go into its report (a
+# server that died mid-test otherwise shows only as the client's "connection refused").
+PROCESS_LOGS = pytest.StashKey[dict[str, Callable[[], str]]]()
+
+
+def attach_log(request: pytest.FixtureRequest, name: str, describe: Callable[[], str]) -> None:
+    request.node.stash.setdefault(PROCESS_LOGS, {})[name] = describe
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and call.when in ("setup", "call"):
+        for name, describe in item.stash.get(PROCESS_LOGS, {}).items():
+            report.sections.append((f"{name} (log tail)", describe()))
+    return report
+
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 ServerFactory = Callable[..., RunningServer]
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+def server_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerFactory]:
     """Start echo-engine servers (any CLI flags via extra_args); all are killed at teardown."""
     started: list[RunningServer] = []
 
     def start(name: str = "server", **kwargs: Any) -> RunningServer:
         server = make_server(tmp_path / name, **kwargs)
         started.append(server)
+        attach_log(request, f"server {name}", server.describe)
         return server.start()
 
     yield start

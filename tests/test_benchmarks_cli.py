@@ -21,3 +21,22 @@ def test_benchmark_help(name: str) -> None:
                           text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "usage:" in done.stdout
+
+
+def test_grouping_speed_measures_only_the_shapes_asked_for() -> None:
+    from benchmarks import grouping_speed
+
+    payload = grouping_speed.main(["--shapes", "multi-turn,nothing shared", "--requests", "300", "--repeats", "1",
+                                   "--no-json"])
+    assert sorted(payload["results"]) == ["multi-turn conversations", "short chats, nothing shared"]
+    assert all(r["read_us"] > 0 for r in payload["results"].values())
+
+
+def test_grouping_speed_names_the_shapes_when_none_matches(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import grouping_speed
+
+    with pytest.raises(SystemExit) as exited:
+        grouping_speed.main(["--shapes", "tables", "--no-json"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "no shape matches --shapes 'tables'" in err and "multi-turn conversations" in err

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers.server import free_port
+from tests.helpers.server import free_port, process_state
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,6 +84,9 @@ class Backend:
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=60)
         self.process = None
+
+    def describe(self) -> str:
+        return f"{process_state(self.process)}\n{self.log_tail()}"
 
     def log_tail(self) -> str:
         return self.log_path.read_text()[-4000:] if self.log_path.exists() else "(no log)"

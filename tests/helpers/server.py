@@ -21,6 +21,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def process_state(process: subprocess.Popen[bytes] | None) -> str:
+    """For a failed test's report: whether a process it started still runs, or how it ended."""
+    if process is None:
+        return "not running (stopped or never started by the test)"
+    code = process.poll()
+    return f"running, pid {process.pid}" if code is None else f"exited with {code}"
+
+
 @dataclass
 class RunningServer:
     data_dir: Path
@@ -73,6 +81,9 @@ class RunningServer:
             return self.log_path.read_text(errors="replace")[-8000:]
         except OSError:
             return ""
+
+    def describe(self) -> str:
+        return f"{process_state(self.process)}\n{self.log()}"
 
     def kill(self) -> None:
         """kill -9 the whole process group: the server and any engine process it spawned."""

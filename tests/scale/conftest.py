@@ -8,19 +8,21 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import attach_log
 from tests.helpers.backends import Backend, echo
 
 BackendFactory = Callable[..., Backend]
 
 
 @pytest.fixture
-def echo_backend(tmp_path: Path) -> Iterator[BackendFactory]:
+def echo_backend(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BackendFactory]:
     """Start an echo backend process (tests/helpers/echo_backend.py); all are killed at teardown."""
     started: list[Backend] = []
 
     def start(name: str, *args: str, **kwargs: Any) -> Backend:
         backend = echo(tmp_path / "backends", name, *args, **kwargs)
         started.append(backend)
+        attach_log(request, f"backend {name}", backend.describe)
         return backend.start()
 
     yield start
