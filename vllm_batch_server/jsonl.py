@@ -123,8 +123,12 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 def result_line(custom_id: str, result: Result) -> bytes:
     """An engine's answer as an OpenAI batch output (or, for a non-200, error-file) line."""
-    response = {"status_code": result.status_code, "request_id": ids.new_request_id(), "body": result.body}
     # "custom_id" right after "id": custom_id_of() relies on finding it near the start.
+    if result.raw is not None:  # the same line, with the body as the engine serialized it
+        head = (f'{{"id":{_dumps(ids.new_request_id())},"custom_id":{_dumps(custom_id)},"response":'
+                f'{{"status_code":{int(result.status_code)},"request_id":{_dumps(ids.new_request_id())},"body":')
+        return b"".join((head.encode(), result.raw, b'},"error":null}\n'))
+    response = {"status_code": result.status_code, "request_id": ids.new_request_id(), "body": result.body}
     line = {"id": ids.new_request_id(), "custom_id": custom_id, "response": response, "error": None}
     return _dumps(line).encode() + b"\n"
 

@@ -137,6 +137,8 @@ async def _serve(ctx: Context, request: Request, call: _Call, url: str, body: di
         raise APIError(503, "The engine failed while computing this request and is being restarted; retry in "
                        "a moment.", type="server_error", code="engine_unavailable",
                        headers={"retry-after": str(RETRY_AFTER_LOADING)}) from None
+    if result.raw is not None:  # already JSON, as the engine wrote it
+        return Response(result.raw, status_code=result.status_code, media_type="application/json")
     return JSONResponse(result.body, status_code=result.status_code)
 
 

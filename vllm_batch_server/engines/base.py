@@ -62,6 +62,10 @@ class Result:
     status_code: int
     body: dict[str, Any]
     usage: Usage = field(default_factory=Usage)
+    # `body` exactly as the engine already serialized it (compact JSON on one line), when it did: written out
+    # as it is rather than serialized again. An embedding's answer is mostly floats, and turning them back into
+    # text costs more than computing a small model's embedding (1.5x what parsing them costs).
+    raw: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:

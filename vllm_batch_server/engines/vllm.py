@@ -295,7 +295,7 @@ class VLLMEngine:
         if isinstance(response, ErrorResponse):
             self._raise_if_dead(None)
             return Result(int(response.error.code), response.model_dump(mode="json"))
-        out = self._body_of(response, by_alias=url == RESPONSES)
+        out, raw = self._body_of(response, by_alias=url == RESPONSES)
         if out is None:
             return Result.error(500, f"vLLM answered with an unexpected {type(response).__name__}",
                                 type="server_error")
@@ -303,19 +303,23 @@ class VLLMEngine:
             self._raise_if_dead(None)
             code = out["error"].get("code") if isinstance(out.get("error"), dict) else None
             return Result(int(code) if isinstance(code, int) else 400, out)
-        return Result(200, out, Usage.from_body(out))
+        return Result(200, out, Usage.from_body(out), raw=raw)
 
     @staticmethod
-    def _body_of(response: Any, *, by_alias: bool = False) -> dict[str, Any] | None:
+    def _body_of(response: Any, *, by_alias: bool = False) -> tuple[dict[str, Any] | None, bytes | None]:
         """A pydantic response (chat, completion, responses) or a starlette JSONResponse (embeddings, score,
-        rerank) as a dict, serialized as vLLM's own routes do (the Responses API by alias)."""
+        rerank) as a dict, serialized as vLLM's own routes do (the Responses API by alias); and for a
+        JSONResponse, the JSON vLLM already wrote, when it is one line (a result line can then carry it as is)."""
         if hasattr(response, "model_dump"):
-            return dict(response.model_dump(mode="json", by_alias=by_alias))
+            return dict(response.model_dump(mode="json", by_alias=by_alias)), None
         raw = getattr(response, "body", None)
         if isinstance(raw, (bytes, bytearray, memoryview)):
-            loaded = json.loads(bytes(raw))
-            return loaded if isinstance(loaded, dict) else None
-        return None
+            raw = bytes(raw)
+            loaded = json.loads(raw)
+            if not isinstance(loaded, dict):
+                return None, None
+            return loaded, raw if b"\n" not in raw and getattr(response, "status_code", 200) == 200 else None
+        return None, None
 
     def _raise_if_dead(self, exc: BaseException | None) -> None:
         from vllm.v1.engine.exceptions import EngineDeadError
