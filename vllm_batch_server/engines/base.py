@@ -64,7 +64,7 @@ class Result:
     usage: Usage = field(default_factory=Usage)
     # `body` exactly as the engine already serialized it (compact JSON on one line), when it did: written out
     # as it is rather than serialized again. An embedding's answer is mostly floats, and turning them back into
-    # text costs more than computing a small model's embedding (1.5x what parsing them costs).
+    # text took 0.19 ms for 384 of them (1.5x what parsing them takes), growing with the dimension.
     raw: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
