@@ -26,10 +26,15 @@ def test_benchmark_help(name: str) -> None:
 def test_grouping_speed_measures_only_the_shapes_asked_for() -> None:
     from benchmarks import grouping_speed
 
-    payload = grouping_speed.main(["--shapes", "multi-turn,nothing shared", "--requests", "300", "--repeats", "1",
-                                   "--no-json"])
+    payload = grouping_speed.main(["--shapes", "multi-turn,nothing shared", "--requests", "300", "--lookahead", "100",
+                                   "--repeats", "2", "--no-json"])
     assert sorted(payload["results"]) == ["multi-turn conversations", "short chats, nothing shared"]
-    assert all(r["read_us"] > 0 for r in payload["results"].values())
+    for r in payload["results"].values():
+        assert r["pairs"] == 3 * 2  # every chunk of every pass measured back to back
+        assert 0 < r["parse_us"] and 0 < r["parse_held_us"] and 0 < r["parse_grouped_us"]
+        assert r["grouping_us"] == pytest.approx(r["parse_grouped_us"] - r["parse_held_us"])
+    single = grouping_speed.main(["--shapes", "nothing shared", "--requests", "50", "--repeats", "1", "--no-json"])
+    assert single["results"]["short chats, nothing shared"]["pairs"] == 1  # one pair is enough to report
 
 
 def test_grouping_speed_names_the_shapes_when_none_matches(capsys: pytest.CaptureFixture[str]) -> None:

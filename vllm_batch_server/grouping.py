@@ -20,17 +20,18 @@ ones it shares the longest prefix with. Then, to move nothing without a reason:
   its first member is in the file, in sorted order (requests with equal prompts keep the file's order);
 - every other request keeps its place in the file's order.
 
-Only one chunk is ever in memory (its prompts are lists of the request's own strings, not copies), and no
+Only one chunk is ever in memory (its prompts are tuples of the request's own strings, not copies), and no
 request is moved past the end of its chunk. The cost is a handful of C-level operations per request and the
-sort's comparisons, which stop at the first differing character and find a system prompt repeated on every
-line equal by identity: see `benchmarks.grouping_speed` for the measured cost per request.
+sort's comparisons, which stop at the first differing character and, through `prompt_reader`, find a system
+prompt repeated on every line equal by identity: see `benchmarks.grouping_speed` for the measured cost per
+request.
 """
 
 from __future__ import annotations
 
 import json
 import operator
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any, TypeVar
 
@@ -41,7 +42,7 @@ T = TypeVar("T")
 # this with every other request of their chunk keep the file's order.
 MIN_SHARED_CHARS = 512
 
-Prompt = list[str]
+Prompt = tuple[str, ...]
 
 
 def prompt_parts(body: dict[str, Any]) -> Prompt | None:
@@ -49,28 +50,61 @@ def prompt_parts(body: dict[str, Any]) -> Prompt | None:
     messages (chat) or its prompt (completions). Two requests whose prompts start alike have parts that start
     alike. None when there is no prompt to share (embeddings, or a body without one).
 
-    Parts, not one joined string: joining would copy every prompt (measured: half the cost of grouping).
-    Left out, for speed: the model (a batch has one) and the roles (short, and in practice the same at the
-    same position of a conversation)."""
+    Parts, not one joined string: joining would copy every prompt, and measured slower on every shape with
+    more than one message. A tuple, not a list: cheaper to build, and the garbage collector stops tracking a
+    tuple of strings. Left out, for speed: the model (a batch has one) and the roles (short, and in practice
+    the same at the same position of a conversation)."""
     messages = body.get("messages")
     if messages is not None:
         try:  # the common case, at C speed: every message a dict with string content
             if len(messages) == 1:
                 content = messages[0]["content"]
                 if content.__class__ is str:
-                    return [content]
-            parts = list(map(_content, messages))
-            sum(map(str.__len__, parts))  # raises TypeError unless every part is a string
+                    return (content,)
+            parts = tuple(map(_content, messages))
+            # str.startswith checks that every item of a tuple is a string (TypeError otherwise) and costs
+            # less than any other such check here; it stops early only at an empty part, which is rare.
+            if "".startswith(parts):
+                raise TypeError("an empty part: check the rest one by one")
         except (TypeError, KeyError):
             if not isinstance(messages, list):
                 return None
-            parts = [_text(message.get("content") if isinstance(message, dict) else message)
-                     for message in messages]
+            parts = tuple(_text(message.get("content") if isinstance(message, dict) else message)
+                          for message in messages)
         return parts
     prompt = body.get("prompt")
     if prompt is None:
         return None
-    return [prompt if prompt.__class__ is str else _text(prompt)]
+    return (prompt if prompt.__class__ is str else _text(prompt),)
+
+
+def prompt_reader(body_of: Callable[[T], dict[str, Any]]) -> Callable[[T], Prompt | None]:
+    """`prompt_parts` of each item's body, for one pass over a batch, that also makes a first message equal
+    to the previous request's (a system prompt on every line) that very string, in the body itself.
+
+    Nothing a reader of the body can tell changes (strings are immutable and the two are equal), but a chunk
+    then holds one copy of its system prompt instead of one per request, and the sort finds first parts equal
+    by identity instead of comparing their characters at each of its comparisons. Measured on 1,024-request
+    chunks behind a 400-word system prompt: 0.5-0.8 µs less per request than making only the prompt's first
+    part the same object."""
+    previous: str | None = None
+
+    def read(item: T) -> Prompt | None:
+        nonlocal previous
+        body = body_of(item)
+        messages = body.get("messages")
+        if messages.__class__ is list and len(messages) > 1:
+            first = messages[0]
+            if first.__class__ is dict:
+                content = first.get("content")
+                if content.__class__ is str:
+                    if content == previous:
+                        first["content"] = previous
+                    else:
+                        previous = content
+        return prompt_parts(body)
+
+    return read
 
 
 _content = operator.itemgetter("content")
@@ -88,7 +122,7 @@ def _text(content: Any) -> str:
     return json.dumps(content, ensure_ascii=False)  # images, audio, token ids: compared as written
 
 
-def shared_at_least(a: Prompt, b: Prompt, chars: int) -> bool:
+def shared_at_least(a: Sequence[str], b: Sequence[str], chars: int) -> bool:
     """Whether prompts `a` and `b` start with the same `chars` characters (the boundary between two parts
     counts as one character, the same in both only where both go on)."""
     for x, y in zip(a, b):  # noqa: B905 (where the shorter ends, so does what they share)
@@ -112,22 +146,11 @@ def group_by_prefix(items: Iterable[T], prompt: Callable[[T], Prompt | None], lo
         chunk: list[T] = []
         prompts: list[Prompt | None] = []
         candidates: list[int] = []  # the requests whose prompts may share enough with another's
-        previous: str | None = None
         for item in islice(source, lookahead):  # each prompt while its request is fresh in the CPU's caches
             parts = prompt(item)
-            if parts:
-                if len(parts) == 1:
-                    if len(parts[0]) >= min_shared:  # a shorter one-part prompt cannot share enough
-                        candidates.append(len(chunk))
-                else:
-                    # A first part equal to the previous prompt's (a system prompt on every line) becomes
-                    # the same object: the sort then finds them equal by identity, without comparing their
-                    # characters at every one of its comparisons.
-                    if parts[0] == previous:
-                        parts[0] = previous
-                    else:
-                        previous = parts[0]
-                    candidates.append(len(chunk))
+            # A one-part prompt shorter than min_shared cannot share enough with another.
+            if parts and (len(parts) > 1 or len(parts[0]) >= min_shared):
+                candidates.append(len(chunk))
             chunk.append(item)
             prompts.append(parts)
         if not chunk:

@@ -111,7 +111,12 @@ def iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 def iter_requests(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
     """(line number, custom_id, body) of a file that passed validation."""
-    for number, raw in iter_raw_lines(path):
+    return requests_in(iter_raw_lines(path))
+
+
+def requests_in(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, custom_id, body) of validated lines as `iter_raw_lines` gives them."""
+    for number, raw in lines:
         line = loads(raw)
         yield number, line["custom_id"], line["body"]
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from operator import itemgetter
 from typing import Any
 
 from vllm_batch_server.blobs import Blobs
@@ -21,7 +22,7 @@ from vllm_batch_server.checkpoint import ResultLog
 from vllm_batch_server.database import BatchRow, Database
 from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.exhaustion import exhausted
-from vllm_batch_server.grouping import group_by_prefix, prompt_parts
+from vllm_batch_server.grouping import group_by_prefix, prompt_reader
 from vllm_batch_server.jsonl import iter_requests
 from vllm_batch_server.lifecycle import BatchStatus
 from vllm_batch_server.online import BatchTurns
@@ -75,8 +76,7 @@ class BatchRunner:
         try:
             if self.stop_reason is None:
                 pending = (request for request in iter_requests(input_path) if request[1] not in done)
-                grouped = group_by_prefix(pending, lambda request: prompt_parts(request[2]),
-                                          self._settings.prefix_lookahead)
+                grouped = group_by_prefix(pending, prompt_reader(itemgetter(2)), self._settings.prefix_lookahead)
                 await self._feed(results, grouped, done)
             if self.stop_reason == EXPIRED:
                 await self._expire_rest(results, input_path, done)

@@ -3,6 +3,7 @@ bounded look-ahead, and everything else keeps the file's order."""
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 from typing import Any
@@ -10,13 +11,19 @@ from typing import Any
 import pytest
 
 from tests.conftest import TERMINAL, read_jsonl, request_line, sdk, submit, wait_for
-from vllm_batch_server.grouping import MIN_SHARED_CHARS, group_by_prefix, prompt_parts, shared_at_least
+from vllm_batch_server.grouping import (
+    MIN_SHARED_CHARS,
+    group_by_prefix,
+    prompt_parts,
+    prompt_reader,
+    shared_at_least,
+)
 
 
 def grouped(prompts: list[str | None], lookahead: int = 1024, min_shared: int = 4) -> list[int]:
     """The positions of `prompts` (one-part prompts; None: no prompt) in the order they are handed out."""
     items = list(enumerate(prompts))
-    out = group_by_prefix(items, lambda item: None if item[1] is None else [item[1]], lookahead, min_shared)
+    out = group_by_prefix(items, lambda item: None if item[1] is None else (item[1],), lookahead, min_shared)
     return [index for index, _ in out]
 
 
@@ -114,7 +121,7 @@ def test_grouping_reads_no_further_than_its_lookahead() -> None:
             read.append(i)
             yield i
 
-    out = group_by_prefix(source(), lambda i: ["same prompt"], 10, min_shared=4)
+    out = group_by_prefix(source(), lambda i: ("same prompt",), 10, min_shared=4)
     assert next(out) == 0
     assert len(read) == 10
 
@@ -139,23 +146,56 @@ def test_prompt_parts() -> None:
     document = "word " * (MIN_SHARED_CHARS // 4)
     chat = {"model": "m", "messages": [{"role": "system", "content": "Answer from the document."},
                                        {"role": "user", "content": document + "Question 1?"}]}
-    assert prompt_parts(chat) == ["Answer from the document.", document + "Question 1?"]
-    assert prompt_parts({"model": "m", "prompt": document}) == [document]
+    assert prompt_parts(chat) == ("Answer from the document.", document + "Question 1?")
+    assert prompt_parts({"model": "m", "prompt": document}) == (document,)
     text_parts = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": document}]}]}
-    assert prompt_parts(text_parts) == [document]  # renders as the same text as a string content
+    assert prompt_parts(text_parts) == (document,)  # renders as the same text as a string content
     tool_call = {"model": "m", "messages": [{"role": "user", "content": "hi"},
                                             {"role": "assistant", "content": None, "tool_calls": []},
                                             {"role": "assistant"}]}
-    assert prompt_parts(tool_call) == ["hi", "", ""]
+    assert prompt_parts(tool_call) == ("hi", "", "")
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     with_image = prompt_parts({"model": "m", "messages": [{"role": "user", "content": [image]}]})
     assert with_image is not None and "AAAA" in with_image[0]  # other parts compare as written
     tokens = prompt_parts({"model": "m", "prompt": [1, 2, 3]})
-    assert tokens == ["[1, 2, 3]"]
+    assert tokens == ("[1, 2, 3]",)
     assert prompt_parts({"model": "m", "input": document}) is None  # embeddings: no prefix cache to keep warm
     assert prompt_parts({"model": "m", "messages": "not a list"}) is None
-    assert prompt_parts({"model": "m", "messages": ["not a dict"]}) == ["not a dict"]
-    assert prompt_parts({"model": "m", "messages": []}) == []
+    assert prompt_parts({"model": "m", "messages": {"content": "a dict"}}) is None
+    assert prompt_parts({"model": "m", "messages": ["not a dict"]}) == ("not a dict",)
+    assert prompt_parts({"model": "m", "messages": []}) == ()
+
+
+@pytest.mark.parametrize(("contents", "expected"), [
+    # The check that every part is a string stops at an empty part: what follows it is still made text.
+    (["", ["x"]], ("", '["x"]')),
+    (["", "", None], ("", "", "")),
+    (["a", "", [{"type": "text", "text": "b"}]], ("a", "", "b")),
+])
+def test_prompt_parts_behind_an_empty_part(contents: list[Any], expected: tuple[str, ...]) -> None:
+    assert prompt_parts({"model": "m", "messages": [{"role": "user", "content": c} for c in contents]}) == expected
+
+
+def test_prompt_reader_makes_a_repeated_system_prompt_one_string() -> None:
+    system = "Answer from the document only. " * 40
+    bodies = [{"model": "m", "messages": [{"role": "system", "content": "".join(list(system))},
+                                          {"role": "user", "content": f"question {i}"}]} for i in range(4)]
+    bodies.insert(2, {"model": "m", "messages": [{"role": "system", "content": "another system prompt"},
+                                                 {"role": "user", "content": "q"}]})
+    before = copy.deepcopy(bodies)
+    read = prompt_reader(lambda body: body)
+    prompts = [read(body) for body in bodies]
+    assert prompts == [prompt_parts(body) for body in before]  # the same prompts as without the reader
+    assert bodies == before  # every body still equal to what was read from the file
+    firsts = [body["messages"][0]["content"] for body in bodies]
+    assert firsts[0] is firsts[1] and firsts[3] is not firsts[1]  # one string until another system prompt
+    assert firsts[3] is firsts[4] and firsts[2] == "another system prompt"
+    assert all(p is not None and p[0] is f for p, f in zip(prompts, firsts, strict=True))
+    # Bodies it cannot read as chat messages are left as they are.
+    odd = [{"model": "m", "messages": "x"}, {"model": "m", "messages": ["a", "b"]},
+           {"model": "m", "messages": [{"role": "system", "content": None}, {"role": "user", "content": "q"}]},
+           {"model": "m", "prompt": system}]
+    assert [read(body) for body in copy.deepcopy(odd)] == [prompt_parts(body) for body in odd]
 
 
 def test_chat_requests_are_grouped_by_document_behind_a_long_system_prompt() -> None:
