@@ -31,7 +31,7 @@ def test_grouping_speed_measures_only_the_shapes_asked_for() -> None:
     assert sorted(payload["results"]) == ["multi-turn conversations", "short chats, nothing shared"]
     for r in payload["results"].values():
         assert r["pairs"] == 3 * 2  # every chunk of every pass measured back to back
-        assert 0 < r["parse_us"] and 0 < r["parse_held_us"] and 0 < r["parse_grouped_us"]
+        assert min(r["parse_us"], r["parse_held_us"], r["parse_grouped_us"]) > 0
         assert r["grouping_us"] == pytest.approx(r["parse_grouped_us"] - r["parse_held_us"])
     single = grouping_speed.main(["--shapes", "nothing shared", "--requests", "50", "--repeats", "1", "--no-json"])
     assert single["results"]["short chats, nothing shared"]["pairs"] == 1  # one pair is enough to report
