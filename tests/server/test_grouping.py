@@ -195,7 +195,9 @@ def test_prompt_reader_makes_a_repeated_system_prompt_one_string() -> None:
     odd = [{"model": "m", "messages": "x"}, {"model": "m", "messages": ["a", "b"]},
            {"model": "m", "messages": [{"role": "system", "content": None}, {"role": "user", "content": "q"}]},
            {"model": "m", "prompt": system}]
-    assert [read(body) for body in copy.deepcopy(odd)] == [prompt_parts(body) for body in odd]
+    read_odd = copy.deepcopy(odd)
+    assert [read(body) for body in read_odd] == [prompt_parts(body) for body in odd]
+    assert read_odd == odd
 
 
 def test_chat_requests_are_grouped_by_document_behind_a_long_system_prompt() -> None:

@@ -114,3 +114,18 @@ def test_responses_score_and_rerank_bodies_parse_as_vllm_serve_takes_them(engine
                                          "stream": True, "stream_options": {"include_usage": True}},
                              streaming=True)
     assert not isinstance(streamed, Result) and streamed.stream is True
+
+
+def test_stopping_gives_what_a_load_froze_back_to_the_garbage_collector(engine: VLLMEngine) -> None:
+    """A load freezes everything alive out of garbage collection (see the model-switch test in test_e2e.py for
+    the real load); stopping must unfreeze it, or an unloaded model's reference cycles would never be freed."""
+    import asyncio
+    import gc
+
+    gc.freeze()  # as `_freeze_what_is_loaded` leaves the process after a load
+    try:
+        assert gc.get_freeze_count() > 0
+        asyncio.run(engine.stop())
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
