@@ -43,10 +43,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def resolve(name: str) -> str:
     """A model name as the server knows it → what vLLM loads (the embedded defaults live in a cache folder)."""
-    from vllm_batch_server import models
+    from vllm_batch_server.engines import model_files
     from vllm_batch_server.settings import default_cache_dir
 
-    return models.resolve(name, Path(os.environ.get("BATCH_SERVER_MODEL_CACHE_DIR") or default_cache_dir())).path
+    return model_files.resolve(name, Path(os.environ.get("BATCH_SERVER_MODEL_CACHE_DIR") or default_cache_dir())).path
 
 
 def run_offline(args: argparse.Namespace, scratch: Path, kind: str, model: str,

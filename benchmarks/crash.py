@@ -42,7 +42,7 @@ from benchmarks._harness import (
     write_results,
 )
 from benchmarks.pipeline import CHAT, chat_lines
-from vllm_batch_server.checkpoint import MIN_GAP_SECONDS
+from vllm_batch_server.queue.checkpoint import MIN_GAP_SECONDS
 
 CHECKPOINT_EVERY = 500
 CHECKPOINT_SECONDS = 1.0

@@ -62,8 +62,8 @@ def offline_answers(model: str, convs: list[list[dict[str, str]]], max_tokens: i
                     max_model_len: int) -> list[Any]:
     from vllm import LLM
 
+    from vllm_batch_server.engines.model_files import resolve
     from vllm_batch_server.engines.vllm import VLLMEngine
-    from vllm_batch_server.models import resolve
     from vllm_batch_server.settings import Settings
 
     settings = Settings(models=[model], max_model_len=max_model_len)

@@ -37,8 +37,8 @@ from typing import Any
 
 from benchmarks._harness import common_args, print_table, say, workdir, write_jsonl, write_results
 from benchmarks._workloads import WORDS
-from vllm_batch_server.grouping import group_by_prefix, prompt_reader
-from vllm_batch_server.jsonl import iter_raw_lines, requests_in
+from vllm_batch_server.queue.grouping import group_by_prefix, prompt_reader
+from vllm_batch_server.store.jsonl import iter_raw_lines, requests_in
 
 TARGET_US = 2.0
 

@@ -214,11 +214,11 @@ def vllm_backend(directory: Path, name: str, model_path: str, served: str, args:
 
 
 def affinity(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    from vllm_batch_server import models
+    from vllm_batch_server.engines import model_files
     from vllm_batch_server.settings import default_cache_dir
 
     served = "smollm2-135m-instruct"
-    model_path = models.resolve(served, Path(os.environ.get("BATCH_SERVER_MODEL_CACHE_DIR") or
+    model_path = model_files.resolve(served, Path(os.environ.get("BATCH_SERVER_MODEL_CACHE_DIR") or
                                              default_cache_dir())).path
     directory = scratch / "affinity"
     directory.mkdir()

@@ -13,7 +13,6 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from vllm_batch_server import metrics, webhooks
 from vllm_batch_server.api import (
     batches,
     events,
@@ -39,21 +38,22 @@ from vllm_batch_server.api.errors import (
     on_storage_error,
     on_unexpected,
 )
-from vllm_batch_server.blobs import Blobs
-from vllm_batch_server.data_dir_lock import locked
-from vllm_batch_server.database import Database
 from vllm_batch_server.engines import check_settings as check_engine_settings
 from vllm_batch_server.engines import create_engine
-from vllm_batch_server.events import EventLog
 from vllm_batch_server.handlers.loading import load_handlers
 from vllm_batch_server.handlers.service import HandlerService
-from vllm_batch_server.lifecycle import Lifecycle
-from vllm_batch_server.marks import MarkIndex
-from vllm_batch_server.monitor import Monitor
-from vllm_batch_server.partial import CommittedResults
-from vllm_batch_server.scheduler import Scheduler
+from vllm_batch_server.observers import metrics, webhooks
+from vllm_batch_server.observers.monitor import Monitor
+from vllm_batch_server.observers.webhooks import Webhooks
+from vllm_batch_server.queue.scheduler import Scheduler
+from vllm_batch_server.results.marks import MarkIndex
+from vllm_batch_server.results.partial import CommittedResults
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.webhooks import Webhooks
+from vllm_batch_server.store.blobs import Blobs
+from vllm_batch_server.store.data_dir_lock import locked
+from vllm_batch_server.store.database import Database
+from vllm_batch_server.store.events import EventLog
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 log = logging.getLogger("vllm_batch_server")
 

@@ -136,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--model-cache-dir", dest="model_cache_dir", type=Path, default=argparse.SUPPRESS,
                         help=f"where embedded models are prepared [env {env_name('model_cache_dir')}]")
 
-    from vllm_batch_server import service
+    from vllm_batch_server.ops import systemd_unit
 
-    service.add_parser(sub, add_settings_flags)
+    systemd_unit.add_parser(sub, add_settings_flags)
     hooks = sub.add_parser("webhooks", help="webhook helpers", description="Webhook helpers (docs/operations.md).")
     hooks.add_argument("action", choices=["new-secret"],
                        help="new-secret: print a new random signing secret (whsec_...)")
@@ -150,11 +150,11 @@ def serve(settings: Settings) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to a backend otherwise
+    from vllm_batch_server.api.connections import ConnectionLimits, ServerConfig
     from vllm_batch_server.app import begin_shutdown, create_app
-    from vllm_batch_server.connections import ConnectionLimits, ServerConfig
-    from vllm_batch_server.data_dir_lock import DataDirInUse, locked
     from vllm_batch_server.handlers import HandlerConfigError
-    from vllm_batch_server.systemd import Notifier
+    from vllm_batch_server.ops.notify import Notifier
+    from vllm_batch_server.store.data_dir_lock import DataDirInUse, locked
 
     notifier = Notifier()
 
@@ -216,18 +216,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SettingsError as exc:
         parser.exit(2, f"vllm-batch-server: error: {exc}\n")
     if args.command == "service":
-        from vllm_batch_server import service
+        from vllm_batch_server.ops import systemd_unit
 
-        sys.exit(service.main(args, settings))
+        sys.exit(systemd_unit.main(args, settings))
     elif args.command == "webhooks":
         import base64
         import secrets
 
         print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
     elif args.command == "models":
-        from vllm_batch_server import models
+        from vllm_batch_server.engines import model_files
 
-        sys.exit(models.main(args.action, settings.models, settings.model_cache_dir))
+        sys.exit(model_files.main(args.action, settings.models, settings.model_cache_dir))
 
 
 if __name__ == "__main__":

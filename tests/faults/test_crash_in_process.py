@@ -19,14 +19,14 @@ import pytest
 
 from tests.conftest import chat_lines, jsonl
 from vllm_batch_server import ids
-from vllm_batch_server import scheduler as scheduler_module
 from vllm_batch_server.aio import wait_event
-from vllm_batch_server.blobs import Blobs
-from vllm_batch_server.database import BatchRow, CheckpointCommitter, Database, FileRow
 from vllm_batch_server.engines.echo import EchoEngine
-from vllm_batch_server.lifecycle import TERMINAL, BatchStatus, Lifecycle
-from vllm_batch_server.scheduler import Scheduler
+from vllm_batch_server.queue import scheduler as scheduler_module
+from vllm_batch_server.queue.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.store.blobs import Blobs
+from vllm_batch_server.store.database import BatchRow, CheckpointCommitter, Database, FileRow
+from vllm_batch_server.store.lifecycle import TERMINAL, BatchStatus, Lifecycle
 
 N = 60
 

@@ -19,8 +19,8 @@ from tests.helpers.server import RunningServer, make_server
 from tests.hostile.errors import assert_openai_error
 from vllm_batch_server.api.auth import OPEN_PATHS, is_open
 from vllm_batch_server.app import create_app
-from vllm_batch_server.blobs import Blobs
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.store.blobs import Blobs
 
 KEY = "sk-test-0123456789abcdef"
 

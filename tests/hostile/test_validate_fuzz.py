@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ServerFactory, chat_lines, jsonl, request_line, sdk, submit, wait_for
-from vllm_batch_server.jsonl import MAX_DEPTH, iter_requests
-from vllm_batch_server.validate import Report, validate_input
+from vllm_batch_server.queue.validate import Report, validate_input
+from vllm_batch_server.store.jsonl import MAX_DEPTH, iter_requests
 
 CHAT = "/v1/chat/completions"
 MODELS = ["echo-model", "echo-embed"]

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerFactory, chat_lines, request_line, sdk, submit, wait_for
 from tests.helpers.server import RunningServer
-from vllm_batch_server import metrics
+from vllm_batch_server.observers import metrics
 
 KEY = "sk-metrics-test"
 

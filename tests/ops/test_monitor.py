@@ -7,9 +7,9 @@ import asyncio
 import random
 from pathlib import Path
 
-from vllm_batch_server.database import BatchRow, Database
-from vllm_batch_server.lifecycle import BatchStatus, Lifecycle
-from vllm_batch_server.monitor import Monitor
+from vllm_batch_server.observers.monitor import Monitor
+from vllm_batch_server.store.database import BatchRow, Database
+from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
 
 S = BatchStatus
 

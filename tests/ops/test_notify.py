@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.helpers.server import make_server
-from vllm_batch_server import systemd
+from vllm_batch_server.ops import notify
 
 
 class NotifySocket:
@@ -70,34 +70,34 @@ def test_notify_sends_one_datagram_to_a_path_or_an_abstract_socket(notify_socket
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     path, listener = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", path)
-    assert systemd.notify("READY=1", "STATUS=serving")
+    assert notify.notify("READY=1", "STATUS=serving")
     assert listener.wait_for("READY=1")[1] == "READY=1\nSTATUS=serving"
 
     name = f"vllm-batch-test-{os.getpid()}"
     abstract = NotifySocket("\0" + name)
     try:
         monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-        assert systemd.notify("STOPPING=1")
+        assert notify.notify("STOPPING=1")
         assert abstract.wait_for("STOPPING=1")[1] == "STOPPING=1"
     finally:
         abstract.close()
 
     monkeypatch.delenv("NOTIFY_SOCKET")
-    assert systemd.notify("READY=1") is False  # not run by systemd: nothing to do
+    assert notify.notify("READY=1") is False  # not run by systemd: nothing to do
     monkeypatch.setenv("NOTIFY_SOCKET", str(Path(path).parent / "gone.sock"))
-    assert systemd.notify("READY=1") is False  # a vanished socket is logged, never raised
+    assert notify.notify("READY=1") is False  # a vanished socket is logged, never raised
 
 
 def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    assert systemd.watchdog_interval() is None
+    assert notify.watchdog_interval() is None
     monkeypatch.setenv("WATCHDOG_USEC", "2000000")
-    assert systemd.watchdog_interval() == 1.0
+    assert notify.watchdog_interval() == 1.0
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
-    assert systemd.watchdog_interval() == 1.0
+    assert notify.watchdog_interval() == 1.0
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # meant for another process
-    assert systemd.watchdog_interval() is None
+    assert notify.watchdog_interval() is None
 
 
 def test_the_server_speaks_the_protocol(notify_socket: tuple[str, NotifySocket], tmp_path: Path) -> None:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from vllm_batch_server import cli, webhooks
-from vllm_batch_server.database import BatchRow, Database
-from vllm_batch_server.events import EventLog
-from vllm_batch_server.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server import cli
+from vllm_batch_server.observers import webhooks
 from vllm_batch_server.settings import Settings, SettingsError
+from vllm_batch_server.store.database import BatchRow, Database
+from vllm_batch_server.store.events import EventLog
+from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
 from vllm_batch_server.webhook_targets import DEFAULT_EVENTS, WebhookEndpoint, host_allowed
 
 SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
@@ -142,7 +143,7 @@ def test_new_secret_makes_a_secret_both_the_server_and_the_sdk_accept(capsys: py
 def test_the_readers_place_their_cursor_before_the_scheduler_starts(tmp_path: Path) -> None:
     """A first start: events appended by the scheduler's recovery, right after the readers start, must reach
     them (a cursor placed lazily, at the first read, would land after those events)."""
-    from vllm_batch_server.metrics import LifecycleMetrics
+    from vllm_batch_server.observers.metrics import LifecycleMetrics
 
     async def scenario() -> None:
         db = await Database.open(tmp_path / "db.sqlite3")

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from vllm_batch_server.engines.affinity import CHUNK_CHARS, AffinityTable, prompt_chunks
 from vllm_batch_server.engines.base import Result
-from vllm_batch_server.engines.dispatch import MemberState
 from vllm_batch_server.engines.echo import EchoEngine
 from vllm_batch_server.engines.http import BackendSpecError, parse_backends
-from vllm_batch_server.engines.router import Router
-from vllm_batch_server.engines.window import Window
+from vllm_batch_server.engines.router.affinity import CHUNK_CHARS, AffinityTable, prompt_chunks
+from vllm_batch_server.engines.router.dispatch import MemberState
+from vllm_batch_server.engines.router.router import Router
+from vllm_batch_server.engines.router.window import Window
 from vllm_batch_server.settings import Settings
 
 CHAT = "/v1/chat/completions"

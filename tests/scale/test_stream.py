@@ -10,9 +10,9 @@ from typing import Any
 from tests.scale.conftest import BackendFactory
 from tests.scale.test_router import MODEL, Recording, chat
 from vllm_batch_server.engines.base import Result
-from vllm_batch_server.engines.dispatch import MemberState
 from vllm_batch_server.engines.http import HttpEngine, parse_backends
-from vllm_batch_server.engines.router import Router
+from vllm_batch_server.engines.router.dispatch import MemberState
+from vllm_batch_server.engines.router.router import Router
 from vllm_batch_server.settings import Settings
 
 CHAT = "/v1/chat/completions"

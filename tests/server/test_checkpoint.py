@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 
 from tests.helpers.disk import fill, mounted_small_disk
-from vllm_batch_server import checkpoint
-from vllm_batch_server.blobs import Blobs
-from vllm_batch_server.checkpoint import ResultLog
-from vllm_batch_server.database import BatchRow, Checkpoint, CheckpointCommitter, Database
 from vllm_batch_server.engines.base import Result, Usage
-from vllm_batch_server.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server.queue import checkpoint
+from vllm_batch_server.queue.checkpoint import ResultLog
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.store.blobs import Blobs
+from vllm_batch_server.store.database import BatchRow, Checkpoint, CheckpointCommitter, Database
+from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
 
 
 def _ok(n: int) -> Result:

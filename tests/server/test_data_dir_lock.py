@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import ServerFactory, chat_lines, jsonl, read_jsonl, sdk, submit, wait_for
 from tests.helpers import rawhttp
 from tests.helpers.server import RunningServer, free_port, make_server
-from vllm_batch_server.data_dir_lock import LOCK_NAME
+from vllm_batch_server.store.data_dir_lock import LOCK_NAME
 
 
 def second_server(first: RunningServer, port: int) -> subprocess.CompletedProcess[str]:
@@ -108,7 +108,7 @@ def test_a_lock_left_with_a_child_of_a_dead_server_is_explained(tmp_path: Path) 
     script = (
         "import os, sys, time\n"
         "from pathlib import Path\n"
-        "from vllm_batch_server.data_dir_lock import locked\n"
+        "from vllm_batch_server.store.data_dir_lock import locked\n"
         f"with locked(Path({str(data_dir)!r}), host='127.0.0.1', port=4999):\n"
         "    child = os.fork()\n"
         "    if child == 0:\n"
@@ -121,7 +121,7 @@ def test_a_lock_left_with_a_child_of_a_dead_server_is_explained(tmp_path: Path) 
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
     parent.wait(timeout=10)
-    from vllm_batch_server.data_dir_lock import DataDirInUse, locked
+    from vllm_batch_server.store.data_dir_lock import DataDirInUse, locked
 
     try:
         with pytest.raises(DataDirInUse) as caught, locked(data_dir):

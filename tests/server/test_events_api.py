@@ -20,9 +20,9 @@ import pytest
 from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
 from tests.helpers.server import RunningServer
 from vllm_batch_server.api.events import EventStream
-from vllm_batch_server.database import BatchRow, Database
-from vllm_batch_server.events import EventLog
-from vllm_batch_server.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server.store.database import BatchRow, Database
+from vllm_batch_server.store.events import EventLog
+from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
 
 LIFE = ["batch.created", "batch.in_progress", "batch.finalizing", "batch.completed"]
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TERMINAL, read_jsonl, request_line, sdk, submit, wait_for
-from vllm_batch_server.grouping import (
+from vllm_batch_server.queue.grouping import (
     MIN_SHARED_CHARS,
     group_by_prefix,
     prompt_parts,

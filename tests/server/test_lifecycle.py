@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
-from vllm_batch_server.database import BatchRow, Database
-from vllm_batch_server.events import EventLog
-from vllm_batch_server.lifecycle import (
+from vllm_batch_server.store.database import BatchRow, Database
+from vllm_batch_server.store.events import EventLog
+from vllm_batch_server.store.lifecycle import (
     ACTIVE,
     EVENT_TYPES,
     TERMINAL,

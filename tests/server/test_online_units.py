@@ -9,9 +9,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from vllm_batch_server.engines.echo import PriorityGate
-from vllm_batch_server.online import NARROW_GRACE_SECONDS, BatchTurns, OnlineTraffic
-from vllm_batch_server.online_metrics import OnlineMetrics
-from vllm_batch_server.priority import BATCH_BASE, batch_priority, online_priority
+from vllm_batch_server.queue.online import NARROW_GRACE_SECONDS, BatchTurns, OnlineTraffic
+from vllm_batch_server.queue.online_metrics import OnlineMetrics
+from vllm_batch_server.queue.priority import BATCH_BASE, batch_priority, online_priority
 from vllm_batch_server.settings import Settings
 
 

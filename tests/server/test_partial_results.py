@@ -15,11 +15,11 @@ import pytest
 
 from tests.conftest import TERMINAL, ServerFactory, chat_lines, read_jsonl, sdk, submit, wait_for
 from tests.hostile.errors import assert_openai_error
-from vllm_batch_server import partial
-from vllm_batch_server.blobs import Blobs
-from vllm_batch_server.database import BatchRow, Database
-from vllm_batch_server.lifecycle import BatchStatus, Lifecycle
-from vllm_batch_server.partial import CommittedResults, LineIndex
+from vllm_batch_server.results import partial
+from vllm_batch_server.results.partial import CommittedResults, LineIndex
+from vllm_batch_server.store.blobs import Blobs
+from vllm_batch_server.store.database import BatchRow, Database
+from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
 
 
 def read_page(http: httpx.Client, batch_id: str, kind: str = "output", after: int = 0,

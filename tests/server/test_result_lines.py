@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from vllm_batch_server.engines.base import Result, Usage
-from vllm_batch_server.jsonl import custom_id_of, result_line
+from vllm_batch_server.store.jsonl import custom_id_of, result_line
 
 BODY: dict[str, Any] = {
     "id": "embd-1", "object": "list", "created": 1, "model": "all-minilm-l6-v2",

@@ -104,7 +104,7 @@ def test_the_default_connection_cap_fits_the_descriptor_limit(monkeypatch: pytes
                                                               configured: int | None, expected: int) -> None:
     import resource
 
-    from vllm_batch_server import connections
+    from vllm_batch_server.api import connections
 
     monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, soft))
     assert connections.connection_cap(configured) == expected

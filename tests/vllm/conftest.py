@@ -61,15 +61,15 @@ def _require_engine() -> None:
 
 def ensure_models_prepared() -> Path:
     """The embedded models, prepared the way `vllm-batch-server models prepare` does (idempotent)."""
-    from vllm_batch_server import models
+    from vllm_batch_server.engines import model_files
     from vllm_batch_server.settings import default_cache_dir
 
     cache = default_cache_dir()
     for name in (CHAT_MODEL, EMBED_MODEL):
         try:
-            models.resolve(name, cache)
-        except models.ModelNotAvailable:
-            models.prepare(name, cache)
+            model_files.resolve(name, cache)
+        except model_files.ModelNotAvailable:
+            model_files.prepare(name, cache)
     return cache
 
 

@@ -35,7 +35,7 @@ def _by_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def test_chat_batch_completes_with_real_answers(back_to_back: BackToBack) -> None:
     from transformers import AutoTokenizer
 
-    from vllm_batch_server.models import resolve
+    from vllm_batch_server.engines.model_files import resolve
 
     b = back_to_back
     assert b.chat.status == "completed", b.chat
@@ -133,7 +133,7 @@ def test_bad_lines_land_in_the_error_file_alone(back_to_back: BackToBack) -> Non
 def test_embeddings_are_unit_vectors_in_both_encodings(back_to_back: BackToBack) -> None:
     from transformers import AutoTokenizer
 
-    from vllm_batch_server.models import resolve
+    from vllm_batch_server.engines.model_files import resolve
 
     b = back_to_back
     assert b.embed.status == "completed", b.embed

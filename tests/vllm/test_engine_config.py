@@ -26,28 +26,28 @@ def engine(model_cache: Path) -> VLLMEngine:
 
 def test_cpu_defaults_and_cli_settings_reach_the_engine_arguments(engine: VLLMEngine,
                                                                    model_cache: Path) -> None:
-    from vllm_batch_server import models
+    from vllm_batch_server.engines import model_files
     from vllm_batch_server.engines.vllm import is_cpu_platform
 
-    kwargs = engine._engine_kwargs(models.resolve(models.SMOLLM2, model_cache))
+    kwargs = engine._engine_kwargs(model_files.resolve(model_files.SMOLLM2, model_cache))
     assert kwargs["max_model_len"] == 4096 and kwargs["max_num_seqs"] == 32 and kwargs["seed"] == 7
-    assert kwargs["served_model_name"] == [models.SMOLLM2] and kwargs["runner"] == "generate"
+    assert kwargs["served_model_name"] == [model_files.SMOLLM2] and kwargs["runner"] == "generate"
     assert "enable_prefix_caching" not in kwargs  # vLLM's default: on wherever the model supports it
     if is_cpu_platform():
         assert kwargs["dtype"] == "float32" and kwargs["enforce_eager"] is True
     # One --max-model-len for all models: the embedding model's 256-token limit wins for it.
-    embed = engine._engine_kwargs(models.resolve(models.MINILM, model_cache))
+    embed = engine._engine_kwargs(model_files.resolve(model_files.MINILM, model_cache))
     assert embed["max_model_len"] == 256 and embed["runner"] == "pooling"
     assert engine.capacity == 64  # 2 x max_num_seqs: keeps vLLM's waiting queue fed
 
 
 def test_unknown_engine_arg_is_refused_by_name(model_cache: Path) -> None:
-    from vllm_batch_server import models
+    from vllm_batch_server.engines import model_files
     from vllm_batch_server.engines.vllm import VLLMEngine
 
     engine = VLLMEngine(Settings(model_cache_dir=model_cache, engine_args={"no_such_knob": 1}))
     with pytest.raises(EngineError, match="no_such_knob"):
-        engine._build_args(models.resolve(models.SMOLLM2, model_cache))
+        engine._build_args(model_files.resolve(model_files.SMOLLM2, model_cache))
 
 
 @pytest.mark.parametrize(("url", "body", "param"), [
@@ -81,12 +81,13 @@ def test_openai_fields_users_rely_on_are_accepted(engine: VLLMEngine) -> None:
 
 
 def test_priority_scheduling_and_the_request_priority(engine: VLLMEngine, model_cache: Path) -> None:
-    from vllm_batch_server import models
+    from vllm_batch_server.engines import model_files
     from vllm_batch_server.engines.vllm import VLLMEngine
 
-    assert engine._engine_kwargs(models.resolve(models.SMOLLM2, model_cache))["scheduling_policy"] == "priority"
+    chat = model_files.resolve(model_files.SMOLLM2, model_cache)
+    assert engine._engine_kwargs(chat)["scheduling_policy"] == "priority"
     fcfs = VLLMEngine(Settings(model_cache_dir=model_cache, priority_scheduling=False))
-    assert fcfs._engine_kwargs(models.resolve(models.SMOLLM2, model_cache))["scheduling_policy"] == "fcfs"
+    assert fcfs._engine_kwargs(chat)["scheduling_policy"] == "fcfs"
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     engine._priority_scheduling = True  # as start() records it from the loaded engine's config
     assert engine._parse("r", CHAT, body, 1_086_400).priority == 1_086_400

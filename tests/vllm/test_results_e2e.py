@@ -57,7 +57,7 @@ def test_batch_to_gold_fine_tuning_data_and_postgres_rows_after_kill9(
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
-    from vllm_batch_server.models import resolve
+    from vllm_batch_server.engines.model_files import resolve
     from vllm_batch_server.settings import default_cache_dir
 
     pg.stop("immediate")  # down when the batch ends: the handler cannot deliver yet

@@ -37,9 +37,9 @@ def answers(client: openai.OpenAI, lines: list[dict[str, Any]]) -> dict[str, tup
 @pytest.fixture(scope="module")
 def vllm_openai_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`vllm serve` for SmolLM2 on a free loopback port."""
-    from vllm_batch_server import models
+    from vllm_batch_server.engines import model_files
 
-    folder = models.resolve(CHAT_MODEL, model_cache).path
+    folder = model_files.resolve(CHAT_MODEL, model_cache).path
     backend = vllm_serve(tmp_path_factory.mktemp("vllm-openai"), "vllm-openai", folder, CHAT_MODEL,
                          max_model_len=MAX_MODEL_LEN)
     with running([backend], timeout=BATCH_TIMEOUT):

@@ -10,17 +10,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from vllm_batch_server import ids, priority, webhooks
+from vllm_batch_server import ids
 from vllm_batch_server.api.context import Context, context
 from vllm_batch_server.api.errors import APIError, bad_request, not_found
 from vllm_batch_server.api.idempotency import key_header, key_reused
 from vllm_batch_server.api.params import checked_id, expiry_seconds, json_object, query_int
-from vllm_batch_server.database import BatchRow
 from vllm_batch_server.engines.base import SUPPORTED_ENDPOINTS
-from vllm_batch_server.idempotency import IdempotencyKey, KeyReused, fingerprint, replayed
-from vllm_batch_server.lifecycle import BatchStatus
-from vllm_batch_server.scheduler import NotCancellable
-from vllm_batch_server.schemas import batch_object, page
+from vllm_batch_server.observers import webhooks
+from vllm_batch_server.queue import priority
+from vllm_batch_server.queue.scheduler import NotCancellable
+from vllm_batch_server.store.database import BatchRow
+from vllm_batch_server.store.idempotency import IdempotencyKey, KeyReused, fingerprint, replayed
+from vllm_batch_server.store.lifecycle import BatchStatus
+from vllm_batch_server.store.schemas import batch_object, page
 
 CREATE_FIELDS = {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}
 # OpenAI's metadata limits.

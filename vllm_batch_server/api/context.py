@@ -7,17 +7,17 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from vllm_batch_server.blobs import Blobs
-from vllm_batch_server.database import Database
-from vllm_batch_server.events import EventLog
 from vllm_batch_server.handlers.service import HandlerService
-from vllm_batch_server.marks import MarkIndex
-from vllm_batch_server.metrics import LiveCollector
-from vllm_batch_server.monitor import Monitor
-from vllm_batch_server.partial import CommittedResults
-from vllm_batch_server.scheduler import Scheduler
+from vllm_batch_server.observers.metrics import LiveCollector
+from vllm_batch_server.observers.monitor import Monitor
+from vllm_batch_server.observers.webhooks import Webhooks
+from vllm_batch_server.queue.scheduler import Scheduler
+from vllm_batch_server.results.marks import MarkIndex
+from vllm_batch_server.results.partial import CommittedResults
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.webhooks import Webhooks
+from vllm_batch_server.store.blobs import Blobs
+from vllm_batch_server.store.database import Database
+from vllm_batch_server.store.events import EventLog
 
 
 @dataclass

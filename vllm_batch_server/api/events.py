@@ -23,9 +23,9 @@ from vllm_batch_server import ids
 from vllm_batch_server.api.context import context
 from vllm_batch_server.api.errors import bad_request
 from vllm_batch_server.api.params import query_int
-from vllm_batch_server.events import EventLog
-from vllm_batch_server.lifecycle import Event
-from vllm_batch_server.schemas import event_object
+from vllm_batch_server.store.events import EventLog
+from vllm_batch_server.store.lifecycle import Event
+from vllm_batch_server.store.schemas import event_object
 
 MAX_SEQ = 2**63 - 1
 MAX_LIMIT = 1000

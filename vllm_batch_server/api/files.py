@@ -15,9 +15,9 @@ from vllm_batch_server.api.errors import APIError, bad_request, not_found
 from vllm_batch_server.api.idempotency import key_header, key_reused
 from vllm_batch_server.api.multipart import read_upload
 from vllm_batch_server.api.params import checked_id, expiry_seconds, query_choice, query_int
-from vllm_batch_server.database import FileRow
-from vllm_batch_server.idempotency import IdempotencyKey, KeyReused, fingerprint, replayed
-from vllm_batch_server.schemas import file_object, page
+from vllm_batch_server.store.database import FileRow
+from vllm_batch_server.store.idempotency import IdempotencyKey, KeyReused, fingerprint, replayed
+from vllm_batch_server.store.schemas import file_object, page
 
 # What a client may upload; `batch_output` files are made by the server only.
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 
 from vllm_batch_server.api.errors import APIError, bad_request
-from vllm_batch_server.idempotency import HEADER, MAX_KEY_LENGTH, KeyReused, valid_key
+from vllm_batch_server.store.idempotency import HEADER, MAX_KEY_LENGTH, KeyReused, valid_key
 
 
 def key_header(request: Request) -> str | None:

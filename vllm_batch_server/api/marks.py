@@ -18,8 +18,8 @@ from vllm_batch_server import ids
 from vllm_batch_server.api.context import context
 from vllm_batch_server.api.errors import APIError, bad_request, not_found
 from vllm_batch_server.api.params import checked_id, json_object, query_int
-from vllm_batch_server.database import BatchRow
-from vllm_batch_server.marks import MarkError, parse_mark
+from vllm_batch_server.results.marks import MarkError, parse_mark
+from vllm_batch_server.store.database import BatchRow
 
 MAX_CUSTOM_ID = 4096
 

@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from vllm_batch_server.api.errors import APIError, bad_request
 from vllm_batch_server.api.params import declared_length
-from vllm_batch_server.blobs import Blobs, TooLarge, Upload
+from vllm_batch_server.store.blobs import Blobs, TooLarge, Upload
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 32

@@ -37,8 +37,8 @@ from vllm_batch_server.engines.base import (
     Result,
     StreamingEngine,
 )
-from vllm_batch_server.priority import online_priority
-from vllm_batch_server.scheduler import EngineState
+from vllm_batch_server.queue.priority import online_priority
+from vllm_batch_server.queue.scheduler import EngineState
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from vllm_batch_server import metrics
-from vllm_batch_server import status as server_status
+from vllm_batch_server.api import readiness
 from vllm_batch_server.api.context import context
+from vllm_batch_server.observers import metrics
 
 # Seconds a load balancer is told to wait before asking /ready again.
 READY_RETRY_AFTER = "5"
@@ -26,7 +26,7 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    reasons = await server_status.readiness(context(request))
+    reasons = await readiness.readiness(context(request))
     if reasons:
         return JSONResponse({"ready": False, "reasons": reasons}, status_code=503,
                             headers={"retry-after": READY_RETRY_AFTER})
@@ -34,7 +34,7 @@ async def ready(request: Request) -> Response:
 
 
 async def status(request: Request) -> Response:
-    return JSONResponse(await server_status.status(context(request)))
+    return JSONResponse(await readiness.status(context(request)))
 
 
 routes = [

@@ -8,9 +8,9 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
-from vllm_batch_server import jsonl
 from vllm_batch_server.api.context import context
 from vllm_batch_server.api.errors import APIError, bad_request, not_found
+from vllm_batch_server.store import jsonl
 
 # OpenAI's bounds for `expires_after` / `output_expires_after`: one hour to thirty days.
 MIN_EXPIRY, MAX_EXPIRY = 3600, 2_592_000

@@ -19,7 +19,7 @@ from vllm_batch_server import ids
 from vllm_batch_server.api.context import context
 from vllm_batch_server.api.errors import APIError, not_found
 from vllm_batch_server.api.params import checked_id, query_int
-from vllm_batch_server.partial import Kind, LineRange, ResultsGone, TryAgain
+from vllm_batch_server.results.partial import Kind, LineRange, ResultsGone, TryAgain
 
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 100_000

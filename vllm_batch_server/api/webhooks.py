@@ -10,7 +10,7 @@ from vllm_batch_server import ids
 from vllm_batch_server.api.context import context
 from vllm_batch_server.api.errors import not_found
 from vllm_batch_server.api.params import checked_id
-from vllm_batch_server.webhooks import delivery_object
+from vllm_batch_server.observers.webhooks import delivery_object
 
 
 async def list_deliveries(request: Request) -> Response:

@@ -48,7 +48,7 @@ def create_engine(settings: Settings) -> Engine:
     if settings.engine in ("vllm", "echo") and not backends:
         return in_process_engine(settings, settings.engine)  # one engine: nothing to route
 
-    from vllm_batch_server.engines.router import Router
+    from vllm_batch_server.engines.router.router import Router
 
     members: list[tuple[str, str, Engine]] = []
     if settings.engine in ("vllm", "echo"):

@@ -32,7 +32,7 @@ from argparse import Namespace
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from vllm_batch_server import models
+from vllm_batch_server.engines import model_files
 from vllm_batch_server.engines.base import (
     CHAT,
     COMPLETIONS,
@@ -94,7 +94,7 @@ def _field_names(*model_classes: Any) -> frozenset[str]:
     return frozenset(names)
 
 
-def _model_len_limit(resolved: models.ResolvedModel) -> int | None:
+def _model_len_limit(resolved: model_files.ResolvedModel) -> int | None:
     """The longest context a local model folder declares (as vLLM derives it), or None if unknown."""
     if not resolved.local:
         return None
@@ -165,8 +165,8 @@ class VLLMEngine:
             return
         await self.stop()
         try:
-            resolved = models.resolve(model, self.settings.model_cache_dir)
-        except models.ModelNotAvailable as exc:
+            resolved = model_files.resolve(model, self.settings.model_cache_dir)
+        except model_files.ModelNotAvailable as exc:
             raise EngineError(str(exc)) from exc
         began = time.monotonic()
         try:
@@ -450,7 +450,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------------------------------ loading
 
-    def _engine_kwargs(self, resolved: models.ResolvedModel) -> dict[str, Any]:
+    def _engine_kwargs(self, resolved: model_files.ResolvedModel) -> dict[str, Any]:
         s = self.settings
         cpu = is_cpu_platform()
         kwargs: dict[str, Any] = {"model": resolved.path, "served_model_name": [resolved.name]}
@@ -491,7 +491,7 @@ class VLLMEngine:
         kwargs.update(s.engine_args)
         return kwargs
 
-    def _build_args(self, resolved: models.ResolvedModel) -> tuple[Any, Namespace]:
+    def _build_args(self, resolved: model_files.ResolvedModel) -> tuple[Any, Namespace]:
         """AsyncEngineArgs, plus the frontend Namespace `vllm serve` would have parsed for the same model."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -519,7 +519,7 @@ class VLLMEngine:
         frontend.disable_log_stats = engine_args.disable_log_stats
         return engine_args, frontend
 
-    def _prepare_environment(self, resolved: models.ResolvedModel) -> None:
+    def _prepare_environment(self, resolved: model_files.ResolvedModel) -> None:
         """Environment the spawned engine core reads at start-up (it inherits ours)."""
 
         def setdefault(name: str, value: str) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from vllm_batch_server.jsonl import iter_raw_lines
+from vllm_batch_server.store.jsonl import iter_raw_lines
 
 ENTRY_POINT_GROUP = "vllm_batch.result_handlers"
 

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from vllm_batch_server.blobs import fsync_dir
 from vllm_batch_server.handlers import EndedBatch, HandlerConfigError
+from vllm_batch_server.store.blobs import fsync_dir
 
 FILES = ("output", "errors", "input", "batch")
 PLACEHOLDERS = ("batch_id", "status", "model", "endpoint", "date", "year", "month", "day", "metadata")

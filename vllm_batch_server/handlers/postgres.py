@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 from vllm_batch_server.handlers import EndedBatch, HandlerConfigError
-from vllm_batch_server.jsonl import iter_raw_lines
+from vllm_batch_server.store.jsonl import iter_raw_lines
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 NUL_ESCAPE = b"\\u0000"

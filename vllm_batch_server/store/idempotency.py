@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_batch_server.database import Database
+from vllm_batch_server.store.database import Database
 
 HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255

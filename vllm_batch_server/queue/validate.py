@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_batch_server.jsonl import TooDeep, has_lone_surrogate, iter_raw_lines, loads
+from vllm_batch_server.store.jsonl import TooDeep, has_lone_surrogate, iter_raw_lines, loads
 
 
 @dataclass

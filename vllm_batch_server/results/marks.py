@@ -15,10 +15,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from vllm_batch_server.blobs import Blobs
-from vllm_batch_server.database import BatchRow, Database
-from vllm_batch_server.jsonl import iter_requests
-from vllm_batch_server.lifecycle import BatchStatus
+from vllm_batch_server.store.blobs import Blobs
+from vllm_batch_server.store.database import BatchRow, Database
+from vllm_batch_server.store.jsonl import iter_requests
+from vllm_batch_server.store.lifecycle import BatchStatus
 
 FIELDS = ("label", "score", "note")
 MAX_LABEL = 64

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_batch_server.database import BatchRow, FileRow
-from vllm_batch_server.lifecycle import Event
+from vllm_batch_server.store.database import BatchRow, FileRow
+from vllm_batch_server.store.lifecycle import Event
 
 
 def file_object(file: FileRow) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_batch_server.database import Database
+from vllm_batch_server.store.database import Database
 
 log = logging.getLogger(__name__)
 

@@ -34,16 +34,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from vllm_batch_server import __version__
-from vllm_batch_server.engines.router_metrics import member_metrics
+from vllm_batch_server.engines.router.metrics import member_metrics
 from vllm_batch_server.exhaustion import Exhausted
-from vllm_batch_server.lifecycle import TERMINAL, BatchStatus, event_type
+from vllm_batch_server.store.lifecycle import TERMINAL, BatchStatus, event_type
 
 if TYPE_CHECKING:
-    from vllm_batch_server.database import BatchRow, Database
-    from vllm_batch_server.events import EventLog
-    from vllm_batch_server.monitor import Monitor
-    from vllm_batch_server.scheduler import Scheduler
+    from vllm_batch_server.observers.monitor import Monitor
+    from vllm_batch_server.queue.scheduler import Scheduler
     from vllm_batch_server.settings import Settings
+    from vllm_batch_server.store.database import BatchRow, Database
+    from vllm_batch_server.store.events import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class LiveCollector:
         self._settings = settings
 
     def collect(self) -> Iterator[Metric]:
-        from vllm_batch_server.scheduler import EngineState  # the scheduler's modules import this one
+        from vllm_batch_server.queue.scheduler import EngineState  # the scheduler's modules import this one
 
         snapshot = self._monitor.latest
         info = GaugeMetricFamily(PREFIX + "info", "The server's version and engine kind.",

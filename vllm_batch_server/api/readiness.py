@@ -20,11 +20,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vllm_batch_server import __version__, models
-from vllm_batch_server.engines.router import Router
-from vllm_batch_server.lifecycle import BatchStatus
-from vllm_batch_server.metrics import checkpoint_lag, vllm_kv_cache_usage
-from vllm_batch_server.scheduler import EngineState
+from vllm_batch_server import __version__
+from vllm_batch_server.engines import model_files
+from vllm_batch_server.engines.router.router import Router
+from vllm_batch_server.observers.metrics import checkpoint_lag, vllm_kv_cache_usage
+from vllm_batch_server.queue.scheduler import EngineState
+from vllm_batch_server.store.lifecycle import BatchStatus
 
 if TYPE_CHECKING:
     from vllm_batch_server.api.context import Context
@@ -50,8 +51,8 @@ def _unloadable(ctx: Context) -> list[str]:
     reasons = []
     for name in ctx.settings.models:
         try:
-            models.resolve(name, ctx.settings.model_cache_dir)
-        except models.ModelNotAvailable as exc:
+            model_files.resolve(name, ctx.settings.model_cache_dir)
+        except model_files.ModelNotAvailable as exc:
             reasons.append(str(exc))
     return reasons
 

@@ -26,12 +26,13 @@ import time
 from collections import deque
 from typing import Any
 
-from vllm_batch_server import jsonl, metrics
-from vllm_batch_server.blobs import Blobs
-from vllm_batch_server.database import BatchRow, Checkpoint, CheckpointCommitter, Database
 from vllm_batch_server.engines.base import Result
 from vllm_batch_server.exhaustion import is_disk_full
+from vllm_batch_server.observers import metrics
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.store import jsonl
+from vllm_batch_server.store.blobs import Blobs
+from vllm_batch_server.store.database import BatchRow, Checkpoint, CheckpointCommitter, Database
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from vllm_batch_server.engines.affinity import AffinityTable
 from vllm_batch_server.engines.base import Engine, EngineError
-from vllm_batch_server.engines.window import Window
+from vllm_batch_server.engines.router.affinity import AffinityTable
+from vllm_batch_server.engines.router.window import Window
 
 # How early a timer may fire (uvloop's clock counts milliseconds).
 TIMER_SLACK = 0.005

@@ -14,7 +14,7 @@ import asyncio
 import collections
 import time
 
-from vllm_batch_server.online_metrics import OnlineMetrics
+from vllm_batch_server.queue.online_metrics import OnlineMetrics
 from vllm_batch_server.settings import Settings
 
 # How long after the last online answer batch work stays narrowed: an app sending requests one after another

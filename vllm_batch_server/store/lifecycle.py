@@ -29,8 +29,8 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vllm_batch_server.database import BatchRow, Database, FileRow
-    from vllm_batch_server.idempotency import IdempotencyKey
+    from vllm_batch_server.store.database import BatchRow, Database, FileRow
+    from vllm_batch_server.store.idempotency import IdempotencyKey
 
 
 class BatchStatus(str, Enum):

@@ -17,17 +17,17 @@ from collections.abc import Iterator
 from operator import itemgetter
 from typing import Any
 
-from vllm_batch_server.blobs import Blobs
-from vllm_batch_server.checkpoint import ResultLog
-from vllm_batch_server.database import BatchRow, Database
 from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.exhaustion import exhausted
-from vllm_batch_server.grouping import group_by_prefix, prompt_reader
-from vllm_batch_server.jsonl import iter_requests
-from vllm_batch_server.lifecycle import BatchStatus
-from vllm_batch_server.online import BatchTurns
-from vllm_batch_server.priority import batch_priority
+from vllm_batch_server.queue.checkpoint import ResultLog
+from vllm_batch_server.queue.grouping import group_by_prefix, prompt_reader
+from vllm_batch_server.queue.online import BatchTurns
+from vllm_batch_server.queue.priority import batch_priority
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.store.blobs import Blobs
+from vllm_batch_server.store.database import BatchRow, Database
+from vllm_batch_server.store.jsonl import iter_requests
+from vllm_batch_server.store.lifecycle import BatchStatus
 
 log = logging.getLogger(__name__)
 

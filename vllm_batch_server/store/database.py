@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from vllm_batch_server.lifecycle import ACTIVE, BatchStatus, transition_guard_sql
+from vllm_batch_server.store.lifecycle import ACTIVE, BatchStatus, transition_guard_sql
 
 if TYPE_CHECKING:
-    from vllm_batch_server.idempotency import IdempotencyKey
+    from vllm_batch_server.store.idempotency import IdempotencyKey
 
 # Each entry moves the schema one version forward; PRAGMA user_version records how far a database has got.
 MIGRATIONS: list[str] = [

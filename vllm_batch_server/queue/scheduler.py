@@ -29,20 +29,21 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from vllm_batch_server import idempotency, ids
+from vllm_batch_server import ids
 from vllm_batch_server.aio import wait_event
-from vllm_batch_server.blobs import Blobs
-from vllm_batch_server.database import ACTIVE_STATUSES, BatchRow, Database, FileRow
 from vllm_batch_server.engines import served_models
 from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.exhaustion import Exhausted, exhausted
-from vllm_batch_server.idempotency import IdempotencyKey
-from vllm_batch_server.lifecycle import BatchStatus, Lifecycle, now
-from vllm_batch_server.online import OnlineTraffic
-from vllm_batch_server.priority import batch_priority
-from vllm_batch_server.runner import CANCELLED, EXPIRED, SHUTDOWN, BatchRunner
+from vllm_batch_server.queue.online import OnlineTraffic
+from vllm_batch_server.queue.priority import batch_priority
+from vllm_batch_server.queue.runner import CANCELLED, EXPIRED, SHUTDOWN, BatchRunner
+from vllm_batch_server.queue.validate import validate_input
 from vllm_batch_server.settings import Settings
-from vllm_batch_server.validate import validate_input
+from vllm_batch_server.store import idempotency
+from vllm_batch_server.store.blobs import Blobs
+from vllm_batch_server.store.database import ACTIVE_STATUSES, BatchRow, Database, FileRow
+from vllm_batch_server.store.idempotency import IdempotencyKey
+from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle, now
 
 log = logging.getLogger(__name__)
 

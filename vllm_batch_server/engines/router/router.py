@@ -28,11 +28,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vllm_batch_server.engines.affinity import AffinityTable, prompt_chunks
 from vllm_batch_server.engines.base import Engine, EngineError, Result
-from vllm_batch_server.engines.dispatch import Dispatcher, Member, MemberState
 from vllm_batch_server.engines.http import BackendError, HttpEngine, ModelNotServed
-from vllm_batch_server.engines.window import Window
+from vllm_batch_server.engines.router.affinity import AffinityTable, prompt_chunks
+from vllm_batch_server.engines.router.dispatch import Dispatcher, Member, MemberState
+from vllm_batch_server.engines.router.window import Window
 from vllm_batch_server.settings import Settings
 
 log = logging.getLogger(__name__)

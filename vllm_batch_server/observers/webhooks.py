@@ -36,12 +36,13 @@ from urllib.parse import urlsplit
 import httpx
 from standardwebhooks import Webhook
 
-from vllm_batch_server import __version__, metrics
+from vllm_batch_server import __version__
 from vllm_batch_server.aio import wait_event
-from vllm_batch_server.database import Database
-from vllm_batch_server.events import EventLog
-from vllm_batch_server.lifecycle import Event
+from vllm_batch_server.observers import metrics
 from vllm_batch_server.settings import Settings, SettingsError
+from vllm_batch_server.store.database import Database
+from vllm_batch_server.store.events import EventLog
+from vllm_batch_server.store.lifecycle import Event
 from vllm_batch_server.webhook_targets import DEFAULT_EVENTS, check_url, host_allowed
 
 log = logging.getLogger(__name__)

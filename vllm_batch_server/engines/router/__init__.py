@@ -1,0 +1,1 @@
+"""Many engines behind one: windows, prefix affinity, failover (router.py has the whole story)."""

@@ -1,0 +1,1 @@
+"""Running as a service: the systemd unit and its notify protocol."""
