@@ -7,6 +7,14 @@ with VLLMBatch() as batch:
     status, output_path, error_path = batch.submit_wait_download()
     for result in batch.results():
         print(result.custom_id, result.text or result.error)
+
+What it returns, one rule for both clients and every backend: an object OpenAI's Batch API defines is the
+openai SDK's type, unchanged (a server batch is `openai.types.Batch`: `list_batches()`, `retries()`,
+`BatchStatus.batches`; `BatchResult.parsed()` gives `ChatCompletion` and the like). What the client puts
+together, or only the vllm-batch server has, is one of its own frozen dataclasses (`BatchStatus`,
+`RequestCounts`, `BatchResult`, `ResultError`, `Comparison`, `Mark`). JSON it only carries through stays a
+`dict` (request and response bodies, metadata, a failed batch's reasons). Errors are always ours
+(`VLLMBatchError`), never the SDK's.
 """
 
 from vllm_batch._async import AsyncVLLMBatch

@@ -20,6 +20,7 @@ from vllm_batch._ops import (
     Cancel,
     CreateBatch,
     Download,
+    Extension,
     Flow,
     ListBatches,
     Local,
@@ -41,7 +42,7 @@ from vllm_batch._providers import (
 from vllm_batch._results import BatchResult, Comparison
 from vllm_batch._retry import RetryPolicy, translate
 from vllm_batch._status import BatchStatus
-from vllm_batch._sync import DEFAULT_TIMEOUT, HEALTH_TIMEOUT
+from vllm_batch._wire import DEFAULT_TIMEOUT, HEALTH_TIMEOUT, extension_answer, extension_kwargs
 
 T = TypeVar("T")
 
@@ -271,6 +272,10 @@ class AsyncVLLMBatch(BatchRequests, AsyncFollowup):
                     async for chunk in response.iter_bytes(1 << 20):
                         fh.write(chunk)
             return None
+        if isinstance(op, Extension):
+            request = op.request()
+            call = getattr(client, request.method.lower())
+            return extension_answer(request, await call(request.path, **extension_kwargs(request, headers)))
         raise TypeError(f"unknown operation {op!r}")
 
     async def _server_info(self) -> Any:

@@ -1,11 +1,12 @@
 """What comes after a batch is submitted, without I/O: following its results as they are committed, retrying
 only the failed requests, the merged view of a batch and its retries, curation marks, and exports.
 
-These are flows like the core's (see _core.py): generators that yield operations and receive their results. Two
-more operations exist here: `ApiCall`, a call to one of the vllm-batch server's extensions to the Batch API
-(docs/results.md), and `Emit`, results handed to the caller as they arrive (follow). Everything else a flow
-needs (retrieve, list, download, local disk work, sleep) is the core's own operations, so the sync and async
-shells run these flows with the code they already have.
+These are flows like the core's (see _core.py): generators that yield operations (`_ops.py`) and receive their
+results, run by the one driver of each shell. The vllm-batch server's extensions to the Batch API
+(docs/results.md) are operations like the Batch API's own (`ReadResults`, `RetryBatches`, `PutMark`, ...), and
+every HTTP operation goes through `BatchCore.call`, so all are retried, and their retries logged, alike.
+`follow()` hands results to its caller as they come: `Follower.next_page()` is a flow that returns one page,
+and the shell's iterator asks for the next one once the caller has taken it.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ import pickle
 import secrets
 import sqlite3
 import time
-from collections.abc import Generator, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import quote
+from typing import Any
 
 from openai.types import Batch
 
@@ -29,8 +28,19 @@ from vllm_batch._core import BatchCore
 from vllm_batch._curation import Mark, Selection
 from vllm_batch._errors import BatchStateError, BatchTimeoutError, NotFoundError, VLLMBatchError
 from vllm_batch._export import write_export
+from vllm_batch._journal import Shard
 from vllm_batch._labelstudio import read_annotations
-from vllm_batch._ops import ListBatches, Local, Op, Sleep
+from vllm_batch._ops import (
+    DeleteMark,
+    Flow,
+    ListBatches,
+    ListMarks,
+    Local,
+    PutMark,
+    ReadResults,
+    RetryBatches,
+    Sleep,
+)
 from vllm_batch._requests import dumps, open_index
 from vllm_batch._results import BatchResult, parse_result_line
 from vllm_batch._status import TERMINAL, PollSchedule
@@ -40,31 +50,6 @@ MAX_RETRY_BATCHES = 16
 FIND_RETRIES_MAX_PAGES = 50
 # The server's codes for "no such object"; any other 404 means the server lacks the route itself.
 OUR_NOT_FOUND = {"batch_not_found", "custom_id_not_found", "mark_not_found", "file_not_found"}
-
-
-@dataclass(frozen=True)
-class ApiCall:
-    """A call to a vllm-batch server extension. `lines=True` answers (lines, headers) for a JSONL body."""
-
-    method: str
-    path: str
-    body: Mapping[str, Any] | None = None
-    params: Mapping[str, Any] | None = None
-    headers: Mapping[str, str] | None = None
-    lines: bool = False
-
-
-@dataclass(frozen=True)
-class Emit:
-    """Items for the caller, now (the shell yields them from its iterator)."""
-
-    items: list[Any]
-
-
-T = TypeVar("T")
-# The core's operations and ours.
-FlowOp = Op | ApiCall | Emit
-XFlow = Generator[FlowOp, Any, T]
 
 
 class UnsupportedError(VLLMBatchError):
@@ -112,7 +97,7 @@ class RequestLookup:
         self.db.close()
 
 
-def _request_lines_flow(core: BatchCore) -> XFlow[list[Path] | None]:
+def _request_lines_flow(core: BatchCore) -> Flow[list[Path] | None]:
     """The batch's request lines on disk: the spool when this process built it, else the shards' inputs."""
     if core.spool is not None:
         return None
@@ -140,55 +125,81 @@ def _read_lines(core: BatchCore, paths: list[Path] | None) -> Iterator[bytes]:
             yield from fh
 
 
-def follow(core: BatchCore, *, errors: bool, page_size: int, poll_interval: float,
-           timeout: float | None) -> XFlow[None]:
-    """Emit each result once it is committed on the server, shard by shard, output and errors, until every
-    shard has ended and been read to its end. Emits BatchResult objects in commit order."""
-    _shard_ids(core)
-    if core.shards[0].batch is None:
-        yield from core.status()
-    paths = yield from _request_lines_flow(core)
-    lookup = RequestLookup(core.workdir / "follow.sqlite3")
-    try:
+class Follower:
+    """Each result once it is committed on the server, shard by shard, output and errors, until every shard has
+    ended and been read to its end: BatchResult objects in commit order, a page at a time.
+
+    `start()` is run once, then `next_page()` until it returns None; `close()` in any case. Between the pages
+    the follower keeps where each file was read to, so the caller takes each page before the next is asked for
+    (and an iterator the caller leaves early asks for nothing more)."""
+
+    def __init__(self, core: BatchCore, *, errors: bool, page_size: int, poll_interval: float,
+                 timeout: float | None) -> None:
+        self.core = core
+        self.page_size = page_size
+        self.timeout = timeout
+        self.kinds = ("output", "errors") if errors else ("output",)
+        self.schedule = PollSchedule(poll_interval, min_interval=0.25)
+        self.lookup: RequestLookup | None = None
+        self.position: dict[tuple[str | None, str], int] = {}
+        self.ended: set[tuple[str | None, str]] = set()
+        self.deadline: float | None = None
+        # One round reads every file that has not ended, each up to a short page; `None` before the first.
+        self.round: list[tuple[Shard, str]] | None = None
+        self.progressed = False
+
+    def start(self) -> Flow[None]:
+        core = self.core
+        _shard_ids(core)
+        if core.shards[0].batch is None:
+            yield from core.status()
+        paths = yield from _request_lines_flow(core)
+        lookup = self.lookup = RequestLookup(core.workdir / "follow.sqlite3")
         yield Local(lambda: lookup.fill(_read_lines(core, paths)))
-        kinds = ("output", "errors") if errors else ("output",)
-        position = {(shard.batch_id, kind): 0 for shard in core.shards for kind in kinds}
-        ended: set[tuple[str | None, str]] = set()
-        schedule = PollSchedule(poll_interval, min_interval=0.25)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self.position = {(shard.batch_id, kind): 0 for shard in core.shards for kind in self.kinds}
+        self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
+
+    def next_page(self) -> Flow[list[BatchResult] | None]:
+        """The next lines committed anywhere, as results; None once everything has been read."""
+        core, position, lookup = self.core, self.position, self.lookup
+        assert lookup is not None, "start() first"
         while True:
-            progressed = False
-            for shard in core.shards:
-                for kind in kinds:
-                    key = (shard.batch_id, kind)
-                    if key in ended:
-                        continue
-                    while True:
-                        try:
-                            lines, headers = yield ApiCall("GET", f"/batches/{shard.batch_id}/{kind}",
-                                                           params={"after_line": position[key], "limit": page_size},
-                                                           lines=True)
-                        except NotFoundError as exc:
-                            raise extension("partial results", exc) from exc
-                        position[key] = int(headers.get("x-next-line", position[key] + len(lines)))
-                        if lines:
-                            progressed = True
-                            yield Emit([_result(core, shard.batch_id, shard.model, lookup, raw) for raw in lines])
-                        if len(lines) < page_size:
-                            break
-                    if headers.get("x-batch-status") in TERMINAL:
-                        ended.add(key)
-            if len(ended) == len(position):
-                return
-            delay = schedule.next(progressed)
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise BatchTimeoutError(core.id or "", float(timeout or 0))
-                delay = min(delay, remaining)
-            yield Sleep(delay)
-    finally:
-        lookup.close()
+            if not self.round:
+                if self.round is not None:  # a whole round is over
+                    if len(self.ended) == len(position):
+                        return None
+                    yield Sleep(self._delay())
+                self.round = [(shard, kind) for shard in core.shards for kind in self.kinds
+                              if (shard.batch_id, kind) not in self.ended]
+                self.progressed = False
+            shard, kind = self.round[0]
+            assert shard.batch_id is not None
+            key = (shard.batch_id, kind)
+            try:
+                lines, headers = yield from core.call(ReadResults(shard.batch_id, kind, position[key], self.page_size))
+            except NotFoundError as exc:
+                raise extension("partial results", exc) from exc
+            position[key] = int(headers.get("x-next-line", position[key] + len(lines)))
+            if len(lines) < self.page_size:  # read to its end for now
+                self.round.pop(0)
+                if headers.get("x-batch-status") in TERMINAL:
+                    self.ended.add(key)
+            if lines:
+                self.progressed = True
+                return [_result(core, shard.batch_id, shard.model, lookup, raw) for raw in lines]
+
+    def _delay(self) -> float:
+        delay = self.schedule.next(self.progressed)
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise BatchTimeoutError(self.core.id or "", float(self.timeout or 0))
+            delay = min(delay, remaining)
+        return delay
+
+    def close(self) -> None:
+        if self.lookup is not None:
+            self.lookup.close()
 
 
 def _result(core: BatchCore, batch_id: str | None, model: str | None, lookup: RequestLookup,
@@ -210,28 +221,24 @@ def _result(core: BatchCore, batch_id: str | None, model: str | None, lookup: Re
 
 
 def retry_failed(core: BatchCore, *, also: Iterable[str], completion_window: str | None,
-                 metadata: Mapping[str, str] | None) -> XFlow[Batch]:
+                 metadata: Mapping[str, str] | None) -> Flow[Batch]:
     """Create one batch of the requests that failed in this batch (all its shards) and in `also`."""
     if core.compare_models:
         raise BatchStateError("a comparison runs one batch per model; retry each model's batch by its id")
     batch_ids = [*_shard_ids(core), *(b for b in also if b not in _shard_ids(core))]
     if len(batch_ids) > MAX_RETRY_BATCHES:
         raise BatchStateError(f"at most {MAX_RETRY_BATCHES} batches can be retried at once, got {len(batch_ids)}")
-    body: dict[str, Any] = {"batch_ids": batch_ids}
-    if completion_window is not None:
-        body["completion_window"] = completion_window
-    if metadata:
-        body["metadata"] = dict(metadata)
     # One key for every attempt of this call: a retried POST returns the batch the first one created.
-    key = "vllm-batch-retry-" + secrets.token_hex(12)
+    op = RetryBatches(tuple(batch_ids), "vllm-batch-retry-" + secrets.token_hex(12), completion_window,
+                      dict(metadata) if metadata else None)
     try:
-        created = yield ApiCall("POST", "/batches/retry", body=body, headers={"Idempotency-Key": key})
+        created = yield from core.call(op)
     except NotFoundError as exc:
         raise extension("retrying failed requests", exc) from exc
     return Batch.model_validate(created)
 
 
-def find_retries(core: BatchCore) -> XFlow[list[Batch]]:
+def find_retries(core: BatchCore) -> Flow[list[Batch]]:
     """The batches that retry this one, and retries of those, oldest first (from `metadata.retry_of`)."""
     originals = set(_shard_ids(core))
     known = set(originals)
@@ -292,7 +299,7 @@ class MergedResults:
         self.db.close()
 
 
-def merged(core: BatchCore, retries: list[str] | None) -> XFlow[MergedResults]:
+def merged(core: BatchCore, retries: list[str] | None) -> Flow[MergedResults]:
     """Prepare this batch's results and index every retry's: the original, in input order, each request with the
     best result any of them has (see MergedResults.best). Close the answer when done."""
     if core.compare_models:
@@ -332,17 +339,14 @@ def iter_merged(core: BatchCore, store: MergedResults) -> Iterator[BatchResult]:
 # ---- marks ------------------------------------------------------------------------------------------------
 
 
-def _mark_path(batch_id: str, custom_id: str) -> str:
-    return f"/batches/{batch_id}/marks/{quote(custom_id, safe='')}"
-
-
-def set_mark(core: BatchCore, custom_id: str, body: Mapping[str, Any], batch_id: str | None) -> XFlow[Mark]:
+def set_mark(core: BatchCore, custom_id: str, *, label: str | None, score: float | None, note: str | None,
+             batch_id: str | None) -> Flow[Mark]:
     """PUT a mark on the shard that has `custom_id` (the given batch, else each shard in turn)."""
     candidates = [batch_id] if batch_id else _shard_ids(core)
     last: NotFoundError | None = None
     for candidate in candidates:
         try:
-            data = yield ApiCall("PUT", _mark_path(candidate, custom_id), body=dict(body))
+            data = yield from core.call(PutMark(candidate, custom_id, label, score, note))
             return Mark.from_api(data)
         except NotFoundError as exc:
             if exc.code != "custom_id_not_found":
@@ -352,12 +356,12 @@ def set_mark(core: BatchCore, custom_id: str, body: Mapping[str, Any], batch_id:
     raise last
 
 
-def delete_mark(core: BatchCore, custom_id: str, batch_id: str | None) -> XFlow[bool]:
+def delete_mark(core: BatchCore, custom_id: str, batch_id: str | None) -> Flow[bool]:
     """DELETE the mark on `custom_id`; False when there was none."""
     deleted = False
     for candidate in [batch_id] if batch_id else _shard_ids(core):
         try:
-            yield ApiCall("DELETE", _mark_path(candidate, custom_id))
+            yield from core.call(DeleteMark(candidate, custom_id))
             deleted = True
         except NotFoundError as exc:
             if exc.code != "mark_not_found":
@@ -365,19 +369,14 @@ def delete_mark(core: BatchCore, custom_id: str, batch_id: str | None) -> XFlow[
     return deleted
 
 
-def list_marks(batch_ids: Iterable[str], label: str | None = None) -> XFlow[list[Mark]]:
+def list_marks(core: BatchCore, batch_ids: Iterable[str], label: str | None = None) -> Flow[list[Mark]]:
     """Every mark of these batches, each batch's in input order."""
     marks: list[Mark] = []
     for batch_id in batch_ids:
         after: str | None = None
         while True:
-            params: dict[str, Any] = {"limit": 10_000}
-            if after:
-                params["after"] = after
-            if label:
-                params["label"] = label
             try:
-                page = yield ApiCall("GET", f"/batches/{batch_id}/marks", params=params)
+                page = yield from core.call(ListMarks(batch_id, 10_000, after, label))
             except NotFoundError as exc:
                 raise extension("marks", exc) from exc
             marks += [Mark.from_api(m) for m in page["data"]]
@@ -387,7 +386,7 @@ def list_marks(batch_ids: Iterable[str], label: str | None = None) -> XFlow[list
     return marks
 
 
-def import_label_studio(core: BatchCore, path: str | Path) -> XFlow[int]:
+def import_label_studio(core: BatchCore, path: str | Path) -> Flow[int]:
     """Set the marks a Label Studio annotation export holds; returns how many. A task names the batch its result
     came from (an export with retries can hold results of several); one that does not is looked for in this
     batch's shards."""
@@ -395,8 +394,8 @@ def import_label_studio(core: BatchCore, path: str | Path) -> XFlow[int]:
     count = 0
     for annotation in annotations:
         mark = annotation.mark
-        yield from set_mark(core, mark.custom_id, {"label": mark.label, "score": mark.score, "note": mark.note},
-                            annotation.batch_id)
+        yield from set_mark(core, mark.custom_id, label=mark.label, score=mark.score, note=mark.note,
+                            batch_id=annotation.batch_id)
         count += 1
     return count
 
@@ -404,7 +403,7 @@ def import_label_studio(core: BatchCore, path: str | Path) -> XFlow[int]:
 # ---- export -----------------------------------------------------------------------------------------------
 
 
-def export(core: BatchCore, path: str | Path, format: str, selection: Selection, with_retries: bool) -> XFlow[int]:
+def export(core: BatchCore, path: str | Path, format: str, selection: Selection, with_retries: bool) -> Flow[int]:
     """Write the selected results (with their marks) to `path` in `format`; returns how many were written."""
     store: MergedResults | None = None
     batch_ids = _shard_ids(core)
@@ -414,7 +413,7 @@ def export(core: BatchCore, path: str | Path, format: str, selection: Selection,
         store = yield from merged(core, [b.id for b in retry_batches])
     else:
         yield from core.prepare_results()
-    marks = yield from list_marks(batch_ids)
+    marks = yield from list_marks(core, batch_ids)
     by_custom_id: dict[str, list[Mark]] = {}
     for mark in marks:
         by_custom_id.setdefault(mark.custom_id, []).append(mark)

@@ -17,6 +17,7 @@ from vllm_batch._ops import (
     Cancel,
     CreateBatch,
     Download,
+    Extension,
     Flow,
     ListBatches,
     Local,
@@ -38,12 +39,9 @@ from vllm_batch._providers import (
 from vllm_batch._results import BatchResult, Comparison
 from vllm_batch._retry import RetryPolicy, translate
 from vllm_batch._status import BatchStatus
+from vllm_batch._wire import DEFAULT_TIMEOUT, HEALTH_TIMEOUT, extension_answer, extension_kwargs
 
 T = TypeVar("T")
-
-DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
-HEALTH_TIMEOUT = 5.0
-
 
 def _sleep(seconds: float) -> None:
     # Module-level so tests can replace it and run backoff and polling without waiting.
@@ -273,6 +271,10 @@ class VLLMBatch(BatchRequests, Followup):
                 for chunk in response.iter_bytes(1 << 20):
                     fh.write(chunk)
             return None
+        if isinstance(op, Extension):
+            request = op.request()
+            call = getattr(client, request.method.lower())
+            return extension_answer(request, call(request.path, **extension_kwargs(request, headers)))
         raise TypeError(f"unknown operation {op!r}")
 
     def _server_info(self) -> Any:

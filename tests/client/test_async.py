@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
+import respx
+from openai.types import Batch
 
 from tests.client.conftest import BASE, FakeBatchAPI, chat
-from vllm_batch import AsyncVLLMBatch, BatchFailedError, BatchStatus
+from vllm_batch import AsyncVLLMBatch, BatchFailedError, BatchResult, BatchStatus, Mark, VLLMBatch
 
 pytestmark = pytest.mark.anyio
 
@@ -92,3 +95,38 @@ async def test_a_cancelled_wait_closes_its_flow_at_once(api: FakeBatchAPI, monke
             await batch.wait(progress=True)
         # Closed when the task was cancelled, not whenever the generator gets collected.
         assert closed == ["bar"] and flows[0].gi_frame is None
+
+
+
+async def test_both_clients_return_the_same_types(sleeps: list[float], tmp_path: Path) -> None:
+    """The rule in docs/client.md: openai's Batch for a server batch, our dataclasses for what the client puts
+    together or only our server has, dicts for the bodies it carries; alike in both clients."""
+    marks = httpx.Response(200, json={"object": "list", "has_more": False, "last_id": "k", "data": [
+        {"custom_id": "k", "label": "gold", "score": None, "note": None, "batch_id": "b"}]})
+
+    def retried(api: FakeBatchAPI, batch_id: str) -> None:
+        """A batch on the server that retries `batch_id`, for retries() to find."""
+        original = api.batches[batch_id]
+        api._store_batch({"input_file_id": original["input_file_id"], "endpoint": original["endpoint"],
+                          "completion_window": "24h", "metadata": {"retry_of": batch_id}})
+
+    with respx.mock(assert_all_called=False) as router:
+        api = FakeBatchAPI(router)
+        router.get(url__regex=rf"{BASE}/batches/[^/]+/marks").mock(return_value=marks)
+        with VLLMBatch(base_url=BASE, workdir=tmp_path / "s") as sync_batch:
+            sync_batch.add_to_batch(custom_id="k", **chat("x"))
+            retried(api, sync_batch.submit())
+            status = sync_batch.wait(progress=False)
+            [result] = list(sync_batch.results())
+            sync_types = [type(status), type(status.batches[0]), type(sync_batch.list_batches()[0]),
+                          type(sync_batch.retries()[0]), type(result), type(result.response),
+                          type(sync_batch.marks()[0])]
+        async with AsyncVLLMBatch(base_url=BASE, workdir=tmp_path / "a") as batch:
+            batch.add_to_batch(custom_id="k", **chat("x"))
+            retried(api, await batch.submit())
+            status = await batch.wait(progress=False)
+            [result] = [r async for r in batch.results()]
+            async_types = [type(status), type(status.batches[0]), type((await batch.list_batches())[0]),
+                           type((await batch.retries())[0]), type(result), type(result.response),
+                           type((await batch.marks())[0])]
+    assert sync_types == async_types == [BatchStatus, Batch, Batch, Batch, BatchResult, dict, Mark]

@@ -1,4 +1,4 @@
-"""The sans-IO core stepped by hand: each flow's operations, in order, with answers and failures we choose.
+"""The sans-IO flows stepped by hand: each flow's operations, in order, with answers and failures we choose.
 
 No HTTP, no fake server: what the core asks for is asserted directly, so retries, the recovery of a lost
 create and the download-to-.part rule are shown to live in the core, the same for both shells.
@@ -6,6 +6,7 @@ create and the download-to-.part rule are shown to live in the core, the same fo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,22 @@ import pytest
 from openai.types import Batch
 
 from tests.client.conftest import chat
-from vllm_batch import APIConnectionError, BadRequestError, InternalServerError, RetryPolicy
+from vllm_batch import APIConnectionError, BadRequestError, InternalServerError, Mark, RetryPolicy
 from vllm_batch._core import META_GROUP, META_SHARD, BatchCore
-from vllm_batch._ops import CreateBatch, Download, Flow, ListBatches, Local, Retrieve, ServerInfo, Sleep, Upload
+from vllm_batch._followup import Follower, set_mark
+from vllm_batch._ops import (
+    CreateBatch,
+    Download,
+    Flow,
+    ListBatches,
+    Local,
+    PutMark,
+    ReadResults,
+    Retrieve,
+    ServerInfo,
+    Sleep,
+    Upload,
+)
 from vllm_batch._providers import resolve_provider
 
 NO_JITTER = RetryPolicy(max_attempts=4, initial_backoff=1.0, jitter=0.0)
@@ -34,9 +48,10 @@ class Stepper:
 
     def __init__(self, flow: Flow[Any]) -> None:
         self.flow = flow
-        self.op: Any = next(flow)
+        self.op: Any = None
         self.result: Any = None
         self.done = False
+        self._advance(lambda: next(flow))  # a flow may end without asking for anything
 
     def _advance(self, step: Any) -> Any:
         try:
@@ -164,3 +179,47 @@ def test_closing_a_waiting_flow_closes_its_progress_bar(core: BatchCore, monkeyp
     assert isinstance(wait.op, Sleep)
     wait.flow.close()  # what the shells do when the caller is interrupted
     assert closed == [True]
+
+
+def submitted_core(core: BatchCore) -> BatchCore:
+    step = submit_until_create(core)
+    step.send(batch_object("batch_1", metadata=step.op.metadata))
+    return core
+
+
+def test_an_extension_call_is_an_operation_the_core_retries(core: BatchCore) -> None:
+    step = Stepper(set_mark(submitted_core(core), "only", label="gold", score=None, note=None, batch_id=None))
+    assert step.op == PutMark("batch_1", "only", "gold")
+    assert step.op.request().path == "/batches/batch_1/marks/only"
+    step.throw(InternalServerError("busy", status_code=503))
+    assert step.op == Sleep(1.0)
+    step.send()
+    assert step.op == PutMark("batch_1", "only", "gold")
+    step.send({"custom_id": "only", "label": "gold", "batch_id": "batch_1"})
+    assert step.done and step.result == Mark("only", "gold", batch_id="batch_1")
+
+
+def result_line(custom_id: str) -> bytes:
+    return json.dumps({"custom_id": custom_id, "response": {"status_code": 200, "body": {"choices": []}}}).encode()
+
+
+def test_follow_hands_over_a_page_at_a_time_and_polls_between_rounds(core: BatchCore) -> None:
+    follower = Follower(submitted_core(core), errors=False, page_size=2, poll_interval=1.0, timeout=None)
+    start = Stepper(follower.start())
+    start.run_local()  # the request lookup
+    assert start.done
+    page = Stepper(follower.next_page())
+    assert page.op == ReadResults("batch_1", "output", 0, 2)
+    page.send(([result_line("only"), result_line("other")], {"x-next-line": "2", "x-batch-status": "in_progress"}))
+    assert page.done and [(r.index, r.custom_id) for r in page.result] == [(0, "only"), (-1, "other")]
+    page = Stepper(follower.next_page())
+    assert page.op == ReadResults("batch_1", "output", 2, 2)  # a full page: read on
+    page.send(([], {"x-next-line": "2", "x-batch-status": "in_progress"}))
+    assert isinstance(page.op, Sleep)  # nothing more for now: wait before the next round
+    page.send()
+    assert page.op == ReadResults("batch_1", "output", 2, 2)
+    page.send(([result_line("late")], {"x-next-line": "3", "x-batch-status": "completed"}))
+    assert page.done and [r.custom_id for r in page.result] == ["late"]
+    last = Stepper(follower.next_page())
+    assert last.done and last.result is None  # ended and read to its end: no further request
+    follower.close()

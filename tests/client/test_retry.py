@@ -338,3 +338,52 @@ def test_retries_are_reported_not_silent(api: FakeBatchAPI, sleeps: list[float],
     [record] = [r for r in caplog.records if r.name == "vllm_batch"]
     assert "cannot reach http://batch.test/v1 ([Errno 111] Connection refused)" in record.getMessage()
     assert "retrying in 0.5 s (attempt 2 of 5)" in record.getMessage()
+
+
+def test_follow_up_calls_are_retried_and_reported_as_core_calls_are(sleeps: list[float],
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    refused = httpx.ConnectError("[Errno 111] Connection refused")
+    with respx.mock(assert_all_called=False) as router:
+        api = FakeBatchAPI(router)
+        marks = router.get(url__regex=rf"{BASE}/batches/[^/]+/marks").mock(side_effect=[
+            refused, error(503, "busy"),
+            httpx.Response(200, json={"object": "list", "has_more": False, "last_id": "q", "data": [
+                {"custom_id": "q", "label": "gold", "score": 5, "note": None, "batch_id": "b"}]})])
+        with submitted(api, retry=NO_JITTER) as batch:
+            assert [(m.custom_id, m.label) for m in batch.marks()] == [("q", "gold")]
+            assert marks.call_count == 3
+            api.retrieve.side_effect = [refused, api._retrieve]
+            batch.status()
+    assert sleeps == [0.5, 1.0, 0.5]
+    follow_up, busy, core = [r.getMessage() for r in caplog.records if r.name == "vllm_batch"]
+    # One line, written by BatchCore.call for both: only the operation's name differs.
+    assert follow_up.replace("listmarks", "retrieve") == core
+    assert core == ("retrieve failed: cannot reach http://batch.test/v1 ([Errno 111] Connection refused); "
+                    "retrying in 0.5 s (attempt 2 of 5)")
+    assert busy == "listmarks failed: HTTP 503: busy; retrying in 1.0 s (attempt 3 of 5)"
+
+
+@pytest.mark.anyio
+async def test_async_retry_failed_is_retried_by_the_core_with_one_key(sleeps: list[float],
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    with respx.mock(assert_all_called=False) as router:
+        api = FakeBatchAPI(router)
+
+        def create_retry(request: httpx.Request) -> httpx.Response:
+            [original] = api.batches.values()
+            return api._store_batch({"input_file_id": original["input_file_id"], "endpoint": original["endpoint"],
+                                     "completion_window": "24h", "metadata": {"retry_of": original["id"]}})
+
+        retry = router.post(f"{BASE}/batches/retry").mock(side_effect=[error(502, "gateway"), create_retry])
+        async with AsyncVLLMBatch(base_url=BASE, retry=NO_JITTER) as batch:
+            batch.add_to_batch(**chat("x"))
+            original_id = await batch.submit()
+            async with await batch.retry_failed() as again:
+                assert isinstance(again, AsyncVLLMBatch) and again.id != original_id
+                assert (await again.status()).metadata == {"retry_of": original_id}
+    assert retry.call_count == 2
+    first, second = (call.request.headers["idempotency-key"] for call in retry.calls)
+    assert first == second  # a retried POST is the same request: the server answers it with one batch
+    assert sleeps == [0.5]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "vllm_batch"]
+    assert line == "retrybatches failed: HTTP 502: gateway; retrying in 0.5 s (attempt 2 of 5)"
