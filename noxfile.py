@@ -1,10 +1,11 @@
 """Developer sessions. Start them with `python3 dev.py SESSION` (it creates `.venv/` and nox first).
 
-    tests            what CI runs (`.ci/run`): lint, typecheck, tests-pythons (3.10 and 3.13), the vllm tests
+    tests            what CI runs (`.ci/run`): lint, layers, typecheck, the fast suite split over 3.10 and 3.13, the
+                     real-engine tests
     tests-full       the whole suite with real vLLM for CPUs, in .venv
     tests-fast       everything but the real-engine tests, in .venv (no engine install: a minute or two)
     tests-pythons    the fast suite on the oldest and newest supported Pythons, each in its own small venv
-    lint, typecheck  ruff; mypy (strict for the client), for Python 3.10
+    lint, typecheck  ruff and import-linter's layers; mypy (strict, both packages), for Python 3.10
     demo             the quickstart on real vLLM (CPU)
     screenshots      the dashboard's screenshots in docs/img/ (needs Chromium)
     benchmarks       side-by-side measurements (see docs/performance.md)
@@ -42,6 +43,11 @@ TORCH_EXTRAS_THAT_BREAK = ["torchvision", "torchaudio", "torchcodec"]
 # The oldest and newest Pythons we support; the fast suite runs on both. Missing ones are skipped with a
 # message on a developer's machine and fail the run in CI (nox does that when CI is set).
 OTHER_PYTHONS = ["3.10", "3.13"]
+# Each test's recorded duration, by which the fast suite is split in halves of equal time (`tests-durations`
+# records them again; a test not recorded counts as the average).
+DURATIONS = ["--splitting-algorithm", "least_duration", "--durations-path", "tests/.test_durations"]
+# What a test run prints besides failures: its 25 slowest tests, to see where the suite's minutes go.
+PYTEST_REPORT = ["-q", "--durations=25"]
 
 nox.options.reuse_venv = "yes"
 if hasattr(nox.options, "download_python"):  # nox >= 2025.5 can fetch interpreters: never let it
@@ -191,24 +197,29 @@ def ensure_system_programs(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """What CI runs: lint, typecheck, the fast suite on the oldest and newest Python, the real-engine tests.
+    """What CI runs: lint, types and layers, the fast suite split over the oldest and newest Python, the real
+    engine.
 
-    Every test runs once: the fast suite (everything but the real engine) on 3.10 and 3.13, in the background
-    while .venv is installed and checked (they mostly wait on subprocesses and disks, not the CPU); then the
-    real-engine tests alone, in .venv, on the Python vLLM for CPUs is installed for. (Running the fast suite a
-    third time there took CI from about 14 to about 19 minutes.) `tests-full` runs everything in .venv.
+    Every test runs once. The fast suite (everything but the real engine) is split in two by recorded test
+    durations (pytest-split, `tests/.test_durations`): one half on 3.10, the other on 3.13, in the background
+    from the start, each in a small venv of its own; they mostly wait on servers, sockets and disks, not the
+    CPU. Meanwhile .venv is installed, linted and type-checked (mypy checks the code as 3.10 reads it, and
+    tests/test_every_module_imports.py imports every module on both Pythons), then the real-engine tests run
+    in .venv. The budget is 10 minutes on 2 cores (README).
     """
     ensure_system_programs(session)  # before the background suites start, which need them too
     logs = ROOT / ".nox" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     background: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
-    for version in OTHER_PYTHONS:
+    for group, version in enumerate(OTHER_PYTHONS, start=1):
         name = f"tests-pythons-{version}"
         log = logs / f"{name}.log"
+        split = ["--splits", str(len(OTHER_PYTHONS)), "--group", str(group), *DURATIONS]
         with open(log, "wb") as out:
-            background[name] = (subprocess.Popen([sys.executable, "-m", "nox", "-s", name, "--", *session.posargs],
-                                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT), log)
-        session.log(f"{name} runs in the background (log: {log.relative_to(ROOT)})")
+            background[name] = (subprocess.Popen(
+                [sys.executable, "-m", "nox", "-s", name, "--", *split, *(session.posargs or PYTEST_REPORT)],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT), log)
+        session.log(f"{name} runs half of the fast suite in the background (log: {log.relative_to(ROOT)})")
     failed: list[str] = []
 
     def step(name: str, *command: str) -> None:
@@ -220,16 +231,18 @@ def tests(session: nox.Session) -> None:
     try:
         install(session, engine=True)
         step("lint", str(VENV / "bin" / "ruff"), "check", ".")
+        step("layers", str(VENV / "bin" / "lint-imports"))
         step("typecheck", str(VENV / "bin" / "mypy"))
+        step("tests-vllm", str(PYTHON), "-m", "pytest", "-m", "vllm", *(session.posargs or PYTEST_REPORT))
     finally:
         for name, (process, log) in background.items():
             code = process.wait()
-            lines = log.read_text(errors="replace").splitlines()
-            session.log(f"{name}: " + ("\n".join(lines) if code else "\n".join(lines[-4:])))
+            text = log.read_text(errors="replace")
+            # All of a failed run; of a passed one its slowest tests and its summary line.
+            shown = text if code else text[text.find("slowest"):] if "slowest" in text else text[-2000:]
+            session.log(f"{name}:\n{shown}")
             if code:
                 failed.append(name)
-    # The fast suite has just passed on the oldest and the newest Python; what is left is the real engine.
-    step("tests-vllm", str(PYTHON), "-m", "pytest", "-m", "vllm", *(session.posargs or ["-q"]))
     if failed:
         session.error(f"failed: {', '.join(failed)}")
 
@@ -254,18 +267,29 @@ def tests_fast(session: nox.Session) -> None:
 def tests_pythons(session: nox.Session) -> None:
     """The fast suite on the oldest and the newest supported Python, each in its own small venv."""
     session.install("-e", ".[dev]")
-    session.run("python", "-m", "pytest", "-m", "not vllm", *(session.posargs or ["-q"]))
+    session.run("python", "-m", "pytest", "-m", "not vllm", *(session.posargs or PYTEST_REPORT))
+
+
+@nox.session(name="tests-durations", venv_backend="none")
+def tests_durations(session: nox.Session) -> None:
+    """Record every fast test's duration in tests/.test_durations (how `tests` splits the fast suite in two)."""
+    install(session, engine=False)
+    ensure_system_programs(session)
+    session.run(str(PYTHON), "-m", "pytest", "-m", "not vllm", "--store-durations", *DURATIONS[2:],
+                *(session.posargs or PYTEST_REPORT), external=True)
 
 
 @nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
+    """ruff, and the server's layers (import-linter's contract in pyproject.toml)."""
     install(session, engine=False)
     session.run(str(VENV / "bin" / "ruff"), "check", ".", external=True)
+    session.run(str(VENV / "bin" / "lint-imports"), external=True)
 
 
 @nox.session(venv_backend="none")
 def typecheck(session: nox.Session) -> None:
-    """mypy as configured in pyproject.toml: Python 3.10, strict for the client package."""
+    """mypy as configured in pyproject.toml: Python 3.10, strict for both packages."""
     install(session, engine=False)
     session.run(str(VENV / "bin" / "mypy"), external=True)
 

@@ -27,10 +27,36 @@ def test_dev_py_turns_a_session_name_into_nox_arguments() -> None:
 
 
 def test_the_ci_session_runs_lint_types_other_pythons_and_everything() -> None:
-    noxfile = (REPO / "noxfile.py").read_text()
-    assert 'OTHER_PYTHONS = ["3.10", "3.13"]' in noxfile
-    assert "tests-pythons-{version}" in noxfile and 'step("typecheck"' in noxfile
-    # Every test once: the other Pythons run all but the real engine, .venv runs exactly the real engine.
-    assert '"-m", "not vllm"' in noxfile and 'step("tests-vllm", str(PYTHON), "-m", "pytest", "-m", "vllm"' in noxfile
+    noxfile = runpy.run_path(str(REPO / "noxfile.py"))
+    assert noxfile["OTHER_PYTHONS"] == ["3.10", "3.13"]
+    source = (REPO / "noxfile.py").read_text()
+    assert "tests-pythons-{version}" in source
+    for step in ('step("lint"', 'step("layers"', 'step("typecheck"'):
+        assert step in source
+    # Every test once: the other Pythons split all but the real engine in halves, .venv runs exactly the real
+    # engine.
+    assert '"--splits", str(len(OTHER_PYTHONS)), "--group", str(group)' in source
+    assert '"-m", "not vllm"' in source and 'step("tests-vllm", str(PYTHON), "-m", "pytest", "-m", "vllm"' in source
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'python_version = "3.10"' in pyproject and 'requires-python = ">=3.10"' in pyproject
+
+
+def test_the_halves_of_the_fast_suite_add_up_to_all_of_it() -> None:
+    """Each fast test runs in exactly one half (and the recorded durations are where the split reads them)."""
+    import subprocess
+    import sys
+
+    noxfile = runpy.run_path(str(REPO / "noxfile.py"))
+    assert (REPO / noxfile["DURATIONS"][-1]).is_file()
+
+    def collected(*args: str) -> set[str]:
+        # Two folders stand for the whole suite: collecting it all three times takes half a minute.
+        done = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-m", "not vllm", "-p", "no:cacheprovider",
+                               "tests/server", "tests/client", *args], capture_output=True, text=True, cwd=REPO,
+                              check=True)
+        return {line for line in done.stdout.splitlines() if "::" in line}
+
+    everything = collected()
+    halves = [collected("--splits", "2", "--group", str(group), *noxfile["DURATIONS"]) for group in (1, 2)]
+    assert halves[0] and halves[1] and not halves[0] & halves[1]
+    assert halves[0] | halves[1] == everything
