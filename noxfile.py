@@ -4,7 +4,7 @@
     tests-full       the whole suite with real vLLM for CPUs, in .venv
     tests-fast       everything but the real-engine tests, in .venv (no engine install: a minute or two)
     tests-pythons    the fast suite on the oldest and newest supported Pythons, each in its own small venv
-    lint, typecheck  ruff; mypy (strict for the client), for Python 3.10
+    lint, typecheck  ruff; mypy (strict, both packages), for Python 3.10
     demo             the quickstart on real vLLM (CPU)
     screenshots      the dashboard's screenshots in docs/img/ (needs Chromium)
     benchmarks       side-by-side measurements (see docs/performance.md)
@@ -265,7 +265,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def typecheck(session: nox.Session) -> None:
-    """mypy as configured in pyproject.toml: Python 3.10, strict for the client package."""
+    """mypy as configured in pyproject.toml: Python 3.10, strict for both packages."""
     install(session, engine=False)
     session.run(str(VENV / "bin" / "mypy"), external=True)
 
