@@ -174,8 +174,9 @@ class Settings:
     port: int = setting(4080, help="port to listen on", group=SERVER)
     data_dir: Path = setting(factory=default_data_dir, help="where the database, uploads and results live "
                              "(one server per directory: it is locked while the server runs)", group=SERVER)
-    api_key: str | None = setting(None, help="require this Bearer token on every route but /health",
-                                  group=SERVER)
+    api_key: str | None = setting(None, help="require this Bearer token on every route but the probes /health "
+                                  "and /ready, the dashboard's static files (/, /ui and /ui/...) and, with "
+                                  "--metrics-public, /metrics", group=SERVER)
 
     # ---- queue and durability
     models: list[str] = setting(factory=lambda: list(DEFAULT_MODELS), flag="--model", metavar="MODEL",

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, jsonl, sdk
+from tests.conftest import ServerFactory, chat_lines, jsonl, sdk, wait_for
 from tests.hostile.errors import assert_openai_error
 
 
@@ -103,3 +103,24 @@ def test_a_deleted_file_frees_its_key(client: openai.OpenAI) -> None:
     client.files.delete(first.id)
     again = create_file(client, data, "deleted-key")
     assert again.id != first.id and client.files.retrieve(again.id).id == again.id
+
+
+def test_a_batch_create_replayed_after_its_input_file_was_deleted_returns_the_batch(
+        server_factory: ServerFactory) -> None:
+    # The client lost the response, the batch ran and its input file was deleted, then the client retried: the
+    # key answers before the (missing) input file is looked up, so the retry gets the batch, not a 404.
+    client = sdk(server_factory())
+    file_id = create_file(client, jsonl(chat_lines(2)), None).id
+    first = create_batch(client, file_id, "replay-after-delete")
+    assert wait_for(client, first.id).status == "completed"
+    assert client.files.delete(file_id).deleted
+    again = create_batch(client, file_id, "replay-after-delete")
+    assert again.id == first.id and again.status == "completed"
+    # Without the key, or with another content under it, the missing file still counts.
+    with pytest.raises(openai.NotFoundError) as missing:
+        create_batch(client, file_id, None)
+    assert missing.value.code == "file_not_found"
+    with pytest.raises(openai.ConflictError) as reused:
+        create_batch(client, file_id, "replay-after-delete", metadata={"other": "content"})
+    assert reused.value.code == "idempotency_key_reused"
+    assert [b.id for b in client.batches.list()] == [first.id]

@@ -120,6 +120,52 @@ def test_only_the_loaded_model_answers_and_online_never_switches(server_factory:
     assert unknown.value.code == "model_not_found" and "echo-model, echo-embed" in unknown.value.message
 
 
+def test_a_model_the_server_is_switching_back_to_gets_503_and_one_it_will_not_serve_400(
+        server_factory: ServerFactory) -> None:
+    # Without --online-model. A batch loads echo-model; the next batch switches to echo-embed while a third waits
+    # to switch back. While the switch drains an online request still in flight for echo-model, and while
+    # echo-embed runs, requests for echo-model are told to come back (503, Retry-After, retryable): the server
+    # is on its way back to it. Once nothing queued needs echo-embed, a request for it gets 400.
+    server = server_factory(extra_args=["--echo-delay", "2"])
+    client = sdk(server)
+    assert wait_for(client, submit(client, [request_line("a", "x")]).id).status == "completed"
+
+    def refused_for(model: str) -> openai.APIStatusError:
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+        return refused.value
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(_chat, client, "in flight during the switch")  # takes 2 s: the switch drains it
+        time.sleep(0.2)
+        away = submit(client, [request_line("e", "x", model="echo-embed", url="/v1/embeddings")],
+                      endpoint="/v1/embeddings")
+        back = submit(client, [request_line("b", "x")])
+        deadline = time.monotonic() + 10
+        while httpx.get(server.root_url + "/status").json()["engine"]["state"] != "loading":
+            assert time.monotonic() < deadline, "the switch to echo-embed never began"
+            time.sleep(0.02)
+        during_switch = refused_for("echo-model")
+        assert in_flight.result().choices[0].message.content == "in flight during the switch"
+    assert during_switch.status_code == 503 and during_switch.code == "model_not_loaded", during_switch
+    assert "echo-embed" in during_switch.message and "queued batch" in during_switch.message
+    assert during_switch.response.headers["retry-after"] == "10"
+    assert during_switch.response.headers.get("x-should-retry") != "false"
+
+    wait_for(client, away.id, statuses=("in_progress",))
+    assert httpx.get(server.root_url + "/health").json()["loaded_model"] == "echo-embed"
+    while_away = refused_for("echo-model")
+    assert while_away.status_code == 503 and "the loaded model is 'echo-embed'" in while_away.message
+    assert while_away.response.headers.get("x-should-retry") != "false"
+
+    assert wait_for(client, back.id).status == "completed"
+    assert _chat(client).choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
+    not_coming = refused_for("echo-embed")
+    assert not_coming.status_code == 400 and not_coming.code == "model_not_loaded"
+    assert not_coming.response.headers["x-should-retry"] == "false"
+    assert "the loaded model is 'echo-model'" in not_coming.message
+
+
 def test_bad_online_requests_get_openai_errors(server_factory: ServerFactory) -> None:
     server = server_factory(extra_args=ONLINE)
     url = server.base_url + "/chat/completions"

@@ -60,6 +60,10 @@ async def create_batch(request: Request) -> Response:
     body = await json_object(request)
     raw_key = key_header(request)
     key = IdempotencyKey("batches", raw_key, fingerprint(body)) if raw_key else None
+    # The key first: a retry gets the batch it created even if what it refers to has changed since (its input
+    # file deleted once the batch ended, a setting changed by a restart).
+    if (replay := await _replayed(ctx, key)) is not None:
+        return JSONResponse(batch_object(replay))
     unknown = sorted(set(body) - CREATE_FIELDS)
     if unknown:
         raise bad_request(f"Unrecognized request argument supplied: {unknown[0][:100]}", unknown[0][:100],
@@ -95,8 +99,6 @@ async def create_batch(request: Request) -> Response:
         raise bad_request(f"The input file has purpose {file.purpose!r}; a batch needs a file uploaded with "
                           "purpose 'batch'.", "input_file_id", "invalid_file_purpose")
 
-    if (replay := await _replayed(ctx, key)) is not None:
-        return JSONResponse(batch_object(replay))
     created = int(time.time())
     batch = BatchRow(id=ids.new_batch_id(), endpoint=endpoint, input_file_id=file.id,
                      completion_window=body["completion_window"], status=BatchStatus.VALIDATING,

@@ -5,8 +5,9 @@ The body of an answer is the engine's (for vLLM, what `vllm serve` answers: its 
 streamed as server-sent events when the request asks for `"stream": true`. What this module adds is the
 sharing rule:
 
-- only the loaded model answers; a request for another served model gets a 400 naming the loaded one, never a
-  model switch (the scheduler alone decides which model is loaded; `--online-model` keeps one loaded);
+- only the loaded model answers, and a request never makes the engine switch (the scheduler alone decides which
+  model is loaded; `--online-model` keeps one loaded). A request for another served model gets 503 with
+  Retry-After while the server is on its way to serving it, else a 400 naming the loaded one;
 - online requests run ahead of batch work (priority 0, see priority.py);
 - at most `--online-max-requests` are admitted at once; the next one gets 429 with Retry-After at once,
   rather than a wait without end;
@@ -39,6 +40,7 @@ from vllm_batch_server.engines.base import (
 )
 from vllm_batch_server.queue.priority import online_priority
 from vllm_batch_server.queue.scheduler import EngineState
+from vllm_batch_server.store.lifecycle import BatchStatus
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ async def _serve(ctx: Context, request: Request, call: _Call, url: str, body: di
         raise APIError(404, f"The model '{model[:200]}' does not exist or is not served here (served: "
                        f"{', '.join(served)}).", param="model", code="model_not_found")
     ctx.scheduler.online.arrived()
-    _check_loaded(ctx, model)
+    await _check_loaded(ctx, model)
     try:
         priority = online_priority(body.pop("priority", None))
     except ValueError as exc:
@@ -142,40 +144,57 @@ async def _serve(ctx: Context, request: Request, call: _Call, url: str, body: di
     return JSONResponse(result.body, status_code=result.status_code)
 
 
-def _check_loaded(ctx: Context, model: str) -> None:
-    """Only the loaded model answers online requests; anything else is told which model that is."""
+async def _check_loaded(ctx: Context, model: str) -> None:
+    """Only the loaded model answers online requests. Any other served model gets 503 with Retry-After while
+    the server is on its way to serving it (loading it, restarting the engine that had it, keeping it for
+    online traffic, or with a batch of it queued), and 400 naming what is loaded when it will not serve it."""
     scheduler = ctx.scheduler
-    state, loaded = scheduler.engine_state, scheduler.engine.model
+    state, loaded, loading = scheduler.engine_state, scheduler.engine.model, scheduler.loading_model
     if state is EngineState.READY and loaded == model:
         return
-    if state is EngineState.LOADING and scheduler.loading_model == model:
+    retry = {"retry-after": str(RETRY_AFTER_LOADING)}
+    if state is EngineState.LOADING and loading == model:
         raise APIError(503, f"The model '{model}' is being loaded; retry in a moment.", type="server_error",
-                       param="model", code="model_loading", headers={"retry-after": str(RETRY_AFTER_LOADING)})
+                       param="model", code="model_loading", headers=retry)
     if state is EngineState.FAILED and loaded == model:
         raise APIError(503, f"The engine serving '{model}' failed and is being restarted; retry in a moment.",
-                       type="server_error", code="engine_unavailable",
-                       headers={"retry-after": str(RETRY_AFTER_LOADING)})
+                       type="server_error", code="engine_unavailable", headers=retry)
     if model == ctx.settings.online_model:
         # Kept for online traffic: it is about to be loaded (at start, after a failure), or loaded again once
         # the batches of another model that ran while online traffic was quiet have ended.
-        other = scheduler.loading_model or loaded
+        other = loading or loaded
         if other is None or other == model:
             message = f"The model '{model}' is being loaded; retry in a moment."
         else:
             message = (f"The model '{model}' is not loaded right now: the engine runs batches of '{other}', "
                        f"started after online traffic was quiet for {ctx.settings.online_idle_seconds:g}s; "
                        f"'{model}' is loaded again when they end.")
-        raise APIError(503, message, type="server_error", param="model", code="model_not_loaded",
-                       headers={"retry-after": str(RETRY_AFTER_LOADING)})
-    if state is EngineState.LOADING:
-        now = f"the engine is loading '{scheduler.loading_model}' for a batch"
+        raise APIError(503, message, type="server_error", param="model", code="model_not_loaded", headers=retry)
+    if state is EngineState.LOADING and loaded is not None and loaded != loading:
+        now = f"the engine is switching from '{loaded}' to '{loading}' for a batch"
+    elif state is EngineState.LOADING:
+        now = f"the engine is loading '{loading}' for a batch"
+    elif state is EngineState.FAILED and loaded is not None:
+        now = f"the engine had '{loaded}' and is being restarted"
     elif state is EngineState.READY and loaded is not None:
         now = f"the loaded model is '{loaded}'"
     else:
         now = "no model is loaded"
+    if ctx.settings.online_model is None and await _batch_queued_for(ctx, model):
+        # The scheduler loads it for that batch. (With --online-model, batches of other models wait for online
+        # traffic to be quiet, which this request is not: they do not count.)
+        raise APIError(503, f"The model '{model}' is not loaded right now: {now}. A queued batch of '{model}' "
+                       "loads it when its turn comes; retry then.", type="server_error", param="model",
+                       code="model_not_loaded", headers=retry)
     raise APIError(400, f"The model '{model}' is not loaded: {now}. Online requests are answered by the loaded "
                    "model only and never switch it (batches decide which model is loaded; start the server "
                    f"with --online-model {model} to keep it loaded).", param="model", code="model_not_loaded")
+
+
+async def _batch_queued_for(ctx: Context, model: str) -> bool:
+    """Whether a validated batch of `model` is queued (not ending): the scheduler loads `model` for it."""
+    queued = await ctx.db.batches_in([BatchStatus.IN_PROGRESS])
+    return any(batch.model == model and not batch.outcome for batch in queued)
 
 
 async def _unless_disconnected(request: Request, work: Any) -> Any:
