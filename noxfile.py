@@ -195,30 +195,42 @@ def ensure_system_programs(session: nox.Session) -> None:
 # -- sessions -------------------------------------------------------------------------------------------
 
 
+def _start_in_background(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _report(session: nox.Session, name: str, process: subprocess.Popen[bytes], log: Path) -> bool:
+    """Wait for a background run; print all of its log if it failed, else its slowest tests and summary."""
+    code = process.wait()
+    text = log.read_text(errors="replace")
+    shown = text if code else text[text.find("slowest"):] if "slowest" in text else text[-2000:]
+    session.log(f"{name} ({log.relative_to(ROOT)}):\n{shown}")
+    return code == 0
+
+
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """What CI runs: lint, types and layers, the fast suite split over the oldest and newest Python, the real
-    engine.
+    """What CI runs: lint, layers and types, the fast suite split over the oldest and newest Python, the real
+    engine; the three test runs side by side.
 
     Every test runs once. The fast suite (everything but the real engine) is split in two by recorded test
-    durations (pytest-split, `tests/.test_durations`): one half on 3.10, the other on 3.13, in the background
-    from the start, each in a small venv of its own; they mostly wait on servers, sockets and disks, not the
-    CPU. Meanwhile .venv is installed, linted and type-checked (mypy checks the code as 3.10 reads it, and
-    tests/test_every_module_imports.py imports every module on both Pythons), then the real-engine tests run
-    in .venv. The budget is 10 minutes on 2 cores (README).
+    durations (pytest-split, `tests/.test_durations`): one half on 3.10, the other on 3.13, each in a small venv
+    of its own, started at once; they mostly wait on servers, sockets and disks, not the CPU. Meanwhile .venv
+    is installed; then the real-engine tests start beside them, and ruff, import-linter and mypy (which checks
+    the code as 3.10 reads it; tests/test_every_module_imports.py imports every module on both Pythons) run
+    while the first model loads. The budget is 10 minutes on 2 cores (README).
     """
     ensure_system_programs(session)  # before the background suites start, which need them too
     logs = ROOT / ".nox" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    background: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    runs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
     for group, version in enumerate(OTHER_PYTHONS, start=1):
         name = f"tests-pythons-{version}"
-        log = logs / f"{name}.log"
         split = ["--splits", str(len(OTHER_PYTHONS)), "--group", str(group), *DURATIONS]
-        with open(log, "wb") as out:
-            background[name] = (subprocess.Popen(
-                [sys.executable, "-m", "nox", "-s", name, "--", *split, *(session.posargs or PYTEST_REPORT)],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT), log)
+        log = logs / f"{name}.log"
+        runs[name] = (_start_in_background(
+            [sys.executable, "-m", "nox", "-s", name, "--", *split, *(session.posargs or PYTEST_REPORT)], log), log)
         session.log(f"{name} runs half of the fast suite in the background (log: {log.relative_to(ROOT)})")
     failed: list[str] = []
 
@@ -230,19 +242,15 @@ def tests(session: nox.Session) -> None:
 
     try:
         install(session, engine=True)
+        log = logs / "tests-vllm.log"
+        runs["tests-vllm"] = (_start_in_background(
+            [str(PYTHON), "-m", "pytest", "-m", "vllm", *(session.posargs or PYTEST_REPORT)], log), log)
+        session.log(f"the real-engine tests run in the background (log: {log.relative_to(ROOT)})")
         step("lint", str(VENV / "bin" / "ruff"), "check", ".")
         step("layers", str(VENV / "bin" / "lint-imports"))
         step("typecheck", str(VENV / "bin" / "mypy"))
-        step("tests-vllm", str(PYTHON), "-m", "pytest", "-m", "vllm", *(session.posargs or PYTEST_REPORT))
     finally:
-        for name, (process, log) in background.items():
-            code = process.wait()
-            text = log.read_text(errors="replace")
-            # All of a failed run; of a passed one its slowest tests and its summary line.
-            shown = text if code else text[text.find("slowest"):] if "slowest" in text else text[-2000:]
-            session.log(f"{name}:\n{shown}")
-            if code:
-                failed.append(name)
+        failed += [name for name, (process, log) in runs.items() if not _report(session, name, process, log)]
     if failed:
         session.error(f"failed: {', '.join(failed)}")
 

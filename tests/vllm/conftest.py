@@ -24,6 +24,7 @@ EMBED_MODEL = "all-minilm-l6-v2"
 # Short contexts keep vLLM's profiling run and warm-up quick; a prompt longer than this is the error case.
 MAX_MODEL_LEN = 1024
 MAX_TOKENS = 16
+SESSION_MAX_NUM_SEQS = 32
 # Engine start plus work on a slow 2-core machine; generous, as other jobs on the machine can slow a start
 # several-fold (a 30 s start took 330 s beside a concurrent vLLM benchmark).
 BATCH_TIMEOUT = 900.0
@@ -130,7 +131,9 @@ def model_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    server = start_vllm_server(tmp_path_factory.mktemp("vllm") / "data")
+    # 32 sequences at once (the CPU default is 128): enough for every batch here, and the priority test, which
+    # fills the engine with two waves of max_num_seqs requests, runs 64 of them instead of 256.
+    server = start_vllm_server(tmp_path_factory.mktemp("vllm") / "data", "--max-num-seqs", str(SESSION_MAX_NUM_SEQS))
     yield server
     server.stop()
 
