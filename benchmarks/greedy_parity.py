@@ -60,10 +60,9 @@ def server_answers(model: str, convs: list[list[dict[str, str]]], max_tokens: in
 
 def offline_answers(model: str, convs: list[list[dict[str, str]]], max_tokens: int,
                     max_model_len: int) -> list[Any]:
-    from vllm import LLM
-
     from vllm_batch_server.engines.model_files import resolve
     from vllm_batch_server.engines.vllm import VLLMEngine
+    from vllm_batch_server.engines.vllm_compat import load
     from vllm_batch_server.settings import Settings
 
     settings = Settings(models=[model], max_model_len=max_model_len)
@@ -73,7 +72,7 @@ def offline_answers(model: str, convs: list[list[dict[str, str]]], max_tokens: i
     kwargs = engine._engine_kwargs(resolved)
     engine._prepare_environment(resolved)
     kwargs.pop("served_model_name", None)
-    llm = LLM(**kwargs)
+    llm = load("LLM")(**kwargs)
     params = llm.get_default_sampling_params()
     params.temperature = 0.0
     params.max_tokens = max_tokens

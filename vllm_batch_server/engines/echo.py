@@ -307,8 +307,9 @@ class EchoEngine:
             "created": int(time.time()),
             "model": body["model"],
             "choices": [
+                # weight_versions: as vLLM 0.33+ answers (null unless `return_weight_versions`).
                 {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                 "finish_reason": finish}
+                 "finish_reason": finish, "weight_versions": None}
                 for i in range(n)
             ],
             "usage": self._usage(usage),
@@ -324,7 +325,8 @@ class EchoEngine:
             "object": "text_completion",
             "created": int(time.time()),
             "model": body["model"],
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                         "weight_versions": None}],
             "usage": self._usage(usage),
         }, usage)
 
@@ -365,12 +367,14 @@ class EchoEngine:
                                 param="input")
         limit = body.get("max_output_tokens")
         text, finish, usage = self._answer(prompt, {"max_tokens": limit})
+        # Cut off by max_output_tokens: the response and its message are "incomplete", as in vLLM 0.33+.
+        status = "completed" if finish == "stop" else "incomplete"
         return Result(200, {
             "id": "resp_" + request_id,
             "object": "response",
             "created_at": int(time.time()),
             "model": body["model"],
-            "status": "completed" if finish == "stop" else "incomplete",
+            "status": status,
             "incomplete_details": None if finish == "stop" else {"reason": "max_output_tokens"},
             "error": None,
             "instructions": body.get("instructions"),
@@ -382,7 +386,7 @@ class EchoEngine:
             "tool_choice": "auto",
             "tools": [],
             "output": [{
-                "type": "message", "id": "msg_" + request_id, "status": "completed", "role": "assistant",
+                "type": "message", "id": "msg_" + request_id, "status": status, "role": "assistant",
                 "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}],
             }],
             "usage": {

@@ -2,7 +2,9 @@
 
 Chat and completions stream `data: <chunk>` events (one per word here, one per token in vLLM) ending with
 `data: [DONE]`; the Responses API streams typed events (`event: response.output_text.delta` ...) ending with
-`response.completed`. The shapes follow vLLM's, so the official SDK's stream parsers read both engines alike.
+`response.completed` (`response.incomplete` when cut off by `max_output_tokens`). The shapes follow vLLM's (0.33
+and later: `weight_versions` on the chunks that carry it, `response.incomplete`), so the official SDK's stream
+parsers read both engines alike.
 """
 
 from __future__ import annotations
@@ -51,13 +53,14 @@ def _chat(body: dict[str, Any], include_usage: bool) -> list[bytes]:
     for choice in body["choices"]:
         index = choice["index"]
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, index: int = index) -> bytes:
+        def chunk(delta: dict[str, Any], index: int = index, **last: Any) -> bytes:
             return _data({**head, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                               "finish_reason": finish}]})
+                                               "finish_reason": None, **last}]})
 
         out.append(chunk({"role": "assistant", "content": ""}))
         out.extend(chunk({"content": piece}) for piece in _pieces(choice["message"]["content"]))
-        out.append(chunk({}, choice["finish_reason"]))
+        # vLLM sets weight_versions on each choice's last chunk only.
+        out.append(chunk({}, finish_reason=choice["finish_reason"], weight_versions=None))
     if include_usage:
         out.append(_data({**head, "choices": [], "usage": body["usage"]}))
     return out
@@ -71,7 +74,7 @@ def _completion(body: dict[str, Any], include_usage: bool) -> list[bytes]:
         for n, piece in enumerate(pieces):
             finish = choice["finish_reason"] if n == len(pieces) - 1 else None
             out.append(_data({**head, "choices": [{"index": choice["index"], "text": piece, "logprobs": None,
-                                                   "finish_reason": finish}]}))
+                                                   "finish_reason": finish, "weight_versions": None}]}))
     if include_usage:
         out.append(_data({**head, "choices": [], "usage": body["usage"]}))
     return out
@@ -95,6 +98,7 @@ def _responses(body: dict[str, Any]) -> list[bytes]:
         {"type": "response.content_part.done", **where, "content_index": 0,
          "part": message["content"][0]},
         {"type": "response.output_item.done", "output_index": 0, "item": message},
-        {"type": "response.completed", "response": body},
+        {"type": "response.completed" if body["status"] == "completed" else "response.incomplete",
+         "response": body},
     ]
     return [_event({**step, "sequence_number": n}) for n, step in enumerate(steps)]

