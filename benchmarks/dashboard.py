@@ -50,8 +50,9 @@ async def fill(data_dir: Path, count: int, seed: int = 7) -> None:
     """`count` ended batches as the lifecycle leaves them (rows plus every status event), oldest first."""
     from vllm_batch_server import ids
     from vllm_batch_server.settings import Settings
+    from vllm_batch_server.statuses import CREATED, STAMP, BatchStatus, event_type
     from vllm_batch_server.store.database import BatchRow, Database, FileRow
-    from vllm_batch_server.store.lifecycle import CREATED, STAMP, BatchStatus, event_type, new_event_id
+    from vllm_batch_server.store.lifecycle import new_event_id
 
     rng = random.Random(seed)
     db = await Database.open(Settings(data_dir=data_dir).db_path)

@@ -37,9 +37,10 @@ def http_pages(api: BatchAPI, batch_id: str, page: int) -> tuple[float, int, int
 
 def in_process(output: Path, lines: int, page: int, remember: bool) -> float:
     from vllm_batch_server.results.partial import CommittedResults, LineIndex
+    from vllm_batch_server.statuses import BatchStatus
     from vllm_batch_server.store.blobs import Blobs
     from vllm_batch_server.store.database import BatchRow, Database
-    from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
+    from vllm_batch_server.store.lifecycle import Lifecycle
 
     class Forgetful(LineIndex):
         def remember(self, key: tuple[str, str], line: int, offset: int) -> None:

@@ -8,8 +8,9 @@ import random
 from pathlib import Path
 
 from vllm_batch_server.observers.monitor import Monitor
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.database import BatchRow, Database
-from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 S = BatchStatus
 

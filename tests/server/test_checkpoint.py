@@ -22,9 +22,10 @@ from vllm_batch_server.engines.base import Result, Usage
 from vllm_batch_server.queue import checkpoint
 from vllm_batch_server.queue.checkpoint import ResultLog
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import BatchRow, Checkpoint, CheckpointCommitter, Database
-from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 
 def _ok(n: int) -> Result:

@@ -13,17 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
+from vllm_batch_server.statuses import ACTIVE, EVENT_TYPES, TERMINAL, TRANSITIONS, BatchStatus, predecessors
 from vllm_batch_server.store.database import BatchRow, Database
 from vllm_batch_server.store.events import EventLog
-from vllm_batch_server.store.lifecycle import (
-    ACTIVE,
-    EVENT_TYPES,
-    TERMINAL,
-    TRANSITIONS,
-    BatchStatus,
-    Lifecycle,
-    predecessors,
-)
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 S = BatchStatus
 

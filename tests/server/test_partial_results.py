@@ -17,9 +17,10 @@ from tests.conftest import TERMINAL, ServerFactory, chat_lines, read_jsonl, sdk,
 from tests.hostile.errors import assert_openai_error
 from vllm_batch_server.results import partial
 from vllm_batch_server.results.partial import CommittedResults, LineIndex
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import BatchRow, Database
-from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 
 def read_page(http: httpx.Client, batch_id: str, kind: str = "output", after: int = 0,

@@ -25,7 +25,7 @@ from vllm_batch_server.engines import model_files
 from vllm_batch_server.engines.router.router import Router
 from vllm_batch_server.observers.metrics import checkpoint_lag, vllm_kv_cache_usage
 from vllm_batch_server.queue.scheduler import EngineState
-from vllm_batch_server.store.lifecycle import BatchStatus
+from vllm_batch_server.statuses import BatchStatus
 
 if TYPE_CHECKING:
     from vllm_batch_server.api.context import Context

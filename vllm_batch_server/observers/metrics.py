@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from vllm_batch_server import __version__
 from vllm_batch_server.engines.router.metrics import member_metrics
 from vllm_batch_server.exhaustion import Exhausted
-from vllm_batch_server.store.lifecycle import TERMINAL, BatchStatus, event_type
+from vllm_batch_server.statuses import TERMINAL, BatchStatus, event_type
 
 if TYPE_CHECKING:
     from vllm_batch_server.observers.monitor import Monitor

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -26,6 +27,7 @@ import time
 from collections import deque
 from typing import Any
 
+from vllm_batch_server import ids
 from vllm_batch_server.engines.base import Result
 from vllm_batch_server.exhaustion import is_disk_full
 from vllm_batch_server.observers import metrics
@@ -44,6 +46,23 @@ MIN_GAP_SECONDS = 0.05
 
 # Backoff between attempts to commit a checkpoint SQLite refused (say the database stayed locked).
 RETRY_SECONDS = (0.05, 0.2, 1.0)
+
+
+# An engine's answer as a result line. Here, where results are written, and not in store/jsonl.py: the store
+# knows no engine (jsonl.py keeps the line's other half, `custom_id_of`, and the error line).
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def result_line(custom_id: str, result: Result) -> bytes:
+    """An engine's answer as an OpenAI batch output (or, for a non-200, error-file) line."""
+    # "custom_id" right after "id": jsonl.custom_id_of() relies on finding it near the start.
+    if result.raw is not None:  # the same line, with the body as the engine serialized it
+        head = (f'{{"id":{_dumps(ids.new_request_id())},"custom_id":{_dumps(custom_id)},"response":'
+                f'{{"status_code":{int(result.status_code)},"request_id":{_dumps(ids.new_request_id())},"body":')
+        return b"".join((head.encode(), result.raw, b'},"error":null}\n'))
+    response = {"status_code": result.status_code, "request_id": ids.new_request_id(), "body": result.body}
+    line = {"id": ids.new_request_id(), "custom_id": custom_id, "response": response, "error": None}
+    return _dumps(line).encode() + b"\n"
 
 
 class ResultLog:
@@ -86,7 +105,7 @@ class ResultLog:
         self.input_tokens += usage.input_tokens
         self.cached_tokens += usage.cached_tokens
         self.output_tokens += usage.output_tokens
-        self._write(result.ok, jsonl.result_line(custom_id, result))
+        self._write(result.ok, result_line(custom_id, result))
 
     def append_error(self, custom_id: str, code: str, message: str) -> None:
         """A request that never reached the engine (e.g. `batch_expired`): OpenAI's top-level error."""

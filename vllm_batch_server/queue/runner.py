@@ -24,10 +24,10 @@ from vllm_batch_server.queue.grouping import group_by_prefix, prompt_reader
 from vllm_batch_server.queue.online import BatchTurns
 from vllm_batch_server.queue.priority import batch_priority
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import BatchRow, Database
 from vllm_batch_server.store.jsonl import iter_requests
-from vllm_batch_server.store.lifecycle import BatchStatus
 
 log = logging.getLogger(__name__)
 

@@ -39,11 +39,12 @@ from vllm_batch_server.queue.priority import batch_priority
 from vllm_batch_server.queue.runner import CANCELLED, EXPIRED, SHUTDOWN, BatchRunner
 from vllm_batch_server.queue.validate import validate_input
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store import idempotency
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import ACTIVE_STATUSES, BatchRow, Database, FileRow
 from vllm_batch_server.store.idempotency import IdempotencyKey
-from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle, now
+from vllm_batch_server.store.lifecycle import Lifecycle, now
 
 log = logging.getLogger(__name__)
 

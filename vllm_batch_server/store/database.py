@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from vllm_batch_server.store.lifecycle import ACTIVE, BatchStatus, transition_guard_sql
+from vllm_batch_server.statuses import ACTIVE, BatchStatus, transition_guard_sql
 
 if TYPE_CHECKING:
     from vllm_batch_server.store.idempotency import IdempotencyKey
@@ -276,7 +276,7 @@ class Database:
         version = int(row[0]) if row else 0
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             await self._conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
-        # Made anew at every start from lifecycle.TRANSITIONS, so the database never holds an older rule.
+        # Made anew at every start from statuses.TRANSITIONS, so the database never holds an older rule.
         await self._conn.executescript(f"BEGIN IMMEDIATE; {transition_guard_sql()}; COMMIT;")
 
     async def _query(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
