@@ -34,7 +34,8 @@ from vllm_batch_server.observers import metrics
 from vllm_batch_server.settings import Settings
 from vllm_batch_server.store import jsonl
 from vllm_batch_server.store.blobs import Blobs
-from vllm_batch_server.store.database import BatchRow, Checkpoint, CheckpointCommitter, Database
+from vllm_batch_server.store.database import BatchRow, Checkpoint, CheckpointCommitter
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class ResultLog:
     `checkpoint_seconds` for its commit, `behind()` tells the runner to `wait_caught_up()`.
     """
 
-    def __init__(self, db: Database, blobs: Blobs, settings: Settings, batch: BatchRow) -> None:
+    def __init__(self, lifecycle: Lifecycle, blobs: Blobs, settings: Settings, batch: BatchRow) -> None:
         self._every = max(1, settings.checkpoint_every)
         self._seconds = settings.checkpoint_seconds
         self._durable = settings.checkpointing
@@ -91,7 +92,7 @@ class ResultLog:
         self._submitted = self._point()  # the last snapshot handed to the syncer
         # Snapshots not known committed: (results, taken at, when its oldest result was appended).
         self._waiting: deque[tuple[int, float, float]] = deque()
-        self._syncer = _Syncer(batch.id, self.out, self.err, db.checkpoint_committer(), self._submitted)
+        self._syncer = _Syncer(batch.id, self.out, self.err, lifecycle.checkpoint_committer(), self._submitted)
 
     @staticmethod
     def recover(blobs: Blobs, batch: BatchRow) -> set[str]:

@@ -26,8 +26,9 @@ from vllm_batch_server.queue.priority import batch_priority
 from vllm_batch_server.settings import Settings
 from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.blobs import Blobs
-from vllm_batch_server.store.database import BatchRow, Database
+from vllm_batch_server.store.database import BatchRow
 from vllm_batch_server.store.jsonl import iter_requests
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,11 @@ SHUTDOWN = "shutdown"
 
 
 class BatchRunner:
-    def __init__(self, db: Database, blobs: Blobs, engine: Engine, settings: Settings,
+    def __init__(self, lifecycle: Lifecycle, blobs: Blobs, engine: Engine, settings: Settings,
                  batch: BatchRow, turns: BatchTurns | None = None) -> None:
         self.batch = batch
         self._turns = turns  # shared with online requests: narrowed while they are answered (online.py)
-        self._db = db
+        self._lifecycle = lifecycle
         self._blobs = blobs
         self._engine = engine
         self._settings = settings
@@ -72,7 +73,7 @@ class BatchRunner:
         resources ran out (exhaustion.py): neither is the batch's fault."""
         input_path = self._blobs.file_path(self.batch.input_file_id)
         done = await asyncio.to_thread(ResultLog.recover, self._blobs, self.batch)
-        results = self.results = ResultLog(self._db, self._blobs, self._settings, self.batch)
+        results = self.results = ResultLog(self._lifecycle, self._blobs, self._settings, self.batch)
         try:
             if self.stop_reason is None:
                 pending = (request for request in iter_requests(input_path) if request[1] not in done)

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Protocol
 
 from vllm_batch_server import ids
 from vllm_batch_server.aio import wait_event
@@ -298,7 +298,7 @@ class Scheduler:
             if (batch is None or batch.status is not S.IN_PROGRESS or batch.id in self._runners
                     or self.engine_state is not EngineState.READY or self.engine.model != batch.model):
                 continue
-            runner = BatchRunner(self.db, self.blobs, self.engine, self.settings, batch, self.online.batch_turns)
+            runner = BatchRunner(self.lifecycle, self.blobs, self.engine, self.settings, batch, self.online.batch_turns)
             self._runners[batch.id] = runner
             if batch.output_offset == 0 and batch.error_offset == 0 and batch.engine_failures == 0:
                 self.observer.batch_started(batch)
@@ -482,7 +482,7 @@ class Scheduler:
             await self._fail(current, "engine_error", f"The engine failed {failures} times while running this "
                              f"batch; last error: {exc}. Results computed so far are kept.")
         else:
-            await self.db.update_batch(batch.id, engine_failures=failures)
+            await self.lifecycle.set_engine_failures(batch.id, failures)
 
     def _pause(self, batch_id: str, reason: Exhausted, exc: BaseException) -> None:
         """A resource of ours ran out: failing the batch would drop accepted work, and nothing committed is lost
@@ -517,7 +517,7 @@ class Scheduler:
 
     async def _fail(self, batch: BatchRow, code: str, message: str) -> None:
         errors = [{"code": code, "line": None, "message": message, "param": None}]
-        await self.db.update_batch(batch.id, errors=errors)
+        await self.lifecycle.record_errors(batch.id, errors)
         current = await self.db.get_batch(batch.id) or batch
         # A batch being cancelled ends cancelled whatever else goes wrong: that is what its owner asked for.
         await self._finalize(current, S.CANCELLED if current.status is S.CANCELLING else S.FAILED)
@@ -541,16 +541,15 @@ class Scheduler:
             if current.status is S.CANCELLING:
                 outcome = S.CANCELLED
             # Decide the file ids before any rename, so a crash mid-way can be finished with the same ids.
-            changes: dict[str, Any] = {
-                "outcome": outcome.value,
-                "output_file_id": ids.new_file_id() if current.output_offset > 0 else None,
-                "error_file_id": ids.new_file_id() if current.error_offset > 0 else None,
-            }
+            output_file_id = ids.new_file_id() if current.output_offset > 0 else None
+            error_file_id = ids.new_file_id() if current.error_offset > 0 else None
             if outcome is S.COMPLETED:
                 # Fails only if a cancel won the race meanwhile: then look again, and end it cancelled.
-                await self.lifecycle.move(current.id, S.FINALIZING, only_from=[S.IN_PROGRESS], **changes)
+                await self.lifecycle.move(current.id, S.FINALIZING, only_from=[S.IN_PROGRESS], outcome=outcome.value,
+                                          output_file_id=output_file_id, error_file_id=error_file_id)
             else:
-                await self.db.update_batch(current.id, **changes)
+                await self.lifecycle.set_outcome(current.id, outcome, output_file_id=output_file_id,
+                                                 error_file_id=error_file_id)
             current = await self.db.get_batch(batch.id)
         if current is None or current.status not in ACTIVE_STATUSES:
             return
@@ -596,7 +595,7 @@ class Scheduler:
                 await self._finalize(batch, S.EXPIRED)
             else:
                 # Never started: every request gets its batch_expired line, through the same durable path.
-                runner = BatchRunner(self.db, self.blobs, self.engine, self.settings, batch)
+                runner = BatchRunner(self.lifecycle, self.blobs, self.engine, self.settings, batch)
                 runner.stop(EXPIRED)
                 self._runners[batch.id] = runner
                 await self._drive(runner)
