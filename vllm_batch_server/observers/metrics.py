@@ -162,7 +162,7 @@ class LiveCollector:
         self._settings = settings
 
     def collect(self) -> Iterator[Metric]:
-        from vllm_batch_server.queue.scheduler import EngineState  # the scheduler's modules import this one
+        from vllm_batch_server.queue.engine_owner import EngineState  # the scheduler's modules import this one
 
         snapshot = self._monitor.latest
         info = GaugeMetricFamily(PREFIX + "info", "The server's version and engine kind.",
@@ -196,11 +196,11 @@ class LiveCollector:
         scheduler = self._scheduler
         state = GaugeMetricFamily(PREFIX + "engine_state", "1 for the engine's current state.", labels=["state"])
         for candidate in EngineState:
-            state.add_metric([candidate.value], 1 if scheduler.engine_state is candidate else 0)
+            state.add_metric([candidate.value], 1 if scheduler.engine_owner.state is candidate else 0)
         yield state
         loaded = GaugeMetricFamily(PREFIX + "loaded_model", "1 for the model the engine has loaded.",
                                    labels=["model"])
-        if scheduler.engine.model is not None and scheduler.engine_state is EngineState.READY:
+        if scheduler.engine.model is not None and scheduler.engine_owner.state is EngineState.READY:
             loaded.add_metric([scheduler.engine.model], 1)
         yield loaded
 
