@@ -1,4 +1,4 @@
-"""The durability contract, in one place (see DESIGN.md).
+"""The durability contract, in one place (docs/reliability.md says what it promises).
 
 A result is either committed (inside the output or error part, below the byte offset SQLite records) or not
 produced yet. Results are appended in any order. A checkpoint is a snapshot of both parts' sizes and the
@@ -25,12 +25,12 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from vllm_batch_server import ids
 from vllm_batch_server.engines.base import Result
 from vllm_batch_server.exhaustion import is_disk_full
-from vllm_batch_server.observers import metrics
 from vllm_batch_server.settings import Settings
 from vllm_batch_server.store import jsonl
 from vllm_batch_server.store.blobs import Blobs
@@ -76,7 +76,8 @@ class ResultLog:
     `checkpoint_seconds` for its commit, `behind()` tells the runner to `wait_caught_up()`.
     """
 
-    def __init__(self, lifecycle: Lifecycle, blobs: Blobs, settings: Settings, batch: BatchRow) -> None:
+    def __init__(self, lifecycle: Lifecycle, blobs: Blobs, settings: Settings, batch: BatchRow,
+                 on_commit: Callable[[float], None] | None = None) -> None:
         self._every = max(1, settings.checkpoint_every)
         self._seconds = settings.checkpoint_seconds
         self._durable = settings.checkpointing
@@ -92,7 +93,8 @@ class ResultLog:
         self._submitted = self._point()  # the last snapshot handed to the syncer
         # Snapshots not known committed: (results, taken at, when its oldest result was appended).
         self._waiting: deque[tuple[int, float, float]] = deque()
-        self._syncer = _Syncer(batch.id, self.out, self.err, lifecycle.checkpoint_committer(), self._submitted)
+        self._syncer = _Syncer(batch.id, self.out, self.err, lifecycle.checkpoint_committer(), self._submitted,
+                              on_commit)
 
     @staticmethod
     def recover(blobs: Blobs, batch: BatchRow) -> set[str]:
@@ -206,6 +208,10 @@ class ResultLog:
             self.err.close()
 
 
+def _unobserved(seconds: float) -> None:
+    pass
+
+
 class _Syncer:
     """The thread that makes snapshots durable: fsync the parts that grew, then commit, then the next one.
 
@@ -215,8 +221,10 @@ class _Syncer:
     """
 
     def __init__(self, batch_id: str, out: Any, err: Any, committer: CheckpointCommitter,
-                 committed: Checkpoint) -> None:
+                 committed: Checkpoint, on_commit: Callable[[float], None] | None = None) -> None:
         self.committed = committed
+        # Told how long each commit took, on this thread (metrics listen; the durability path imports none).
+        self._on_commit = on_commit or _unobserved
         self.error: BaseException | None = None  # why the thread stopped early (fsync failed, disk full)
         self._batch_id = batch_id
         self._committer = committer
@@ -271,7 +279,7 @@ class _Syncer:
                         os.fsync(fd)
                 synced = offsets
                 self._commit(point)
-                metrics.CHECKPOINT_COMMIT_SECONDS.observe(time.perf_counter() - began)
+                self._on_commit(time.perf_counter() - began)
                 self.committed = point
                 self._wake()
         except Exception as exc:  # handed to the event loop: the runner raises it

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from operator import itemgetter
 from typing import Any
 
@@ -45,7 +45,9 @@ SHUTDOWN = "shutdown"
 
 class BatchRunner:
     def __init__(self, lifecycle: Lifecycle, blobs: Blobs, engine: Engine, settings: Settings,
-                 batch: BatchRow, turns: BatchTurns | None = None) -> None:
+                 batch: BatchRow, turns: BatchTurns | None = None,
+                 on_checkpoint: Callable[[float], None] | None = None) -> None:
+        self._on_checkpoint = on_checkpoint  # told each checkpoint's commit time (checkpoint.ResultLog)
         self.batch = batch
         self._turns = turns  # shared with online requests: narrowed while they are answered (online.py)
         self._lifecycle = lifecycle
@@ -73,7 +75,8 @@ class BatchRunner:
         resources ran out (exhaustion.py): neither is the batch's fault."""
         input_path = self._blobs.file_path(self.batch.input_file_id)
         done = await asyncio.to_thread(ResultLog.recover, self._blobs, self.batch)
-        results = self.results = ResultLog(self._lifecycle, self._blobs, self._settings, self.batch)
+        results = self.results = ResultLog(self._lifecycle, self._blobs, self._settings, self.batch,
+                                                  self._on_checkpoint)
         try:
             if self.stop_reason is None:
                 pending = (request for request in iter_requests(input_path) if request[1] not in done)

@@ -77,12 +77,18 @@ class Observer(EngineObserver, Protocol):
     def batch_started(self, batch: BatchRow) -> None:
         """A runner started on a batch that has no committed result yet (its first run)."""
 
+    def checkpoint_committed(self, seconds: float) -> None:
+        """A running batch made a checkpoint durable, taking `seconds`. Called on its checkpoint thread."""
+
 
 class _Unobserved:
     def model_loaded(self, model: str, seconds: float, *, switched: bool, restarted: bool) -> None:
         pass
 
     def batch_started(self, batch: BatchRow) -> None:
+        pass
+
+    def checkpoint_committed(self, seconds: float) -> None:
         pass
 
 
@@ -243,7 +249,8 @@ class Scheduler:
             if (batch is None or batch.status is not S.IN_PROGRESS or batch.id in self._runners
                     or not self.engine_owner.serves(batch.model)):
                 continue
-            runner = BatchRunner(self.lifecycle, self.blobs, self.engine, self.settings, batch, self.online.batch_turns)
+            runner = BatchRunner(self.lifecycle, self.blobs, self.engine, self.settings, batch, self.online.batch_turns,
+                                 self.observer.checkpoint_committed)
             self._runners[batch.id] = runner
             if batch.output_offset == 0 and batch.error_offset == 0 and batch.engine_failures == 0:
                 self.observer.batch_started(batch)
@@ -495,7 +502,8 @@ class Scheduler:
                 await self._finalize(batch, S.EXPIRED)
             else:
                 # Never started: every request gets its batch_expired line, through the same durable path.
-                runner = BatchRunner(self.lifecycle, self.blobs, self.engine, self.settings, batch)
+                runner = BatchRunner(self.lifecycle, self.blobs, self.engine, self.settings, batch,
+                                     on_checkpoint=self.observer.checkpoint_committed)
                 runner.stop(EXPIRED)
                 self._runners[batch.id] = runner
                 await self._drive(runner)
