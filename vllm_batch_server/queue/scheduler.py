@@ -1,10 +1,10 @@
 """The batch queue: validates new batches, runs them FIFO on the engine, finalizes, cancels and expires them.
 
 It decides which model the engine should hold: a batch whose model differs from the loaded one waits for the
-running batches to finish, then the engine switches. The engine itself (start, stop, restart, health) is
-owned by an `EngineOwner` (engine_owner.py): the scheduler asks it for a model and tells it when the engine
-failed. While a batch's last requests are still
-in flight, the next batch of the same model may start, so the engine is never idle at a batch's tail.
+running batches to finish, then the engine switches. While a batch's last requests are still in flight, the
+next batch of the same model may start, so the engine is never idle at a batch's tail. The engine itself
+(start, stop, restart, health) is owned by an `EngineOwner` (engine_owner.py): the scheduler asks it for a
+model and tells it when the engine failed.
 
 Every status change is asked of the lifecycle (lifecycle.py), which commits it with its event; the API never
 writes a status, it calls `submit` and `cancel` here.
