@@ -294,7 +294,9 @@ class Database:
         return rows[0] if rows else None
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction on the shared connection, for this module's own writes; the lifecycle gets one through
+        `writes()`, with the statements it may run."""
         async with self._write_lock:
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -309,7 +311,7 @@ class Database:
         """One transaction for the lifecycle's writes to a batch row and what goes with them (its event, its
         files, its Idempotency-Key): all committed together or none. Only `store/lifecycle.py` calls this
         (tests/server/test_layers.py checks it), so the lifecycle is the one writer of the batches table."""
-        async with self.transaction() as conn:
+        async with self._transaction() as conn:
             yield BatchWrites(conn)
 
     # ---- files -------------------------------------------------------------------------------------------
@@ -317,7 +319,7 @@ class Database:
     async def insert_file(self, file: FileRow, key: IdempotencyKey | None = None) -> FileRow:
         """Register an uploaded file, with the Idempotency-Key that created it in the same transaction. Raises
         sqlite3.IntegrityError if the key was recorded meanwhile."""
-        async with self.transaction() as conn:
+        async with self._transaction() as conn:
             writes = BatchWrites(conn)  # the file and key statements only: no batch row is written here
             await writes.insert_file(file)
             if key is not None:
@@ -346,7 +348,7 @@ class Database:
         return [FileRow(**dict(row)) for row in await self._query(sql, (*params, limit + 1))]
 
     async def delete_file(self, file_id: str) -> bool:
-        async with self.transaction() as conn:
+        async with self._transaction() as conn:
             cursor = await conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
             return cursor.rowcount > 0
 
@@ -480,7 +482,7 @@ class Database:
             return
         columns = ("id", "event_id", "event_type", "batch_id", "url", "source", "payload", "status",
                    "created_at", "next_attempt_at")
-        async with self.transaction() as conn:
+        async with self._transaction() as conn:
             await conn.executemany(
                 f"INSERT OR IGNORE INTO webhook_deliveries ({', '.join(columns)}) "
                 f"VALUES ({', '.join('?' * len(columns))})", [tuple(row[c] for c in columns) for row in rows])
@@ -542,7 +544,7 @@ class Database:
 
     async def add_request_lines(self, batch_id: str, rows: list[tuple[str, int]]) -> None:
         """One chunk of (custom_id, line) for a batch whose index is being built."""
-        async with self.transaction() as conn:
+        async with self._transaction() as conn:
             await conn.executemany("INSERT OR IGNORE INTO request_lines (batch_id, custom_id, line) VALUES (?, ?, ?)",
                                    [(batch_id, custom_id, line) for custom_id, line in rows])
 
@@ -592,7 +594,7 @@ class Database:
     async def add_handler_runs(self, batch_id: str, event_id: str, handlers: Iterable[str], now: float) -> None:
         """A pending run of each handler for an ended batch; a run that exists already is left as it is, so an
         event read twice (at least once) adds nothing."""
-        async with self.transaction() as conn:
+        async with self._transaction() as conn:
             await conn.executemany(
                 "INSERT OR IGNORE INTO handler_runs (batch_id, handler, event_id, status, attempts, next_attempt_at, "
                 "created_at, updated_at) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?)",
