@@ -169,7 +169,7 @@ def _check_prose(doc: str, number: int, text: str, others_near: bool = False) ->
     return findings
 
 
-OTHERS_NAMED = re.compile(r"benchmarks[./]|python -m (?!vllm_batch)|`vllm serve|`ray |`pip ")
+OTHERS_NAMED = re.compile(r"benchmarks[./]|python -m (?!vllm_batch)|`vllm serve|`ray |`pip |`nox ")
 
 
 def _others_near(lines: list[str]) -> list[bool]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -108,7 +106,5 @@ def test_no_import_cycle_in_the_server() -> None:
     assert cycles(import_graph("vllm_batch_server")) == []
 
 
-@pytest.mark.xfail(strict=False, reason="the client's _async <-> _followup_client cycle is being removed separately "
-                   "(issue 22, item 4: one client flow dialect); passes once that lands")
 def test_no_import_cycle_in_the_client() -> None:
     assert cycles(import_graph("vllm_batch")) == []
