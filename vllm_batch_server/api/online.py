@@ -37,8 +37,8 @@ from vllm_batch_server.engines.base import (
     Result,
     StreamingEngine,
 )
+from vllm_batch_server.queue.engine_owner import EngineState
 from vllm_batch_server.queue.priority import online_priority
-from vllm_batch_server.queue.scheduler import EngineState
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,10 @@ async def _serve(ctx: Context, request: Request, call: _Call, url: str, body: di
 def _check_loaded(ctx: Context, model: str) -> None:
     """Only the loaded model answers online requests; anything else is told which model that is."""
     scheduler = ctx.scheduler
-    state, loaded = scheduler.engine_state, scheduler.engine.model
+    state, loaded = scheduler.engine_owner.state, scheduler.engine.model
     if state is EngineState.READY and loaded == model:
         return
-    if state is EngineState.LOADING and scheduler.loading_model == model:
+    if state is EngineState.LOADING and scheduler.engine_owner.loading_model == model:
         raise APIError(503, f"The model '{model}' is being loaded; retry in a moment.", type="server_error",
                        param="model", code="model_loading", headers={"retry-after": str(RETRY_AFTER_LOADING)})
     if state is EngineState.FAILED and loaded == model:
@@ -158,7 +158,7 @@ def _check_loaded(ctx: Context, model: str) -> None:
     if model == ctx.settings.online_model:
         # Kept for online traffic: it is about to be loaded (at start, after a failure), or loaded again once
         # the batches of another model that ran while online traffic was quiet have ended.
-        other = scheduler.loading_model or loaded
+        other = scheduler.engine_owner.loading_model or loaded
         if other is None or other == model:
             message = f"The model '{model}' is being loaded; retry in a moment."
         else:
@@ -168,7 +168,7 @@ def _check_loaded(ctx: Context, model: str) -> None:
         raise APIError(503, message, type="server_error", param="model", code="model_not_loaded",
                        headers={"retry-after": str(RETRY_AFTER_LOADING)})
     if state is EngineState.LOADING:
-        now = f"the engine is loading '{scheduler.loading_model}' for a batch"
+        now = f"the engine is loading '{scheduler.engine_owner.loading_model}' for a batch"
     elif state is EngineState.READY and loaded is not None:
         now = f"the loaded model is '{loaded}'"
     else:
