@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, read_jsonl, sdk, submit, wait_for
+from tests.conftest import Server, ServerFactory, chat_lines, read_jsonl, sdk, submit, wait_for
 from tests.helpers.handlers import calls, env_with_path, handler_flags, run_of, runs, wait_until
-from tests.helpers.server import RunningServer
 from tests.hostile.errors import assert_openai_error
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +79,7 @@ def test_a_slow_handler_never_holds_up_the_queue(server_factory: ServerFactory, 
     assert time.monotonic() - started < 20
     wait_until(lambda: len(calls(journal)) >= 2, what="two slow calls under way")
     assert all(r["status"] == "pending" for r in runs(server, client.batches.list(limit=1).data[0].id))
-    assert httpx.get(f"{server.root_url}/health", timeout=5).status_code == 200
+    assert server.http.get(f"{server.root_url}/health", timeout=5).status_code == 200
 
 
 def test_timeout_counts_as_a_failed_attempt(server_factory: ServerFactory, tmp_path: Path) -> None:
@@ -204,8 +202,8 @@ def test_the_environment_variable_configures_handlers(server_factory: ServerFact
     assert (tmp_path / "out" / done.id / "output.jsonl").exists()
 
 
-def test_handler_status_of_unknown_and_unended_batches(shared_server: RunningServer, client: Any) -> None:
-    missing = httpx.get(f"{shared_server.base_url}/batches/batch_nope/handlers")
+def test_handler_status_of_unknown_and_unended_batches(shared_server: Server, client: Any) -> None:
+    missing = shared_server.http.get(f"{shared_server.base_url}/batches/batch_nope/handlers")
     assert assert_openai_error(missing, 404)["code"] == "batch_not_found"
     done = wait_for(client, submit(client, chat_lines(1)).id)
     assert runs(shared_server, done.id) == []  # no handler configured on this server
