@@ -15,6 +15,8 @@ lock against another process. Event streams that never end are kept on processes
 from __future__ import annotations
 
 import os
+import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +35,8 @@ from vllm_batch_server.settings import Settings
 
 ROOT_URL = "http://testserver"
 ENV_PREFIX = "BATCH_"
+APP_THREADS = re.compile(r"^asyncio-portal|^asyncio_|^AnyIO worker|_connection_worker_thread|^handler-|"
+                         r"^ThreadPoolExecutor")
 
 
 class _AppTransport(httpx.BaseTransport):
@@ -59,9 +63,12 @@ class _AppTransport(httpx.BaseTransport):
 @contextmanager
 def environment(env: dict[str, str]) -> Iterator[None]:
     """os.environ as a server process started by make_server sees it: no BATCH_* variable from the developer's
-    shell, plus `env`. Restored on exit."""
-    saved = dict(os.environ)
+    shell, plus `env`; a PYTHONPATH in `env` is put in front of sys.path, as it would be in the process (for result
+    handlers imported by name). Both restored on exit."""
+    saved, saved_path = dict(os.environ), list(sys.path)
     try:
+        if env.get("PYTHONPATH"):
+            sys.path[:0] = [entry for entry in env["PYTHONPATH"].split(os.pathsep) if entry]
         for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
             del os.environ[key]
         os.environ.update(env)
@@ -69,6 +76,7 @@ def environment(env: dict[str, str]) -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        sys.path[:] = saved_path
 
 
 def server_args(data_dir: Path, *, engine: str = "echo", models: list[str] | None = None,
@@ -141,7 +149,8 @@ class InProcessServer:
     def http_client(self, **kwargs: Any) -> httpx.Client:
         """A new httpx client on the app, for a test's own `with ... as http:`; closing it leaves the app alone."""
         kwargs.setdefault("timeout", 30)
-        return httpx.Client(transport=self.transport, base_url=ROOT_URL, **kwargs)
+        kwargs.setdefault("base_url", ROOT_URL)
+        return httpx.Client(transport=self.transport, **kwargs)
 
     def openai(self, **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("api_key", self.api_key or "unused")
@@ -168,9 +177,13 @@ class InProcessServer:
     kill = stop  # there is no kill -9 in-process: tests that need one stay on the process tier
 
     def _check_no_thread_left(self, grace: float = 10.0) -> None:
+        """The threads the app runs on (the portal's event loop, its executors, aiosqlite's connection, the result
+        handlers' pools) all end with its shutdown. Other new threads are the test's own (a webhook receiver
+        torn down after the app, say), so only these families are checked, by the names they are given."""
         deadline = time.monotonic() + grace
         while True:
-            left = [t for t in threading.enumerate() if t not in self._threads_before and t.is_alive()]
+            left = [t for t in threading.enumerate()
+                    if t not in self._threads_before and t.is_alive() and APP_THREADS.search(t.name)]
             if not left:
                 return
             if time.monotonic() > deadline:

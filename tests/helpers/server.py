@@ -97,7 +97,8 @@ class RunningServer:
     def http_client(self, **kwargs: Any) -> httpx.Client:
         """A new httpx client on this server, for a test's own `with ... as http:`."""
         kwargs.setdefault("timeout", 30)
-        return httpx.Client(base_url=self.root_url, **kwargs)
+        kwargs.setdefault("base_url", self.root_url)
+        return httpx.Client(**kwargs)
 
     def _close_http(self) -> None:
         if self._http is not None:

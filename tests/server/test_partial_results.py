@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TERMINAL, ServerFactory, chat_lines, read_jsonl, sdk, submit, wait_for
+from tests.conftest import TERMINAL, AppFactory, ServerFactory, chat_lines, read_jsonl, sdk, submit, wait_for
 from tests.hostile.errors import assert_openai_error
 from vllm_batch_server.results import partial
 from vllm_batch_server.results.partial import CommittedResults, LineIndex
@@ -126,10 +126,10 @@ def test_a_line_given_to_a_reader_survives_kill9(server_factory: ServerFactory) 
     assert sorted(json.loads(x)["custom_id"] for x in final) == sorted(f"req-{i}" for i in range(400))
 
 
-def test_readers_racing_finalizing_never_get_a_server_error(server_factory: ServerFactory) -> None:
+def test_readers_racing_finalizing_never_get_a_server_error(app_factory: AppFactory) -> None:
     """The part is renamed into the output file at the end: readers hammering the batch right then see the
     same lines whichever they read, and never a 5xx."""
-    server = server_factory(extra_args=["--checkpoint-seconds", "0.05", "--checkpoint-every", "3"])
+    server = app_factory(extra_args=["--checkpoint-seconds", "0.05", "--checkpoint-every", "3"])
     client = sdk(server)
     problems: list[str] = []
     stop = threading.Event()
