@@ -14,6 +14,7 @@ lock against another process. Event streams that never end are kept on processes
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -50,8 +51,11 @@ class _AppTransport(httpx.BaseTransport):
         self._client = client
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        # A body sent chunked (no Content-Length) reaches the app chunk by chunk, as from a socket.
+        chunked = "content-length" not in request.headers and "transfer-encoding" in request.headers
+        body: Any = iter(request.stream) if chunked else request.read()  # type: ignore[call-overload]
         with self._client.stream(request.method, str(request.url), headers=request.headers.multi_items(),
-                                 content=request.read(), follow_redirects=False) as answer:
+                                 content=body, follow_redirects=False) as answer:
             raw = b"".join(answer.iter_raw())
         return httpx.Response(answer.status_code, headers=answer.headers.multi_items(),
                               stream=httpx.ByteStream(raw), request=request)
@@ -110,6 +114,9 @@ class InProcessServer:
     _http: httpx.Client | None = None
     _threads_before: set[threading.Thread] = field(default_factory=set)
     _env: Any = None
+    _log: list[str] = field(default_factory=list)
+    _handler: logging.Handler | None = None
+    _saved_level: int = logging.NOTSET
 
     base_url = ROOT_URL + "/v1"
     root_url = ROOT_URL
@@ -118,6 +125,7 @@ class InProcessServer:
         assert self._client is None, "already started"
         self.starts += 1
         self._threads_before = set(threading.enumerate())
+        self._capture_log()
         self._env = environment(self.env)
         self._env.__enter__()
         try:
@@ -128,6 +136,7 @@ class InProcessServer:
             client.__enter__()  # runs the lifespan's start-up; its loop thread runs until stop()
         except BaseException:
             self._env.__exit__(None, None, None)
+            self._release_log()
             raise
         self._client = client
         self._http = httpx.Client(transport=self.transport, base_url=ROOT_URL, timeout=30)
@@ -157,8 +166,38 @@ class InProcessServer:
         kwargs.setdefault("max_retries", 0)
         return openai.OpenAI(base_url=self.base_url, http_client=httpx.Client(transport=self.transport), **kwargs)
 
+    def alive(self) -> bool:
+        """What `process.poll() is None` shows of a server process: the app's event loop still runs."""
+        return self._client is not None and self._client.portal is not None and not self._client.task.done()
+
+    def log(self) -> str:
+        """The app's log lines (the vllm_batch_server loggers, INFO and up, as the server process writes them),
+        the last 8000 characters like RunningServer.log()."""
+        return "".join(self._log)[-8000:]
+
     def describe(self) -> str:
-        return "in-process app, " + ("running" if self._client is not None else "stopped")
+        return "in-process app, " + ("running" if self._client is not None else "stopped") + "\n" + self.log()
+
+    def _capture_log(self) -> None:
+        lines = self._log
+
+        class Collect(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                lines.append(self.format(record) + "\n")
+
+        self._handler = Collect(logging.INFO)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger("vllm_batch_server")
+        self._saved_level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self._handler)
+
+    def _release_log(self) -> None:
+        if self._handler is not None:
+            logger = logging.getLogger("vllm_batch_server")
+            logger.removeHandler(self._handler)
+            logger.setLevel(self._saved_level)
+            self._handler = None
 
     def stop(self) -> None:
         """The lifespan's shutdown (scheduler, observers, database), then the loop thread ends."""
@@ -172,6 +211,7 @@ class InProcessServer:
             client.__exit__(None, None, None)
         finally:
             self._env.__exit__(None, None, None)
+            self._release_log()
         self._check_no_thread_left()
 
     kill = stop  # there is no kill -9 in-process: tests that need one stay on the process tier
