@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import openai
+from starlette import testclient
 from starlette.testclient import TestClient
 
 from vllm_batch_server.app import create_app
@@ -41,11 +42,12 @@ APP_THREADS = re.compile(r"^asyncio-portal|^asyncio_|^AnyIO worker|_connection_w
 
 
 class _AppTransport(httpx.BaseTransport):
-    """An httpx transport onto the running app. Starlette's TestClient is built on httpx2, while the openai SDK and
-    the tests use httpx: each request is handed to the TestClient as it came (method, URL, headers, body, no
-    redirect followed) and its answer handed back undecoded, so httpx decodes it as it would a socket's. Bodies
-    are read whole, which is why endless event streams stay on the process tier. Closing a client that uses it
-    (`with sdk(server) as c:`) leaves the app alone: the InProcessServer owns it."""
+    """An httpx transport onto the running app. Starlette's TestClient is built on its own httpx (httpx2 since
+    Starlette 1.0), while the openai SDK and the tests use httpx: each request is handed to the TestClient as it
+    came (method, raw path, headers, body, no redirect followed) and its answer handed back undecoded, so httpx
+    decodes it as it would a socket's. Answers are read whole, which is why endless event streams stay on the
+    process tier. Closing a client that uses it (`with sdk(server) as c:`) leaves the app alone: the
+    InProcessServer owns it."""
 
     def __init__(self, client: TestClient) -> None:
         self._client = client
@@ -54,7 +56,10 @@ class _AppTransport(httpx.BaseTransport):
         # A body sent chunked (no Content-Length) reaches the app chunk by chunk, as from a socket.
         chunked = "content-length" not in request.headers and "transfer-encoding" in request.headers
         body: Any = iter(request.stream) if chunked else request.read()  # type: ignore[call-overload]
-        with self._client.stream(request.method, str(request.url), headers=request.headers.multi_items(),
+        # The path exactly as it would go on the wire (`..%2f`, `//`, `%zz` untouched): not re-parsed from text.
+        origin = f"{request.url.scheme}://{request.url.netloc.decode()}"
+        url = testclient.httpx.URL(origin, raw_path=request.url.raw_path)
+        with self._client.stream(request.method, url, headers=request.headers.multi_items(),
                                  content=body, follow_redirects=False) as answer:
             raw = b"".join(answer.iter_raw())
         return httpx.Response(answer.status_code, headers=answer.headers.multi_items(),
