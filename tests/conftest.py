@@ -1,4 +1,11 @@
-"""Shared fixtures: real servers started as a user starts them, and the official openai SDK as the client."""
+"""Shared fixtures: the app in this process (the in-process tier) or real servers started as a user starts them
+(the process tier), and the official openai SDK as the client.
+
+Two tiers, one interface: `app_factory` and `server_factory` take the same arguments (CLI flags through
+extra_args) and hand out objects with the same api_key, root_url, base_url, data_dir and http (an httpx client to
+the server); `sdk(server)` gives the openai client for either. A test needs a process only for what the process
+shows: kill -9 and restarts, signals, graceful stops, sockets, the CLI, the log file, the browser.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from typing import Any
 import openai
 import pytest
 
+from tests.helpers.inprocess import InProcessServer, make_app
 from tests.helpers.server import RunningServer, make_server
 
 # The processes a test started, by name: when the test fails, their logs and exit codes go into its report (a
@@ -32,6 +40,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 ServerFactory = Callable[..., RunningServer]
+AppFactory = Callable[..., InProcessServer]
+Server = RunningServer | InProcessServer
 
 
 @pytest.fixture
@@ -50,20 +60,40 @@ def server_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[S
         server.kill()
 
 
+@pytest.fixture
+def app_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[AppFactory]:
+    """Start the app in this process, with its lifespan (scheduler, engine, observers) running in a background
+    thread; same arguments as server_factory (less port and nofile). All are stopped at teardown."""
+    started: list[InProcessServer] = []
+
+    def start(name: str = "server", **kwargs: Any) -> InProcessServer:
+        app = make_app(tmp_path / name, **kwargs)
+        started.append(app)
+        attach_log(request, f"app {name}", app.describe)
+        return app.start()
+
+    yield start
+    for app in reversed(started):
+        app.stop()
+
+
 @pytest.fixture(scope="session")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """One echo server for the tests that only read and write their own objects."""
-    server = make_server(tmp_path_factory.mktemp("shared") / "data").start()
-    yield server
-    server.kill()
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    """One echo app, in this process, for the tests that only read and write their own objects."""
+    app = make_app(tmp_path_factory.mktemp("shared") / "data").start()
+    yield app
+    app.stop()
 
 
 @pytest.fixture
-def client(shared_server: RunningServer) -> openai.OpenAI:
+def client(shared_server: InProcessServer) -> openai.OpenAI:
     return sdk(shared_server)
 
 
-def sdk(server: RunningServer, **kwargs: Any) -> openai.OpenAI:
+def sdk(server: Server, **kwargs: Any) -> openai.OpenAI:
+    """The official openai client for a server of either tier."""
+    if isinstance(server, InProcessServer):
+        return server.openai(**kwargs)
     kwargs.setdefault("api_key", server.api_key or "unused")
     kwargs.setdefault("max_retries", 0)
     return openai.OpenAI(base_url=server.base_url, **kwargs)

@@ -13,12 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from vllm_batch_server.handlers import EndedBatch
 
 if TYPE_CHECKING:
-    from tests.helpers.server import RunningServer
+    from tests.conftest import Server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,8 +87,8 @@ def env_with_path(*extra: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(REPO), *map(str, extra)])}
 
 
-def runs(server: RunningServer, batch_id: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{server.base_url}/batches/{batch_id}/handlers", timeout=30)
+def runs(server: Server, batch_id: str) -> list[dict[str, Any]]:
+    response = server.http.get(f"{server.base_url}/batches/{batch_id}/handlers", timeout=30)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "list"
@@ -108,7 +106,7 @@ def wait_until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") 
         time.sleep(0.05)
 
 
-def run_of(server: RunningServer, batch_id: str, name: str, status: str, timeout: float = 30) -> dict[str, Any]:
+def run_of(server: Server, batch_id: str, name: str, status: str, timeout: float = 30) -> dict[str, Any]:
     """The run of handler `name` on the batch once it has `status` (waiting up to `timeout`)."""
     def found() -> dict[str, Any] | None:
         return next((r for r in runs(server, batch_id) if r["name"] == name and r["status"] == status), None)

@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -40,6 +41,14 @@ class RunningServer:
     api_key: str | None = None
     starts: int = field(default=0)
     nofile: int | None = None  # the server's descriptor limit (RLIMIT_NOFILE, soft and hard), if set
+    _http: httpx.Client | None = None
+
+    @property
+    def http(self) -> httpx.Client:
+        """A plain httpx client on this server (base_url is the root), as InProcessServer.http is on the app."""
+        if self._http is None:
+            self._http = httpx.Client(base_url=self.root_url, timeout=30)
+        return self._http
 
     @property
     def base_url(self) -> str:
@@ -85,8 +94,20 @@ class RunningServer:
     def describe(self) -> str:
         return f"{process_state(self.process)}\n{self.log()}"
 
+    def http_client(self, **kwargs: Any) -> httpx.Client:
+        """A new httpx client on this server, for a test's own `with ... as http:`."""
+        kwargs.setdefault("timeout", 30)
+        kwargs.setdefault("base_url", self.root_url)
+        return httpx.Client(**kwargs)
+
+    def _close_http(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
     def kill(self) -> None:
         """kill -9 the whole process group: the server and any engine process it spawned."""
+        self._close_http()
         if self.process and self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -97,6 +118,7 @@ class RunningServer:
 
     def stop(self) -> None:
         """A graceful stop (SIGTERM), falling back to kill -9."""
+        self._close_http()
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:

@@ -7,7 +7,6 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from hypothesis import given, settings
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 from starlette.routing import Route
 
 from tests.conftest import chat_lines, jsonl, sdk, submit, wait_for
-from tests.helpers.server import RunningServer, make_server
+from tests.helpers.inprocess import InProcessServer, make_app
 from tests.hostile.errors import assert_openai_error
 from vllm_batch_server.api.auth import OPEN_PATHS, is_open
 from vllm_batch_server.app import create_app
@@ -26,10 +25,10 @@ KEY = "sk-test-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = make_server(tmp_path_factory.mktemp("access") / "data", api_key=KEY).start()
-    yield running
-    running.kill()
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    app = make_app(tmp_path_factory.mktemp("access") / "data", api_key=KEY)
+    yield app.start()
+    app.stop()
 
 
 def every_route() -> list[tuple[str, str]]:
@@ -76,21 +75,21 @@ def test_only_the_probes_and_the_dashboard_page_are_open() -> None:
 
 @pytest.mark.parametrize("method,path", [r for r in ROUTES if not is_open(r[1])])
 @pytest.mark.parametrize("case", sorted(WRONG))
-def test_every_route_refuses_a_missing_or_wrong_key(server: RunningServer, method: str, path: str,
+def test_every_route_refuses_a_missing_or_wrong_key(server: InProcessServer, method: str, path: str,
                                                     case: str) -> None:
-    response = httpx.request(method, server.root_url + path, headers=WRONG[case], timeout=10)
+    response = server.http.request(method, server.root_url + path, headers=WRONG[case], timeout=10)
     error = assert_openai_error(response, 401)
     assert error["code"] == "invalid_api_key"
     assert KEY not in response.text
 
 
-def test_unknown_paths_are_refused_before_they_are_routed(server: RunningServer) -> None:
-    assert_openai_error(httpx.get(server.root_url + "/v1/nothing/here"), 401)
+def test_unknown_paths_are_refused_before_they_are_routed(server: InProcessServer) -> None:
+    assert_openai_error(server.http.get(server.root_url + "/v1/nothing/here"), 401)
 
 
-def test_probes_are_open_and_the_right_key_works(server: RunningServer) -> None:
-    assert httpx.get(server.root_url + "/health").status_code == 200
-    assert httpx.get(server.root_url + "/ready").json() == {"ready": True, "reasons": []}
+def test_probes_are_open_and_the_right_key_works(server: InProcessServer) -> None:
+    assert server.http.get(server.root_url + "/health").status_code == 200
+    assert server.http.get(server.root_url + "/ready").json() == {"ready": True, "reasons": []}
     client = sdk(server)
     batch = wait_for(client, submit(client, chat_lines(3)).id)
     assert batch.status == "completed"
@@ -126,19 +125,19 @@ def test_path_like_ids_are_refused_by_storage(value: str) -> None:
         blobs.batch_dir(value)
 
 
-def test_a_file_uploaded_under_a_key_is_readable_only_with_it(server: RunningServer) -> None:
+def test_a_file_uploaded_under_a_key_is_readable_only_with_it(server: InProcessServer) -> None:
     client = sdk(server)
     file_id = client.files.create(file=("in.jsonl", jsonl(chat_lines(1))), purpose="batch").id
-    response = httpx.get(f"{server.base_url}/files/{file_id}/content")
+    response = server.http.get(f"{server.base_url}/files/{file_id}/content")
     assert_openai_error(response, 401)
     assert client.files.content(file_id).content == jsonl(chat_lines(1))
 
 
 # `/ui` is the one redirect there is, to the page at `/ui/`.
 @pytest.mark.parametrize("method,path", [r for r in ROUTES if r[1] != "/ui"])
-def test_no_route_answers_a_trailing_slash_with_a_redirect(server: RunningServer, method: str, path: str) -> None:
+def test_no_route_answers_a_trailing_slash_with_a_redirect(server: InProcessServer, method: str, path: str) -> None:
     """Regression: `GET /v1/files/file-x/` was a 307 with an empty body."""
-    response = httpx.request(method, server.root_url + path + "/", headers={"authorization": f"Bearer {KEY}"},
+    response = server.http.request(method, server.root_url + path + "/", headers={"authorization": f"Bearer {KEY}"},
                              timeout=10, follow_redirects=False)
     error = assert_openai_error(response, 404)
     # Model ids and custom_ids may contain slashes (Hugging Face ids), so `/v1/models/x/` is a model that is
@@ -150,10 +149,10 @@ def test_no_route_answers_a_trailing_slash_with_a_redirect(server: RunningServer
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
-def test_the_auth_scheme_is_case_insensitive(server: RunningServer, scheme: str) -> None:
+def test_the_auth_scheme_is_case_insensitive(server: InProcessServer, scheme: str) -> None:
     """RFC 7235: the scheme is a case-insensitive token (the key itself is compared exactly)."""
-    response = httpx.get(server.base_url + "/models", headers={"authorization": f"{scheme} {KEY}"}, timeout=10)
+    response = server.http.get(server.base_url + "/models", headers={"authorization": f"{scheme} {KEY}"}, timeout=10)
     assert response.status_code == 200, response.text
-    wrong_case_key = httpx.get(server.base_url + "/models", headers={"authorization": f"{scheme} {KEY.upper()}"},
+    wrong_case_key = server.http.get(server.base_url + "/models", headers={"authorization": f"{scheme} {KEY.upper()}"},
                                timeout=10)
     assert_openai_error(wrong_case_key, 401)

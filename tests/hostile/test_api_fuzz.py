@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the HTTP API against a real server: random methods, paths, ids, query strings,
+"""Property-based fuzzing of the HTTP API against the real app (in-process): random methods, paths, ids, query strings,
 JSON bodies and multipart uploads. Whatever arrives, the answer is a success or a 4xx in OpenAI's error shape,
 never a 500, and the server stays up."""
 
@@ -14,25 +14,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.server import RunningServer, make_server
+from tests.helpers.inprocess import InProcessServer, make_app
 from tests.hostile.errors import assert_openai_error
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = make_server(tmp_path_factory.mktemp("fuzz") / "data",
-                          extra_args=["--max-file-bytes", str(256 * 1024)]).start()
-    yield running
-    running.kill()
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    app = make_app(tmp_path_factory.mktemp("fuzz") / "data", extra_args=["--max-file-bytes", str(256 * 1024)])
+    yield app.start()
+    app.stop()
     # Nothing reached the catch-all handler, even among answers the properties did not look at closely.
-    assert "unhandled error" not in running.log()
+    assert "unhandled error" not in app.log()
 
 
 @pytest.fixture(scope="module")
-def http(server: RunningServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.root_url, timeout=30) as client:
+def http(server: InProcessServer) -> Iterator[httpx.Client]:
+    with server.http_client() as client:
         yield client
 
 
@@ -138,6 +137,6 @@ def test_any_raw_upload_body(http: httpx.Client, content_type: str, boundary_par
     check(http.post("/v1/files", content=payload, headers={"content-type": content_type}))
 
 
-def test_server_survived(server: RunningServer, http: httpx.Client) -> None:
+def test_server_survived(server: InProcessServer, http: httpx.Client) -> None:
     assert http.get("/health").json()["status"] == "ok"
-    assert server.process is not None and server.process.poll() is None
+    assert server.alive()

@@ -12,23 +12,23 @@ import httpx
 import pytest
 
 from tests.conftest import ServerFactory, chat_lines, jsonl, sdk, upload
-from tests.helpers.server import RunningServer, make_server
+from tests.helpers.inprocess import InProcessServer, make_app
 from tests.hostile.errors import assert_openai_error
 
 LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = make_server(tmp_path_factory.mktemp("bad-input") / "data",
-                          extra_args=["--max-file-bytes", str(LIMIT)]).start()
-    yield running
-    running.kill()
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    app = make_app(tmp_path_factory.mktemp("bad-input") / "data", extra_args=["--max-file-bytes", str(LIMIT)])
+    yield app.start()
+    app.stop()
+    assert "unhandled error" not in app.log()
 
 
 @pytest.fixture
-def http(server: RunningServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.root_url, timeout=30) as client:
+def http(server: InProcessServer) -> Iterator[httpx.Client]:
+    with server.http_client() as client:
         yield client
 
 
@@ -72,7 +72,7 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_malformed_upload_is_a_400_and_stores_nothing(server: RunningServer, http: httpx.Client,
+def test_malformed_upload_is_a_400_and_stores_nothing(server: InProcessServer, http: httpx.Client,
                                                       case: str) -> None:
     before = set((server.data_dir / "files").iterdir())
     body, headers = MALFORMED[case]
@@ -82,7 +82,7 @@ def test_malformed_upload_is_a_400_and_stores_nothing(server: RunningServer, htt
     assert list((server.data_dir / "tmp").iterdir()) == []
 
 
-def test_oversize_file_is_a_413_declared_or_streamed(server: RunningServer, http: httpx.Client) -> None:
+def test_oversize_file_is_a_413_declared_or_streamed(server: InProcessServer, http: httpx.Client) -> None:
     data = b"x" * (LIMIT + 1)
     client = sdk(server)
     with pytest.raises(Exception) as caught:  # the SDK's own upload, Content-Length declared
@@ -134,7 +134,7 @@ def test_unknown_cursor_and_input_file_are_4xx(http: httpx.Client, param: str) -
     assert_openai_error(response)
 
 
-def test_batch_from_a_file_of_the_wrong_purpose(server: RunningServer, http: httpx.Client) -> None:
+def test_batch_from_a_file_of_the_wrong_purpose(server: InProcessServer, http: httpx.Client) -> None:
     file_id = upload(sdk(server), jsonl(chat_lines(2)), purpose="user_data")
     response = http.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
                                               "completion_window": "24h"})
@@ -151,7 +151,7 @@ def test_batch_from_a_file_of_the_wrong_purpose(server: RunningServer, http: htt
     ["k", "v"],
     "k=v",
 ])
-def test_oversize_or_mistyped_metadata_is_a_400(server: RunningServer, http: httpx.Client,
+def test_oversize_or_mistyped_metadata_is_a_400(server: InProcessServer, http: httpx.Client,
                                                 metadata: object) -> None:
     file_id = upload(sdk(server), jsonl(chat_lines(1)))
     response = http.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
@@ -191,7 +191,7 @@ def test_unknown_route_and_method_are_4xx_in_openai_shape(http: httpx.Client) ->
     assert_openai_error(http.get("/v1/models/not-served"), 404)
 
 
-def test_hostile_filename_is_only_metadata(server: RunningServer, http: httpx.Client, tmp_path: Path) -> None:
+def test_hostile_filename_is_only_metadata(server: InProcessServer, http: httpx.Client, tmp_path: Path) -> None:
     name = "../../../../tmp/evil\r\nX-Injected: 1.jsonl"
     response = http.post("/v1/files", files={"file": (name, jsonl(chat_lines(1)))}, data={"purpose": "batch"})
     assert response.status_code == 200, response.text

@@ -13,7 +13,9 @@ import httpx
 import psutil
 import pytest
 
+from tests.conftest import Server
 from tests.helpers import rawhttp
+from tests.helpers.inprocess import InProcessServer, make_app
 from tests.helpers.server import RunningServer, make_server
 from tests.hostile.errors import assert_openai_error
 
@@ -21,37 +23,47 @@ LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = make_server(tmp_path_factory.mktemp("json-body") / "data",
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    """The app in-process: what the parser refuses needs no socket."""
+    app = make_app(tmp_path_factory.mktemp("json-body") / "data", extra_args=["--max-json-bytes", str(LIMIT)])
+    yield app.start()
+    app.stop()
+
+
+@pytest.fixture(scope="module")
+def process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server process, for what is seen on the socket: an answer before the body is sent, a chunked body."""
+    running = make_server(tmp_path_factory.mktemp("json-body-process") / "data",
                           extra_args=["--max-json-bytes", str(LIMIT)]).start()
     yield running
     running.kill()
 
 
-def post(server: RunningServer, raw: bytes) -> httpx.Response:
-    return httpx.post(server.base_url + "/batches", content=raw, headers={"content-type": "application/json"},
+def post(server: Server, raw: bytes) -> httpx.Response:
+    return server.http.post(server.base_url + "/batches", content=raw, headers={"content-type": "application/json"},
                       timeout=30)
 
 
 @pytest.mark.parametrize("raw", [b'{"metadata": {"a": NaN}}', b'{"x": Infinity}', b'{"x": -Infinity}',
                                  b'{"x": 1e999}', b'{"x": 1', b"\xff\xfe{}", b""])
-def test_what_json_does_not_allow_is_refused(server: RunningServer, raw: bytes) -> None:
+def test_what_json_does_not_allow_is_refused(server: InProcessServer, raw: bytes) -> None:
     error = assert_openai_error(post(server, raw), 400)
     assert error["code"] == "invalid_json" and "not valid JSON" in error["message"]
 
 
-def test_a_body_nested_too_deeply_says_so(server: RunningServer) -> None:
+def test_a_body_nested_too_deeply_says_so(server: InProcessServer) -> None:
     error = assert_openai_error(post(server, b'{"metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}"), 400)
     assert "nested" in error["message"] and "not valid JSON" not in error["message"]
 
 
-def test_a_body_just_under_the_limit_is_read(server: RunningServer) -> None:
+def test_a_body_just_under_the_limit_is_read(server: InProcessServer) -> None:
     raw = b'{"input_file_id": "file-none", "padding": "' + b"x" * (LIMIT - 100) + b'"}'
     error = assert_openai_error(post(server, raw), 400)
     assert error["param"] == "padding"  # got past the size check to the fields
 
 
-def test_an_oversize_body_is_refused_from_its_content_length_before_it_is_sent(server: RunningServer) -> None:
+def test_an_oversize_body_is_refused_from_its_content_length_before_it_is_sent(process: RunningServer) -> None:
+    server = process
     sock = rawhttp.connect(server.port)
     sock.sendall(f"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {400 * 1024 * 1024}\r\n\r\n".encode())
@@ -84,7 +96,8 @@ def send_chunked_until_answered(port: int, total: int, chunk: int = 256 * 1024) 
     return sent, response.body if response.status == 413 else f"{response.status} {response.body!r}".encode()
 
 
-def test_a_chunked_body_is_refused_once_it_crosses_the_limit(server: RunningServer) -> None:
+def test_a_chunked_body_is_refused_once_it_crosses_the_limit(process: RunningServer) -> None:
+    server = process
     sent, answer = send_chunked_until_answered(server.port, 64 * 1024 * 1024, chunk=16 * 1024)
     assert b"request_too_large" in answer, answer
     assert sent < 16 * 1024 * 1024  # answered long before the whole body was sent

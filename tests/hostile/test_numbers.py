@@ -10,20 +10,19 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import chat_lines, jsonl, sdk, upload
-from tests.helpers.server import RunningServer
+from tests.conftest import Server, chat_lines, jsonl, sdk, upload
 from tests.hostile.errors import assert_openai_error
 from vllm_batch_server.api.errors import APIError
 from vllm_batch_server.api.params import integer
 
 
 @pytest.fixture(scope="module")
-def input_file(shared_server: RunningServer) -> str:
+def input_file(shared_server: Server) -> str:
     return upload(sdk(shared_server), jsonl(chat_lines(1)))
 
 
-def create_batch(server: RunningServer, raw: bytes) -> httpx.Response:
-    return httpx.post(server.base_url + "/batches", content=raw, headers={"content-type": "application/json"},
+def create_batch(server: Server, raw: bytes) -> httpx.Response:
+    return server.http.post(server.base_url + "/batches", content=raw, headers={"content-type": "application/json"},
                       timeout=10)
 
 
@@ -33,7 +32,7 @@ def body(file_id: str, seconds: str) -> bytes:
 
 
 @pytest.mark.parametrize("seconds", ["1e999", "-1e999", "Infinity", "-Infinity", "NaN", "1" + "0" * 5000])
-def test_json_numbers_json_does_not_allow_are_refused_as_invalid_json(shared_server: RunningServer,
+def test_json_numbers_json_does_not_allow_are_refused_as_invalid_json(shared_server: Server,
                                                                       input_file: str, seconds: str) -> None:
     error = assert_openai_error(create_batch(shared_server, body(input_file, seconds)), 400)
     assert error["code"] == "invalid_json"
@@ -42,32 +41,32 @@ def test_json_numbers_json_does_not_allow_are_refused_as_invalid_json(shared_ser
 @pytest.mark.parametrize("seconds", ["1e300", "1" + "0" * 40, "-5", "0", "3599", "2592001", "3600.5", "true",
                                      "false", "null", '"soon"', '"1e999"', '"inf"', '"NaN"', "[]", "{}"])
 def test_output_expires_after_seconds_out_of_range_or_mistyped_names_the_parameter(
-        shared_server: RunningServer, input_file: str, seconds: str) -> None:
+        shared_server: Server, input_file: str, seconds: str) -> None:
     error = assert_openai_error(create_batch(shared_server, body(input_file, seconds)), 400)
     assert error["param"] == "output_expires_after.seconds", error
 
 
 @pytest.mark.parametrize("seconds", ["3600", "3600.0", "2592000", '"86400"'])
-def test_output_expires_after_seconds_in_range_is_accepted(shared_server: RunningServer, input_file: str,
+def test_output_expires_after_seconds_in_range_is_accepted(shared_server: Server, input_file: str,
                                                             seconds: str) -> None:
     response = create_batch(shared_server, body(input_file, seconds))
     assert response.status_code == 200, response.text
 
 
-def upload_with_expiry(server: RunningServer, seconds: str) -> httpx.Response:
+def upload_with_expiry(server: Server, seconds: str) -> httpx.Response:
     files = {"file": ("in.jsonl", jsonl(chat_lines(1)))}
     data = {"purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": seconds}
-    return httpx.post(server.base_url + "/files", files=files, data=data, timeout=10)
+    return server.http.post(server.base_url + "/files", files=files, data=data, timeout=10)
 
 
 @pytest.mark.parametrize("seconds", ["1e999", "inf", "-inf", "Infinity", "NaN", "9" * 5000, "1" + "0" * 40, "-1",
                                      "3600.5", "3600.0", "", " ", "true", "0x10", "١٢٣٤", "3599", "2592001"])
-def test_files_expires_after_seconds_names_the_parameter(shared_server: RunningServer, seconds: str) -> None:
+def test_files_expires_after_seconds_names_the_parameter(shared_server: Server, seconds: str) -> None:
     error = assert_openai_error(upload_with_expiry(shared_server, seconds), 400)
     assert error["param"] == "expires_after.seconds", error
 
 
-def test_files_expires_after_seconds_in_range_is_accepted(shared_server: RunningServer) -> None:
+def test_files_expires_after_seconds_in_range_is_accepted(shared_server: Server) -> None:
     response = upload_with_expiry(shared_server, "7200")
     assert response.status_code == 200, response.text
     assert response.json()["expires_at"] - response.json()["created_at"] == 7200
@@ -75,8 +74,8 @@ def test_files_expires_after_seconds_in_range_is_accepted(shared_server: Running
 
 @pytest.mark.parametrize("path", ["/files", "/batches"])
 @pytest.mark.parametrize("limit", ["1e999", "inf", "NaN", "9" * 5000, "1" * 40, "-1", "0", "2.5", "true", ""])
-def test_list_limit_names_the_parameter(shared_server: RunningServer, path: str, limit: str) -> None:
-    response = httpx.get(shared_server.base_url + path, params={"limit": limit}, timeout=10)
+def test_list_limit_names_the_parameter(shared_server: Server, path: str, limit: str) -> None:
+    response = shared_server.http.get(shared_server.base_url + path, params={"limit": limit}, timeout=10)
     assert assert_openai_error(response, 400)["param"] == "limit"
 
 

@@ -8,12 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ServerFactory, chat_lines, jsonl, request_line, sdk, submit, wait_for
+from tests.conftest import AppFactory, chat_lines, jsonl, request_line, sdk, submit, wait_for
 from vllm_batch_server.queue.validate import Report, validate_input
 from vllm_batch_server.store.jsonl import MAX_DEPTH, iter_requests
 
@@ -159,8 +158,8 @@ def test_validator_never_raises(lines: list[tuple[bytes, bytes]], bom: bool) -> 
     validate(data)
 
 
-def test_hostile_files_through_the_server(server_factory: ServerFactory) -> None:
-    server = server_factory()
+def test_hostile_files_through_the_server(app_factory: AppFactory) -> None:
+    server = app_factory()
     client = sdk(server)
     ids = []
     for case, raw in sorted(HOSTILE_LINES.items()):
@@ -173,7 +172,7 @@ def test_hostile_files_through_the_server(server_factory: ServerFactory) -> None
         assert batch.errors is not None and batch.errors.data[0].line == 2, (case, batch.errors)
     done = wait_for(client, friendly, timeout=30)
     assert done.status == "completed" and done.request_counts.completed == 4
-    assert httpx.get(server.root_url + "/health").status_code == 200
+    assert server.http.get(server.root_url + "/health").status_code == 200
     assert "Traceback" not in server.log()
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import chat_lines, sdk, submit, wait_for
-from tests.helpers.server import RunningServer
+from tests.conftest import Server, chat_lines, sdk, submit, wait_for
 from tests.ops.promql import (
     DCGM_DEFAULT_COUNTERS,
     alert_rules,
@@ -59,7 +58,7 @@ def test_the_dashboard_covers_what_operators_asked_for() -> None:
         assert wanted in names, wanted
 
 
-def test_every_query_names_an_exported_metric(shared_server: RunningServer) -> None:
+def test_every_query_names_an_exported_metric(shared_server: Server) -> None:
     client = sdk(shared_server)
     wait_for(client, submit(client, chat_lines(3)).id)  # so that every labelled family has a series
     time.sleep(1.1)  # the numbers read from SQLite are at most a second old

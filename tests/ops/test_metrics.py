@@ -9,22 +9,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import prometheus_client
 from prometheus_client import Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ServerFactory, chat_lines, request_line, sdk, submit, wait_for
-from tests.helpers.server import RunningServer
+from tests.conftest import AppFactory, Server, ServerFactory, chat_lines, request_line, sdk, submit, wait_for
 from vllm_batch_server.observers import metrics
 
 KEY = "sk-metrics-test"
 
 
-def scrape(server: RunningServer, **headers: str) -> dict[str, Any]:
+def scrape(server: Server, **headers: str) -> dict[str, Any]:
     """{sample name: {labels tuple: value}} from the text exposition."""
     auth = {"authorization": f"Bearer {server.api_key}"} if server.api_key else {}
-    response = httpx.get(server.root_url + "/metrics", headers={**auth, **headers}, timeout=10)
+    response = server.http.get(server.root_url + "/metrics", headers={**auth, **headers}, timeout=10)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     samples: dict[str, Any] = {}
@@ -39,8 +37,8 @@ def value(samples: dict[str, Any], name: str, **labels: str) -> float:
     return float(samples.get(name, {}).get(wanted, 0.0))
 
 
-def test_numbers_match_what_the_batches_did(server_factory: ServerFactory) -> None:
-    server = server_factory(api_key=KEY)
+def test_numbers_match_what_the_batches_did(app_factory: AppFactory) -> None:
+    server = app_factory(api_key=KEY)
     client = sdk(server)
     chat = wait_for(client, submit(client, chat_lines(7)).id)
     embed_lines = [request_line(f"e{i}", f"text {i}", model="echo-embed", url="/v1/embeddings") for i in range(4)]
@@ -82,9 +80,9 @@ def test_numbers_match_what_the_batches_did(server_factory: ServerFactory) -> No
                 assert not re.match(r"(batch_|file-|evt_|wh_)", label_value), labels
 
 
-def test_failed_requests_and_their_batch_are_counted(server_factory: ServerFactory) -> None:
+def test_failed_requests_and_their_batch_are_counted(app_factory: AppFactory) -> None:
     """A batch that expires: its unfinished requests get batch_expired lines, counted as failed."""
-    server = server_factory(extra_args=["--echo-delay", "0.2", "--window", "1", "--sweep-seconds", "0.2"])
+    server = app_factory(extra_args=["--echo-delay", "0.2", "--window", "1", "--sweep-seconds", "0.2"])
     client = sdk(server)
     batch = wait_for(client, submit(client, chat_lines(30), completion_window="2s").id, timeout=30)
     assert batch.status == "expired" and batch.request_counts.failed > 0
@@ -114,8 +112,8 @@ def test_engine_restarts_and_resumes_after_kill_9_are_counted(server_factory: Se
     assert wait_for(client, slow.id).status == "completed"
 
 
-def test_checkpoint_lag_is_the_age_of_the_oldest_result_not_yet_durable(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-delay", "0.02", "--window", "2", "--checkpoint-every", "100000",
+def test_checkpoint_lag_is_the_age_of_the_oldest_result_not_yet_durable(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-delay", "0.02", "--window", "2", "--checkpoint-every", "100000",
                                         "--checkpoint-seconds", "4"])
     client = sdk(server)
     batch = submit(client, chat_lines(2000))
@@ -135,17 +133,17 @@ def test_checkpoint_lag_is_the_age_of_the_oldest_result_not_yet_durable(server_f
     assert value(scrape(server), "vllm_batch_checkpoint_lag_seconds") == 0
 
 
-def test_metrics_need_the_key_unless_public(server_factory: ServerFactory) -> None:
-    private = server_factory("private", api_key=KEY)
-    assert httpx.get(private.root_url + "/metrics").status_code == 401
-    assert httpx.get(private.root_url + "/metrics", headers={"authorization": "Bearer wrong"}).status_code == 401
+def test_metrics_need_the_key_unless_public(app_factory: AppFactory) -> None:
+    private = app_factory("private", api_key=KEY)
+    assert private.http.get(private.root_url + "/metrics").status_code == 401
+    assert private.http.get(private.root_url + "/metrics", headers={"authorization": "Bearer wrong"}).status_code == 401
     scrape(private)
 
-    public = server_factory("public", api_key=KEY, extra_args=["--metrics-public"])
-    response = httpx.get(public.root_url + "/metrics")
+    public = app_factory("public", api_key=KEY, extra_args=["--metrics-public"])
+    response = public.http.get(public.root_url + "/metrics")
     assert response.status_code == 200 and "vllm_batch_batches" in response.text
-    assert httpx.get(public.base_url + "/batches").status_code == 401  # only /metrics was opened
-    assert httpx.get(public.root_url + "/status").status_code == 401
+    assert public.http.get(public.base_url + "/batches").status_code == 401  # only /metrics was opened
+    assert public.http.get(public.root_url + "/status").status_code == 401
 
 
 def test_vllm_names_keep_their_colons_whatever_the_scraper_asks() -> None:
@@ -169,9 +167,9 @@ def test_vllm_names_keep_their_colons_whatever_the_scraper_asks() -> None:
     assert "vllm_ops_test_requests" not in samples
 
 
-def test_prometheus_gets_the_text_format(shared_server: RunningServer) -> None:
+def test_prometheus_gets_the_text_format(shared_server: Server) -> None:
     accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
-    response = httpx.get(shared_server.root_url + "/metrics", headers={"accept": accept})
+    response = shared_server.http.get(shared_server.root_url + "/metrics", headers={"accept": accept})
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     names = {family.name for family in text_string_to_metric_families(response.text)}
     assert {"vllm_batch_requests", "vllm_batch_batches", "vllm_batch_checkpoint_commit_seconds"} <= names

@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
+from tests.conftest import AppFactory, chat_lines, sdk, submit, wait_for
 from tests.helpers.disk import fill, mounted_small_disk
 from tests.helpers.server import RunningServer, make_server
 
@@ -20,20 +19,20 @@ KEY = "sk-status"
 
 
 def get_status(server: RunningServer) -> dict[str, Any]:
-    response = httpx.get(server.root_url + "/status", headers={"authorization": f"Bearer {KEY}"}, timeout=10)
+    response = server.http.get(server.root_url + "/status", headers={"authorization": f"Bearer {KEY}"}, timeout=10)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
 
 
 def get_ready(server: RunningServer) -> tuple[int, dict[str, Any]]:
-    response = httpx.get(server.root_url + "/ready", timeout=30)
+    response = server.http.get(server.root_url + "/ready", timeout=30)
     return response.status_code, response.json()
 
 
-def test_status_has_the_contracts_shape_and_follows_a_batch(server_factory: ServerFactory) -> None:
-    server = server_factory(api_key=KEY, extra_args=["--echo-delay", "0.01", "--window", "4"])
-    assert httpx.get(server.root_url + "/status").status_code == 401
+def test_status_has_the_contracts_shape_and_follows_a_batch(app_factory: AppFactory) -> None:
+    server = app_factory(api_key=KEY, extra_args=["--echo-delay", "0.01", "--window", "4"])
+    assert server.http.get(server.root_url + "/status").status_code == 401
     idle = get_status(server)
     assert set(idle) == {"object", "version", "engine", "queue", "throughput", "disk", "checkpoint"}
     assert idle["object"] == "server.status" and isinstance(idle["version"], str)
@@ -64,8 +63,8 @@ def test_status_has_the_contracts_shape_and_follows_a_batch(server_factory: Serv
     assert get_status(server)["queue"]["in_progress"] == 0
 
 
-def test_ready_on_a_healthy_server_and_preload_loads_before_serving(server_factory: ServerFactory) -> None:
-    server = server_factory(api_key=KEY, extra_args=["--preload"])
+def test_ready_on_a_healthy_server_and_preload_loads_before_serving(app_factory: AppFactory) -> None:
+    server = app_factory(api_key=KEY, extra_args=["--preload"])
     # /health answered, so start-up is over: the engine was loaded before the server listened.
     assert get_status(server)["engine"] == {"kind": "echo", "state": "ready", "model": "echo-model",
                                             "kv_cache_usage": None}
@@ -81,7 +80,7 @@ def test_not_ready_when_no_model_can_be_loaded(tmp_path: Path) -> None:
         assert code == 503 and body["ready"] is False
         assert any("could not be loaded" in reason for reason in body["reasons"]), body
         assert any("models prepare" in reason for reason in body["reasons"]), body
-        assert httpx.get(server.root_url + "/health").status_code == 200  # alive all the same
+        assert server.http.get(server.root_url + "/health").status_code == 200  # alive all the same
     finally:
         server.kill()
 

@@ -9,13 +9,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
+from tests.conftest import Server, ServerFactory, chat_lines, sdk, submit, wait_for
 from tests.helpers.receiver import Received, Receiver
-from tests.helpers.server import RunningServer
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"fedcba9876543210fedcba9876543210").decode()
@@ -34,15 +32,15 @@ def unwrap(received: Received, secret: str = SECRET) -> Any:
     return openai.OpenAI(api_key="unused", webhook_secret=secret).webhooks.unwrap(received.body, received.headers)
 
 
-def deliveries(server: RunningServer, batch_id: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{server.base_url}/batches/{batch_id}/webhooks", timeout=10)
+def deliveries(server: Server, batch_id: str) -> list[dict[str, Any]]:
+    response = server.http.get(f"{server.base_url}/batches/{batch_id}/webhooks", timeout=10)
     response.raise_for_status()
     page = response.json()
     assert page["object"] == "list" and page["has_more"] is False
     return list(page["data"])
 
 
-def wait_deliveries(server: RunningServer, batch_id: str, until: Any, timeout: float = 30) -> list[dict[str, Any]]:
+def wait_deliveries(server: Server, batch_id: str, until: Any, timeout: float = 30) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
         found = deliveries(server, batch_id)
@@ -230,9 +228,9 @@ def test_a_batch_names_its_own_receiver_only_on_an_allowed_host(server_factory: 
     assert delivery["source"] == "metadata"
 
 
-def test_deliveries_of_an_unknown_batch_are_not_found(shared_server: RunningServer) -> None:
+def test_deliveries_of_an_unknown_batch_are_not_found(shared_server: Server) -> None:
     for batch_id in ("batch_nope", "file-abc"):
-        response = httpx.get(f"{shared_server.base_url}/batches/{batch_id}/webhooks")
+        response = shared_server.http.get(f"{shared_server.base_url}/batches/{batch_id}/webhooks")
         assert response.status_code == 404 and response.json()["error"]["code"] == "batch_not_found"
     client = sdk(shared_server)
     batch = submit(client, chat_lines(1))

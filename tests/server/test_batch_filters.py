@@ -6,11 +6,11 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, jsonl, request_line, sdk, submit, wait_for
+from tests.conftest import AppFactory, chat_lines, jsonl, request_line, sdk, submit, wait_for
 
 
-def test_filters_by_status_and_model_and_pages_within_them(server_factory: ServerFactory) -> None:
-    server = server_factory()
+def test_filters_by_status_and_model_and_pages_within_them(app_factory: AppFactory) -> None:
+    server = app_factory()
     client = sdk(server)
     chats = [wait_for(client, submit(client, chat_lines(2, model="echo-model")).id) for _ in range(3)]
     embeds = [wait_for(client, submit(client, [request_line("e", url="/v1/embeddings", model="echo-embed")],
@@ -38,8 +38,8 @@ def test_filters_by_status_and_model_and_pages_within_them(server_factory: Serve
 
 
 @pytest.mark.parametrize("value", ["running", "completed,", "COMPLETED", "completed,bogus"])
-def test_an_unknown_status_is_named(server_factory: ServerFactory, value: str) -> None:
-    client = sdk(server_factory())
+def test_an_unknown_status_is_named(app_factory: AppFactory, value: str) -> None:
+    client = sdk(app_factory())
     if value == "completed,":  # an empty item is ignored, as in "a,,b"
         assert client.batches.list(extra_query={"status": value}).data == []
         return
@@ -49,8 +49,8 @@ def test_an_unknown_status_is_named(server_factory: ServerFactory, value: str) -
     assert "in_progress" in caught.value.message
 
 
-def test_a_status_filter_sees_live_changes(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-delay", "0.05", "--window", "1"])
+def test_a_status_filter_sees_live_changes(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-delay", "0.05", "--window", "1"])
     client = sdk(server)
     running = submit(client, jsonl(chat_lines(200)))
     wait_for(client, running.id, ("in_progress",))

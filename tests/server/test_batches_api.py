@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.conftest import (
-    ServerFactory,
+    AppFactory,
     chat_lines,
     jsonl,
     read_jsonl,
@@ -94,8 +94,8 @@ def test_request_the_engine_rejects_becomes_an_error_line_and_the_batch_complete
     assert len(read_jsonl(client, batch.output_file_id)) == 3
 
 
-def test_list_pagination_walks_every_batch_through_the_auto_pager(server_factory: ServerFactory) -> None:
-    client = sdk(server_factory())
+def test_list_pagination_walks_every_batch_through_the_auto_pager(app_factory: AppFactory) -> None:
+    client = sdk(app_factory())
     file_id = upload(client, jsonl(chat_lines(1)))
     created = [client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
                                      completion_window="24h").id for _ in range(25)]
@@ -110,8 +110,8 @@ def test_list_pagination_walks_every_batch_through_the_auto_pager(server_factory
     assert last_page.has_more is False
 
 
-def test_cancel_mid_run_keeps_partial_results(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-delay", "0.05", "--window", "4", "--checkpoint-every", "5"])
+def test_cancel_mid_run_keeps_partial_results(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-delay", "0.05", "--window", "4", "--checkpoint-every", "5"])
     client = sdk(server)
     batch = submit(client, chat_lines(400))
     wait_for(client, batch.id, until=lambda b: b.request_counts and b.request_counts.completed >= 20)
@@ -136,8 +136,8 @@ def test_cancel_mid_run_keeps_partial_results(server_factory: ServerFactory) -> 
     assert caught.value.response.headers["x-should-retry"] == "false"
 
 
-def test_cancel_before_it_runs(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-delay", "0.2", "--window", "1"])
+def test_cancel_before_it_runs(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-delay", "0.2", "--window", "1"])
     client = sdk(server)
     running = submit(client, chat_lines(50, "first"))
     queued = submit(client, chat_lines(5, "second"))
@@ -148,8 +148,8 @@ def test_cancel_before_it_runs(server_factory: ServerFactory) -> None:
     client.batches.cancel(running.id)
 
 
-def test_expiry_keeps_completed_work_and_marks_the_rest(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-delay", "0.1", "--window", "2"])
+def test_expiry_keeps_completed_work_and_marks_the_rest(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-delay", "0.1", "--window", "2"])
     client = sdk(server)
     lines = chat_lines(200)
     batch = submit(client, lines, completion_window="2s")

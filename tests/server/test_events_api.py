@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
+from tests.conftest import AppFactory, Server, ServerFactory, chat_lines, sdk, submit, wait_for
 from tests.helpers.server import RunningServer
 from vllm_batch_server.api.events import EventStream
 from vllm_batch_server.statuses import BatchStatus
@@ -28,13 +28,13 @@ from vllm_batch_server.store.lifecycle import Lifecycle
 LIFE = ["batch.created", "batch.in_progress", "batch.finalizing", "batch.completed"]
 
 
-def events(server: RunningServer, **params: Any) -> dict[str, Any]:
-    response = httpx.get(server.root_url + "/v1/events", params=params, headers=auth(server))
+def events(server: Server, **params: Any) -> dict[str, Any]:
+    response = server.http.get(server.root_url + "/v1/events", params=params, headers=auth(server))
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
 
 
-def auth(server: RunningServer) -> dict[str, str]:
+def auth(server: Server) -> dict[str, str]:
     return {"authorization": f"Bearer {server.api_key}"} if server.api_key else {}
 
 
@@ -70,7 +70,8 @@ def server(server_factory: ServerFactory) -> RunningServer:
     return server_factory()
 
 
-def test_the_log_lists_every_status_change_in_order(server: RunningServer) -> None:
+def test_the_log_lists_every_status_change_in_order(app_factory: AppFactory) -> None:
+    server = app_factory()
     client = sdk(server)
     first = wait_for(client, submit(client, chat_lines(3)).id)
     second = wait_for(client, submit(client, chat_lines(2)).id)
@@ -101,8 +102,9 @@ def test_the_log_lists_every_status_change_in_order(server: RunningServer) -> No
 @pytest.mark.parametrize("params,param", [({"after": "-1"}, "after"), ({"after": "x"}, "after"),
                                           ({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"),
                                           ({"batch_id": "../etc"}, "batch_id")])
-def test_bad_parameters_are_named(server: RunningServer, params: dict[str, str], param: str) -> None:
-    response = httpx.get(server.root_url + "/v1/events", params=params)
+def test_bad_parameters_are_named(app_factory: AppFactory, params: dict[str, str], param: str) -> None:
+    server = app_factory()
+    response = server.http.get(server.root_url + "/v1/events", params=params)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param
 
@@ -273,8 +275,9 @@ def test_a_stream_stops_when_a_write_fails(tmp_path: Path) -> None:
     assert writes == 3
 
 
-def test_openai_sdk_sees_no_difference(server: RunningServer) -> None:
+def test_openai_sdk_sees_no_difference(app_factory: AppFactory) -> None:
     """The filters and events are extensions: the SDK's own calls are unchanged."""
+    server = app_factory()
     client = sdk(server)
     batch = wait_for(client, submit(client, chat_lines(1)).id)
     assert [b.id for b in client.batches.list()] == [batch.id]

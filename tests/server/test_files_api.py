@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, jsonl, sdk, submit, wait_for
+from tests.conftest import AppFactory, ServerFactory, chat_lines, jsonl, sdk, submit, wait_for
 
 
 def test_upload_retrieve_download_delete(client: openai.OpenAI) -> None:
@@ -52,8 +52,8 @@ def test_expires_after_sets_expires_at(client: openai.OpenAI) -> None:
     assert caught.value.body["param"] == "expires_after.seconds"  # type: ignore[index]
 
 
-def test_list_files_orders_filters_and_pages(server_factory: ServerFactory) -> None:
-    client = sdk(server_factory())
+def test_list_files_orders_filters_and_pages(app_factory: AppFactory) -> None:
+    client = sdk(app_factory())
     batch_ids = [client.files.create(file=(f"b{i}.jsonl", b"{}\n"), purpose="batch").id for i in range(5)]
     user_ids = [client.files.create(file=(f"u{i}.txt", b"x"), purpose="user_data").id for i in range(3)]
 
@@ -90,8 +90,8 @@ def test_oversize_upload_is_refused_with_413_and_leaves_nothing(server_factory: 
     assert not any((server.data_dir / "tmp").iterdir())
 
 
-def test_a_file_used_by_an_active_batch_cannot_be_deleted(server_factory: ServerFactory) -> None:
-    client = sdk(server_factory(extra_args=["--echo-delay", "0.05", "--window", "1"]))
+def test_a_file_used_by_an_active_batch_cannot_be_deleted(app_factory: AppFactory) -> None:
+    client = sdk(app_factory(extra_args=["--echo-delay", "0.05", "--window", "1"]))
     batch = submit(client, chat_lines(40))
     with pytest.raises(openai.ConflictError) as caught:
         client.files.delete(batch.input_file_id)

@@ -252,13 +252,13 @@ BY_DOCUMENT = ["d0-q0", "d0-q1", "d0-q2", "d1-q0", "d1-q1", "d1-q2", "d2-q0", "d
     (None, "Answer from the document. " * 40, [*BY_DOCUMENT, "short"]),
     (0, None, None),  # off: the file's order
 ])
-def test_the_engine_gets_requests_grouped_by_prefix(server_factory: Any, tmp_path: Path, lookahead: int | None,
+def test_the_engine_gets_requests_grouped_by_prefix(app_factory: Any, tmp_path: Path, lookahead: int | None,
                                                     system: str | None, expected: list[str] | None) -> None:
     journal = tmp_path / "journal"
     extra = ["--window", "1", "--echo-fault", f"journal={journal}"]  # one at a time: the order is visible
     if lookahead is not None:
         extra += ["--prefix-lookahead", str(lookahead)]
-    client = sdk(server_factory(extra_args=extra))
+    client = sdk(app_factory(extra_args=extra))
     lines = interleaved(documents=3, questions=3, system=system)
     lines.insert(1, request_line("short", "no long prefix here"))
     batch = wait_for(client, submit(client, lines).id, TERMINAL)

@@ -12,22 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, read_jsonl, sdk, submit, wait_for
+from tests.conftest import AppFactory, Server, ServerFactory, chat_lines, read_jsonl, sdk, submit, wait_for
 from tests.helpers.handlers import calls, env_with_path, handler_flags, run_of, runs, wait_until
-from tests.helpers.server import RunningServer
 from tests.hostile.errors import assert_openai_error
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "result_handler"
 
 
-def test_directory_handler_copies_the_results_of_every_ended_batch(server_factory: ServerFactory,
+def test_directory_handler_copies_the_results_of_every_ended_batch(app_factory: AppFactory,
                                                                    tmp_path: Path) -> None:
     template = str(tmp_path / "archive" / "{status}" / "{metadata[project]}" / "{batch_id}")
-    server = server_factory(extra_args=handler_flags(archive={"type": "directory", "path": template,
+    server = app_factory(extra_args=handler_flags(archive={"type": "directory", "path": template,
                                                               "files": ["output", "errors", "input", "batch"]}))
     client = sdk(server)
     lines = chat_lines(5)
@@ -44,10 +42,10 @@ def test_directory_handler_copies_the_results_of_every_ended_batch(server_factor
     assert not [p for p in target.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-def test_a_failing_handler_is_retried_with_backoff_then_succeeds_or_gives_up(server_factory: ServerFactory,
+def test_a_failing_handler_is_retried_with_backoff_then_succeeds_or_gives_up(app_factory: AppFactory,
                                                                                tmp_path: Path) -> None:
     flaky, hopeless = tmp_path / "flaky.jsonl", tmp_path / "hopeless.jsonl"
-    server = server_factory(env=env_with_path(), extra_args=handler_flags(
+    server = app_factory(env=env_with_path(), extra_args=handler_flags(
         flaky={"type": "tests.helpers.handlers:JournalHandler", "journal": str(flaky), "fail_times": 2,
                "backoff_seconds": 0.3},
         hopeless={"type": "tests.helpers.handlers:JournalHandler", "journal": str(hopeless), "fail_times": 99,
@@ -81,12 +79,12 @@ def test_a_slow_handler_never_holds_up_the_queue(server_factory: ServerFactory, 
     assert time.monotonic() - started < 20
     wait_until(lambda: len(calls(journal)) >= 2, what="two slow calls under way")
     assert all(r["status"] == "pending" for r in runs(server, client.batches.list(limit=1).data[0].id))
-    assert httpx.get(f"{server.root_url}/health", timeout=5).status_code == 200
+    assert server.http.get(f"{server.root_url}/health", timeout=5).status_code == 200
 
 
-def test_timeout_counts_as_a_failed_attempt(server_factory: ServerFactory, tmp_path: Path) -> None:
+def test_timeout_counts_as_a_failed_attempt(app_factory: AppFactory, tmp_path: Path) -> None:
     journal = tmp_path / "calls.jsonl"
-    server = server_factory(env=env_with_path(), extra_args=handler_flags(
+    server = app_factory(env=env_with_path(), extra_args=handler_flags(
         hangs={"type": "tests.helpers.handlers:AsyncJournalHandler", "journal": str(journal), "sleep": 30,
                "timeout_seconds": 0.3, "max_attempts": 2, "backoff_seconds": 0.1}))
     client = sdk(server)
@@ -132,9 +130,9 @@ def test_kill9_before_the_handler_saw_the_event(server_factory: ServerFactory, t
     assert {c["batch_id"] for c in calls(journal)} == {batch.id}
 
 
-def test_statuses_choose_which_endings_run_a_handler(server_factory: ServerFactory, tmp_path: Path) -> None:
+def test_statuses_choose_which_endings_run_a_handler(app_factory: AppFactory, tmp_path: Path) -> None:
     journal = tmp_path / "calls.jsonl"
-    server = server_factory(env=env_with_path(), extra_args=[
+    server = app_factory(env=env_with_path(), extra_args=[
         "--echo-delay", "0.05", "--window", "1",
         *handler_flags(only_done={"type": "tests.helpers.handlers:JournalHandler", "journal": str(journal),
                                   "statuses": ["completed"]})])
@@ -194,9 +192,9 @@ def test_a_bad_handler_configuration_stops_the_server_with_a_clear_message(tmp_p
     assert "Traceback" not in result.stderr
 
 
-def test_the_environment_variable_configures_handlers(server_factory: ServerFactory, tmp_path: Path) -> None:
+def test_the_environment_variable_configures_handlers(app_factory: AppFactory, tmp_path: Path) -> None:
     config = {"copy": {"type": "directory", "path": str(tmp_path / "out" / "{batch_id}"), "files": ["output"]}}
-    server = server_factory(env={"BATCH_SERVER_RESULT_HANDLERS": json.dumps(config)})
+    server = app_factory(env={"BATCH_SERVER_RESULT_HANDLERS": json.dumps(config)})
     client = sdk(server)
     done = wait_for(client, submit(client, chat_lines(2)).id)
     run_of(server, done.id, "copy", "succeeded")
@@ -204,8 +202,8 @@ def test_the_environment_variable_configures_handlers(server_factory: ServerFact
     assert (tmp_path / "out" / done.id / "output.jsonl").exists()
 
 
-def test_handler_status_of_unknown_and_unended_batches(shared_server: RunningServer, client: Any) -> None:
-    missing = httpx.get(f"{shared_server.base_url}/batches/batch_nope/handlers")
+def test_handler_status_of_unknown_and_unended_batches(shared_server: Server, client: Any) -> None:
+    missing = shared_server.http.get(f"{shared_server.base_url}/batches/batch_nope/handlers")
     assert assert_openai_error(missing, 404)["code"] == "batch_not_found"
     done = wait_for(client, submit(client, chat_lines(1)).id)
     assert runs(shared_server, done.id) == []  # no handler configured on this server

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
@@ -36,7 +35,7 @@ def test_a_repeated_upload_with_the_same_key_returns_the_same_file(client: opena
 
 def test_a_reused_key_with_other_content_is_a_409(client: openai.OpenAI, shared_server: Any) -> None:
     create_file(client, jsonl(chat_lines(2)), "reused-key")
-    response = httpx.post(shared_server.base_url + "/files", headers={"Idempotency-Key": "reused-key"},
+    response = shared_server.http.post(shared_server.base_url + "/files", headers={"Idempotency-Key": "reused-key"},
                           files={"file": ("in.jsonl", jsonl(chat_lines(3)))}, data={"purpose": "batch"})
     error = assert_openai_error(response, 409)
     assert error["code"] == "idempotency_key_reused" and error["param"] == "Idempotency-Key"
@@ -56,7 +55,7 @@ def test_a_repeated_batch_create_with_the_same_key_returns_the_same_batch(client
 
 
 def test_a_malformed_key_is_refused(shared_server: Any) -> None:
-    response = httpx.post(shared_server.base_url + "/batches", headers={"Idempotency-Key": "k" * 300},
+    response = shared_server.http.post(shared_server.base_url + "/batches", headers={"Idempotency-Key": "k" * 300},
                           json={"input_file_id": "file-x", "endpoint": "/v1/chat/completions",
                                 "completion_window": "24h"})
     error = assert_openai_error(response, 400)

@@ -10,8 +10,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, request_line, sdk, submit, wait_for
-from tests.helpers.server import RunningServer
+from tests.conftest import Server, ServerFactory, chat_lines, request_line, sdk, submit, wait_for
 from tests.hostile.errors import assert_openai_error
 
 MARK_FIELDS = {"object", "batch_id", "custom_id", "label", "score", "note", "updated_at"}
@@ -22,8 +21,8 @@ def mark_url(batch_id: str, custom_id: str) -> str:
 
 
 @pytest.fixture
-def http(shared_server: RunningServer) -> httpx.Client:
-    return httpx.Client(base_url=shared_server.root_url, timeout=30)
+def http(shared_server: Server) -> httpx.Client:
+    return shared_server.http_client(timeout=30)
 
 
 def test_set_change_list_and_delete_marks(client: Any, http: httpx.Client) -> None:
@@ -111,14 +110,14 @@ def test_a_running_batch_can_be_marked_and_marks_survive_kill9(server_factory: S
     client = sdk(server)
     batch = submit(client, chat_lines(60))
     wait_for(client, batch.id, statuses=("in_progress",))
-    with httpx.Client(base_url=server.root_url, timeout=30) as http, ThreadPoolExecutor(8) as pool:
+    with server.http_client(timeout=30) as http, ThreadPoolExecutor(8) as pool:
         # Many at once on a batch not yet indexed: the index is built once, every mark lands.
         answers = list(pool.map(lambda i: http.put(mark_url(batch.id, f"req-{i}"), json={"score": i}), range(40)))
         assert [a.status_code for a in answers] == [200] * 40
         assert client.batches.retrieve(batch.id).status == "in_progress"
     server.kill()
     server.start()
-    with httpx.Client(base_url=server.root_url, timeout=30) as http:
+    with server.http_client(timeout=30) as http:
         marks = http.get(f"/v1/batches/{batch.id}/marks", params={"limit": 1000}).json()["data"]
         assert [(m["custom_id"], m["score"]) for m in marks] == [(f"req-{i}", float(i)) for i in range(40)]
 

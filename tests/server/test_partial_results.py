@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TERMINAL, ServerFactory, chat_lines, read_jsonl, sdk, submit, wait_for
+from tests.conftest import TERMINAL, AppFactory, ServerFactory, chat_lines, read_jsonl, sdk, submit, wait_for
 from tests.hostile.errors import assert_openai_error
 from vllm_batch_server.results import partial
 from vllm_batch_server.results.partial import CommittedResults, LineIndex
@@ -54,7 +54,7 @@ def test_a_running_batch_is_read_in_pages_and_the_pages_add_up_to_the_final_file
     for broken in (7, 150, 299):
         lines[broken]["body"]["messages"] = []  # the echo engine answers 400: an error line
     batch = submit(client, lines)
-    with httpx.Client(base_url=server.root_url, timeout=30) as http:
+    with server.http_client(timeout=30) as http:
         wait_for(client, batch.id, statuses=("in_progress", *TERMINAL))
         first, _, status_then = read_page(http, batch.id, limit=5)
         output = follow(http, batch.id)
@@ -72,7 +72,7 @@ def test_a_running_batch_is_read_in_pages_and_the_pages_add_up_to_the_final_file
 
 def test_reading_after_the_end_and_past_the_last_line(client: Any, shared_server: Any) -> None:
     done = wait_for(client, submit(client, chat_lines(10)).id)
-    with httpx.Client(base_url=shared_server.root_url) as http:
+    with shared_server.http_client() as http:
         everything, next_line, status = read_page(http, done.id)
         assert (len(everything), next_line, status) == (10, 10, "completed")
         middle, next_line, _ = read_page(http, done.id, after=3, limit=4)
@@ -88,18 +88,18 @@ def test_reading_after_the_end_and_past_the_last_line(client: Any, shared_server
 def test_bad_parameters_are_refused_by_name(shared_server: Any, client: Any, query: dict[str, str],
                                             param: str) -> None:
     batch = submit(client, chat_lines(1))
-    response = httpx.get(f"{shared_server.root_url}/v1/batches/{batch.id}/output", params=query)
+    response = shared_server.http.get(f"{shared_server.root_url}/v1/batches/{batch.id}/output", params=query)
     assert response.status_code == 400
     assert_openai_error(response)
     assert response.json()["error"]["param"] == param
 
 
 def test_an_unknown_batch_and_a_deleted_result_file_are_404(shared_server: Any, client: Any) -> None:
-    missing = httpx.get(f"{shared_server.root_url}/v1/batches/batch_nope/output")
+    missing = shared_server.http.get(f"{shared_server.root_url}/v1/batches/batch_nope/output")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "batch_not_found"
     done = wait_for(client, submit(client, chat_lines(2)).id)
     client.files.delete(done.output_file_id)
-    gone = httpx.get(f"{shared_server.root_url}/v1/batches/{done.id}/output")
+    gone = shared_server.http.get(f"{shared_server.root_url}/v1/batches/{done.id}/output")
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "file_not_found"
     assert done.output_file_id in gone.json()["error"]["message"]
 
@@ -112,7 +112,7 @@ def test_a_line_given_to_a_reader_survives_kill9(server_factory: ServerFactory) 
     client = sdk(server)
     batch = submit(client, chat_lines(400))
     seen: list[bytes] = []
-    with httpx.Client(base_url=server.root_url, timeout=30) as http:
+    with server.http_client(timeout=30) as http:
         wait_for(client, batch.id, until=lambda b: (b.request_counts.completed or 0) >= 60)
         for _ in range(20):
             lines, _, status = read_page(http, batch.id, after=len(seen), limit=10_000)
@@ -126,17 +126,17 @@ def test_a_line_given_to_a_reader_survives_kill9(server_factory: ServerFactory) 
     assert sorted(json.loads(x)["custom_id"] for x in final) == sorted(f"req-{i}" for i in range(400))
 
 
-def test_readers_racing_finalizing_never_get_a_server_error(server_factory: ServerFactory) -> None:
+def test_readers_racing_finalizing_never_get_a_server_error(app_factory: AppFactory) -> None:
     """The part is renamed into the output file at the end: readers hammering the batch right then see the
     same lines whichever they read, and never a 5xx."""
-    server = server_factory(extra_args=["--checkpoint-seconds", "0.05", "--checkpoint-every", "3"])
+    server = app_factory(extra_args=["--checkpoint-seconds", "0.05", "--checkpoint-every", "3"])
     client = sdk(server)
     problems: list[str] = []
     stop = threading.Event()
     batch_ids: list[str] = []
 
     def hammer() -> None:
-        with httpx.Client(base_url=server.root_url, timeout=30) as http:
+        with server.http_client(timeout=30) as http:
             while not stop.is_set():
                 for batch_id in list(batch_ids[-2:]):
                     response = http.get(f"/v1/batches/{batch_id}/output", params={"limit": 100_000})

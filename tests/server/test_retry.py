@@ -6,12 +6,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from openai.types import Batch
 
-from tests.conftest import ServerFactory, chat_lines, jsonl, read_jsonl, request_line, sdk, submit, upload, wait_for
+from tests.conftest import (
+    AppFactory,
+    chat_lines,
+    jsonl,
+    read_jsonl,
+    request_line,
+    sdk,
+    submit,
+    upload,
+    wait_for,
+)
 from tests.hostile.errors import assert_openai_error
 
 
@@ -24,8 +33,8 @@ def ids_of(lines: list[dict[str, Any]]) -> list[str]:
 
 
 def test_a_batch_failed_by_the_engine_is_retried_with_only_its_unfinished_requests(
-        server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-fault", "crash-after=40,times=1", "--engine-max-restarts", "0",
+        app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-fault", "crash-after=40,times=1", "--engine-max-restarts", "0",
                                         "--echo-delay", "0.002", "--window", "2", "--checkpoint-every", "5"])
     client = sdk(server)
     lines = chat_lines(120)
@@ -51,8 +60,8 @@ def test_a_batch_failed_by_the_engine_is_retried_with_only_its_unfinished_reques
 
 
 def test_error_lines_are_retried_and_a_success_in_any_retry_is_not_retried_again(
-        server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-delay", "0.02", "--window", "2", "--sweep-seconds", "0.2"])
+        app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-delay", "0.02", "--window", "2", "--sweep-seconds", "0.2"])
     client = sdk(server)
     lines = chat_lines(200)
     for broken in (3, 17):
@@ -74,8 +83,8 @@ def test_error_lines_are_retried_and_a_success_in_any_retry_is_not_retried_again
     assert wait_for(client, third.id).request_counts.failed == 2  # type: ignore[union-attr]
 
 
-def test_a_cancelled_batch_retries_what_never_ran(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-delay", "0.05", "--window", "2", "--checkpoint-every", "1"])
+def test_a_cancelled_batch_retries_what_never_ran(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-delay", "0.05", "--window", "2", "--checkpoint-every", "1"])
     client = sdk(server)
     batch = submit(client, chat_lines(200))
     wait_for(client, batch.id, until=lambda b: (b.request_counts.completed or 0) >= 4)
@@ -88,10 +97,10 @@ def test_a_cancelled_batch_retries_what_never_ran(server_factory: ServerFactory)
     assert again.request_counts.total == 200 - len(done)  # type: ignore[union-attr]
 
 
-def test_what_cannot_be_retried_is_refused_with_a_reason(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-delay", "0.05"])
+def test_what_cannot_be_retried_is_refused_with_a_reason(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-delay", "0.05"])
     client = sdk(server)
-    http = httpx.Client(base_url=server.base_url, timeout=30)
+    http = server.http_client(base_url=server.base_url)
 
     def refused(path: str, status: int, code: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         response = http.post(path, json=body) if body is not None else http.post(path)
@@ -132,8 +141,8 @@ def test_what_cannot_be_retried_is_refused_with_a_reason(server_factory: ServerF
     refused(f"/batches/{failed_one.id}/retry", 409, "input_file_deleted")
 
 
-def test_an_idempotency_key_replays_the_same_retry(server_factory: ServerFactory) -> None:
-    server = server_factory()
+def test_an_idempotency_key_replays_the_same_retry(app_factory: AppFactory) -> None:
+    server = app_factory()
     client = sdk(server)
     lines = chat_lines(4)
     lines[1]["body"]["messages"] = []
@@ -149,9 +158,9 @@ def test_an_idempotency_key_replays_the_same_retry(server_factory: ServerFactory
     assert [b.id for b in retries] == [first.id]
 
 
-def test_a_retry_file_is_an_ordinary_batch_input(server_factory: ServerFactory) -> None:
+def test_a_retry_file_is_an_ordinary_batch_input(app_factory: AppFactory) -> None:
     """The file the retry made can be used to create a batch by hand, and deleted once unused."""
-    server = server_factory()
+    server = app_factory()
     client = sdk(server)
     lines = chat_lines(3)
     lines[2]["body"]["messages"] = []

@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, jsonl, request_line, sdk, submit, wait_for
+from tests.conftest import AppFactory, chat_lines, jsonl, request_line, sdk, submit, wait_for
 
 
 def _failed(client: openai.OpenAI, data: bytes, endpoint: str = "/v1/chat/completions") -> list[dict[str, Any]]:
@@ -63,8 +63,8 @@ def test_empty_file(client: openai.OpenAI) -> None:
     assert [(e["line"], e["code"]) for e in errors] == [(None, "empty_file")]
 
 
-def test_more_lines_than_the_maximum(server_factory: ServerFactory) -> None:
-    client = sdk(server_factory(extra_args=["--max-batch-lines", "10"]))
+def test_more_lines_than_the_maximum(app_factory: AppFactory) -> None:
+    client = sdk(app_factory(extra_args=["--max-batch-lines", "10"]))
     assert wait_for(client, submit(client, chat_lines(10)).id).status == "completed"
     errors = _failed(client, jsonl(chat_lines(11)))
     assert [(e["line"], e["code"]) for e in errors] == [(11, "too_many_requests")]
