@@ -315,3 +315,13 @@ def screenshots(session: nox.Session) -> None:
     """The dashboard's screenshots in docs/img/ (needs Chromium: `apt-get install chromium`)."""
     install(session, engine=False)
     session.run(str(PYTHON), "docs/screenshots.py", *session.posargs, external=True)
+
+
+@nox.session
+def wheel(session: nox.Session) -> None:
+    """The wheel as a user installs it (tests/wheel/smoke.py): build it, install it with [server] into a fresh
+    venv, and from a folder with no source tree check both CLIs' --version, the shipped dashboard and py.typed,
+    the installed server serving the dashboard, and an echo-engine batch through the installed CLI and client.
+    Reuses pip's cache; about a minute."""
+    session.install("build", "hatchling>=1.25")
+    session.run("python", "tests/wheel/smoke.py", *session.posargs)
