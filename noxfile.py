@@ -325,3 +325,13 @@ def wheel(session: nox.Session) -> None:
     Reuses pip's cache; about a minute."""
     session.install("build", "hatchling>=1.25")
     session.run("python", "tests/wheel/smoke.py", *session.posargs)
+
+
+@nox.session
+def image(session: nox.Session) -> None:
+    """Opt-in: build deploy/docker/Dockerfile.cpu with Podman (`--pull=never`; the debian:bookworm-slim base is
+    made with debootstrap when missing), run it and run a chat and an embeddings batch against it with the
+    client (tests/image/smoke.py). Needs root, podman, runc and debootstrap; installs vLLM's CPU build into the
+    image (several GB, many minutes). `-- --no-build` reruns the checks on the image built before."""
+    session.install(".")
+    session.run("python", "tests/image/smoke.py", *session.posargs)
