@@ -70,7 +70,7 @@ def test_the_notebook_is_committed_without_outputs() -> None:
 def test_the_quickstart_notebook_runs(bar: str, notebook_server: RunningServer, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # "text": the kernel of someone without ipywidgets, where tqdm falls back to its text bar.
-    hide = "import sys\nsys.modules['ipywidgets'] = None  # as if ipywidgets were not installed" if bar == "text" else None
+    hide = "import sys\nsys.modules['ipywidgets'] = None  # as if it were not installed" if bar == "text" else None
     notebook = run_notebook(notebook_server, tmp_path, monkeypatch, first_cell=hide)
     cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     printed = "\n".join(text_of(cell) for cell in cells)

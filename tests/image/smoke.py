@@ -134,6 +134,21 @@ def torch_build_args() -> tuple[list[str], list[Path]]:
     raise SystemExit(f"FAILED: the PyTorch CPU index does not answer and no {TORCH_WHEEL} is in pip's find-links")
 
 
+def ca_build_args() -> list[str]:
+    """The CA bundle pip trusts here (PIP_CERT or pip's `cert`), mounted into the build: a proxy that re-signs TLS
+    is trusted inside the build as it is outside. Nothing when pip uses its own bundle."""
+    bundle = os.environ.get("PIP_CERT")
+    if not bundle:
+        config = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                                check=False).stdout
+        found = re.search(r"cert='([^']+)'", config)
+        bundle = found.group(1) if found else None
+    if not bundle or not Path(bundle).is_file():
+        return []
+    log(f"pip trusts {bundle} here: mounted into the build (--build-arg PIP_CERT)")
+    return ["-v", f"{Path(bundle).resolve()}:/run/build-ca.crt:ro", "--build-arg", "PIP_CERT=/run/build-ca.crt"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -193,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         build_log.parent.mkdir(parents=True, exist_ok=True)
         if not args.no_build:
             extra, copied = torch_build_args()
+            extra += ca_build_args()
             build_log.write_text("")
             log(f"podman build --pull=never -f {DOCKERFILE.relative_to(ROOT)} (log: {build_log.relative_to(ROOT)})")
             began = time.monotonic()
