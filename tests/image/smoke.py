@@ -228,13 +228,18 @@ def main(argv: list[str] | None = None) -> None:
         root = f"http://127.0.0.1:{port}"
         began = time.monotonic()
         # Host networking: this sandbox cannot set up a container network; the server's port is the one set here.
-        podman("run", "-d", "--name", NAME, "--network=host", "-e", f"BATCH_SERVER_PORT={port}",
+        # --shm-size: vLLM's engine needs more shared memory than a container's default 64 MB (docs/deployment.md).
+        podman("run", "-d", "--name", NAME, "--network=host", "--shm-size=1g", "-e", f"BATCH_SERVER_PORT={port}",
                "-v", f"{VOLUME}:/data", IMAGE)
         wait_for(root + "/health", podman, timeout=120)
         log(f"container up: {root}/health answers")
         user = podman("exec", NAME, "id", "-u").stdout.strip()
         assert user != "0", "the server runs as root"
-        answer = run_batches(root + "/v1")
+        try:
+            answer = run_batches(root + "/v1")
+        except BaseException:
+            print(podman("logs", NAME, check=False).stdout[-8000:], file=sys.stderr)
+            raise
         report["batches_seconds"] = round(time.monotonic() - began)
         log(f"batches through vllm_batch.VLLMBatch on the embedded models: {answer}")
         wait_for(root + "/ready", podman, timeout=60)
