@@ -41,6 +41,11 @@ def run_notebook(server: RunningServer, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("COMPARE_MODELS", ",".join(MODELS))
     monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "out"))
     monkeypatch.setenv("PYTHONPATH", str(REPO))
+    # The kernel is this Python, whatever "python3" kernel the machine has installed elsewhere.
+    from ipykernel.kernelspec import write_kernel_spec
+
+    write_kernel_spec(str(tmp_path / "jupyter" / "kernels" / "python3"))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     if first_cell:
         notebook.cells.insert(0, nbformat.v4.new_code_cell(first_cell))
