@@ -217,9 +217,10 @@ def tests(session: nox.Session) -> None:
     Every test runs once. The fast suite (everything but the real engine) is split in two by recorded test
     durations (pytest-split, `tests/.test_durations`): one half on 3.10, the other on 3.13, each in a small venv
     of its own, started at once; they mostly wait on servers, sockets and disks, not the CPU. Meanwhile .venv
-    is installed; then the real-engine tests start beside them, and ruff, import-linter and mypy (which checks
-    the code as 3.10 reads it; tests/test_every_module_imports.py imports every module on both Pythons) run
-    while the first model loads. The budget is 10 minutes on 2 cores (README).
+    is installed; then the real-engine tests start beside them, and ruff, import-linter, mypy (which checks
+    the code as 3.10 reads it; tests/test_every_module_imports.py imports every module on both Pythons) and
+    the wheel's smoke test (built, installed apart from the source tree, used) run while the first model
+    loads. The budget is 10 minutes on 2 cores (README).
     """
     ensure_system_programs(session)  # before the background suites start, which need them too
     logs = ROOT / ".nox" / "logs"
@@ -249,6 +250,7 @@ def tests(session: nox.Session) -> None:
         step("lint", str(VENV / "bin" / "ruff"), "check", ".")
         step("layers", str(VENV / "bin" / "lint-imports"))
         step("typecheck", str(VENV / "bin" / "mypy"))
+        step("wheel", str(PYTHON), "tests/wheel/smoke.py")  # the package as a user installs it (nox -s wheel)
     finally:
         failed += [name for name, (process, log) in runs.items() if not _report(session, name, process, log)]
     if failed:
@@ -406,3 +408,23 @@ def _gpu_extra_without_vllm() -> list[str]:
 
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     return [r for r in extra if not re.match(r"(vllm|vllm-batch)\b(?![-_])", r)]
+
+
+@nox.session
+def wheel(session: nox.Session) -> None:
+    """The wheel as a user installs it (tests/wheel/smoke.py): build it, install it with [server] into a fresh
+    venv, and from a folder with no source tree check both CLIs' --version, the shipped dashboard and py.typed,
+    the installed server serving the dashboard, and an echo-engine batch through the installed CLI and client.
+    Reuses pip's cache; about a minute."""
+    session.install("build", "hatchling>=1.25")
+    session.run("python", "tests/wheel/smoke.py", *session.posargs)
+
+
+@nox.session
+def image(session: nox.Session) -> None:
+    """Opt-in: build deploy/docker/Dockerfile.cpu with Podman (`--pull=never`; the debian:bookworm-slim base is
+    made with debootstrap when missing), run it and run a chat and an embeddings batch against it with the
+    client (tests/image/smoke.py). Needs root, podman, runc and debootstrap; installs vLLM's CPU build into the
+    image (several GB, many minutes). `-- --no-build` reruns the checks on the image built before."""
+    session.install(".")
+    session.run("python", "tests/image/smoke.py", *session.posargs)

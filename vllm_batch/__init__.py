@@ -47,6 +47,11 @@ from vllm_batch._results import BatchResult, Comparison, ResultError
 from vllm_batch._retry import RetryPolicy
 from vllm_batch._status import BatchStatus, RequestCounts
 from vllm_batch._sync import VLLMBatch
+from vllm_batch._version import __version__
+
+# openai-batch's spelling (`from openai_batch import Batch`): the same class, for code that moves over
+# (docs/client.md, "Coming from openai-batch").
+Batch = VLLMBatch
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -58,6 +63,7 @@ __all__ = [
     "AsyncVLLMBatch",
     "AuthenticationError",
     "BadRequestError",
+    "Batch",
     "BatchFailedError",
     "BatchResult",
     "BatchStateError",
@@ -81,5 +87,6 @@ __all__ = [
     "UnsupportedError",
     "VLLMBatch",
     "VLLMBatchError",
+    "__version__",
     "label_studio_config",
 ]

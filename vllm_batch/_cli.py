@@ -27,6 +27,7 @@ from vllm_batch._providers import PRESETS
 from vllm_batch._requests import CHAT, COMPLETIONS, EMBEDDINGS, dumps, normalize_endpoint, validate_body
 from vllm_batch._status import BatchStatus
 from vllm_batch._sync import VLLMBatch
+from vllm_batch._version import __version__
 
 # Stands in for the model while `create` checks a request written without one (for `submit --models`).
 _NO_MODEL = "(set by submit --models)"
@@ -84,6 +85,7 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-batch", description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, text: str, client: bool = True) -> argparse.ArgumentParser:

@@ -177,6 +177,9 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
         # Tied weights share storage, which safetensors refuses; the loader re-ties lm_head to the embeddings.
         state.pop("lm_head.weight", None)
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes the file owner-only (0600): a model prepared by root (a container build, `sudo
+    # models prepare`) must stay readable by the user the server runs as, like the rest of the folder.
+    (target / "model.safetensors").chmod(0o644)
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights are no longer quantized
     config.pop("torch_dtype", None)
