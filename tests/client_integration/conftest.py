@@ -1,4 +1,6 @@
-"""Real servers (echo engine) on loopback for the client's integration tests."""
+"""Echo-engine servers for the client's integration tests: the app in this process (`app`, reached through the
+client's own `http_client=` argument) or a real server on loopback (`server`, for a client in another process:
+the CLI, the examples, a resume from a subprocess)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.inprocess import InProcessServer, make_app
 from tests.helpers.server import RunningServer, make_server
 
 CHAT_MODEL = "echo-model"
@@ -19,6 +22,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = make_server(tmp_path_factory.mktemp("client-server") / "data").start()
     yield running
     running.kill()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    """One echo app in this process per test module."""
+    running = make_app(tmp_path_factory.mktemp("client-app") / "data").start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture(autouse=True)

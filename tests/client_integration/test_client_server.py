@@ -1,4 +1,6 @@
-"""The sync and async clients against the real server (echo engine) over loopback."""
+"""The sync and async clients against the server (echo engine). Most run the app in this process, reached through
+the client's public `http_client=` argument (the one users give for a proxy or their own transport); a client in
+another process (a resume from a subprocess, the CLI) talks to a real server over loopback."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import openai
 import pytest
 
 from tests.client_integration.conftest import CHAT_MODEL, EMBED_MODEL, ask
+from tests.conftest import AppFactory, sdk
+from tests.helpers.inprocess import InProcessServer
 from tests.helpers.server import RunningServer
 from vllm_batch import (
     APITimeoutError,
@@ -27,9 +31,9 @@ from vllm_batch import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_chat_round_trip_in_input_order(server: RunningServer, tmp_path: Path) -> None:
+def test_chat_round_trip_in_input_order(app: InProcessServer, tmp_path: Path) -> None:
     prompts = [f"prompt number {i}" for i in range(25)]
-    with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
+    with VLLMBatch(base_url=app.base_url, http_client=app.http_client(), output_dir=tmp_path) as batch:
         ids = [batch.add_to_batch(custom_id=f"p{i}", **ask(p)) for i, p in enumerate(prompts)]
         status, out, err = batch.submit_wait_download(metadata={"suite": "integration"}, poll_interval=0.5,
                                                       progress=False, timeout=60)
@@ -44,14 +48,14 @@ def test_chat_round_trip_in_input_order(server: RunningServer, tmp_path: Path) -
     assert results[0].parsed().choices[0].message.content == prompts[0]
 
 
-def test_completions_and_base64_embeddings(server: RunningServer, tmp_path: Path) -> None:
-    with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
+def test_completions_and_base64_embeddings(app: InProcessServer, tmp_path: Path) -> None:
+    with VLLMBatch(base_url=app.base_url, http_client=app.http_client(), output_dir=tmp_path) as batch:
         batch.add_to_batch(model=CHAT_MODEL, prompt="complete me", max_tokens=8)
         batch.submit_wait_download(poll_interval=0.5, progress=False, timeout=60)
         [result] = batch.results()
     assert result.endpoint == "/v1/completions" and result.text == "complete me"
 
-    with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
+    with VLLMBatch(base_url=app.base_url, http_client=app.http_client(), output_dir=tmp_path) as batch:
         batch.add_to_batch(model=EMBED_MODEL, input="embed me")
         batch.add_to_batch(model=EMBED_MODEL, input="embed me", encoding_format="float")
         _, out, _ = batch.submit_wait_download(poll_interval=0.5, progress=False, timeout=60)
@@ -64,16 +68,17 @@ def test_completions_and_base64_embeddings(server: RunningServer, tmp_path: Path
     assert as_base64.embedding == pytest.approx(as_floats.embedding, abs=1e-6)
 
 
-def test_sharded_batch_against_a_server_with_a_low_line_limit(server_factory, tmp_path: Path) -> None:
-    server = server_factory(extra_args=["--max-batch-lines", "4"])
+def test_sharded_batch_against_a_server_with_a_low_line_limit(app_factory: AppFactory, tmp_path: Path) -> None:
+    server = app_factory(extra_args=["--max-batch-lines", "4"])
     # Without sharding the server refuses the file, with its own reason.
-    with VLLMBatch(base_url=server.base_url) as batch:
+    with VLLMBatch(base_url=server.base_url, http_client=server.http_client()) as batch:
         for i in range(10):
             batch.add_to_batch(**ask(f"q{i}"))
         batch.submit()
         with pytest.raises(BatchFailedError, match="4 requests"):
             batch.wait(poll_interval=0.2, progress=False, timeout=60)
-    with VLLMBatch(base_url=server.base_url, max_requests=4, output_dir=tmp_path) as batch:
+    with VLLMBatch(base_url=server.base_url, http_client=server.http_client(), max_requests=4,
+                   output_dir=tmp_path) as batch:
         ids = [batch.add_to_batch(**ask(f"q{i}")) for i in range(10)]
         status, out, _ = batch.submit_wait_download(poll_interval=0.2, progress=False, timeout=60)
         assert len(batch.batch_ids) == 3 and len(status.batches) == 3
@@ -84,11 +89,11 @@ def test_sharded_batch_against_a_server_with_a_low_line_limit(server_factory, tm
     assert [r.text for r in results] == [f"q{i}" for i in range(10)]
 
 
-def test_cancel_keeps_partial_results(server_factory, tmp_path: Path) -> None:
+def test_cancel_keeps_partial_results(app_factory: AppFactory, tmp_path: Path) -> None:
     # 8 at a time, 0.2 s each: about 5 s of work, so the cancel lands mid-batch even on a loaded machine (with
     # the echo engine's default window all 200 ran at once and could finish before the cancel arrived).
-    server = server_factory(extra_args=["--echo-delay", "0.2", "--window", "8"])
-    with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
+    server = app_factory(extra_args=["--echo-delay", "0.2", "--window", "8"])
+    with VLLMBatch(base_url=server.base_url, http_client=server.http_client(), output_dir=tmp_path) as batch:
         for i in range(200):
             batch.add_to_batch(**ask(f"q{i}"))
         batch.submit()
@@ -104,8 +109,8 @@ def test_cancel_keeps_partial_results(server_factory, tmp_path: Path) -> None:
     assert [r.index for r in results] == list(range(200))
 
 
-def test_comparison_of_two_models(server: RunningServer) -> None:
-    with VLLMBatch(base_url=server.base_url, models=[CHAT_MODEL, "echo-embed"]) as batch:
+def test_comparison_of_two_models(app: InProcessServer) -> None:
+    with VLLMBatch(base_url=app.base_url, http_client=app.http_client(), models=[CHAT_MODEL, "echo-embed"]) as batch:
         for i in range(3):
             batch.add_to_batch(custom_id=f"c{i}", messages=[{"role": "user", "content": f"same {i}"}])
         batch.submit()
@@ -115,8 +120,8 @@ def test_comparison_of_two_models(server: RunningServer) -> None:
     assert {m: r.text for m, r in rows[1].results.items()} == {CHAT_MODEL: "same 1", "echo-embed": "same 1"}
 
 
-def test_unknown_model_fails_with_the_servers_reason(server: RunningServer) -> None:
-    with VLLMBatch(base_url=server.base_url) as batch:
+def test_unknown_model_fails_with_the_servers_reason(app: InProcessServer) -> None:
+    with VLLMBatch(base_url=app.base_url, http_client=app.http_client()) as batch:
         batch.add_to_batch(**ask("x", model="no-such-model"))
         batch.submit()
         with pytest.raises(BatchFailedError, match="no-such-model") as info:
@@ -124,22 +129,22 @@ def test_unknown_model_fails_with_the_servers_reason(server: RunningServer) -> N
     assert info.value.errors[0]["code"] == "model_not_found"
 
 
-def test_responses_score_and_rerank_batches_round_trip(server: RunningServer, tmp_path: Path) -> None:
-    with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
+def test_responses_score_and_rerank_batches_round_trip(app: InProcessServer, tmp_path: Path) -> None:
+    with VLLMBatch(base_url=app.base_url, http_client=app.http_client(), output_dir=tmp_path) as batch:
         batch.add_to_batch(endpoint="/v1/responses", model=CHAT_MODEL, input="respond to me")
         batch.submit_wait_download(poll_interval=0.3, progress=False, timeout=60)
         [answer] = batch.results()
     assert answer.endpoint == "/v1/responses" and answer.text == "respond to me"
     assert answer.parsed().output_text == "respond to me"
 
-    with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
+    with VLLMBatch(base_url=app.base_url, http_client=app.http_client(), output_dir=tmp_path) as batch:
         batch.add_to_batch(model=EMBED_MODEL, query="cat", documents=["a dog", "cat"], top_n=1)
         batch.submit_wait_download(poll_interval=0.3, progress=False, timeout=60)
         [ranked] = batch.results()
     assert ranked.endpoint == "/v1/rerank" and ranked.ok
     assert [r["index"] for r in ranked.parsed()["results"]] == [1]
 
-    with VLLMBatch(base_url=server.base_url, output_dir=tmp_path) as batch:
+    with VLLMBatch(base_url=app.base_url, http_client=app.http_client(), output_dir=tmp_path) as batch:
         batch.add_to_batch(model=EMBED_MODEL, queries="cat", documents=["cat", "a dog"])
         batch.submit_wait_download(poll_interval=0.3, progress=False, timeout=60)
         [scored] = batch.results()
@@ -147,16 +152,16 @@ def test_responses_score_and_rerank_batches_round_trip(server: RunningServer, tm
     assert [d["index"] for d in scored.response["data"]] == [0, 1]
 
 
-def test_api_key_from_the_environment(server_factory, monkeypatch: pytest.MonkeyPatch) -> None:
-    server = server_factory(api_key="s3cret")
+def test_api_key_from_the_environment(app_factory: AppFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = app_factory(api_key="s3cret")
     monkeypatch.setenv("BATCH_BASE_URL", server.base_url)
     monkeypatch.setenv("BATCH_API_KEY", "s3cret")
-    with VLLMBatch() as batch:
+    with VLLMBatch(http_client=server.http_client()) as batch:
         batch.add_to_batch(**ask("with key"))
         batch.submit()
         assert batch.wait(poll_interval=0.2, progress=False, timeout=60).status == "completed"
     monkeypatch.setenv("BATCH_API_KEY", "wrong")
-    with VLLMBatch() as batch:
+    with VLLMBatch(http_client=server.http_client()) as batch:
         batch.add_to_batch(**ask("x"))
         with pytest.raises(AuthenticationError) as info:
             batch.submit()
@@ -198,8 +203,9 @@ def test_resume_from_another_process(server_factory, tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_async_client(server: RunningServer, tmp_path: Path) -> None:
-    async with AsyncVLLMBatch(base_url=server.base_url, output_dir=tmp_path, max_requests=5) as batch:
+async def test_async_client(app: InProcessServer, tmp_path: Path) -> None:
+    async with AsyncVLLMBatch(base_url=app.base_url, http_client=app.async_http_client(), output_dir=tmp_path,
+                              max_requests=5) as batch:
         ids = [batch.add_to_batch(**ask(f"async {i}")) for i in range(12)]
         status, out, _ = await batch.submit_wait_download(poll_interval=0.2, progress=False, timeout=60)
         assert status.status == "completed" and len(batch.batch_ids) == 3
@@ -208,7 +214,7 @@ async def test_async_client(server: RunningServer, tmp_path: Path) -> None:
         bid = batch.id
     assert [r.custom_id for r in results] == ids
     assert [r.text for r in results] == [f"async {i}" for i in range(12)]
-    again = await AsyncVLLMBatch.resume(bid, base_url=server.base_url)
+    again = await AsyncVLLMBatch.resume(bid, base_url=app.base_url, http_client=app.async_http_client())
     async with again:
         assert (await again.status()).status == "completed"
         assert again.batch_ids == batch.batch_ids
@@ -217,9 +223,9 @@ async def test_async_client(server: RunningServer, tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_async_cancel(server_factory) -> None:
-    server = server_factory(extra_args=["--echo-delay", "0.2"])
-    async with AsyncVLLMBatch(base_url=server.base_url) as batch:
+async def test_async_cancel(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-delay", "0.2"])
+    async with AsyncVLLMBatch(base_url=server.base_url, http_client=server.async_http_client()) as batch:
         for i in range(100):
             batch.add_to_batch(**ask(f"{i}"))
         await batch.submit()
@@ -246,10 +252,10 @@ def test_cli_against_the_server(server: RunningServer, tmp_path: Path) -> None:
 
 
 class LoseFirstCreateAnswer(httpx.BaseTransport):
-    """Forwards to the real server, but drops the answer to the first batch create after the server acted."""
+    """Forwards to the server, but drops the answer to the first batch create after the server acted."""
 
-    def __init__(self) -> None:
-        self.inner = httpx.HTTPTransport()
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner = inner
         self.lost = False
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -261,25 +267,25 @@ class LoseFirstCreateAnswer(httpx.BaseTransport):
         return response
 
 
-def test_a_lost_create_answer_leaves_one_batch_on_the_server(server: RunningServer, tmp_path: Path) -> None:
-    transport = LoseFirstCreateAnswer()
+def test_a_lost_create_answer_leaves_one_batch_on_the_server(app: InProcessServer, tmp_path: Path) -> None:
+    transport = LoseFirstCreateAnswer(app.transport)
     with httpx.Client(transport=transport) as http, VLLMBatch(
-        base_url=server.base_url, http_client=http, workdir=tmp_path / "work",
+        base_url=app.base_url, http_client=http, workdir=tmp_path / "work",
         retry=RetryPolicy(max_attempts=1),
     ) as batch:
         batch.add_to_batch(**ask("only once"))
         with pytest.raises(APITimeoutError):
             batch.submit(metadata={"case": "lost-create"})
         batch_id = batch.submit()
-        assert batch.provider.name == "local"  # recognised as a vllm-batch-server on its random port
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+        assert batch.provider.name == "local"  # recognised as a vllm-batch-server at an unknown URL
+    client = sdk(app)
     tagged = [b for b in client.batches.list(limit=100).data if (b.metadata or {}).get("case") == "lost-create"]
     assert [b.id for b in tagged] == [batch_id]
 
 
-def test_the_server_honours_idempotency_keys(server: RunningServer, tmp_path: Path) -> None:
+def test_the_server_honours_idempotency_keys(app: InProcessServer, tmp_path: Path) -> None:
     """The contract the client builds on (OpenAI's SDK sends the header as any extra header)."""
-    client = openai.OpenAI(base_url=server.base_url, api_key="unused")
+    client = sdk(app)
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
                                "body": ask("keyed")}) + "\n")

@@ -1,21 +1,23 @@
 """The engine dies or hangs mid-batch: the server restarts it, resumes from the checkpoint, and after a
-bounded number of attempts fails the batch with a clear error, keeping what was computed."""
+bounded number of attempts fails the batch with a clear error, keeping what was computed.
+
+The faults are the echo engine's own (--echo-fault: it raises, hangs, or raises EMFILE, in the app's process), so
+these run the app in-process; the one test of a malformed fault spec stopping `serve` at start keeps a process."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
+from tests.conftest import AppFactory, ServerFactory, chat_lines, sdk, submit, wait_for
 from tests.faults.checks import assert_at_most_once, assert_echo_answers, assert_exactly_once
 
 N = 120
 IDS = {f"req-{i}" for i in range(N)}
 
 
-def test_engine_crash_once_is_survived(server_factory: ServerFactory) -> None:
+def test_engine_crash_once_is_survived(app_factory: AppFactory) -> None:
     # The fault set through the environment, as a container would.
-    server = server_factory(extra_args=["--window", "4", "--checkpoint-every", "5", "--echo-delay", "0.002"],
+    server = app_factory(extra_args=["--window", "4", "--checkpoint-every", "5", "--echo-delay", "0.002"],
                             env={"BATCH_SERVER_ECHO_FAULT": "crash-after=40,times=1"})
     client = sdk(server)
     batch = wait_for(client, submit(client, chat_lines(N)).id, timeout=60)
@@ -27,8 +29,8 @@ def test_engine_crash_once_is_survived(server_factory: ServerFactory) -> None:
     assert "engine failed on batch" in server.log()
 
 
-def test_engine_that_keeps_crashing_fails_the_batch_keeping_results(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-fault", "crash-after=10", "--engine-max-restarts", "2",
+def test_engine_that_keeps_crashing_fails_the_batch_keeping_results(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-fault", "crash-after=10", "--engine-max-restarts", "2",
                                         "--window", "2", "--checkpoint-every", "1", "--echo-delay", "0.002"])
     client = sdk(server)
     batch = wait_for(client, submit(client, chat_lines(N)).id, timeout=60)
@@ -45,11 +47,11 @@ def test_engine_that_keeps_crashing_fails_the_batch_keeping_results(server_facto
     # so keep it small).
     small = wait_for(client, submit(client, chat_lines(5, prefix="next")).id, timeout=30)
     assert small.status == "completed"
-    assert httpx.get(server.root_url + "/health").json()["status"] == "ok"
+    assert server.http.get(server.root_url + "/health").json()["status"] == "ok"
 
 
-def test_hung_engine_is_detected_restarted_and_resumed(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-fault", "hang-after=30,times=1", "--request-timeout", "1",
+def test_hung_engine_is_detected_restarted_and_resumed(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-fault", "hang-after=30,times=1", "--request-timeout", "1",
                                         "--window", "4", "--checkpoint-every", "5"])
     client = sdk(server)
     batch = wait_for(client, submit(client, chat_lines(N)).id, timeout=60)
@@ -58,8 +60,8 @@ def test_hung_engine_is_detected_restarted_and_resumed(server_factory: ServerFac
     assert "appears to hang" in server.log()
 
 
-def test_engine_that_always_hangs_fails_the_batch_with_a_clear_error(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=["--echo-fault", "hang-after=5", "--request-timeout", "0.5",
+def test_engine_that_always_hangs_fails_the_batch_with_a_clear_error(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=["--echo-fault", "hang-after=5", "--request-timeout", "0.5",
                                         "--engine-max-restarts", "1", "--window", "2",
                                         "--checkpoint-every", "1"])
     client = sdk(server)
@@ -72,9 +74,9 @@ def test_engine_that_always_hangs_fails_the_batch_with_a_clear_error(server_fact
     assert 2 <= len(lines) <= 10
 
 
-def test_cancel_reaches_a_hung_engine(server_factory: ServerFactory) -> None:
+def test_cancel_reaches_a_hung_engine(app_factory: AppFactory) -> None:
     # The hang would only be detected after ten minutes: a cancel must not wait for that.
-    server = server_factory(extra_args=["--echo-fault", "hang-after=10", "--window", "2",
+    server = app_factory(extra_args=["--echo-fault", "hang-after=10", "--window", "2",
                                         "--checkpoint-every", "1"])
     client = sdk(server)
     batch_id = submit(client, chat_lines(50)).id
@@ -92,11 +94,11 @@ def test_a_malformed_fault_spec_stops_the_server_at_start(server_factory: Server
 
 
 def test_a_batch_whose_engine_died_resumes_before_a_newer_batch_of_another_model(
-        server_factory: ServerFactory) -> None:
+        app_factory: AppFactory) -> None:
     """Regression: the run loop had already picked the next batch (another model) and was waiting for the
     running one to end before switching; when that one ended in an engine failure, the loop loaded the newer
     batch's model instead of resuming the older batch: an extra model switch, and the queue out of order."""
-    server = server_factory(models=["echo-model", "other-model"],
+    server = app_factory(models=["echo-model", "other-model"],
                             extra_args=["--window", "64", "--echo-delay", "0.05", "--request-timeout", "1",
                                         "--echo-fault", "hang-after=29,times=1"])
     client = sdk(server)
@@ -115,11 +117,11 @@ def test_a_batch_whose_engine_died_resumes_before_a_newer_batch_of_another_model
     assert_exactly_once(client, older_done, {f"req-{i}" for i in range(30)})
 
 
-def test_the_next_batch_is_not_charged_for_an_engine_that_died_before_it(server_factory: ServerFactory) -> None:
+def test_the_next_batch_is_not_charged_for_an_engine_that_died_before_it(app_factory: AppFactory) -> None:
     """Regression: after an engine failure the run loop gave the next queued batch to the dead engine before
     it was restarted, and that batch was charged a failure it did not cause (with --engine-max-restarts 0 it
     failed, 4 of 4 runs)."""
-    server = server_factory(extra_args=["--engine-max-restarts", "0", "--window", "4", "--echo-delay", "0.005",
+    server = app_factory(extra_args=["--engine-max-restarts", "0", "--window", "4", "--echo-delay", "0.005",
                                         "--echo-fault", "crash-after=40,times=1"])
     client = sdk(server)
     first = submit(client, chat_lines(100))
@@ -133,11 +135,11 @@ def test_the_next_batch_is_not_charged_for_an_engine_that_died_before_it(server_
 
 
 def test_a_batch_after_a_cancel_on_a_hung_engine_does_not_wait_for_the_request_timeout(
-        server_factory: ServerFactory) -> None:
+        app_factory: AppFactory) -> None:
     """Regression: a cancel ended the batch on a wedged engine, but the next batch was given to the same
     engine and waited until --request-timeout (600 s by default). Now the engine must answer a health check
     first, and is restarted when it does not."""
-    server = server_factory(extra_args=["--echo-fault", "hang-after=10,times=1", "--window", "2",
+    server = app_factory(extra_args=["--echo-fault", "hang-after=10,times=1", "--window", "2",
                                         "--checkpoint-every", "1", "--health-timeout", "0.5"])
     client = sdk(server)
     batch_id = submit(client, chat_lines(50)).id
@@ -150,10 +152,10 @@ def test_a_batch_after_a_cancel_on_a_hung_engine_does_not_wait_for_the_request_t
 
 
 def test_an_engine_failing_because_we_ran_out_of_descriptors_pauses_the_batch(
-        server_factory: ServerFactory) -> None:
+        app_factory: AppFactory) -> None:
     """Running out of our own resources is not an engine failure: the batch is paused and resumed on a
     restarted engine, never charged (with --engine-max-restarts 0 a charge would fail it)."""
-    server = server_factory(extra_args=["--engine-max-restarts", "0", "--window", "4", "--echo-delay", "0.002",
+    server = app_factory(extra_args=["--engine-max-restarts", "0", "--window", "4", "--echo-delay", "0.002",
                                         "--echo-fault", "exhaust-after=30,times=1"])
     client = sdk(server)
     batch = wait_for(client, submit(client, chat_lines(N)).id, timeout=60)

@@ -14,6 +14,7 @@ lock against another process. Event streams that never end are kept on processes
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -67,6 +68,19 @@ class _AppTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         pass
+
+
+class _AsyncAppTransport(httpx.AsyncBaseTransport):
+    """The same onto the app for an `httpx.AsyncClient` (so `openai.AsyncOpenAI` and AsyncVLLMBatch): the body is
+    read on the caller's loop, the request handed to the sync transport in a worker thread, so the caller's loop
+    keeps running (concurrent requests stay concurrent, up to the default executor's threads)."""
+
+    def __init__(self, client: TestClient) -> None:
+        self._sync = _AppTransport(client)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        return await asyncio.to_thread(self._sync.handle_request, request)
 
 
 @contextmanager
@@ -165,6 +179,12 @@ class InProcessServer:
         kwargs.setdefault("timeout", 30)
         kwargs.setdefault("base_url", ROOT_URL)
         return httpx.Client(transport=self.transport, **kwargs)
+
+    def async_http_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """A new async httpx client on the app (for `openai.AsyncOpenAI(http_client=...)`, AsyncVLLMBatch)."""
+        assert self._client is not None, "not started"
+        kwargs.setdefault("timeout", 30)
+        return httpx.AsyncClient(transport=_AsyncAppTransport(self._client), **kwargs)
 
     def openai(self, **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("api_key", self.api_key or "unused")

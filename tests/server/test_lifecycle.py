@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
+from tests.conftest import AppFactory, chat_lines, sdk, submit, wait_for
 from vllm_batch_server.statuses import ACTIVE, EVENT_TYPES, TERMINAL, TRANSITIONS, BatchStatus, predecessors
 from vllm_batch_server.store.database import BatchRow, BatchWrites, Database
 from vllm_batch_server.store.events import EventLog
@@ -166,14 +166,14 @@ def test_a_waiting_reader_wakes_as_soon_as_an_event_is_appended(tmp_path: Path) 
     asyncio.run(scenario())
 
 
-def test_a_real_batch_leaves_its_whole_story_in_the_event_log(server_factory: ServerFactory) -> None:
-    server = server_factory()
+def test_a_real_batch_leaves_its_whole_story_in_the_event_log(app_factory: AppFactory) -> None:
+    server = app_factory()
     client = sdk(server)
     done = wait_for(client, submit(client, chat_lines(5)).id)
     cancelled = submit(client, chat_lines(5), completion_window="24h")
     client.batches.cancel(cancelled.id)
     wait_for(client, cancelled.id)
-    server.kill()
+    server.stop()
     with sqlite3.connect(server.data_dir / "vllm-batch.sqlite3") as conn:
         def story(batch_id: str) -> list[tuple[str, str | None]]:
             return conn.execute("SELECT type, previous FROM events WHERE batch_id = ? ORDER BY seq",

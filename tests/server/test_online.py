@@ -1,5 +1,11 @@
 """Online requests on the batch engine (echo): the official SDK against every online endpoint, streaming and
-not, sync and async; the loaded model only; admission with 429; online requests ahead of batch work."""
+not, sync and async; the loaded model only; admission with 429; online requests ahead of batch work.
+
+Most run the app in-process (app_factory): an online answer, streamed or not, ends, so the in-process transport
+hands it over whole, which is all these tests read. On server processes stay: the async SDK's concurrent requests
+over a real connection pool, a caller who hangs up (a socket's disconnect), --online-model refused at start-up
+(the CLI's exit), and the priority tests whose assertions are latencies and rates (a test thread sharing the
+app's interpreter would change what they measure)."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ServerFactory, chat_lines, read_jsonl, request_line, sdk, submit, wait_for
+from tests.conftest import AppFactory, ServerFactory, chat_lines, read_jsonl, request_line, sdk, submit, wait_for
 from tests.faults.checks import assert_exactly_once
 
 ONLINE = ["--online-model", "echo-model"]
@@ -23,8 +29,8 @@ def _chat(client: openai.OpenAI, content: str = "hello online world", **kwargs: 
                                           **kwargs)  # type: ignore[call-overload]
 
 
-def test_sdk_answers_every_online_endpoint(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=ONLINE)
+def test_sdk_answers_every_online_endpoint(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=ONLINE)
     client = sdk(server)
     chat = client.chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "one two"}])
     assert chat.object == "chat.completion" and chat.choices[0].message.content == "one two"
@@ -41,17 +47,17 @@ def test_sdk_answers_every_online_endpoint(server_factory: ServerFactory) -> Non
     assert response.usage is not None and response.usage.output_tokens == 2
 
     # vLLM's scoring endpoints have no SDK method: plain HTTP, with the same base URL and key.
-    score = httpx.post(server.base_url + "/score", json={"model": "echo-model", "queries": "cat",
+    score = server.http.post(server.base_url + "/score", json={"model": "echo-model", "queries": "cat",
                                                          "documents": ["cat", "a dog"]}).json()
     assert score["object"] == "list" and [d["index"] for d in score["data"]] == [0, 1]
     assert score["data"][0]["score"] == pytest.approx(1.0) and score["data"][1]["score"] < 1.0
-    rerank = httpx.post(server.base_url + "/rerank", json={"model": "echo-model", "query": "cat", "top_n": 1,
+    rerank = server.http.post(server.base_url + "/rerank", json={"model": "echo-model", "query": "cat", "top_n": 1,
                                                            "documents": ["a dog", "cat"]}).json()
     assert [r["index"] for r in rerank["results"]] == [1] and rerank["results"][0]["document"]["text"] == "cat"
 
 
-def test_sdk_streams_chat_completions_and_responses(server_factory: ServerFactory) -> None:
-    client = sdk(server_factory(extra_args=ONLINE))
+def test_sdk_streams_chat_completions_and_responses(app_factory: AppFactory) -> None:
+    client = sdk(app_factory(extra_args=ONLINE))
     chunks = list(client.chat.completions.create(
         model="echo-model", messages=[{"role": "user", "content": "stream these words"}], stream=True,
         stream_options={"include_usage": True}))
@@ -87,22 +93,22 @@ def test_async_sdk_concurrent_and_streaming(server_factory: ServerFactory) -> No
     asyncio.run(scenario())
 
 
-def test_online_requests_need_the_key_like_every_route(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=ONLINE, api_key="sk-online")
+def test_online_requests_need_the_key_like_every_route(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=ONLINE, api_key="sk-online")
     with pytest.raises(openai.AuthenticationError):
         _chat(sdk(server, api_key="wrong"))
     assert _chat(sdk(server)).choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
 
 
-def test_only_the_loaded_model_answers_and_online_never_switches(server_factory: ServerFactory) -> None:
-    server = server_factory()
+def test_only_the_loaded_model_answers_and_online_never_switches(app_factory: AppFactory) -> None:
+    server = app_factory()
     client = sdk(server)
     # Nothing loaded yet (no --online-model, no batch): told so, and nothing is loaded because of it.
     with pytest.raises(openai.BadRequestError) as idle:
         _chat(client)
     assert idle.value.code == "model_not_loaded" and "no model is loaded" in idle.value.message
     assert "--online-model echo-model" in idle.value.message
-    assert httpx.get(server.root_url + "/health").json()["loaded_model"] is None
+    assert server.http.get(server.root_url + "/health").json()["loaded_model"] is None
 
     # A batch loads echo-embed; online requests for echo-model are refused naming it, and it stays loaded.
     batch = wait_for(client, submit(client, [request_line("e", "x", model="echo-embed", url="/v1/embeddings")],
@@ -112,7 +118,7 @@ def test_only_the_loaded_model_answers_and_online_never_switches(server_factory:
         _chat(client)
     assert other.value.code == "model_not_loaded" and other.value.param == "model"
     assert "the loaded model is 'echo-embed'" in other.value.message
-    assert httpx.get(server.root_url + "/health").json()["loaded_model"] == "echo-embed"
+    assert server.http.get(server.root_url + "/health").json()["loaded_model"] == "echo-embed"
     assert client.embeddings.create(model="echo-embed", input="fine").data[0].index == 0
 
     with pytest.raises(openai.NotFoundError) as unknown:
@@ -121,12 +127,12 @@ def test_only_the_loaded_model_answers_and_online_never_switches(server_factory:
 
 
 def test_a_model_the_server_is_switching_back_to_gets_503_and_one_it_will_not_serve_400(
-        server_factory: ServerFactory) -> None:
+        app_factory: AppFactory) -> None:
     # Without --online-model. A batch loads echo-model; the next batch switches to echo-embed while a third waits
     # to switch back. While the switch drains an online request still in flight for echo-model, and while
     # echo-embed runs, requests for echo-model are told to come back (503, Retry-After, retryable): the server
     # is on its way back to it. Once nothing queued needs echo-embed, a request for it gets 400.
-    server = server_factory(extra_args=["--echo-delay", "2"])
+    server = app_factory(extra_args=["--echo-delay", "2"])
     client = sdk(server)
     assert wait_for(client, submit(client, [request_line("a", "x")]).id).status == "completed"
 
@@ -142,7 +148,7 @@ def test_a_model_the_server_is_switching_back_to_gets_503_and_one_it_will_not_se
                       endpoint="/v1/embeddings")
         back = submit(client, [request_line("b", "x")])
         deadline = time.monotonic() + 10
-        while httpx.get(server.root_url + "/status").json()["engine"]["state"] != "loading":
+        while server.http.get(server.root_url + "/status").json()["engine"]["state"] != "loading":
             assert time.monotonic() < deadline, "the switch to echo-embed never began"
             time.sleep(0.02)
         during_switch = refused_for("echo-model")
@@ -153,7 +159,7 @@ def test_a_model_the_server_is_switching_back_to_gets_503_and_one_it_will_not_se
     assert during_switch.response.headers.get("x-should-retry") != "false"
 
     wait_for(client, away.id, statuses=("in_progress",))
-    assert httpx.get(server.root_url + "/health").json()["loaded_model"] == "echo-embed"
+    assert server.http.get(server.root_url + "/health").json()["loaded_model"] == "echo-embed"
     while_away = refused_for("echo-model")
     assert while_away.status_code == 503 and "the loaded model is 'echo-embed'" in while_away.message
     assert while_away.response.headers.get("x-should-retry") != "false"
@@ -166,8 +172,8 @@ def test_a_model_the_server_is_switching_back_to_gets_503_and_one_it_will_not_se
     assert "the loaded model is 'echo-model'" in not_coming.message
 
 
-def test_bad_online_requests_get_openai_errors(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=ONLINE)
+def test_bad_online_requests_get_openai_errors(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=ONLINE)
     url = server.base_url + "/chat/completions"
     messages = [{"role": "user", "content": "x"}]
     cases = [
@@ -177,24 +183,24 @@ def test_bad_online_requests_get_openai_errors(server_factory: ServerFactory) ->
         ({"model": "echo-model", "messages": []}, 400, "messages"),
     ]
     for body, status, param in cases:
-        answer = httpx.post(url, json=body)
+        answer = server.http.post(url, json=body)
         assert answer.status_code == status, (body, answer.text)
         error = answer.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
-    answer = httpx.post(server.base_url + "/embeddings", json={"model": "echo-model", "input": "x",
+    answer = server.http.post(server.base_url + "/embeddings", json={"model": "echo-model", "input": "x",
                                                                "stream": True})
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "stream"
-    assert httpx.post(url, content=b"{not json").status_code == 400
+    assert server.http.post(url, content=b"{not json").status_code == 400
     # A priority below the batch band is accepted (it orders online requests among themselves).
-    assert httpx.post(url, json={"model": "echo-model", "messages": messages, "priority": -5}).status_code == 200
+    assert server.http.post(url, json={"model": "echo-model", "messages": messages, "priority": -5}).status_code == 200
 
 
-def test_past_the_admission_limit_429_with_retry_after(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=[*ONLINE, "--online-max-requests", "2", "--echo-delay", "3"])
+def test_past_the_admission_limit_429_with_retry_after(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=[*ONLINE, "--online-max-requests", "2", "--echo-delay", "3"])
     body = {"model": "echo-model", "messages": [{"role": "user", "content": "slow"}]}
 
     def post(_: int) -> httpx.Response:
-        return httpx.post(server.base_url + "/chat/completions", json=body, timeout=30)
+        return server.http.post(server.base_url + "/chat/completions", json=body, timeout=30)
 
     began = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -271,8 +277,8 @@ def test_a_batch_due_sooner_runs_ahead_of_one_due_later(server_factory: ServerFa
     assert_exactly_once(client, later, {f"day-{i}" for i in range(200)})
 
 
-def test_batches_of_responses_score_and_rerank(server_factory: ServerFactory) -> None:
-    client = sdk(server_factory())
+def test_batches_of_responses_score_and_rerank(app_factory: AppFactory) -> None:
+    client = sdk(app_factory())
     lines = {
         "/v1/responses": [{"custom_id": "r", "method": "POST", "url": "/v1/responses",
                            "body": {"model": "echo-model", "input": "answer this"}}],
@@ -294,18 +300,18 @@ def test_batches_of_responses_score_and_rerank(server_factory: ServerFactory) ->
             assert [r["index"] for r in body["results"]] == [1, 0]
 
 
-def test_a_batch_line_cannot_set_its_own_priority(server_factory: ServerFactory) -> None:
-    client = sdk(server_factory())
+def test_a_batch_line_cannot_set_its_own_priority(app_factory: AppFactory) -> None:
+    client = sdk(app_factory())
     batch = wait_for(client, submit(client, [request_line("p", priority=-1)]).id)
     assert batch.status == "failed" and batch.errors is not None
     [error] = batch.errors.data
     assert error.param == "body.priority" and error.line == 1 and "completion_window" in (error.message or "")
 
 
-def test_online_model_is_kept_loaded_while_online_traffic_continues(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=[*ONLINE, "--online-idle-seconds", "3", "--echo-delay", "0.5"])
+def test_online_model_is_kept_loaded_while_online_traffic_continues(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=[*ONLINE, "--online-idle-seconds", "3", "--echo-delay", "0.5"])
     client = sdk(server)
-    assert httpx.get(server.root_url + "/health").json()["loaded_model"] == "echo-model"  # loaded at start
+    assert server.http.get(server.root_url + "/health").json()["loaded_model"] == "echo-model"  # loaded at start
     _chat(client)
     lines = [request_line(f"e{i}", "x", model="echo-embed", url="/v1/embeddings") for i in range(4)]
     batch = submit(client, lines, endpoint="/v1/embeddings")
@@ -313,35 +319,35 @@ def test_online_model_is_kept_loaded_while_online_traffic_continues(server_facto
         time.sleep(0.1)
         _chat(client)
     assert client.batches.retrieve(batch.id).request_counts.completed == 0
-    assert httpx.get(server.root_url + "/health").json()["loaded_model"] == "echo-model"
+    assert server.http.get(server.root_url + "/health").json()["loaded_model"] == "echo-model"
     # Quiet for --online-idle-seconds: the batch runs, then the engine goes back to the online model. Meanwhile
     # online requests are told to come back (503 with Retry-After), not to use another model.
     deadline = time.monotonic() + 30
-    while httpx.get(server.root_url + "/health").json()["loaded_model"] != "echo-embed":
+    while server.http.get(server.root_url + "/health").json()["loaded_model"] != "echo-embed":
         assert time.monotonic() < deadline, "the other model's batch never ran"
         time.sleep(0.05)
-    refused = httpx.post(server.base_url + "/chat/completions", json={
+    refused = server.http.post(server.base_url + "/chat/completions", json={
         "model": "echo-model", "messages": [{"role": "user", "content": "x"}]})
     assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
     assert refused.json()["error"]["code"] == "model_not_loaded" and "echo-embed" in refused.text
     assert wait_for(client, batch.id, timeout=30).status == "completed"
     deadline = time.monotonic() + 10
-    while httpx.get(server.root_url + "/health").json()["loaded_model"] != "echo-model":
+    while server.http.get(server.root_url + "/health").json()["loaded_model"] != "echo-model":
         assert time.monotonic() < deadline, "the online model was not loaded again"
         time.sleep(0.1)
     assert _chat(client).choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
 
 
-def test_an_engine_failing_under_online_requests_is_restarted(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=[*ONLINE, "--echo-fault", "crash-after=2,times=1"])
+def test_an_engine_failing_under_online_requests_is_restarted(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=[*ONLINE, "--echo-fault", "crash-after=2,times=1"])
     url = server.base_url + "/chat/completions"
     body = {"model": "echo-model", "messages": [{"role": "user", "content": "x"}]}
-    assert [httpx.post(url, json=body).status_code for _ in range(2)] == [200, 200]
-    failed = httpx.post(url, json=body)
+    assert [server.http.post(url, json=body).status_code for _ in range(2)] == [200, 200]
+    failed = server.http.post(url, json=body)
     assert failed.status_code == 503 and failed.headers["retry-after"]
     assert failed.json()["error"]["code"] == "engine_unavailable"
     deadline = time.monotonic() + 10
-    while (answer := httpx.post(url, json=body)).status_code != 200:
+    while (answer := server.http.post(url, json=body)).status_code != 200:
         assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
         time.sleep(0.1)
 
@@ -352,9 +358,9 @@ def test_online_model_must_be_a_served_model(server_factory: ServerFactory) -> N
     assert "--online-model 'not-served'" in str(exc.value) and "echo-model, echo-embed" in str(exc.value)
 
 
-def test_streamed_events_are_server_sent_events(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=ONLINE)
-    with httpx.stream("POST", server.base_url + "/chat/completions", json={
+def test_streamed_events_are_server_sent_events(app_factory: AppFactory) -> None:
+    server = app_factory(extra_args=ONLINE)
+    with server.http.stream("POST", server.base_url + "/chat/completions", json={
             "model": "echo-model", "messages": [{"role": "user", "content": "raw"}], "stream": True}) as answer:
         assert answer.headers["content-type"].startswith("text/event-stream")
         text = answer.read().decode()
@@ -391,10 +397,10 @@ def test_online_batch_window_narrows_batch_work_while_online_requests_run(server
 
 
 def test_online_traffic_is_in_the_metrics_by_model_and_endpoint_apart_from_batches(
-        server_factory: ServerFactory) -> None:
+        app_factory: AppFactory) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    server = server_factory(extra_args=ONLINE)
+    server = app_factory(extra_args=ONLINE)
     client = sdk(server)
     batch = wait_for(client, submit(client, chat_lines(3, model="echo-model")).id)
     assert batch.status == "completed"
@@ -408,7 +414,7 @@ def test_online_traffic_is_in_the_metrics_by_model_and_endpoint_apart_from_batch
         client.embeddings.create(model="made-up-name", input="x")
     time.sleep(1.1)  # the batch counts read from SQLite are at most a second old
 
-    text = httpx.get(server.root_url + "/metrics", timeout=10).text
+    text = server.http.get(server.root_url + "/metrics", timeout=10).text
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
 
