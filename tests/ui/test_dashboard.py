@@ -341,6 +341,25 @@ def test_error_lines_show_while_the_batch_runs(server_factory: ServerFactory, ta
     client.batches.cancel(running.id)
 
 
+def test_an_engine_error_code_shows_as_a_word(server_factory: ServerFactory, tab: Tab) -> None:
+    """vLLM's error body carries the HTTP status as `code` (400) and the kind as `type`: the Code column shows
+    the kind, not the number."""
+    server = server_factory()
+    client = sdk(server)
+    batch = wait_for(client, submit(client, failing_lines(1, 2)).id)
+    vllm_line = {"id": "batch_req_1", "custom_id": "bad-0", "error": None,
+                 "response": {"status_code": 400, "request_id": "r1", "body": {"error": {
+                     "message": "too long", "type": "BadRequestError", "param": None, "code": 400}}}}
+    plain_line = {"id": "batch_req_2", "custom_id": "bad-1", "error": {"code": 500, "message": "no"}, "response": None}
+    tab.page.route(f"**/v1/files/{batch.error_file_id}/content", lambda route: route.fulfill(
+        status=200, content_type="application/jsonl", body=jsonl([vllm_line, plain_line]).decode()))
+    page = tab.open(server, f"#/batches/{batch.id}")
+    rows = page.locator("#request-errors tbody tr")
+    expect(rows).to_have_count(2)
+    assert [c.strip() for c in rows.nth(0).inner_text().split("\t")][:4] == ["1", "bad-0", "400", "BadRequestError"]
+    assert [c.strip() for c in rows.nth(1).inner_text().split("\t")][:4] == ["2", "bad-1", "—", "500"]
+
+
 def test_retry_failed_requests(server_factory: ServerFactory, tab: Tab) -> None:
     server = server_factory()
     client = sdk(server)

@@ -40,6 +40,14 @@ function fact(label, value, name) {
     h("span", { class: "label" }, label), h("span", { class: "value" }, value));
 }
 
+// An error's code as a word: its `code` when that is a string (context_length_exceeded), else its `type`
+// (vLLM puts the HTTP status in `code`, 400, and the kind in `type`, BadRequestError), else the code itself.
+export function errorCode(error) {
+  if (typeof error.code === "string" && error.code) return error.code;
+  if (typeof error.type === "string" && error.type) return error.type;
+  return error.code === undefined || error.code === null || error.code === "" ? null : String(error.code);
+}
+
 // One line of an error file, as the page shows it: who (custom_id), what status, why.
 export function describeErrorLine(raw) {
   try {
@@ -49,7 +57,7 @@ export function describeErrorLine(raw) {
     return {
       customId: line.custom_id,
       status: response ? response.status_code : null,
-      code: error.code || (error.type !== undefined ? error.type : null),
+      code: errorCode(error),
       message: error.message || (response ? JSON.stringify(response.body).slice(0, 300) : ""),
     };
   } catch {
