@@ -279,13 +279,18 @@ def run(args: argparse.Namespace) -> int:
         return code
 
     with VLLMBatch.resume(args.id, **_client(args)) as batch:
+        cancelled_now = False
         if args.command == "download":
             _download(batch, args.output, args.errors)
             return 0
         if args.command == "status":
             status = batch.status()
         elif args.command == "cancel":
-            status = batch.cancel()  # a shard that had already ended is left as it is
+            # resume() has just read every shard: one that had already ended (cancelled included) is left as
+            # it is, and if all had, nothing was cancelled.
+            ended_before = batch._core.snapshot().done
+            status = batch.cancel()
+            cancelled_now = not ended_before and status.status in ("cancelling", "cancelled")
         else:  # wait
             status = _wait(batch, args)
         if getattr(args, "json", False):
@@ -294,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
             print(_describe(status))
             for error in status.errors[:20]:
                 _say(f"  line {error.get('line')}: {error.get('message')}")
-        if args.command == "cancel" and status.status not in ("cancelling", "cancelled"):
+        if args.command == "cancel" and not cancelled_now:
             _say(f"vllm-batch: batch {status.id} had already ended ({status.status}); nothing was cancelled")
             return 1
         return 1 if status.status == "failed" else 0

@@ -137,6 +137,18 @@ def test_cancel_of_a_batch_that_already_ended_exits_1(api: FakeBatchAPI, tmp_pat
     assert "had already ended (completed); nothing was cancelled" in capsys.readouterr().err
 
 
+def test_cancel_of_a_batch_already_cancelled_exits_1(api: FakeBatchAPI, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(chat("x")) + "\n")
+    cli("submit", str(src), "--base-url", BASE)
+    batch_id = capsys.readouterr().out.strip()
+    assert cli("cancel", batch_id, "--base-url", BASE) == 0
+    capsys.readouterr()
+    assert cli("cancel", batch_id, "--base-url", BASE) == 1
+    assert "had already ended (cancelled); nothing was cancelled" in capsys.readouterr().err
+    assert api.cancel.call_count == 1
+
+
 def test_messages_speak_command_line_not_python(api: FakeBatchAPI, tmp_path: Path, capsys) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(chat("x")) + "\n" + json.dumps(chat("y", max_tokens="9")) + "\n")
