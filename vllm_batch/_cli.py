@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -312,6 +313,17 @@ class _StderrLog(logging.Handler):
         _say(f"vllm-batch: {record.getMessage()}")
 
 
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a closed pipe is discarded instead of raising
+    BrokenPipeError again (and printing it) at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (captured): nothing will flush it to a pipe
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("vllm_batch")
@@ -319,6 +331,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.addHandler(handler)
     try:
         code = run(args)
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`| head`): stop quietly, with the status a shell tool killed by SIGPIPE
+        # has (128 + 13), and keep Python from failing again when it flushes stdout on the way out.
+        _drop_stdout()
+        code = 141
     except BatchTimeoutError as exc:
         _say(f"vllm-batch: {exc}")
         code = 2
