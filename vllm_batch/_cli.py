@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--temperature", type=float,
                         help="sampling temperature, 0 to 2; 0 answers deterministically (chat, completions)")
     create.add_argument("-o", "--output", default="-", help="where the JSONL goes ('-' for stdout)")
-    _cli_results.add_commands(sub, _add_client_options)
+    _cli_results.add_commands(command, _add_id)
     return parser
 
 
