@@ -72,6 +72,7 @@ RESUME_MAX_PAGES = 50
 # before the first attempt (allowing for the server's clock), or after this many pages.
 FIND_MAX_PAGES = 20
 CLOCK_SKEW = 3600.0
+STARTING_POLL_INTERVAL = 2.0  # seconds between polls of a vllm-batch server until a batch's first result
 
 
 def find_created(batches: Iterable[Batch], op: CreateBatch) -> Batch | None:
@@ -453,7 +454,12 @@ class BatchCore:
                 if status.done:
                     break
                 now = (status.status, status.request_counts.done)
-                delay = schedule.next(progressed=previous is not None and now != previous)
+                # A vllm-batch server's first results come seconds after a model load or the batch ahead ends,
+                # and a small batch is done seconds later: until they come, look every few seconds (it answers
+                # in milliseconds), so the bar shows rates and an ETA instead of jumping from 0 to the end.
+                starting = self.provider.name == "local" and status.request_counts.done == 0
+                delay = schedule.next(progressed=previous is not None and now != previous,
+                                      cap=STARTING_POLL_INTERVAL if starting else None)
                 previous = now
                 if deadline is not None:
                     remaining = deadline - self.clock()

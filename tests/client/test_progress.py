@@ -76,3 +76,33 @@ def test_output_tokens_add_up_over_shards() -> None:
     counts = RequestCounts(2, 0, 0)
     assert BatchStatus("a", "in_progress", counts, (batch("a", 40), batch("b", 2))).output_tokens == 42
     assert BatchStatus("a", "in_progress", counts, (batch("a", None),)).output_tokens is None
+
+
+@pytest.mark.parametrize("batch_server", [True, False])
+def test_a_batch_server_is_polled_every_few_seconds_until_the_first_result(
+        api: FakeBatchAPI, sleeps: list[float], tmp_path: Path, batch_server: bool) -> None:
+    """While a batch waits (a model loading, a batch ahead) polls backed off to poll_interval, and a short batch
+    then ran between two polls: the demo's bar went from 0/36 to 36/36 with no rate or ETA. A vllm-batch server
+    is asked every few seconds until the first result; any other provider still backs off to poll_interval."""
+    api.server_health = {"status": "ok", "engine": "echo", "loaded_model": "m1"} if batch_server else None
+    polls = 0
+    finish = api.advance
+
+    def advance(bid: str) -> None:
+        nonlocal polls
+        polls += 1
+        if polls < 25:  # nothing done yet: the batch ahead still runs
+            api.batches[bid]["status"] = "in_progress"
+            return
+        finish(bid)
+
+    api.advance = advance  # type: ignore[method-assign]
+    with VLLMBatch(base_url=BASE, output_dir=tmp_path) as batch:
+        batch.add_to_batch(**chat("x"))
+        batch.submit()
+        assert batch.wait(poll_interval=60, progress=False).status == "completed"
+    assert len(sleeps) >= 20
+    if batch_server:
+        assert max(sleeps) <= 2.0, sleeps
+    else:
+        assert max(sleeps) == 60, sleeps
