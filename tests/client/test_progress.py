@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
+import respx
 from openai.types import Batch
 
 from tests.client.conftest import BASE, FakeBatchAPI, chat
@@ -106,3 +108,23 @@ def test_a_batch_server_is_polled_every_few_seconds_until_the_first_result(
         assert max(sleeps) <= 2.0, sleeps
     else:
         assert max(sleeps) == 60, sleeps
+
+
+@pytest.mark.parametrize("served", [["m0", "m1"], ["m0"]])
+def test_the_bar_names_the_next_model_only_if_the_server_serves_it(
+        sleeps: list[float], tmp_path: Path, capsys: pytest.CaptureFixture[str], served: list[str]) -> None:
+    """`server is running m0, no-such-model is next` was shown for a model the server does not serve (it
+    refuses the batch instead): the bar names what is next only when /v1/models lists it."""
+    with respx.mock(assert_all_called=False, assert_all_mocked=True) as router:
+        api = FakeBatchAPI(router)
+        api.server_health = {"status": "ok", "engine": "vllm", "loaded_model": "m0"}
+        models = router.get(f"{BASE}/models").mock(return_value=httpx.Response(200, json={
+            "object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "x"} for m in served]}))
+        api.steps = ["validating", "in_progress", "finalizing", "completed"]
+        with VLLMBatch(base_url=BASE, output_dir=tmp_path) as batch:
+            batch.add_to_batch(**chat("x", model="m1"))
+            batch.submit()
+            batch.wait(progress=True)
+    err = capsys.readouterr().err
+    assert ("server is running m0, m1 is next" in err) == ("m1" in served)
+    assert models.call_count == 1  # asked once per wait
