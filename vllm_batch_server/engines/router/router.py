@@ -178,9 +178,15 @@ class Router:
                     member.inflight.pop(request_id, None)
                     if not held:
                         self._slots.release(member)
+                if request_id in self._aborted:
+                    # Whatever came back is the member's reply to our abort (vLLM's: 400 "Client
+                    # disconnected"), not the request's result.
+                    if held:
+                        with contextlib.suppress(BaseException):
+                            await outcome.aclose()  # type: ignore[union-attr]
+                        self._slots.release(member)
+                    raise asyncio.CancelledError
                 if task.cancelled():
-                    if request_id in self._aborted:
-                        raise asyncio.CancelledError
                     uncharged += 1  # moved off a member taken out of rotation
                     member.moved += 1
                 elif outcome is not None:
