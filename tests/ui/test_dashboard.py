@@ -360,6 +360,45 @@ def test_an_engine_error_code_shows_as_a_word(server_factory: ServerFactory, tab
     assert [c.strip() for c in rows.nth(1).inner_text().split("\t")][:4] == ["2", "bad-1", "—", "500"]
 
 
+def test_a_batch_refused_by_validation_does_not_wait_for_a_model(server_factory: ServerFactory, tab: Tab) -> None:
+    server = server_factory()
+    client = sdk(server)
+    refused = wait_for(client, submit(client, [request_line("x", model="no-such-model")]).id)
+    assert refused.status == "failed"
+    page = tab.open(server, f"#/batches/{refused.id}")
+    expect(page.locator(".badge")).to_have_text("failed")
+    status_line = page.locator("#validation-errors")
+    expect(status_line).to_be_visible()
+    text = page.locator("main").inner_text()
+    assert "model not known yet" not in text
+    assert "no model (it never ran)" in text
+
+
+def test_a_batch_waiting_behind_another_says_so(server_factory: ServerFactory, tab: Tab) -> None:
+    server = server_factory(extra_args=["--echo-delay", "0.1", "--window", "1"])
+    client = sdk(server)
+    running = submit(client, chat_lines(300, "ahead"))
+    wait_for(client, running.id, until=lambda b: b.request_counts is not None and b.request_counts.completed > 0)
+    waiting = submit(client, chat_lines(5, "behind"))
+    wait_for(client, waiting.id, statuses=("in_progress",))
+    try:
+        page = tab.open(server, f"#/batches/{waiting.id}")
+        expect(page.locator("#queued-behind")).to_have_text(f"queued behind {running.id}")
+        expect(page.locator("[data-fact=rps] .value")).to_have_text("— (queued)")
+        page = tab.open(server, "#/")
+        row = page.locator(f"tr[data-id='{waiting.id}']")
+        expect(row.locator(".rps")).to_have_text("queued")
+        assert row.locator(".rps").get_attribute("title") == f"queued behind {running.id}"
+        expect(page.locator(f"tr[data-id='{running.id}'] .rps")).not_to_have_text("queued")
+        # The running one's page says nothing of the kind.
+        page = tab.open(server, f"#/batches/{running.id}")
+        expect(page.locator(".badge")).to_have_text("in progress")
+        expect(page.locator("#queued-behind")).to_have_count(0)
+    finally:
+        client.batches.cancel(running.id)
+        client.batches.cancel(waiting.id)
+
+
 def test_retry_failed_requests(server_factory: ServerFactory, tab: Tab) -> None:
     server = server_factory()
     client = sdk(server)
