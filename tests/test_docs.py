@@ -304,3 +304,19 @@ def test_serve_help_for_api_key_names_every_open_route() -> None:
     for path in (*OPEN_PATHS, *OPEN_PREFIXES):
         assert re.search(re.escape(path) + r"(?![\w-])", text), (path, text)
     assert "/metrics" in text and "--metrics-public" in text, text
+
+
+def test_the_readme_names_every_opt_in_variable_of_the_tests() -> None:
+    """A test that skips until a variable is set (`reason="set BATCH_SLOW_TESTS=1 ..."`) is found only if the
+    README says how to turn it on."""
+    readme = (REPO / "README.md").read_text()
+    wanted = {name for path in (REPO / "tests").rglob("*.py")
+              for name in re.findall(r"reason=\"[^\"]*\bset ([A-Z][A-Z0-9_]{3,})", path.read_text())}
+    assert {"BATCH_SLOW_TESTS", "LABEL_STUDIO_BIN"} <= wanted
+    assert sorted(name for name in wanted if name not in readme) == []
+
+
+def test_the_readme_says_that_the_system_packages_start_services() -> None:
+    """`dev.py tests` installs Debian's prometheus and postgresql, which start services of their own."""
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "systemctl disable --now prometheus postgresql" in readme

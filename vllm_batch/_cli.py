@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--temperature", type=float,
                         help="sampling temperature, 0 to 2; 0 answers deterministically (chat, completions)")
     create.add_argument("-o", "--output", default="-", help="where the JSONL goes ('-' for stdout)")
-    _cli_results.add_commands(sub, _add_client_options)
+    _cli_results.add_commands(command, _add_id)
     return parser
 
 
@@ -281,13 +282,18 @@ def run(args: argparse.Namespace) -> int:
         return code
 
     with VLLMBatch.resume(args.id, **_client(args)) as batch:
+        cancelled_now = False
         if args.command == "download":
             _download(batch, args.output, args.errors)
             return 0
         if args.command == "status":
             status = batch.status()
         elif args.command == "cancel":
-            status = batch.cancel()  # a shard that had already ended is left as it is
+            # resume() has just read every shard: one that had already ended (cancelled included) is left as
+            # it is, and if all had, nothing was cancelled.
+            ended_before = batch._core.snapshot().done
+            status = batch.cancel()
+            cancelled_now = not ended_before and status.status in ("cancelling", "cancelled")
         else:  # wait
             status = _wait(batch, args)
         if getattr(args, "json", False):
@@ -296,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
             print(_describe(status))
             for error in status.errors[:20]:
                 _say(f"  line {error.get('line')}: {error.get('message')}")
-        if args.command == "cancel" and status.status not in ("cancelling", "cancelled"):
+        if args.command == "cancel" and not cancelled_now:
             _say(f"vllm-batch: batch {status.id} had already ended ({status.status}); nothing was cancelled")
             return 1
         return 1 if status.status == "failed" else 0
@@ -309,6 +315,17 @@ class _StderrLog(logging.Handler):
         _say(f"vllm-batch: {record.getMessage()}")
 
 
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a closed pipe is discarded instead of raising
+    BrokenPipeError again (and printing it) at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (captured): nothing will flush it to a pipe
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("vllm_batch")
@@ -316,6 +333,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.addHandler(handler)
     try:
         code = run(args)
+    except BrokenPipeError:
+        # Whoever read stdout stopped (`| head`): stop quietly, with the status a shell tool killed by SIGPIPE
+        # has (128 + 13), and keep Python from failing again when it flushes stdout on the way out.
+        _drop_stdout()
+        code = 141
     except BatchTimeoutError as exc:
         _say(f"vllm-batch: {exc}")
         code = 2

@@ -27,60 +27,60 @@ from vllm_batch._sync import VLLMBatch
 COMMANDS = ("tail", "retry", "results", "mark", "marks", "export", "import-marks")
 
 
-def add_commands(sub: Any, client_options: Callable[[argparse.ArgumentParser], None]) -> None:
-    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
-        client_options(parser)
-        return parser
-
-    tail = add("tail", help="print result lines as they are committed, until the end")
-    tail.add_argument("id")
+def add_commands(command: Callable[[str, str], argparse.ArgumentParser],
+                 add_id: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add COMMANDS; `command(name, text)` makes one subcommand (described, with the backend options),
+    `add_id` its batch id argument."""
+    tail = command("tail", "print result lines as they are committed, until the end")
+    add_id(tail)
     tail.add_argument("--no-errors", action="store_true", help="only successful results")
     tail.add_argument("--poll-interval", type=float, default=5.0, help="longest wait between polls (s)")
-    tail.add_argument("--timeout", type=float, help="give up after this many seconds")
+    tail.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait to the end)")
 
-    retry = add("retry", help="a new batch of the requests that failed")
+    retry = command("retry", "a new batch of the requests that failed")
     retry.add_argument("id", help="the batch to retry (with all its shards)")
     retry.add_argument("also", nargs="*", help="more batches whose failures to include, e.g. earlier retries")
-    retry.add_argument("--completion-window", help="default: the first batch's")
-    retry.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    retry.add_argument("--completion-window", help="the new batch's completion window (default: the first batch's)")
+    retry.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                       help="a metadata pair for the new batch; repeatable")
     retry.add_argument("--wait", action="store_true", help="wait for the new batch to end")
-    retry.add_argument("--poll-interval", type=float, default=60.0)
-    retry.add_argument("--timeout", type=float)
-    retry.add_argument("--no-progress", action="store_true")
+    retry.add_argument("--poll-interval", type=float, default=60.0, help="longest wait between polls (s)")
+    retry.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit status 2)")
+    retry.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    results = add("results", help="every request's result in input order, as JSONL")
-    results.add_argument("id")
+    results = command("results", "every request's result in input order, as JSONL")
+    add_id(results)
     results.add_argument("--with-retries", action="store_true", help="each request's best result over its retries")
-    results.add_argument("-o", "--output", default="-", help="where the JSONL goes (default stdout)")
+    results.add_argument("-o", "--output", default="-", help="where the JSONL goes ('-' for stdout)")
 
-    mark = add("mark", help="mark results: a label, a score, a note")
-    mark.add_argument("id")
-    mark.add_argument("custom_ids", nargs="+", metavar="CUSTOM_ID")
+    mark = command("mark", "mark results: a label, a score, a note")
+    add_id(mark)
+    mark.add_argument("custom_ids", nargs="+", metavar="CUSTOM_ID", help="the results to mark, by custom_id")
     mark.add_argument("--label", help='e.g. "gold" or "reject"')
-    mark.add_argument("--score", type=float)
-    mark.add_argument("--note")
+    mark.add_argument("--score", type=float, help="a number of your choosing, e.g. a rating from 1 to 5")
+    mark.add_argument("--note", help="free text kept with the mark")
     mark.add_argument("--delete", action="store_true", help="remove the marks instead")
 
-    marks = add("marks", help="list a batch's marks")
-    marks.add_argument("id")
+    marks = command("marks", "list a batch's marks")
+    add_id(marks)
     marks.add_argument("--label", help="only this label")
-    marks.add_argument("--json", action="store_true")
+    marks.add_argument("--json", action="store_true", help="one JSON object per line instead of tab-separated text")
 
-    export = add("export", help="results as fine-tuning, few-shot or Label Studio data")
-    export.add_argument("id")
-    export.add_argument("-o", "--output", required=True, type=Path)
-    export.add_argument("--format", default="openai", choices=FORMATS)
+    export = command("export", "results as fine-tuning, few-shot or Label Studio data")
+    add_id(export)
+    export.add_argument("-o", "--output", required=True, type=Path, help="the file to write")
+    export.add_argument("--format", default="openai", choices=FORMATS, help="what the records look like")
     export.add_argument("--label", action="append", dest="labels", metavar="LABEL",
                         help="only results marked with this label (repeatable)")
-    export.add_argument("--exclude-label", action="append", dest="exclude_labels", metavar="LABEL")
-    export.add_argument("--min-score", type=float)
+    export.add_argument("--exclude-label", action="append", dest="exclude_labels", metavar="LABEL",
+                        help="leave out results marked with this label (repeatable)")
+    export.add_argument("--min-score", type=float, help="only results marked with at least this score")
     export.add_argument("--errors", action="store_true", help="failed results too (label-studio only)")
-    export.add_argument("--limit", type=int)
+    export.add_argument("--limit", type=int, help="write at most this many records (default: all)")
     export.add_argument("--with-retries", action="store_true", help="each request's best result over its retries")
 
-    imports = add("import-marks", help="marks from a Label Studio annotation export")
-    imports.add_argument("id")
+    imports = command("import-marks", "marks from a Label Studio annotation export")
+    add_id(imports)
     imports.add_argument("file", type=Path, help="Label Studio's JSON or JSON-MIN export")
 
 

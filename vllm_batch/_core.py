@@ -44,6 +44,7 @@ from vllm_batch._ops import (
     Flow,
     HttpOp,
     ListBatches,
+    ListModels,
     Local,
     Notify,
     Retrieve,
@@ -72,6 +73,7 @@ RESUME_MAX_PAGES = 50
 # before the first attempt (allowing for the server's clock), or after this many pages.
 FIND_MAX_PAGES = 20
 CLOCK_SKEW = 3600.0
+STARTING_POLL_INTERVAL = 2.0  # seconds between polls of a vllm-batch server until a batch's first result
 
 
 def find_created(batches: Iterable[Batch], op: CreateBatch) -> Batch | None:
@@ -111,6 +113,7 @@ class BatchCore:
         self.compare_models = models
         self.retry = retry or RetryPolicy()
         self.clock: Callable[[], float] = time.monotonic  # tests may replace it
+        self._served: list[str] | None = None  # the models the server lists, once wait() needed them
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vllm-batch-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -439,6 +442,7 @@ class BatchCore:
         yield from self.identify()
         deadline = None if timeout is None else self.clock() + timeout
         schedule = PollSchedule(poll_interval)
+        self._served = None
         bar = ProgressBar(progress, batch_id)
         meter = ProgressMeter()
         previous: tuple[str, int] | None = None
@@ -453,7 +457,12 @@ class BatchCore:
                 if status.done:
                     break
                 now = (status.status, status.request_counts.done)
-                delay = schedule.next(progressed=previous is not None and now != previous)
+                # A vllm-batch server's first results come seconds after a model load or the batch ahead ends,
+                # and a small batch is done seconds later: until they come, look every few seconds (it answers
+                # in milliseconds), so the bar shows rates and an ETA instead of jumping from 0 to the end.
+                starting = self.provider.name == "local" and status.request_counts.done == 0
+                delay = schedule.next(progressed=previous is not None and now != previous,
+                                      cap=STARTING_POLL_INTERVAL if starting else None)
                 previous = now
                 if deadline is not None:
                     remaining = deadline - self.clock()
@@ -499,9 +508,23 @@ class BatchCore:
         loaded = health.get("loaded_model")
         if model is None or loaded == model:
             return None
+        if not (yield from self._serves(model)):
+            return None  # it will not run here: the server refuses the batch, with its reason
         if loaded is None:
             return f"server is loading {model}"
         return f"server is running {loaded}, {model} is next"
+
+    def _serves(self, model: str) -> Flow[bool]:
+        """Whether the server lists `model` in /v1/models (asked once per wait(); True if it cannot say)."""
+        if self._served is None:
+            try:
+                answer = yield ListModels()
+                data = answer.get("data") if isinstance(answer, dict) else None
+                self._served = [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m] \
+                    if isinstance(data, list) else []
+            except VLLMBatchError:
+                self._served = []
+        return not self._served or model in self._served
 
     def cancel(self) -> Flow[BatchStatus]:
         self._require_submitted()

@@ -196,7 +196,15 @@ class ListMarks:
         return ApiRequest("GET", f"/batches/{self.batch_id}/marks", params=params)
 
 
-Extension = ReadResults | RetryBatches | PutMark | DeleteMark | ListMarks
+@dataclass(frozen=True)
+class ListModels:
+    """The models the server serves (`GET /models`, as OpenAI's); returns the list's JSON."""
+
+    def request(self) -> ApiRequest:
+        return ApiRequest("GET", "/models")
+
+
+Extension = ReadResults | RetryBatches | PutMark | DeleteMark | ListMarks | ListModels
 HttpOp = Upload | CreateBatch | Retrieve | Cancel | ListBatches | Download | ServerInfo | Extension
 Op = HttpOp | Sleep | Local | Notify
 Flow = Generator[Op, Any, T]

@@ -162,7 +162,7 @@ def parse_result_line(
         return (
             None,
             ResultError(
-                code=err.get("code") or err.get("type"),
+                code=error_code(err),
                 message=str(err.get("message")),
                 status_code=status,
                 param=err.get("param"),
@@ -171,13 +171,25 @@ def parse_result_line(
             request_id,
         )
     if isinstance(error, dict):
-        return None, ResultError(code=error.get("code"), message=str(error.get("message"))), None, None
+        return None, ResultError(code=error_code(error), message=str(error.get("message"))), None, None
     return (
         None,
         ResultError(code="invalid_result", message=f"unrecognised result line: {line!r}"[:500]),
         None,
         None,
     )
+
+
+def error_code(err: dict[str, Any]) -> str | None:
+    """An error's code as a string: its `code` when that is a string (`context_length_exceeded`), else its
+    `type` (vLLM puts the HTTP status in `code`, 400, and the kind in `type`, `BadRequestError`), else the
+    code written out."""
+    code, kind = err.get("code"), err.get("type")
+    if isinstance(code, str) and code:
+        return code
+    if isinstance(kind, str) and kind:
+        return kind
+    return None if code is None or code == "" else str(code)
 
 
 def _decode_body(body: dict[str, Any]) -> dict[str, Any]:

@@ -101,9 +101,12 @@ class PollSchedule:
         self.min_interval = min(min_interval, self.max_interval)
         self.delay = self.min_interval
 
-    def next(self, progressed: bool) -> float:
+    def next(self, progressed: bool, cap: float | None = None) -> float:
+        """The wait before the next poll; `cap` bounds it (and where backing off goes on from) for now."""
         if progressed:
             self.delay = max(self.min_interval, self.delay / 1.5)
         else:
             self.delay = min(self.max_interval, self.delay * 1.5)
+        if cap is not None:
+            self.delay = max(min(self.delay, cap), self.min_interval)
         return self.delay

@@ -298,3 +298,26 @@ def test_a_failed_comparison_names_the_batch_that_failed(api: FakeBatchAPI, tmp_
         first, second = batch.batch_ids
     assert info.value.batch_id == second != first and info.value.model == "b"
     assert str(info.value) == f"batch {second} (model b) failed: no such model b"
+
+
+def test_an_engine_error_code_is_a_string(api: FakeBatchAPI, tmp_path: Path) -> None:
+    """vLLM answers `{"code": 400, "type": "BadRequestError"}`: ResultError.code is typed str, so it is the
+    kind, never the number; a number with nothing else becomes its text."""
+
+    def responder(line):
+        n = int(line["custom_id"].split("-")[1])
+        if n == 0:
+            return 400, {"error": {"message": "This model's maximum context length is 2048 tokens.",
+                                   "type": "BadRequestError", "param": None, "code": 400}}
+        if n == 1:
+            return 400, {"error": {"message": "bad", "code": 400}}
+        return {"code": 500, "message": "engine said no"}
+
+    api.responder = responder
+    with make(tmp_path) as batch:
+        for i in range(3):
+            batch.add_to_batch(**chat(f"q{i}"))
+        batch.submit_wait_download(progress=False)
+        errors = [r.error for r in batch.results()]
+    assert [e.code for e in errors if e] == ["BadRequestError", "400", "500"]
+    assert errors[0] is not None and errors[0].status_code == 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from pathlib import Path
@@ -137,6 +138,18 @@ def test_cancel_of_a_batch_that_already_ended_exits_1(api: FakeBatchAPI, tmp_pat
     assert "had already ended (completed); nothing was cancelled" in capsys.readouterr().err
 
 
+def test_cancel_of_a_batch_already_cancelled_exits_1(api: FakeBatchAPI, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(chat("x")) + "\n")
+    cli("submit", str(src), "--base-url", BASE)
+    batch_id = capsys.readouterr().out.strip()
+    assert cli("cancel", batch_id, "--base-url", BASE) == 0
+    capsys.readouterr()
+    assert cli("cancel", batch_id, "--base-url", BASE) == 1
+    assert "had already ended (cancelled); nothing was cancelled" in capsys.readouterr().err
+    assert api.cancel.call_count == 1
+
+
 def test_messages_speak_command_line_not_python(api: FakeBatchAPI, tmp_path: Path, capsys) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(chat("x")) + "\n" + json.dumps(chat("y", max_tokens="9")) + "\n")
@@ -174,3 +187,35 @@ def test_help_explains_every_argument_and_its_default(command: str, expected: li
     text = " ".join(capsys.readouterr().out.split())
     for phrase in expected:
         assert phrase in text, phrase
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(found) == 1
+    return dict(found[0].choices)
+
+
+def test_every_subcommand_explains_every_argument_and_shows_its_default() -> None:
+    """docs/client.md: `vllm-batch COMMAND --help` explains every argument and shows its default."""
+    from vllm_batch._cli import build_parser
+
+    commands = _subcommands(build_parser())
+    assert {"submit", "status", "cancel", "wait", "download", "list", "create", "tail", "retry", "results",
+            "mark", "marks", "export", "import-marks"} <= set(commands)
+    problems = []
+    for name, parser in commands.items():
+        if not (parser.description or "").strip():
+            problems.append(f"{name}: no description line")
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            what = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            if not action.help or action.help == argparse.SUPPRESS or not action.help.strip():
+                problems.append(f"{what}: no help text")
+            default = action.default
+            if default in (None, False, argparse.SUPPRESS) or default == []:
+                continue
+            if f"(default: {default})" not in text:
+                problems.append(f"{what}: default {default!r} not shown")
+    assert problems == []

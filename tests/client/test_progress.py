@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
+import respx
 from openai.types import Batch
 
 from tests.client.conftest import BASE, FakeBatchAPI, chat
@@ -76,3 +78,53 @@ def test_output_tokens_add_up_over_shards() -> None:
     counts = RequestCounts(2, 0, 0)
     assert BatchStatus("a", "in_progress", counts, (batch("a", 40), batch("b", 2))).output_tokens == 42
     assert BatchStatus("a", "in_progress", counts, (batch("a", None),)).output_tokens is None
+
+
+@pytest.mark.parametrize("batch_server", [True, False])
+def test_a_batch_server_is_polled_every_few_seconds_until_the_first_result(
+        api: FakeBatchAPI, sleeps: list[float], tmp_path: Path, batch_server: bool) -> None:
+    """While a batch waits (a model loading, a batch ahead) polls backed off to poll_interval, and a short batch
+    then ran between two polls: the demo's bar went from 0/36 to 36/36 with no rate or ETA. A vllm-batch server
+    is asked every few seconds until the first result; any other provider still backs off to poll_interval."""
+    api.server_health = {"status": "ok", "engine": "echo", "loaded_model": "m1"} if batch_server else None
+    polls = 0
+    finish = api.advance
+
+    def advance(bid: str) -> None:
+        nonlocal polls
+        polls += 1
+        if polls < 25:  # nothing done yet: the batch ahead still runs
+            api.batches[bid]["status"] = "in_progress"
+            return
+        finish(bid)
+
+    api.advance = advance  # type: ignore[method-assign]
+    with VLLMBatch(base_url=BASE, output_dir=tmp_path) as batch:
+        batch.add_to_batch(**chat("x"))
+        batch.submit()
+        assert batch.wait(poll_interval=60, progress=False).status == "completed"
+    assert len(sleeps) >= 20
+    if batch_server:
+        assert max(sleeps) <= 2.0, sleeps
+    else:
+        assert max(sleeps) == 60, sleeps
+
+
+@pytest.mark.parametrize("served", [["m0", "m1"], ["m0"]])
+def test_the_bar_names_the_next_model_only_if_the_server_serves_it(
+        sleeps: list[float], tmp_path: Path, capsys: pytest.CaptureFixture[str], served: list[str]) -> None:
+    """`server is running m0, no-such-model is next` was shown for a model the server does not serve (it
+    refuses the batch instead): the bar names what is next only when /v1/models lists it."""
+    with respx.mock(assert_all_called=False, assert_all_mocked=True) as router:
+        api = FakeBatchAPI(router)
+        api.server_health = {"status": "ok", "engine": "vllm", "loaded_model": "m0"}
+        models = router.get(f"{BASE}/models").mock(return_value=httpx.Response(200, json={
+            "object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "x"} for m in served]}))
+        api.steps = ["validating", "in_progress", "finalizing", "completed"]
+        with VLLMBatch(base_url=BASE, output_dir=tmp_path) as batch:
+            batch.add_to_batch(**chat("x", model="m1"))
+            batch.submit()
+            batch.wait(progress=True)
+    err = capsys.readouterr().err
+    assert ("server is running m0, m1 is next" in err) == ("m1" in served)
+    assert models.call_count == 1  # asked once per wait

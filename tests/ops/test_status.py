@@ -34,7 +34,8 @@ def test_status_has_the_contracts_shape_and_follows_a_batch(app_factory: AppFact
     server = app_factory(api_key=KEY, extra_args=["--echo-delay", "0.01", "--window", "4"])
     assert server.http.get(server.root_url + "/status").status_code == 401
     idle = get_status(server)
-    assert set(idle) == {"object", "version", "engine", "queue", "throughput", "disk", "checkpoint"}
+    assert set(idle) == {"object", "version", "engine", "queue", "throughput", "disk", "checkpoint", "running"}
+    assert idle["running"] == []
     assert idle["object"] == "server.status" and isinstance(idle["version"], str)
     assert idle["engine"] == {"kind": "echo", "state": "idle", "model": None, "kv_cache_usage": None}
     assert idle["queue"] == {"validating": 0, "in_progress": 0, "paused": []}
@@ -50,7 +51,7 @@ def test_status_has_the_contracts_shape_and_follows_a_batch(app_factory: AppFact
         time.sleep(0.3)
     # Seen running: the engine loaded and the batch counted as in progress in the same answer.
     assert any(now["queue"]["in_progress"] == 1 and now["engine"]["state"] == "ready"
-               and now["engine"]["model"] == "echo-model" for now in samples), samples
+               and now["engine"]["model"] == "echo-model" and now["running"] == [batch.id] for now in samples), samples
     # The busiest answer may come as the batch ends (the rate covers the last seconds, while the counts move
     # to completed), so it is judged on its rate alone.
     busiest = max(samples, key=lambda now: now["throughput"]["requests_per_second"])

@@ -34,7 +34,8 @@ class Recording(EchoEngine):
 
     async def run(self, request_id: str, url: str, body: dict[str, Any], *, priority: int = 0) -> Result:
         result = await super().run(request_id, url, body)
-        self.log.append((self.name, request_id))
+        if (result.body.get("error") or {}).get("message") != "Client disconnected":  # (the reply to a cancel)
+            self.log.append((self.name, request_id))
         return result
 
 

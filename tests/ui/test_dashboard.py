@@ -341,6 +341,64 @@ def test_error_lines_show_while_the_batch_runs(server_factory: ServerFactory, ta
     client.batches.cancel(running.id)
 
 
+def test_an_engine_error_code_shows_as_a_word(server_factory: ServerFactory, tab: Tab) -> None:
+    """vLLM's error body carries the HTTP status as `code` (400) and the kind as `type`: the Code column shows
+    the kind, not the number."""
+    server = server_factory()
+    client = sdk(server)
+    batch = wait_for(client, submit(client, failing_lines(1, 2)).id)
+    vllm_line = {"id": "batch_req_1", "custom_id": "bad-0", "error": None,
+                 "response": {"status_code": 400, "request_id": "r1", "body": {"error": {
+                     "message": "too long", "type": "BadRequestError", "param": None, "code": 400}}}}
+    plain_line = {"id": "batch_req_2", "custom_id": "bad-1", "error": {"code": 500, "message": "no"}, "response": None}
+    tab.page.route(f"**/v1/files/{batch.error_file_id}/content", lambda route: route.fulfill(
+        status=200, content_type="application/jsonl", body=jsonl([vllm_line, plain_line]).decode()))
+    page = tab.open(server, f"#/batches/{batch.id}")
+    rows = page.locator("#request-errors tbody tr")
+    expect(rows).to_have_count(2)
+    assert [c.strip() for c in rows.nth(0).inner_text().split("\t")][:4] == ["1", "bad-0", "400", "BadRequestError"]
+    assert [c.strip() for c in rows.nth(1).inner_text().split("\t")][:4] == ["2", "bad-1", "—", "500"]
+
+
+def test_a_batch_refused_by_validation_does_not_wait_for_a_model(server_factory: ServerFactory, tab: Tab) -> None:
+    server = server_factory()
+    client = sdk(server)
+    refused = wait_for(client, submit(client, [request_line("x", model="no-such-model")]).id)
+    assert refused.status == "failed"
+    page = tab.open(server, f"#/batches/{refused.id}")
+    expect(page.locator(".badge")).to_have_text("failed")
+    status_line = page.locator("#validation-errors")
+    expect(status_line).to_be_visible()
+    text = page.locator("main").inner_text()
+    assert "model not known yet" not in text
+    assert "no model (it never ran)" in text
+
+
+def test_a_batch_waiting_behind_another_says_so(server_factory: ServerFactory, tab: Tab) -> None:
+    server = server_factory(extra_args=["--echo-delay", "0.1", "--window", "1"])
+    client = sdk(server)
+    running = submit(client, chat_lines(300, "ahead"))
+    wait_for(client, running.id, until=lambda b: b.request_counts is not None and b.request_counts.completed > 0)
+    waiting = submit(client, chat_lines(5, "behind"))
+    wait_for(client, waiting.id, statuses=("in_progress",))
+    try:
+        page = tab.open(server, f"#/batches/{waiting.id}")
+        expect(page.locator("#queued-behind")).to_have_text(f"queued behind {running.id}")
+        expect(page.locator("[data-fact=rps] .value")).to_have_text("— (queued)")
+        page = tab.open(server, "#/")
+        row = page.locator(f"tr[data-id='{waiting.id}']")
+        expect(row.locator(".rps")).to_have_text("queued")
+        assert row.locator(".rps").get_attribute("title") == f"queued behind {running.id}"
+        expect(page.locator(f"tr[data-id='{running.id}'] .rps")).not_to_have_text("queued")
+        # The running one's page says nothing of the kind.
+        page = tab.open(server, f"#/batches/{running.id}")
+        expect(page.locator(".badge")).to_have_text("in progress")
+        expect(page.locator("#queued-behind")).to_have_count(0)
+    finally:
+        client.batches.cancel(running.id)
+        client.batches.cancel(waiting.id)
+
+
 def test_retry_failed_requests(server_factory: ServerFactory, tab: Tab) -> None:
     server = server_factory()
     client = sdk(server)

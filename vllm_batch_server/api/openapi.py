@@ -281,6 +281,9 @@ SCHEMAS: dict[str, Any] = {
                 "free_bytes": {"type": "integer"}, "total_bytes": {"type": "integer"}}},
             "checkpoint": {"type": "object", "properties": {"lag_seconds": {"type": "number"},
                                                             "uncommitted_results": {"type": "integer"}}},
+            "running": {"type": "array", "items": {"type": "string"},
+                        "description": "the batches the engine runs now; an in_progress batch not among them "
+                                       "waits behind them"},
         },
     },
     "Model": {

@@ -110,4 +110,7 @@ async def status(ctx: Context) -> dict[str, Any]:
         "disk": {"free_bytes": free, "total_bytes": total},
         # Beyond the contract's fields (additions only): how far durable state trails the running batches.
         "checkpoint": {"lag_seconds": round(lag, 3), "uncommitted_results": uncommitted},
+        # The batches the engine is running now, oldest first: an in_progress batch not among them waits behind
+        # them (the dashboard says so).
+        "running": list(scheduler.runners),
     }

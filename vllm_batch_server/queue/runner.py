@@ -62,6 +62,7 @@ class BatchRunner:
         self._stopped = asyncio.Event()
         self._in_flight: dict[str, float] = {}  # engine request id -> start time
         self._engine_error: BaseException | None = None
+        self._winding_down = False  # in-flight requests are being aborted: their answers are not results
 
     def stop(self, reason: BatchStatus | str) -> None:
         """Ask the runner to wind down: in-flight requests are aborted, finished results are kept."""
@@ -118,7 +119,8 @@ class BatchRunner:
 
         async def worker() -> None:
             nonlocal slice_end, slices
-            while (item := next_request()) is not None:
+            # Not past a wind-down: a cancel the engine swallowed (answering instead) must not start the next.
+            while not self._winding_down and (item := next_request()) is not None:
                 line_no, custom_id, body = item
                 request_id = f"{batch_id}-{line_no}"
                 if self._turns is not None:
@@ -130,6 +132,12 @@ class BatchRunner:
                     del self._in_flight[request_id]
                     if self._turns is not None:
                         self._turns.give_back()
+                if self._winding_down and not result.ok:
+                    # We are aborting what is in flight (cancel, expiry, shutdown, an engine failure): an engine
+                    # may answer an aborted request with an error of its own (vLLM: 400 "Client disconnected").
+                    # That is our doing, not the request's result: it has no line (a cancel), gets
+                    # batch_expired (an expiry) or runs again (a shutdown).
+                    return
                 results.append(custom_id, result)
                 done.add(custom_id)
                 if results.behind():
@@ -156,6 +164,7 @@ class BatchRunner:
             await asyncio.wait([all_done, stopped, checkpointer],  # type: ignore[type-var]
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._winding_down = True
             running = [task for task in workers if not task.done()]
             self.aborted = len(self._in_flight)
             if running:

@@ -64,6 +64,7 @@ class Router:
         self._slots = Dispatcher(self.members, self._affinity)
         self._active: set[str] = set()  # request ids inside run()
         self._aborted: set[str] = set()
+        self._moving: set[asyncio.Task[Any]] = set()  # requests' tasks cancelled to move them off a member
         self._watch: asyncio.Task[None] | None = None
         self._none_up_since: float | None = time.monotonic()
         self._last_probe = 0.0
@@ -178,9 +179,18 @@ class Router:
                     member.inflight.pop(request_id, None)
                     if not held:
                         self._slots.release(member)
-                if task.cancelled():
+                moved = task in self._moving
+                self._moving.discard(task)
+                if request_id in self._aborted or moved:
+                    # Whatever came back is the member's reply to our cancel (vLLM's: 400 "Client
+                    # disconnected"), not the request's result: an abort ends it, a move tries it elsewhere.
+                    if held:
+                        with contextlib.suppress(BaseException):
+                            await outcome.aclose()  # type: ignore[union-attr]
+                        self._slots.release(member)
                     if request_id in self._aborted:
                         raise asyncio.CancelledError
+                if task.cancelled() or moved:
                     uncharged += 1  # moved off a member taken out of rotation
                     member.moved += 1
                 elif outcome is not None:
@@ -310,6 +320,7 @@ class Router:
         log.error("%s %s is out of rotation (%s); %d request(s) in flight on it go to the others",
                   member.kind, member.name, reason, len(moving))
         for task in moving:
+            self._moving.add(task)  # cancelled by us: whatever it returns is not the request's answer
             task.cancel()
         if not any(m.state is MemberState.UP for m in self.members):
             self._none_up_since = time.monotonic()

@@ -265,3 +265,21 @@ export class EventFeed {
     if (id !== null && /^\d+$/.test(id)) this.lastSeq = Number(id);
   }
 }
+
+// The batches the engine runs now (GET /status's `running`), or null when the server does not say.
+export async function runningBatches() {
+  try {
+    const running = (await get("/status")).running;
+    return Array.isArray(running) ? running : null;
+  } catch {
+    return null;
+  }
+}
+
+// The batch an in_progress batch waits behind: the first one the engine runs now, or null when it runs itself,
+// has started, or the server does not say.
+export function queuedBehind(batch, running) {
+  const counts = batch.request_counts || {};
+  if (!running || !running.length || running.includes(batch.id)) return null;
+  return batch.status === "in_progress" && !counts.completed && !counts.failed ? running[0] : null;
+}

@@ -1,7 +1,7 @@
 // One batch: its timeline, counts and token usage, the first errors (validation errors by input line, or the
 // first lines of the error file), downloads, cancel and "retry failed requests".
 
-import { ApiError, call, capabilities, download, firstLines, get, post } from "./api.js";
+import { ApiError, call, capabilities, download, firstLines, get, post, queuedBehind, runningBatches } from "./api.js";
 import { announce, badge, bytes, count, duration, h, rate, replace, statusLabel, time } from "./dom.js";
 import { countsText, jobName, progressBar } from "./queue.js";
 import { ENDED, endedAt } from "./rates.js";
@@ -40,6 +40,14 @@ function fact(label, value, name) {
     h("span", { class: "label" }, label), h("span", { class: "value" }, value));
 }
 
+// An error's code as a word: its `code` when that is a string (context_length_exceeded), else its `type`
+// (vLLM puts the HTTP status in `code`, 400, and the kind in `type`, BadRequestError), else the code itself.
+export function errorCode(error) {
+  if (typeof error.code === "string" && error.code) return error.code;
+  if (typeof error.type === "string" && error.type) return error.type;
+  return error.code === undefined || error.code === null || error.code === "" ? null : String(error.code);
+}
+
 // One line of an error file, as the page shows it: who (custom_id), what status, why.
 export function describeErrorLine(raw) {
   try {
@@ -49,7 +57,7 @@ export function describeErrorLine(raw) {
     return {
       customId: line.custom_id,
       status: response ? response.status_code : null,
-      code: error.code || (error.type !== undefined ? error.type : null),
+      code: errorCode(error),
       message: error.message || (response ? JSON.stringify(response.body).slice(0, 300) : ""),
     };
   } catch {
@@ -128,8 +136,15 @@ export class BatchView {
     const name = jobName(batch);
     this.title.textContent = name || batch.id;
     document.title = `${name || batch.id} · vllm-batch`;
+    // A batch that ended without a model (refused by validation, cancelled before) never will have one.
+    const model = batch.model || (ENDED.has(batch.status) ? "no model (it never ran)" : "model not known yet");
+    const counts = batch.request_counts || {};
+    const mayWait = batch.status === "in_progress" && !counts.completed && !counts.failed;
+    const behind = mayWait ? queuedBehind(batch, await runningBatches()) : null;
     replace(this.statusLine, badge(batch.status), name ? h("span", { class: "mono muted" }, batch.id) : null,
-      h("span", { class: "muted" }, `${batch.model || "model not known yet"} · `, h("code", {}, batch.endpoint)));
+      behind ? h("span", { class: "queued", id: "queued-behind" }, "queued behind ",
+        h("a", { href: `#/batches/${behind}`, class: "mono" }, behind)) : null,
+      h("span", { class: "muted" }, `${model} · `, h("code", {}, batch.endpoint)));
     this.main.dataset.status = batch.status;
 
     replace(this.timelineList, timeline(batch).map((step) => h("li", { "data-state": step.state, "data-step": step.name },
@@ -142,8 +157,8 @@ export class BatchView {
     replace(this.facts,
       h("div", { class: "stat", "data-fact": "progress" }, h("span", { class: "label" }, "Progress"), progressBar(batch),
         h("span", { class: "value counts", id: "counts" }, countsText(batch))),
-      fact(estimate.live ? "Requests/s" : "Requests/s (average)", rate(estimate.requestsPerSecond), "rps"),
-      fact(estimate.live ? "Output tokens/s" : "Output tokens/s (average)", rate(estimate.tokensPerSecond), "tps"),
+      fact(estimate.live ? "Requests/s" : "Requests/s (average)", behind ? "— (queued)" : rate(estimate.requestsPerSecond), "rps"),
+      fact(estimate.live ? "Output tokens/s" : "Output tokens/s (average)", behind ? "— (queued)" : rate(estimate.tokensPerSecond), "tps"),
       ENDED.has(batch.status) ? null : fact("Time left", estimate.eta === null ? "—" : duration(estimate.eta) + (estimate.late ? " (past the deadline)" : ""), "eta"),
       fact("Input tokens", `${count(usage.input_tokens)}` + (cached ? ` (${count(cached)} cached)` : ""), "input-tokens"),
       fact("Output tokens", count(usage.output_tokens), "output-tokens"),

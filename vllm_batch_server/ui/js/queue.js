@@ -2,7 +2,7 @@
 // our `status` and `model` extensions). Rows update in place as events arrive and, while a batch on the page
 // is running, once a second, so keyboard focus stays where it was.
 
-import { get } from "./api.js";
+import { get, queuedBehind, runningBatches } from "./api.js";
 import { add, announce, badge, count, duration, h, rate, replace, time } from "./dom.js";
 import { endedAt } from "./rates.js";
 
@@ -154,7 +154,11 @@ export class QueueView {
     this.lastFetch = Date.now();
     this.controller = new AbortController();
     this.inflightKey = key;
-    const request = get("/v1/batches", query, { signal: this.controller.signal }).then((page) => {
+    const request = get("/v1/batches", query, { signal: this.controller.signal }).then(async (page) => {
+      if (this.inflight !== request) return;
+      // Which batches wait behind another (one GET /status for the page, and only if one might).
+      const waiting = page.data.find((b) => b.status === "in_progress" && !(b.request_counts || {}).completed && !(b.request_counts || {}).failed);
+      this.running = waiting ? await runningBatches() : null;
       if (this.inflight !== request) return;
       this.page = page.data;
       this.hasMore = page.has_more;
@@ -230,8 +234,10 @@ export class QueueView {
       replace(cells.status, badge(batch.status));
     }
     replace(cells.progress, progressBar(batch), h("span", { class: "counts" }, countsText(batch)));
-    cells.rps.textContent = rate(estimate.requestsPerSecond);
-    cells.tps.textContent = rate(estimate.tokensPerSecond);
+    const behind = queuedBehind(batch, this.running);
+    cells.rps.textContent = behind ? "queued" : rate(estimate.requestsPerSecond);
+    cells.rps.title = behind ? `queued behind ${behind}` : "";
+    cells.tps.textContent = behind ? "—" : rate(estimate.tokensPerSecond);
     cells.eta.textContent = estimate.eta === null ? "—" : duration(estimate.eta);
     cells.eta.classList.toggle("late", Boolean(estimate.late));
     cells.eta.title = estimate.late ? "At this pace the batch will not finish before its completion window ends" : "";
