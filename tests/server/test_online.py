@@ -311,7 +311,10 @@ def test_a_batch_line_cannot_set_its_own_priority(app_factory: AppFactory) -> No
 def test_online_model_is_kept_loaded_while_online_traffic_continues(app_factory: AppFactory) -> None:
     server = app_factory(extra_args=[*ONLINE, "--online-idle-seconds", "3", "--echo-delay", "0.5"])
     client = sdk(server)
-    assert server.http.get(server.root_url + "/health").json()["loaded_model"] == "echo-model"  # loaded at start
+    deadline = time.monotonic() + 10  # loaded at start, with no request (the load runs beside start-up)
+    while server.http.get(server.root_url + "/health").json()["loaded_model"] != "echo-model":
+        assert time.monotonic() < deadline, "the online model was not loaded at start"
+        time.sleep(0.05)
     _chat(client)
     lines = [request_line(f"e{i}", "x", model="echo-embed", url="/v1/embeddings") for i in range(4)]
     batch = submit(client, lines, endpoint="/v1/embeddings")
