@@ -50,8 +50,9 @@ async def fill(data_dir: Path, count: int, seed: int = 7) -> None:
     """`count` ended batches as the lifecycle leaves them (rows plus every status event), oldest first."""
     from vllm_batch_server import ids
     from vllm_batch_server.settings import Settings
+    from vllm_batch_server.statuses import CREATED, STAMP, BatchStatus, event_type
     from vllm_batch_server.store.database import BatchRow, Database, FileRow
-    from vllm_batch_server.store.lifecycle import CREATED, STAMP, BatchStatus, event_type, new_event_id
+    from vllm_batch_server.store.lifecycle import new_event_id
 
     rng = random.Random(seed)
     db = await Database.open(Settings(data_dir=data_dir).db_path)
@@ -59,10 +60,11 @@ async def fill(data_dir: Path, count: int, seed: int = 7) -> None:
     endings = [BatchStatus.COMPLETED] * 90 + [BatchStatus.FAILED] * 5 + [BatchStatus.CANCELLED] * 3 + \
         [BatchStatus.EXPIRED] * 2
     try:
-        async with db.transaction() as conn:
+        # A synthetic history written in one transaction: the lifecycle's own statements, without its rules.
+        async with db.writes() as tx:
             source = FileRow(id=ids.new_file_id(), filename="synthetic.jsonl", purpose="batch", bytes=0,
                              created_at=start)
-            await db._insert_file(conn, source)
+            await tx.insert_file(source)
             for i in range(count):
                 created = start + i * 30
                 ending = rng.choice(endings)
@@ -83,12 +85,12 @@ async def fill(data_dir: Path, count: int, seed: int = 7) -> None:
                 for status in path:
                     moment += rng.randint(1, 600)
                     setattr(batch, STAMP[status], moment)
-                await db._insert_batch(conn, batch)
-                await db._insert_event(conn, new_event_id(), CREATED, batch.id, None, created)
+                await tx.insert_batch(batch)
+                await tx.insert_event(new_event_id(), CREATED, batch.id, None, created)
                 previous: str = BatchStatus.VALIDATING.value
                 for status in path:
-                    await db._insert_event(conn, new_event_id(), event_type(status), batch.id, previous,
-                                           getattr(batch, STAMP[status]))
+                    await tx.insert_event(new_event_id(), event_type(status), batch.id, previous,
+                                          getattr(batch, STAMP[status]))
                     previous = status.value
     finally:
         await db.close()

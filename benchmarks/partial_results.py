@@ -37,9 +37,10 @@ def http_pages(api: BatchAPI, batch_id: str, page: int) -> tuple[float, int, int
 
 def in_process(output: Path, lines: int, page: int, remember: bool) -> float:
     from vllm_batch_server.results.partial import CommittedResults, LineIndex
+    from vllm_batch_server.statuses import BatchStatus
     from vllm_batch_server.store.blobs import Blobs
-    from vllm_batch_server.store.database import BatchRow, Database
-    from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
+    from vllm_batch_server.store.database import BatchRow, Checkpoint, Database
+    from vllm_batch_server.store.lifecycle import Lifecycle
 
     class Forgetful(LineIndex):
         def remember(self, key: tuple[str, str], line: int, offset: int) -> None:
@@ -57,7 +58,9 @@ def in_process(output: Path, lines: int, page: int, remember: bool) -> float:
         part = blobs.part_paths(batch.id)[0]
         part.parent.mkdir(parents=True)
         shutil.copyfile(output, part)
-        await db.update_batch(batch.id, output_offset=part.stat().st_size)
+        committer = Lifecycle(db).checkpoint_committer()  # committed up to the whole part, as a checkpoint does
+        committer.commit(batch.id, Checkpoint(part.stat().st_size, 0, 0, 0, 0, 0, 0))
+        committer.close()
         results = CommittedResults(db, blobs)
         if not remember:
             results.index = Forgetful()

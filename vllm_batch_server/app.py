@@ -78,21 +78,23 @@ def create_app(settings: Settings) -> Starlette:
         db = await Database.open(settings.db_path)
         lifecycle = Lifecycle(db)
         events = EventLog(db, lifecycle)
-        scheduler = Scheduler(db, blobs, create_engine(settings), settings, lifecycle, metrics.SchedulerMetrics())
+        app_metrics = metrics.Metrics()  # this app's registry: never the process's global one
+        scheduler = Scheduler(db, blobs, create_engine(settings), settings, lifecycle,
+                              metrics.SchedulerMetrics(app_metrics))
         result_handlers = HandlerService(db, blobs, events, configured_handlers)
         monitor = Monitor(db)
-        lifecycle_metrics = metrics.LifecycleMetrics(db, events)
-        hooks = Webhooks(db, events, settings)
+        lifecycle_metrics = metrics.LifecycleMetrics(db, events, app_metrics)
+        hooks = Webhooks(db, events, settings, app_metrics)
         app.state.context = Context(settings, db, blobs, scheduler, events, CommittedResults(db, blobs),
                                     MarkIndex(db, blobs), result_handlers, monitor,
-                                    metrics.LiveCollector(monitor, scheduler, settings), hooks)
+                                    metrics.LiveCollector(monitor, scheduler, settings, app_metrics), hooks)
         app.state.started_at = int(time.time())
         await result_handlers.start()  # first: its cursor is placed before the scheduler ends any batch
         app.state.loop = asyncio.get_running_loop()
         # So are these readers': the batches that recovery finishes are announced too.
         await lifecycle_metrics.start()
         await hooks.start()
-        await metrics.count_resumed(db)
+        await metrics.count_resumed(db, app_metrics)
         if settings.preload:
             await scheduler.preload()
         await scheduler.start()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from vllm_batch_server.store.lifecycle import EVENT_TYPES
+from vllm_batch_server.statuses import EVENT_TYPES
 
 # What OpenAI sends for batches: the four ways a batch ends. The other lifecycle events (batch.created,
 # batch.in_progress, ...) are ours; an endpoint may ask for them by name or with "*".

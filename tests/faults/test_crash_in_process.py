@@ -24,9 +24,10 @@ from vllm_batch_server.engines.echo import EchoEngine
 from vllm_batch_server.queue import scheduler as scheduler_module
 from vllm_batch_server.queue.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.statuses import TERMINAL, BatchStatus
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import BatchRow, CheckpointCommitter, Database, FileRow
-from vllm_batch_server.store.lifecycle import TERMINAL, BatchStatus, Lifecycle
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 N = 60
 

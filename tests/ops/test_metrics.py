@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -174,3 +175,26 @@ def test_prometheus_gets_the_text_format(shared_server: RunningServer) -> None:
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     names = {family.name for family in text_string_to_metric_families(response.text)}
     assert {"vllm_batch_requests", "vllm_batch_batches", "vllm_batch_checkpoint_commit_seconds"} <= names
+
+
+def test_two_apps_in_one_process_have_their_own_metrics(tmp_path: Path) -> None:
+    """One registry per app: two apps in one process neither collide registering their metrics nor see each
+    other's numbers (here the model load that only the first one did, at start-up)."""
+    from starlette.testclient import TestClient
+
+    from vllm_batch_server.app import create_app
+    from vllm_batch_server.settings import Settings
+
+    def app(name: str, preload: bool) -> TestClient:
+        return TestClient(create_app(Settings(engine="echo", models=["m"], data_dir=tmp_path / name,
+                                              preload=preload)))
+
+    def loads(client: TestClient) -> float:
+        response = client.get("/metrics")
+        assert response.status_code == 200
+        return sum(sample.value for family in text_string_to_metric_families(response.text)
+                   for sample in family.samples if sample.name == "vllm_batch_model_load_seconds_count")
+
+    with app("first", preload=True) as first, app("second", preload=False) as second:
+        assert loads(first) == 1
+        assert loads(second) == 0

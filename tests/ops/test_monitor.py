@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 from pathlib import Path
 
 from vllm_batch_server.observers.monitor import Monitor
-from vllm_batch_server.store.database import BatchRow, Database
-from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server.statuses import BatchStatus
+from vllm_batch_server.store.database import BatchRow, Checkpoint, Database
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 S = BatchStatus
 
 
 async def full_sums(db: Database) -> tuple[dict[str, int], dict[tuple[str, str], tuple[int, ...]]]:
-    counts = {row[0]: row[1] for row in await db._query("SELECT status, COUNT(*) FROM batches GROUP BY status")}
-    totals = {(row[0], row[1]): tuple(row[2:]) for row in await db._query(
-        "SELECT model, endpoint, SUM(completed), SUM(failed), SUM(input_tokens), SUM(cached_tokens), "
-        "SUM(output_tokens) FROM batches WHERE model IS NOT NULL GROUP BY model, endpoint")}
+    # Read on a connection of the test's own: the database's query helpers are its own business.
+    with sqlite3.connect(db.path) as conn:
+        counts = {row[0]: row[1] for row in conn.execute("SELECT status, COUNT(*) FROM batches GROUP BY status")}
+        totals = {(row[0], row[1]): tuple(row[2:]) for row in conn.execute(
+            "SELECT model, endpoint, SUM(completed), SUM(failed), SUM(input_tokens), SUM(cached_tokens), "
+            "SUM(output_tokens) FROM batches WHERE model IS NOT NULL GROUP BY model, endpoint")}
     return counts, totals
 
 
@@ -47,9 +51,12 @@ def test_incremental_numbers_equal_a_full_sum(tmp_path: Path) -> None:
                     batch_id = rng.choice(active)
                     batch = await db.get_batch(batch_id)
                     assert batch is not None
-                    await db.update_batch(batch_id, completed=batch.completed + rng.randint(0, 5),
-                                          failed=batch.failed + rng.randint(0, 1),
-                                          input_tokens=batch.input_tokens + 30, output_tokens=batch.output_tokens + 7)
+                    committer = lifecycle.checkpoint_committer()
+                    committer.commit(batch_id, Checkpoint(
+                        batch.output_offset, batch.error_offset, batch.completed + rng.randint(0, 5),
+                        batch.failed + rng.randint(0, 1), batch.input_tokens + 30, batch.cached_tokens,
+                        batch.output_tokens + 7))
+                    committer.close()
                 else:  # the batch ends, one way or another
                     batch_id = active.pop(rng.randrange(len(active)))
                     ending = rng.choice([S.COMPLETED, S.EXPIRED, S.FAILED, S.CANCELLED])

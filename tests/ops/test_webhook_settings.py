@@ -13,9 +13,10 @@ import pytest
 from vllm_batch_server import cli
 from vllm_batch_server.observers import webhooks
 from vllm_batch_server.settings import Settings, SettingsError
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.database import BatchRow, Database
 from vllm_batch_server.store.events import EventLog
-from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server.store.lifecycle import Lifecycle
 from vllm_batch_server.webhook_targets import DEFAULT_EVENTS, WebhookEndpoint, host_allowed
 
 SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()

@@ -22,9 +22,10 @@ from vllm_batch_server.engines.base import Result, Usage
 from vllm_batch_server.queue import checkpoint
 from vllm_batch_server.queue.checkpoint import ResultLog
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import BatchRow, Checkpoint, CheckpointCommitter, Database
-from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 
 def _ok(n: int) -> Result:
@@ -47,7 +48,7 @@ async def _setup(tmp_path: Path, every: int = 1000,
 def test_only_checkpointed_results_survive_and_the_torn_tail_is_cut(tmp_path: Path) -> None:
     async def scenario() -> None:
         db, blobs, settings, batch = await _setup(tmp_path)
-        log = ResultLog(db, blobs, settings, batch)
+        log = ResultLog(Lifecycle(db), blobs, settings, batch)
         for i in range(3):
             log.append(f"ok-{i}", _ok(i))
         log.append("bad-0", Result.error(400, "too long", param="messages"))
@@ -65,7 +66,7 @@ def test_only_checkpointed_results_survive_and_the_torn_tail_is_cut(tmp_path: Pa
         assert (row.input_tokens, row.cached_tokens, row.output_tokens) == (6, 3, 9)
         assert ResultLog.recover(blobs, row) == {"ok-0", "ok-1", "ok-2", "bad-0"}
 
-        resumed = ResultLog(db, blobs, settings, row)  # opening cuts the parts back
+        resumed = ResultLog(Lifecycle(db), blobs, settings, row)  # opening cuts the parts back
         assert out_part.stat().st_size == row.output_offset
         resumed.append("ok-3", _ok(3))
         await resumed.checkpoint(final=True)
@@ -80,7 +81,7 @@ def test_only_checkpointed_results_survive_and_the_torn_tail_is_cut(tmp_path: Pa
 def test_a_part_shorter_than_its_committed_offset_is_refused(tmp_path: Path) -> None:
     async def scenario() -> None:
         db, blobs, settings, batch = await _setup(tmp_path)
-        log = ResultLog(db, blobs, settings, batch)
+        log = ResultLog(Lifecycle(db), blobs, settings, batch)
         log.append("ok-0", _ok(0))
         await log.checkpoint()
         await log.close()
@@ -89,7 +90,7 @@ def test_a_part_shorter_than_its_committed_offset_is_refused(tmp_path: Path) -> 
         row = await db.get_batch(batch.id)
         assert row is not None
         try:
-            ResultLog(db, blobs, settings, row)
+            ResultLog(Lifecycle(db), blobs, settings, row)
         except OSError as exc:
             assert "shorter than its committed" in str(exc)
         else:
@@ -105,7 +106,7 @@ async def open_log(tmp_path: Path, every: int = 1000,
     """A result log on a fresh db, both closed at the end even when the test fails (aiosqlite's thread
     would otherwise keep the interpreter from exiting)."""
     db, blobs, settings, batch = await _setup(tmp_path, every, seconds)
-    log = ResultLog(db, blobs, settings, batch)
+    log = ResultLog(Lifecycle(db), blobs, settings, batch)
     try:
         yield log, db, batch
     finally:
@@ -254,7 +255,7 @@ def test_reads_and_writes_stay_correct_while_checkpoints_commit_from_another_con
         errors: list[BaseException] = []
 
         def commit_in_a_loop() -> None:
-            committer = db.checkpoint_committer()
+            committer = Lifecycle(db).checkpoint_committer()
             n = 0
             try:
                 while not stop.is_set():
@@ -271,7 +272,7 @@ def test_reads_and_writes_stay_correct_while_checkpoints_commit_from_another_con
         try:
             for round_ in range(150):
                 reads: list[Any] = [db.get_batch(batch.id) for _ in range(3)]
-                await asyncio.gather(*reads, db.update_batch(batch.id, errors=[{"round": round_}]),
+                await asyncio.gather(*reads, Lifecycle(db).record_errors(batch.id, [{"round": round_}]),
                                      db.list_batches(after_seq=None, limit=5))
             assert errors == []
             row = await db.get_batch(batch.id)
@@ -315,7 +316,7 @@ def test_lines_pending_when_the_disk_filled_never_reach_the_part_later(tmp_path:
                 batch = await Lifecycle(db).create(BatchRow(
                     id="batch_test", endpoint="/v1/chat/completions", input_file_id="file-x",
                     completion_window="24h", status=BatchStatus.VALIDATING, created_at=0, total=20))
-                first = ResultLog(db, blobs, settings, batch)
+                first = ResultLog(Lifecycle(db), blobs, settings, batch)
                 first.append("ok-0", Result(200, {"text": ""}))
                 first.append_error("bad-0", "e", "refused")
                 await first.checkpoint()
@@ -338,7 +339,7 @@ def test_lines_pending_when_the_disk_filled_never_reach_the_part_later(tmp_path:
 
                 row = await db.get_batch(batch.id)
                 assert row is not None and (row.completed, row.failed) == (2, 1)
-                resumed = ResultLog(db, blobs, settings, row)  # cuts both parts back to the commit
+                resumed = ResultLog(Lifecycle(db), blobs, settings, row)  # cuts both parts back to the commit
                 del first
                 gc.collect()  # whatever the first log still held would be written now
                 resumed.append_error("bad-9", "e", "refused")

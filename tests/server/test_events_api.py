@@ -20,9 +20,10 @@ import pytest
 from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
 from tests.helpers.server import RunningServer
 from vllm_batch_server.api.events import EventStream
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.database import BatchRow, Database
 from vllm_batch_server.store.events import EventLog
-from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 LIFE = ["batch.created", "batch.in_progress", "batch.finalizing", "batch.completed"]
 

@@ -13,17 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ServerFactory, chat_lines, sdk, submit, wait_for
-from vllm_batch_server.store.database import BatchRow, Database
+from vllm_batch_server.statuses import ACTIVE, EVENT_TYPES, TERMINAL, TRANSITIONS, BatchStatus, predecessors
+from vllm_batch_server.store.database import BatchRow, BatchWrites, Database
 from vllm_batch_server.store.events import EventLog
-from vllm_batch_server.store.lifecycle import (
-    ACTIVE,
-    EVENT_TYPES,
-    TERMINAL,
-    TRANSITIONS,
-    BatchStatus,
-    Lifecycle,
-    predecessors,
-)
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 S = BatchStatus
 
@@ -95,8 +88,8 @@ def test_illegal_moves_are_refused_even_bypassing_the_lifecycle(tmp_path: Path) 
     async def scenario() -> None:
         async with opened(tmp_path) as (db, lifecycle, _):
             await walk_to(lifecycle, "batch_a", S.COMPLETED)
-            with pytest.raises(ValueError, match="only through the lifecycle"):
-                await db.update_batch("batch_a", status="in_progress")
+            # The database has no writer of batch rows of its own: only the lifecycle's transactions.
+            assert not hasattr(db, "update_batch")
         with sqlite3.connect(tmp_path / "db.sqlite3") as conn, pytest.raises(sqlite3.IntegrityError,
                                                                              match="illegal batch status"):
             conn.execute("UPDATE batches SET status = 'in_progress' WHERE id = 'batch_a'")
@@ -113,7 +106,7 @@ def test_a_status_change_and_its_event_commit_together(tmp_path: Path, monkeypat
             async def broken(*args: object) -> int:
                 raise sqlite3.OperationalError("disk I/O error")
 
-            monkeypatch.setattr(Database, "_insert_event", staticmethod(broken))
+            monkeypatch.setattr(BatchWrites, "insert_event", broken)
             with pytest.raises(sqlite3.OperationalError):
                 await lifecycle.move("batch_a", S.CANCELLING)
             row = await db.get_batch("batch_a")
@@ -125,9 +118,9 @@ def test_a_status_change_and_its_event_commit_together(tmp_path: Path, monkeypat
 
 def test_a_batch_that_is_ending_cannot_be_cancelled(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with opened(tmp_path) as (db, lifecycle, _):
+        async with opened(tmp_path) as (_, lifecycle, _):
             await walk_to(lifecycle, "batch_a", S.IN_PROGRESS)
-            await db.update_batch("batch_a", outcome="expired")  # finalizing has chosen how it ends
+            await lifecycle.set_outcome("batch_a", S.EXPIRED)  # finalizing has chosen how it ends
             assert not await lifecycle.move("batch_a", S.CANCELLING)
             assert await lifecycle.move("batch_a", S.EXPIRED)
 

@@ -17,9 +17,10 @@ from tests.conftest import TERMINAL, ServerFactory, chat_lines, read_jsonl, sdk,
 from tests.hostile.errors import assert_openai_error
 from vllm_batch_server.results import partial
 from vllm_batch_server.results.partial import CommittedResults, LineIndex
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.blobs import Blobs
-from vllm_batch_server.store.database import BatchRow, Database
-from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server.store.database import BatchRow, Checkpoint, Database
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 
 def read_page(http: httpx.Client, batch_id: str, kind: str = "output", after: int = 0,
@@ -176,8 +177,17 @@ async def _running_batch(tmp_path: Path, committed: bytes, extra: bytes) -> tupl
     out_part, _ = blobs.part_paths(batch.id)
     out_part.parent.mkdir(parents=True)
     out_part.write_bytes(committed + extra)
-    await db.update_batch(batch.id, output_offset=len(committed))
+    _checkpoint(db, batch.id, len(committed))
     return db, blobs, batch
+
+
+def _checkpoint(db: Database, batch_id: str, output_offset: int) -> None:
+    """Commit a checkpoint up to `output_offset` of the output part, as a running batch's result log does."""
+    committer = Lifecycle(db).checkpoint_committer()
+    try:
+        committer.commit(batch_id, Checkpoint(output_offset, 0, 0, 0, 0, 0, 0))
+    finally:
+        committer.close()
 
 
 def _lines(n: int, start: int = 0) -> bytes:
@@ -196,7 +206,7 @@ def test_bytes_past_the_committed_offset_are_never_read(tmp_path: Path) -> None:
         results = CommittedResults(db, blobs)
         assert await _read(results, batch.id, 0, 100) == (_lines(5), 5)
         assert await _read(results, batch.id, 5, 100) == (b"", 5)
-        await db.update_batch(batch.id, output_offset=len(_lines(8)))  # the next checkpoint
+        _checkpoint(db, batch.id, len(_lines(8)))  # the next checkpoint
         assert await _read(results, batch.id, 5, 100) == (_lines(3, 5), 8)
         await db.close()
 
@@ -208,7 +218,7 @@ def test_a_part_renamed_by_finalizing_is_read_from_its_file(tmp_path: Path) -> N
         db, blobs, batch = await _running_batch(tmp_path, _lines(4), b"")
         results = CommittedResults(db, blobs)
         # Finalizing records the file id first, then renames; the status is still in_progress/finalizing.
-        await db.update_batch(batch.id, output_file_id="file-out", outcome="completed")
+        await Lifecycle(db).set_outcome(batch.id, BatchStatus.COMPLETED, output_file_id="file-out")
         os.replace(blobs.part_paths(batch.id)[0], blobs.file_path("file-out"))
         assert await _read(results, batch.id, 1, 2) == (_lines(2, 1), 3)
         # Opened before the rename: the descriptor still reads the same bytes.

@@ -8,9 +8,10 @@ from pathlib import Path
 from vllm_batch_server.engines.echo import EchoEngine
 from vllm_batch_server.queue.scheduler import Scheduler
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import BatchRow, Database
-from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 
 def test_next_batch_waits_for_an_older_batch_in_validation(tmp_path: Path) -> None:

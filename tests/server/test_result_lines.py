@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from vllm_batch_server.engines.base import Result, Usage
-from vllm_batch_server.store.jsonl import custom_id_of, result_line
+from vllm_batch_server.queue.checkpoint import result_line
+from vllm_batch_server.store.jsonl import custom_id_of
 
 BODY: dict[str, Any] = {
     "id": "embd-1", "object": "list", "created": 1, "model": "all-minilm-l6-v2",

@@ -19,9 +19,9 @@ from vllm_batch_server.engines.base import SUPPORTED_ENDPOINTS
 from vllm_batch_server.observers import webhooks
 from vllm_batch_server.queue import priority
 from vllm_batch_server.queue.scheduler import NotCancellable
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.database import BatchRow
 from vllm_batch_server.store.idempotency import IdempotencyKey, KeyReused, fingerprint, replayed
-from vllm_batch_server.store.lifecycle import BatchStatus
 from vllm_batch_server.store.schemas import batch_object, page
 
 CREATE_FIELDS = {"input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"}

@@ -38,9 +38,9 @@ from vllm_batch_server.engines.base import (
     Result,
     StreamingEngine,
 )
+from vllm_batch_server.queue.engine_owner import EngineState
 from vllm_batch_server.queue.priority import online_priority
-from vllm_batch_server.queue.scheduler import EngineState
-from vllm_batch_server.store.lifecycle import BatchStatus
+from vllm_batch_server.statuses import BatchStatus
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,8 @@ async def _check_loaded(ctx: Context, model: str) -> None:
     """Only the loaded model answers online requests. Any other served model gets 503 with Retry-After while
     the server is on its way to serving it (loading it, restarting the engine that had it, keeping it for
     online traffic, or with a batch of it queued), and 400 naming what is loaded when it will not serve it."""
-    scheduler = ctx.scheduler
-    state, loaded, loading = scheduler.engine_state, scheduler.engine.model, scheduler.loading_model
+    owner = ctx.scheduler.engine_owner
+    state, loaded, loading = owner.state, ctx.scheduler.engine.model, owner.loading_model
     if state is EngineState.READY and loaded == model:
         return
     retry = {"retry-after": str(RETRY_AFTER_LOADING)}

@@ -22,7 +22,7 @@ from vllm_batch_server.api.ui import MEDIA_TYPES
 from vllm_batch_server.engines.base import STREAMING_ENDPOINTS, SUPPORTED_ENDPOINTS
 from vllm_batch_server.queue.priority import BATCH_BASE
 from vllm_batch_server.results.marks import MAX_LABEL, MAX_NOTE
-from vllm_batch_server.store.lifecycle import EVENT_TYPES
+from vllm_batch_server.statuses import EVENT_TYPES
 
 
 def _ref(name: str) -> dict[str, str]:

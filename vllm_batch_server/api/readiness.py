@@ -24,8 +24,8 @@ from vllm_batch_server import __version__
 from vllm_batch_server.engines import model_files
 from vllm_batch_server.engines.router.router import Router
 from vllm_batch_server.observers.metrics import checkpoint_lag, vllm_kv_cache_usage
-from vllm_batch_server.queue.scheduler import EngineState
-from vllm_batch_server.store.lifecycle import BatchStatus
+from vllm_batch_server.queue.engine_owner import EngineState
+from vllm_batch_server.statuses import BatchStatus
 
 if TYPE_CHECKING:
     from vllm_batch_server.api.context import Context
@@ -65,8 +65,8 @@ async def readiness(ctx: Context) -> list[str]:
     except OSError as exc:
         reasons.append(f"the data directory {ctx.settings.data_dir} does not take writes: {exc.strerror or exc}")
     scheduler = ctx.scheduler
-    if scheduler.load_error is not None:
-        reasons.append(scheduler.load_error)
+    if scheduler.engine_owner.load_error is not None:
+        reasons.append(scheduler.engine_owner.load_error)
     if isinstance(scheduler.engine, Router) and (down := scheduler.engine.not_ready()) is not None:
         reasons.append(down)  # every backend is out of rotation: batches wait, online requests fail
     reasons.extend(await asyncio.to_thread(_unloadable, ctx))
@@ -83,7 +83,7 @@ async def status(ctx: Context) -> dict[str, Any]:
     scheduler = ctx.scheduler
     snapshot = await ctx.monitor.snapshot()
     requests_per_second, tokens_per_second = ctx.monitor.throughput()
-    ready = scheduler.engine_state is EngineState.READY
+    ready = scheduler.engine_owner.state is EngineState.READY
     try:
         disk = shutil.disk_usage(ctx.settings.data_dir)
         free, total = disk.free, disk.total
@@ -95,7 +95,7 @@ async def status(ctx: Context) -> dict[str, Any]:
         "version": __version__,
         "engine": {
             "kind": ctx.settings.engine,
-            "state": scheduler.engine_state.value,
+            "state": scheduler.engine_owner.state.value,
             "model": scheduler.engine.model if ready else None,
             "kv_cache_usage": vllm_kv_cache_usage() if ready and ctx.settings.engine == "vllm" else None,
         },

@@ -22,9 +22,9 @@ from vllm_batch_server.api.errors import APIError, bad_request
 from vllm_batch_server.api.idempotency import key_header
 from vllm_batch_server.api.params import checked_id, json_object
 from vllm_batch_server.results.resubmit import MAX_BATCHES, META_KEY, RetryError, check_retryable, write_retry_input
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.database import BatchRow, FileRow
 from vllm_batch_server.store.idempotency import IdempotencyKey, fingerprint
-from vllm_batch_server.store.lifecycle import BatchStatus
 from vllm_batch_server.store.schemas import batch_object
 
 OPTIONS = {"completion_window", "metadata"}

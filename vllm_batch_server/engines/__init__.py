@@ -7,20 +7,10 @@ replicas (`--engine ray --replicas N`) and OpenAI-compatible backends (`--backen
 from __future__ import annotations
 
 from vllm_batch_server.engines.base import Engine, EngineError, Result, Usage
+from vllm_batch_server.engines.in_process import in_process_engine
 from vllm_batch_server.settings import Settings, SettingsError
 
 __all__ = ["Engine", "EngineError", "Result", "Usage", "check_settings", "create_engine", "served_models"]
-
-
-def in_process_engine(settings: Settings, kind: str) -> Engine:
-    if kind == "echo":
-        from vllm_batch_server.engines.echo import EchoEngine
-
-        return EchoEngine(settings)
-    # Imported only here: vLLM takes seconds to import and is absent from client-only installs.
-    from vllm_batch_server.engines.vllm import VLLMEngine
-
-    return VLLMEngine(settings)
 
 
 def check_settings(settings: Settings) -> None:

@@ -38,7 +38,7 @@ class Replica:
     """The actor: one in-process engine on whatever node Ray placed it. (Made a Ray actor class at run time.)"""
 
     def __init__(self, settings: Settings, owner: str) -> None:
-        from vllm_batch_server.engines import in_process_engine
+        from vllm_batch_server.engines.in_process import in_process_engine
 
         self.owner = owner  # the server that created it: a replica of another server is never reused
         self.incarnation = uuid.uuid4().hex  # new after every restart of the actor's process

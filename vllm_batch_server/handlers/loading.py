@@ -21,7 +21,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from vllm_batch_server.handlers import ENTRY_POINT_GROUP, HandlerConfigError, ResultHandler
-from vllm_batch_server.store.lifecycle import TERMINAL, BatchStatus
+from vllm_batch_server.statuses import TERMINAL, BatchStatus
 
 BUILTIN = {
     "postgres": "vllm_batch_server.handlers.postgres:PostgresHandler",

@@ -28,10 +28,10 @@ from typing import Any
 from vllm_batch_server.aio import wait_event
 from vllm_batch_server.handlers import EndedBatch
 from vllm_batch_server.handlers.loading import Handler
+from vllm_batch_server.statuses import TERMINAL, event_type
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import Database
 from vllm_batch_server.store.events import EventLog, EventReader
-from vllm_batch_server.store.lifecycle import TERMINAL, event_type
 from vllm_batch_server.store.schemas import batch_object
 
 log = logging.getLogger(__name__)

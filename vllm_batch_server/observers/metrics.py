@@ -7,12 +7,14 @@ Where each number comes from, so that none costs the request path anything:
   crash took back.
 - Batch durations come from the lifecycle's event log, through a reader with its own cursor ("metrics"), like
   every other consumer of batch events; nothing here hooks into the scheduler for them.
-- The engine's loads, switches and restarts, and a batch's wait before its first run, are reported by the
-  scheduler as they happen (scheduler.Observer); checkpoint commit times by each batch's checkpoint thread.
+- The engine's loads, switches and restarts, a batch's wait before its first run and checkpoint commit times
+  are reported as they happen through the scheduler's observer (`SchedulerMetrics`, a scheduler.Observer; the
+  commit times come from each batch's checkpoint thread through a callback): the queue never imports this
+  module.
+- Ours live in one registry per app (`Metrics`), so two apps in one process never share or clash.
 - Gauges of live state (engine state, paused batches, checkpoint lag, disk) read the scheduler when scraped.
 - Online requests are counted as they are answered, by model and endpoint (online_metrics.py), in the
-  scheduler's own registry (one per app, so two apps in one process never clash), collected with the live
-  gauges.
+  scheduler's own registry, collected with the live gauges.
 - vLLM registers its metrics in prometheus-client's global registry from inside the engine (`AsyncLLM` with
   stats on, vLLM's default); they are appended to ours as they are.
 
@@ -36,7 +38,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from vllm_batch_server import __version__
 from vllm_batch_server.engines.router.metrics import member_metrics
 from vllm_batch_server.exhaustion import Exhausted
-from vllm_batch_server.store.lifecycle import TERMINAL, BatchStatus, event_type
+from vllm_batch_server.queue.engine_owner import EngineState
+from vllm_batch_server.statuses import TERMINAL, BatchStatus, event_type
 
 if TYPE_CHECKING:
     from vllm_batch_server.observers.monitor import Monitor
@@ -50,53 +53,68 @@ log = logging.getLogger(__name__)
 PREFIX = "vllm_batch_"
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"  # what every Prometheus reads
 
-# Ours, observed as things happen. One registry per process: a server process serves one app.
-REGISTRY = CollectorRegistry(auto_describe=True)
-
 _MINUTES = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 43200, 86400, 172800)
-CHECKPOINT_COMMIT_SECONDS = Histogram(
-    PREFIX + "checkpoint_commit_seconds", "Time to make one checkpoint durable: fsync the result parts that grew, "
-    "then commit their offsets and counters to SQLite.",
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY)
-QUEUE_WAIT_SECONDS = Histogram(
-    PREFIX + "queue_wait_seconds", "From a batch's creation to the start of its first run (validation included).",
-    buckets=_MINUTES, registry=REGISTRY)
-BATCH_DURATION_SECONDS = Histogram(
-    PREFIX + "batch_duration_seconds", "From a batch's creation to its terminal status, by that status.",
-    ["status"], buckets=_MINUTES, registry=REGISTRY)
-MODEL_LOAD_SECONDS = Histogram(
-    PREFIX + "model_load_seconds", "Time to (re)start the engine with a model, by model.", ["model"],
-    buckets=(0.1, 1, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200), registry=REGISTRY)
-MODEL_SWITCHES = Counter(PREFIX + "model_switches", "Engine restarts to serve a different model.",
-                         registry=REGISTRY)
-ENGINE_RESTARTS = Counter(PREFIX + "engine_restarts", "Engine restarts after it failed (died, hung or failed a "
-                          "health check).", registry=REGISTRY)
-RESUMED_BATCHES = Counter(PREFIX + "resumed_batches", "Batches that resumed from their last checkpoint when the "
-                          "server started (they had been stopped mid-run).", registry=REGISTRY)
-WEBHOOK_ATTEMPTS = Counter(PREFIX + "webhook_attempts", "Webhook delivery attempts, by result (success: a 2xx "
-                           "answer).", ["result"], registry=REGISTRY)
-WEBHOOK_DELIVERIES = Counter(PREFIX + "webhook_deliveries", "Webhook deliveries that ended: delivered, or failed "
-                             "once their retry time ran out.", ["status"], registry=REGISTRY)
-for _result in ("success", "failure"):
-    WEBHOOK_ATTEMPTS.labels(_result)
-for _status in ("delivered", "failed"):
-    WEBHOOK_DELIVERIES.labels(_status)
-for _ending in TERMINAL:  # every series exists from the start, so a query for one never comes back empty
-    BATCH_DURATION_SECONDS.labels(_ending.value)
+
+
+class Metrics:
+    """Ours, observed as things happen, in a registry of this app's own: two apps in one process (tests, a
+    program that embeds the server) never share a series nor collide registering one."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.checkpoint_commit_seconds = Histogram(
+            PREFIX + "checkpoint_commit_seconds", "Time to make one checkpoint durable: fsync the result parts "
+            "that grew, then commit their offsets and counters to SQLite.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry)
+        self.queue_wait_seconds = Histogram(
+            PREFIX + "queue_wait_seconds", "From a batch's creation to the start of its first run (validation "
+            "included).", buckets=_MINUTES, registry=registry)
+        self.batch_duration_seconds = Histogram(
+            PREFIX + "batch_duration_seconds", "From a batch's creation to its terminal status, by that status.",
+            ["status"], buckets=_MINUTES, registry=registry)
+        self.model_load_seconds = Histogram(
+            PREFIX + "model_load_seconds", "Time to (re)start the engine with a model, by model.", ["model"],
+            buckets=(0.1, 1, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200), registry=registry)
+        self.model_switches = Counter(PREFIX + "model_switches", "Engine restarts to serve a different model.",
+                                      registry=registry)
+        self.engine_restarts = Counter(PREFIX + "engine_restarts", "Engine restarts after it failed (died, hung "
+                                       "or failed a health check).", registry=registry)
+        self.resumed_batches = Counter(PREFIX + "resumed_batches", "Batches that resumed from their last "
+                                       "checkpoint when the server started (they had been stopped mid-run).",
+                                       registry=registry)
+        self.webhook_attempts = Counter(PREFIX + "webhook_attempts", "Webhook delivery attempts, by result "
+                                        "(success: a 2xx answer).", ["result"], registry=registry)
+        self.webhook_deliveries = Counter(PREFIX + "webhook_deliveries", "Webhook deliveries that ended: "
+                                          "delivered, or failed once their retry time ran out.", ["status"],
+                                          registry=registry)
+        for result in ("success", "failure"):
+            self.webhook_attempts.labels(result)
+        for status in ("delivered", "failed"):
+            self.webhook_deliveries.labels(status)
+        for ending in TERMINAL:  # every series exists from the start, so a query for one never comes back empty
+            self.batch_duration_seconds.labels(ending.value)
 
 
 class SchedulerMetrics:
-    """What the scheduler reports (scheduler.Observer), as metrics."""
+    """What the scheduler and its engine owner report (scheduler.Observer), as metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
 
     def model_loaded(self, model: str, seconds: float, *, switched: bool, restarted: bool) -> None:
-        MODEL_LOAD_SECONDS.labels(model).observe(seconds)
+        self._metrics.model_load_seconds.labels(model).observe(seconds)
         if switched:
-            MODEL_SWITCHES.inc()
+            self._metrics.model_switches.inc()
         if restarted:
-            ENGINE_RESTARTS.inc()
+            self._metrics.engine_restarts.inc()
 
     def batch_started(self, batch: BatchRow) -> None:
-        QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - batch.created_at))
+        self._metrics.queue_wait_seconds.observe(max(0.0, time.time() - batch.created_at))
+
+    def checkpoint_committed(self, seconds: float) -> None:
+        # On a batch's checkpoint thread: prometheus-client's metrics are thread-safe.
+        self._metrics.checkpoint_commit_seconds.observe(seconds)
 
 
 class LifecycleMetrics:
@@ -106,8 +124,9 @@ class LifecycleMetrics:
     READER = "metrics"
     _ENDINGS: ClassVar[dict[str, BatchStatus]] = {event_type(status): status for status in TERMINAL}
 
-    def __init__(self, db: Database, events: EventLog) -> None:
+    def __init__(self, db: Database, events: EventLog, metrics: Metrics | None = None) -> None:
         self._db = db
+        self._durations = (metrics or Metrics()).batch_duration_seconds
         self._reader = events.reader(self.READER, start="end")
         self._task: asyncio.Task[None] | None = None
 
@@ -130,7 +149,7 @@ class LifecycleMetrics:
                         continue
                     batch = await self._db.get_batch(event.batch_id)
                     if batch is not None:
-                        BATCH_DURATION_SECONDS.labels(status.value).observe(
+                        self._durations.labels(status.value).observe(
                             max(0, event.created_at - batch.created_at))
                 if events:
                     await self._reader.ack(events[-1])
@@ -141,9 +160,9 @@ class LifecycleMetrics:
                 await asyncio.sleep(5)
 
 
-async def count_resumed(db: Database) -> None:
+async def count_resumed(db: Database, metrics: Metrics) -> None:
     """At start-up, before the scheduler runs anything: the batches about to resume from a checkpoint."""
-    RESUMED_BATCHES.inc(await db.resumable_batches())
+    metrics.resumed_batches.inc(await db.resumable_batches())
 
 
 def vllm_kv_cache_usage() -> float | None:
@@ -154,16 +173,17 @@ def vllm_kv_cache_usage() -> float | None:
 
 
 class LiveCollector:
-    """Gauges and counters read when scraped: from the monitor's snapshot of SQLite and from the scheduler."""
+    """This app's metrics: first those observed as things happen (its `Metrics`), then gauges and counters read
+    when scraped, from the monitor's snapshot of SQLite and from the scheduler."""
 
-    def __init__(self, monitor: Monitor, scheduler: Scheduler, settings: Settings) -> None:
+    def __init__(self, monitor: Monitor, scheduler: Scheduler, settings: Settings, metrics: Metrics) -> None:
         self._monitor = monitor
         self._scheduler = scheduler
         self._settings = settings
+        self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        from vllm_batch_server.queue.scheduler import EngineState  # the scheduler's modules import this one
-
+        yield from self._metrics.registry.collect()
         snapshot = self._monitor.latest
         info = GaugeMetricFamily(PREFIX + "info", "The server's version and engine kind.",
                                  labels=["version", "engine"])
@@ -196,11 +216,11 @@ class LiveCollector:
         scheduler = self._scheduler
         state = GaugeMetricFamily(PREFIX + "engine_state", "1 for the engine's current state.", labels=["state"])
         for candidate in EngineState:
-            state.add_metric([candidate.value], 1 if scheduler.engine_state is candidate else 0)
+            state.add_metric([candidate.value], 1 if scheduler.engine_owner.state is candidate else 0)
         yield state
         loaded = GaugeMetricFamily(PREFIX + "loaded_model", "1 for the model the engine has loaded.",
                                    labels=["model"])
-        if scheduler.engine.model is not None and scheduler.engine_state is EngineState.READY:
+        if scheduler.engine.model is not None and scheduler.engine_owner.state is EngineState.READY:
             loaded.add_metric([scheduler.engine.model], 1)
         yield loaded
 
@@ -249,7 +269,7 @@ def checkpoint_lag(scheduler: Scheduler) -> tuple[float, int]:
 
 
 class _Combined:
-    """Several collectors seen as one registry by the encoders: ours first, then the process's global one
+    """Several collectors seen as one registry by the encoders: the app's first, then the process's global one
     (vLLM's metrics, and prometheus-client's process and Python collectors)."""
 
     def __init__(self, collectors: Iterable[Any]) -> None:
@@ -265,4 +285,4 @@ def render(live: LiveCollector) -> tuple[bytes, str]:
     Prometheus asks for first: prometheus-client 0.26 writes vLLM's sample names there with their colons
     turned into underscores (`vllm_num_requests_running`) under TYPE lines that keep them, so Prometheus
     would store none of vLLM's metrics under the names vLLM documents (seen with the real engine)."""
-    return generate_latest(_Combined([REGISTRY, live, prometheus_client.REGISTRY])), TEXT_FORMAT
+    return generate_latest(_Combined([live, prometheus_client.REGISTRY])), TEXT_FORMAT

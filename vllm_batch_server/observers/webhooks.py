@@ -38,7 +38,7 @@ from standardwebhooks import Webhook
 
 from vllm_batch_server import __version__
 from vllm_batch_server.aio import wait_event
-from vllm_batch_server.observers import metrics
+from vllm_batch_server.observers.metrics import Metrics
 from vllm_batch_server.settings import Settings, SettingsError
 from vllm_batch_server.store.database import Database
 from vllm_batch_server.store.events import EventLog
@@ -122,7 +122,9 @@ def delivery_object(row: Any) -> dict[str, Any]:
 
 
 class Webhooks:
-    def __init__(self, db: Database, events: EventLog, settings: Settings) -> None:
+    def __init__(self, db: Database, events: EventLog, settings: Settings,
+                 metrics: Metrics | None = None) -> None:
+        self._metrics = metrics or Metrics()  # the app's; a test's own otherwise
         self._db = db
         self._settings = settings
         self._reader = events.reader(READER, start="end")
@@ -259,16 +261,16 @@ class Webhooks:
         if secret is None:
             await self._db.update_delivery(row["id"], attempted=False, status="failed", next_attempt_at=None,
                                            last_error="the receiver is no longer configured or allowed")
-            metrics.WEBHOOK_DELIVERIES.labels("failed").inc()
+            self._metrics.webhook_deliveries.labels("failed").inc()
             return
         status_code, error = await self._post(row, secret)
         ok = status_code is not None and 200 <= status_code < 300
-        metrics.WEBHOOK_ATTEMPTS.labels("success" if ok else "failure").inc()
+        self._metrics.webhook_attempts.labels("success" if ok else "failure").inc()
         if ok:
             await self._db.update_delivery(row["id"], attempted=True, status="delivered", delivered_at=now,
                                            last_attempt_at=now, last_status_code=status_code, last_error=None,
                                            next_attempt_at=None)
-            metrics.WEBHOOK_DELIVERIES.labels("delivered").inc()
+            self._metrics.webhook_deliveries.labels("delivered").inc()
             return
         attempts = row["attempts"] + 1
         delay = min(self._settings.webhook_backoff * 2 ** (attempts - 1), MAX_BACKOFF) * random.uniform(0.9, 1.1)
@@ -278,7 +280,7 @@ class Webhooks:
                         shown_url(row["url"]), attempts, error)
             await self._db.update_delivery(row["id"], attempted=True, status="failed", last_attempt_at=now,
                                            last_status_code=status_code, last_error=error, next_attempt_at=None)
-            metrics.WEBHOOK_DELIVERIES.labels("failed").inc()
+            self._metrics.webhook_deliveries.labels("failed").inc()
             return
         log.info("webhooks: %s to %s failed (%s); attempt %d in %.0f s", row["event_type"], shown_url(row["url"]),
                  error, attempts + 1, delay)

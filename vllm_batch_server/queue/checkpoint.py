@@ -1,4 +1,4 @@
-"""The durability contract, in one place (see DESIGN.md).
+"""The durability contract, in one place (docs/reliability.md says what it promises).
 
 A result is either committed (inside the output or error part, below the byte offset SQLite records) or not
 produced yet. Results are appended in any order. A checkpoint is a snapshot of both parts' sizes and the
@@ -18,21 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+from vllm_batch_server import ids
 from vllm_batch_server.engines.base import Result
 from vllm_batch_server.exhaustion import is_disk_full
-from vllm_batch_server.observers import metrics
 from vllm_batch_server.settings import Settings
 from vllm_batch_server.store import jsonl
 from vllm_batch_server.store.blobs import Blobs
-from vllm_batch_server.store.database import BatchRow, Checkpoint, CheckpointCommitter, Database
+from vllm_batch_server.store.database import BatchRow, Checkpoint, CheckpointCommitter
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,23 @@ MIN_GAP_SECONDS = 0.05
 RETRY_SECONDS = (0.05, 0.2, 1.0)
 
 
+# An engine's answer as a result line. Here, where results are written, and not in store/jsonl.py: the store
+# knows no engine (jsonl.py keeps the line's other half, `custom_id_of`, and the error line).
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def result_line(custom_id: str, result: Result) -> bytes:
+    """An engine's answer as an OpenAI batch output (or, for a non-200, error-file) line."""
+    # "custom_id" right after "id": jsonl.custom_id_of() relies on finding it near the start.
+    if result.raw is not None:  # the same line, with the body as the engine serialized it
+        head = (f'{{"id":{_dumps(ids.new_request_id())},"custom_id":{_dumps(custom_id)},"response":'
+                f'{{"status_code":{int(result.status_code)},"request_id":{_dumps(ids.new_request_id())},"body":')
+        return b"".join((head.encode(), result.raw, b'},"error":null}\n'))
+    response = {"status_code": result.status_code, "request_id": ids.new_request_id(), "body": result.body}
+    line = {"id": ids.new_request_id(), "custom_id": custom_id, "response": response, "error": None}
+    return _dumps(line).encode() + b"\n"
+
+
 class ResultLog:
     """Appends one batch's results to its two parts; checkpoints make them durable.
 
@@ -56,7 +76,8 @@ class ResultLog:
     `checkpoint_seconds` for its commit, `behind()` tells the runner to `wait_caught_up()`.
     """
 
-    def __init__(self, db: Database, blobs: Blobs, settings: Settings, batch: BatchRow) -> None:
+    def __init__(self, lifecycle: Lifecycle, blobs: Blobs, settings: Settings, batch: BatchRow,
+                 on_commit: Callable[[float], None] | None = None) -> None:
         self._every = max(1, settings.checkpoint_every)
         self._seconds = settings.checkpoint_seconds
         self._durable = settings.checkpointing
@@ -72,7 +93,8 @@ class ResultLog:
         self._submitted = self._point()  # the last snapshot handed to the syncer
         # Snapshots not known committed: (results, taken at, when its oldest result was appended).
         self._waiting: deque[tuple[int, float, float]] = deque()
-        self._syncer = _Syncer(batch.id, self.out, self.err, db.checkpoint_committer(), self._submitted)
+        self._syncer = _Syncer(batch.id, self.out, self.err, lifecycle.checkpoint_committer(), self._submitted,
+                              on_commit)
 
     @staticmethod
     def recover(blobs: Blobs, batch: BatchRow) -> set[str]:
@@ -86,7 +108,7 @@ class ResultLog:
         self.input_tokens += usage.input_tokens
         self.cached_tokens += usage.cached_tokens
         self.output_tokens += usage.output_tokens
-        self._write(result.ok, jsonl.result_line(custom_id, result))
+        self._write(result.ok, result_line(custom_id, result))
 
     def append_error(self, custom_id: str, code: str, message: str) -> None:
         """A request that never reached the engine (e.g. `batch_expired`): OpenAI's top-level error."""
@@ -186,6 +208,10 @@ class ResultLog:
             self.err.close()
 
 
+def _unobserved(seconds: float) -> None:
+    pass
+
+
 class _Syncer:
     """The thread that makes snapshots durable: fsync the parts that grew, then commit, then the next one.
 
@@ -195,8 +221,10 @@ class _Syncer:
     """
 
     def __init__(self, batch_id: str, out: Any, err: Any, committer: CheckpointCommitter,
-                 committed: Checkpoint) -> None:
+                 committed: Checkpoint, on_commit: Callable[[float], None] | None = None) -> None:
         self.committed = committed
+        # Told how long each commit took, on this thread (metrics listen; the durability path imports none).
+        self._on_commit = on_commit or _unobserved
         self.error: BaseException | None = None  # why the thread stopped early (fsync failed, disk full)
         self._batch_id = batch_id
         self._committer = committer
@@ -251,7 +279,7 @@ class _Syncer:
                         os.fsync(fd)
                 synced = offsets
                 self._commit(point)
-                metrics.CHECKPOINT_COMMIT_SECONDS.observe(time.perf_counter() - began)
+                self._on_commit(time.perf_counter() - began)
                 self.committed = point
                 self._wake()
         except Exception as exc:  # handed to the event loop: the runner raises it

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from operator import itemgetter
 from typing import Any
 
@@ -24,10 +24,11 @@ from vllm_batch_server.queue.grouping import group_by_prefix, prompt_reader
 from vllm_batch_server.queue.online import BatchTurns
 from vllm_batch_server.queue.priority import batch_priority
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.blobs import Blobs
-from vllm_batch_server.store.database import BatchRow, Database
+from vllm_batch_server.store.database import BatchRow
 from vllm_batch_server.store.jsonl import iter_requests
-from vllm_batch_server.store.lifecycle import BatchStatus
+from vllm_batch_server.store.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,13 @@ SHUTDOWN = "shutdown"
 
 
 class BatchRunner:
-    def __init__(self, db: Database, blobs: Blobs, engine: Engine, settings: Settings,
-                 batch: BatchRow, turns: BatchTurns | None = None) -> None:
+    def __init__(self, lifecycle: Lifecycle, blobs: Blobs, engine: Engine, settings: Settings,
+                 batch: BatchRow, turns: BatchTurns | None = None,
+                 on_checkpoint: Callable[[float], None] | None = None) -> None:
+        self._on_checkpoint = on_checkpoint  # told each checkpoint's commit time (checkpoint.ResultLog)
         self.batch = batch
         self._turns = turns  # shared with online requests: narrowed while they are answered (online.py)
-        self._db = db
+        self._lifecycle = lifecycle
         self._blobs = blobs
         self._engine = engine
         self._settings = settings
@@ -72,7 +75,8 @@ class BatchRunner:
         resources ran out (exhaustion.py): neither is the batch's fault."""
         input_path = self._blobs.file_path(self.batch.input_file_id)
         done = await asyncio.to_thread(ResultLog.recover, self._blobs, self.batch)
-        results = self.results = ResultLog(self._db, self._blobs, self._settings, self.batch)
+        results = self.results = ResultLog(self._lifecycle, self._blobs, self._settings, self.batch,
+                                                  self._on_checkpoint)
         try:
             if self.stop_reason is None:
                 pending = (request for request in iter_requests(input_path) if request[1] not in done)

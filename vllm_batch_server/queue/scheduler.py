@@ -1,8 +1,10 @@
 """The batch queue: validates new batches, runs them FIFO on the engine, finalizes, cancels and expires them.
 
-It owns the one engine and decides which model is loaded: a batch whose model differs from the loaded one
-waits for the running batches to finish, then the engine switches. While a batch's last requests are still
-in flight, the next batch of the same model may start, so the engine is never idle at a batch's tail.
+It decides which model the engine should hold: a batch whose model differs from the loaded one waits for the
+running batches to finish, then the engine switches. While a batch's last requests are still in flight, the
+next batch of the same model may start, so the engine is never idle at a batch's tail. The engine itself
+(start, stop, restart, health) is owned by an `EngineOwner` (engine_owner.py): the scheduler asks it for a
+model and tells it when the engine failed.
 
 Every status change is asked of the lifecycle (lifecycle.py), which commits it with its event; the API never
 writes a status, it calls `submit` and `cancel` here.
@@ -12,38 +14,38 @@ online requests in flight to finish, and `--online-model` keeps one model loaded
 coming. A batch due sooner (a shorter completion window) of the loaded model may start beside the running
 ones; the engine's priority scheduling then runs its requests first (priority.py).
 
-All state lives in SQLite; the scheduler's memory is only which runners are live, the engine's state and which
-batches wait for a resource to come back. A restart rebuilds everything: batches that were running resume
-from their checkpoint, half-finalized ones finish finalizing.
+All state lives in SQLite; the scheduler's memory is only which runners are live, the engine's state (in the
+owner) and which batches wait for a resource to come back. A restart rebuilds everything: batches that were
+running resume from their checkpoint, half-finalized ones finish finalizing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Protocol
 
 from vllm_batch_server import ids
 from vllm_batch_server.aio import wait_event
 from vllm_batch_server.engines import served_models
 from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.exhaustion import Exhausted, exhausted
+from vllm_batch_server.queue.engine_owner import EngineObserver, EngineOwner, EngineState
 from vllm_batch_server.queue.online import OnlineTraffic
 from vllm_batch_server.queue.priority import batch_priority
 from vllm_batch_server.queue.runner import CANCELLED, EXPIRED, SHUTDOWN, BatchRunner
 from vllm_batch_server.queue.validate import validate_input
 from vllm_batch_server.settings import Settings
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store import idempotency
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import ACTIVE_STATUSES, BatchRow, Database, FileRow
 from vllm_batch_server.store.idempotency import IdempotencyKey
-from vllm_batch_server.store.lifecycle import BatchStatus, Lifecycle, now
+from vllm_batch_server.store.lifecycle import Lifecycle, now
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +56,6 @@ RESOURCE_RETRY_SECONDS = 2.0
 
 # How often Idempotency-Keys older than idempotency.KEEP_SECONDS are forgotten.
 KEY_SWEEP_SECONDS = 3600
-
-# How long the scheduler waits before trying again to load the online model after it failed to load.
-KEEP_MODEL_RETRY_SECONDS = 60.0
-
-
-class EngineState(str, Enum):
-    IDLE = "idle"  # no model loaded
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"  # died or hung: restarted before anything else runs on it
 
 
 class NotCancellable(Exception):
@@ -78,15 +70,15 @@ class Pause:
     until: float  # time.monotonic()
 
 
-class Observer(Protocol):
-    """What the scheduler reports about the engine and the start of runs, as it happens (metrics.py listens).
-    Batch statuses are not reported here: whatever reacts to them reads the lifecycle's event log."""
-
-    def model_loaded(self, model: str, seconds: float, *, switched: bool, restarted: bool) -> None:
-        """The engine has `model` loaded; `switched` from another model, or `restarted` after a failure."""
+class Observer(EngineObserver, Protocol):
+    """What the scheduler and its engine owner report, as it happens (metrics.py listens). Batch statuses are
+    not reported here: whatever reacts to them reads the lifecycle's event log."""
 
     def batch_started(self, batch: BatchRow) -> None:
         """A runner started on a batch that has no committed result yet (its first run)."""
+
+    def checkpoint_committed(self, seconds: float) -> None:
+        """A running batch made a checkpoint durable, taking `seconds`. Called on its checkpoint thread."""
 
 
 class _Unobserved:
@@ -96,36 +88,34 @@ class _Unobserved:
     def batch_started(self, batch: BatchRow) -> None:
         pass
 
+    def checkpoint_committed(self, seconds: float) -> None:
+        pass
+
 
 class Scheduler:
     def __init__(self, db: Database, blobs: Blobs, engine: Engine, settings: Settings,
                  lifecycle: Lifecycle, observer: Observer | None = None) -> None:
         self.db = db
         self.blobs = blobs
-        self.engine = engine
         self.settings = settings
         self.lifecycle = lifecycle
         self.observer: Observer = observer or _Unobserved()
-        self.engine_state = EngineState.IDLE
-        self.loading_model: str | None = None  # while engine_state is LOADING
         self.online = OnlineTraffic(settings)
+        self.engine_owner = EngineOwner(engine, settings, self.online, self.observer)
         self.paused: dict[str, Pause] = {}  # batches waiting for a resource of ours to come back
-        self.load_error: str | None = None  # why the last model load failed; None once one succeeds
         self._runners: dict[str, BatchRunner] = {}
         self.runners: Mapping[str, BatchRunner] = MappingProxyType(self._runners)  # read-only, for gauges
         self._drivers: set[asyncio.Task[None]] = set()
         self._queue_changed = asyncio.Event()
         self._new_batch = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._engine_lock = asyncio.Lock()
         self._finalizing: set[str] = set()
-        # A batch stopped with requests in flight (cancel, expiry): the engine answers a health check before
-        # the next batch is given to it, so a wedged engine is restarted instead of stalling the queue.
-        self._engine_suspect = False
         self._keys_swept = 0  # when old Idempotency-Keys were last forgotten
-        self._last_model: str | None = None
-        self._failed_under_online = False  # then restarted with _last_model even with no batch to run
-        self._keep_failed_at: float | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The engine the runners are given (the owner's)."""
+        return self.engine_owner.engine
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -143,8 +133,7 @@ class Scheduler:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.engine.stop()
+        await self.engine_owner.stop()
 
     async def preload(self) -> None:
         """Load a model before any batch asks for one: the oldest queued batch's model, else `--online-model`,
@@ -157,44 +146,7 @@ class Scheduler:
                                           (self.settings.models[0] if self.settings.models else None))
         if model is None:
             return
-        async with self._engine_lock:
-            try:
-                await self._start_engine(model)
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    await self.engine.stop()
-                self.engine_state = EngineState.IDLE
-                self.load_error = f"model {model!r} could not be loaded: {exc}"
-                log.exception("could not preload model %s", model)
-
-    async def _start_engine(self, model: str) -> None:
-        """(Re)start the engine with `model`, reporting how long it took and why it happened. The engine is
-        stopped once the online requests in flight have their answers (new ones are refused from now on).
-        Raises what the start raised, leaving the engine idle."""
-        restarted = self.engine_state is EngineState.FAILED
-        switched = not restarted and self.engine.model is not None and self.engine.model != model
-        self.engine_state = EngineState.LOADING
-        self.loading_model = model
-        try:
-            if not await self.online.drained(self.settings.request_timeout):
-                log.warning("stopping the engine with %d online requests still in flight",
-                            self.online.in_flight)
-            began = time.monotonic()
-            await self.engine.stop()
-            log.info("loading model %s", model)
-            await self.engine.start(model)
-            self.engine_state = EngineState.READY
-            self.load_error = None
-            self._last_model = model
-            self._failed_under_online = False
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.engine.stop()
-            self.engine_state = EngineState.IDLE
-            raise
-        finally:
-            self.loading_model = None
-        self.observer.model_loaded(model, time.monotonic() - began, switched=switched, restarted=restarted)
+        await self.engine_owner.preload(model)
 
     async def submit(self, batch: BatchRow, key: IdempotencyKey | None = None) -> BatchRow:
         """Accept a new batch (durable when this returns) and validate it soon. Raises sqlite3.IntegrityError
@@ -283,8 +235,8 @@ class Scheduler:
             self._queue_changed.clear()  # before looking, so a change made meanwhile wakes us again
             batch = await self._next_batch()
             if batch is None:
-                if not self._drivers and (model := self._model_to_keep()) is not None:
-                    await self._load_model(model)
+                if not self._drivers and (model := self.engine_owner.model_to_keep()) is not None:
+                    await self.engine_owner.keep(model)
                     continue
                 await wait_event(self._queue_changed, self.settings.sweep_seconds)
                 continue
@@ -295,9 +247,10 @@ class Scheduler:
             # cancel either sees the runner or finds the batch unclaimed and finalizes it itself.
             batch = await self.db.get_batch(batch.id)
             if (batch is None or batch.status is not S.IN_PROGRESS or batch.id in self._runners
-                    or self.engine_state is not EngineState.READY or self.engine.model != batch.model):
+                    or not self.engine_owner.serves(batch.model)):
                 continue
-            runner = BatchRunner(self.db, self.blobs, self.engine, self.settings, batch, self.online.batch_turns)
+            runner = BatchRunner(self.lifecycle, self.blobs, self.engine, self.settings, batch, self.online.batch_turns,
+                                 self.observer.checkpoint_committed)
             self._runners[batch.id] = runner
             if batch.output_offset == 0 and batch.error_offset == 0 and batch.engine_failures == 0:
                 self.observer.batch_started(batch)
@@ -330,7 +283,7 @@ class Scheduler:
         if not waiting:
             return None
         head = waiting[0]
-        if self.engine_state is EngineState.READY:
+        if self.engine_owner.state is EngineState.READY:
             bar = min([batch_priority(head.completion_window),
                        *(batch_priority(r.batch.completion_window) for r in self._runners.values())])
             sooner = min((b for b in waiting if b.status is S.IN_PROGRESS and b.model == self.engine.model),
@@ -352,38 +305,18 @@ class Scheduler:
         return (pinned is not None and batch.model is not None and batch.model != pinned
                 and self.online.recent(self.settings.online_idle_seconds))
 
-    def _model_to_keep(self) -> str | None:
-        """With nothing to run: the model to have loaded anyway, if it is not — `--online-model`, or, after
-        an online request found the engine failed, the model it had."""
-        if self._keep_failed_at is not None and time.monotonic() - self._keep_failed_at < KEEP_MODEL_RETRY_SECONDS:
-            return None  # it failed to load a moment ago: do not retry in a tight loop
-        model = self.settings.online_model
-        if model is None and self.engine_state is EngineState.FAILED and self._failed_under_online:
-            model = self._last_model
-        if model is None or (self.engine_state is EngineState.READY and self.engine.model == model):
-            return None
-        return model
-
     def online_engine_failed(self, exc: BaseException) -> None:
         """An online request found the engine broken: restart it before anything else runs on it (with no
         batch running, the run loop restarts it with the model it had)."""
-        if self.engine_state is EngineState.READY:
-            log.error("the engine failed under an online request (%s); restarting it", exc)
-            self.engine_state = EngineState.FAILED
-            self._failed_under_online = True
+        self.engine_owner.failed_under_online(exc)
         self._queue_changed.set()
 
     async def _engine_ready_for(self, batch: BatchRow) -> bool:
         """Whether the engine is ready to run `batch` now. If it is not (another model, failed, suspect), wait
         for the running batches to end, then restart or switch it, and return False so the caller picks again:
         a batch that ended in an engine failure is older than this one and must resume first."""
-        if self.engine_state is EngineState.READY and self.engine.model == batch.model:
-            if not self._engine_suspect:
-                return True
-            if not self._drivers:
-                self._engine_suspect = False
-                if await self._healthy():
-                    return True
+        if await self.engine_owner.ready_for(batch.model, idle=not self._drivers):
+            return True
         if self._drivers:
             # Never switch or restart the engine under a running batch.
             await self._wait_runners()
@@ -391,47 +324,22 @@ class Scheduler:
         await self._load(batch)
         return False
 
-    async def _healthy(self) -> bool:
-        try:
-            await asyncio.wait_for(self.engine.check_health(), self.settings.health_timeout)
-            return True
-        except Exception as exc:  # TimeoutError included: a wedged engine never answers
-            log.error("the engine failed a health check after a batch stopped with requests in flight (%s); "
-                      "restarting it", exc or f"no answer within {self.settings.health_timeout:g}s")
-            self.engine_state = EngineState.FAILED
-            return False
-
     async def _wait_runners(self) -> None:
         while self._drivers:
             await asyncio.wait(set(self._drivers))
-
-    async def _load_model(self, model: str) -> None:
-        """Load the model kept for online requests; a failure is logged and tried again later."""
-        async with self._engine_lock:
-            try:
-                await self._start_engine(model)
-                self._keep_failed_at = None
-            except Exception:
-                log.exception("could not load model %s for online requests; retrying in %.0fs", model,
-                              KEEP_MODEL_RETRY_SECONDS)
-                self._keep_failed_at = time.monotonic()
 
     async def _load(self, batch: BatchRow) -> None:
         """(Re)start the engine with the batch's model. A model that cannot load fails the batch; a resource
         of ours that ran out pauses it."""
         assert batch.model is not None
-        async with self._engine_lock:
-            try:
-                await self._start_engine(batch.model)
+        try:
+            await self.engine_owner.load(batch.model)
+        except Exception as exc:  # the model, not the server, is broken: fail this batch only
+            if (kind := exhausted(exc)) is not None:
+                self._pause(batch.id, kind, exc)
                 return
-            except Exception as exc:  # the model, not the server, is broken: fail this batch only
-                if (kind := exhausted(exc)) is not None:
-                    self._pause(batch.id, kind, exc)
-                    return
-                self.load_error = f"model {batch.model!r} could not be loaded: {exc}"
-                log.exception("could not load model %s", batch.model)
-                await self._fail(batch, "model_load_failed", f"The model {batch.model!r} could not be loaded: "
-                                 f"{exc}")
+            log.exception("could not load model %s", batch.model)
+            await self._fail(batch, "model_load_failed", f"The model {batch.model!r} could not be loaded: {exc}")
 
     async def _drive(self, runner: BatchRunner) -> None:
         """Run a batch and end it. The runner stays registered until the batch is finalized, so neither the
@@ -442,14 +350,14 @@ class Scheduler:
                 outcome = await runner.run()
             except EngineError as exc:
                 # First, before any await: nothing more may be given to this engine until it is restarted.
-                self.engine_state = EngineState.FAILED
+                self.engine_owner.failed()
                 if (kind := exhausted(exc)) is not None:
                     self._pause(batch.id, kind, exc)  # it died because we ran out, not because of the batch
                     return
                 await self._engine_failed(batch, exc)
                 return
             if runner.aborted and outcome in (CANCELLED, EXPIRED):
-                self._engine_suspect = True
+                self.engine_owner.suspect()
             if outcome is None:
                 return  # a shutdown: stays in_progress and resumes at the next start
             current = await self.db.get_batch(batch.id)
@@ -481,7 +389,7 @@ class Scheduler:
             await self._fail(current, "engine_error", f"The engine failed {failures} times while running this "
                              f"batch; last error: {exc}. Results computed so far are kept.")
         else:
-            await self.db.update_batch(batch.id, engine_failures=failures)
+            await self.lifecycle.set_engine_failures(batch.id, failures)
 
     def _pause(self, batch_id: str, reason: Exhausted, exc: BaseException) -> None:
         """A resource of ours ran out: failing the batch would drop accepted work, and nothing committed is lost
@@ -516,7 +424,7 @@ class Scheduler:
 
     async def _fail(self, batch: BatchRow, code: str, message: str) -> None:
         errors = [{"code": code, "line": None, "message": message, "param": None}]
-        await self.db.update_batch(batch.id, errors=errors)
+        await self.lifecycle.record_errors(batch.id, errors)
         current = await self.db.get_batch(batch.id) or batch
         # A batch being cancelled ends cancelled whatever else goes wrong: that is what its owner asked for.
         await self._finalize(current, S.CANCELLED if current.status is S.CANCELLING else S.FAILED)
@@ -540,16 +448,15 @@ class Scheduler:
             if current.status is S.CANCELLING:
                 outcome = S.CANCELLED
             # Decide the file ids before any rename, so a crash mid-way can be finished with the same ids.
-            changes: dict[str, Any] = {
-                "outcome": outcome.value,
-                "output_file_id": ids.new_file_id() if current.output_offset > 0 else None,
-                "error_file_id": ids.new_file_id() if current.error_offset > 0 else None,
-            }
+            output_file_id = ids.new_file_id() if current.output_offset > 0 else None
+            error_file_id = ids.new_file_id() if current.error_offset > 0 else None
             if outcome is S.COMPLETED:
                 # Fails only if a cancel won the race meanwhile: then look again, and end it cancelled.
-                await self.lifecycle.move(current.id, S.FINALIZING, only_from=[S.IN_PROGRESS], **changes)
+                await self.lifecycle.move(current.id, S.FINALIZING, only_from=[S.IN_PROGRESS], outcome=outcome.value,
+                                          output_file_id=output_file_id, error_file_id=error_file_id)
             else:
-                await self.db.update_batch(current.id, **changes)
+                await self.lifecycle.set_outcome(current.id, outcome, output_file_id=output_file_id,
+                                                 error_file_id=error_file_id)
             current = await self.db.get_batch(batch.id)
         if current is None or current.status not in ACTIVE_STATUSES:
             return
@@ -595,7 +502,8 @@ class Scheduler:
                 await self._finalize(batch, S.EXPIRED)
             else:
                 # Never started: every request gets its batch_expired line, through the same durable path.
-                runner = BatchRunner(self.db, self.blobs, self.engine, self.settings, batch)
+                runner = BatchRunner(self.lifecycle, self.blobs, self.engine, self.settings, batch,
+                                     on_checkpoint=self.observer.checkpoint_committed)
                 runner.stop(EXPIRED)
                 self._runners[batch.id] = runner
                 await self._drive(runner)

@@ -15,10 +15,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import BatchRow, Database
 from vllm_batch_server.store.jsonl import iter_requests
-from vllm_batch_server.store.lifecycle import BatchStatus
 
 FIELDS = ("label", "score", "note")
 MAX_LABEL = 64

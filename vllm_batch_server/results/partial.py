@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+from vllm_batch_server.statuses import TERMINAL, BatchStatus
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import Database
-from vllm_batch_server.store.lifecycle import TERMINAL, BatchStatus
 
 Kind = Literal["output", "errors"]
 

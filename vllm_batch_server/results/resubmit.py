@@ -17,10 +17,10 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_batch_server.statuses import TERMINAL, BatchStatus
 from vllm_batch_server.store import jsonl
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import BatchRow
-from vllm_batch_server.store.lifecycle import TERMINAL, BatchStatus
 
 META_KEY = "retry_of"
 MAX_BATCHES = 16  # their ids, comma-joined, must fit one metadata value (512 characters)

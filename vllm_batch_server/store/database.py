@@ -5,6 +5,9 @@ survives power loss and readers never wait for the writer. Every write goes thro
 shared connection, a statement issued while another coroutine holds a transaction open would silently join it.
 Checkpoints are the one exception: each running batch commits them from its result log's own thread, on a
 connection of its own (`CheckpointCommitter`), so making progress durable never waits for the event loop.
+
+The batches table has one writer, the lifecycle (lifecycle.py): it writes a batch row through `writes()`, one
+transaction with the row's event, and hands out the checkpoint committers. Nothing else here writes a batch.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from vllm_batch_server.store.lifecycle import ACTIVE, BatchStatus, transition_guard_sql
+from vllm_batch_server.statuses import ACTIVE, BatchStatus, transition_guard_sql
 
 if TYPE_CHECKING:
     from vllm_batch_server.store.idempotency import IdempotencyKey
@@ -276,7 +279,7 @@ class Database:
         version = int(row[0]) if row else 0
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             await self._conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
-        # Made anew at every start from lifecycle.TRANSITIONS, so the database never holds an older rule.
+        # Made anew at every start from statuses.TRANSITIONS, so the database never holds an older rule.
         await self._conn.executescript(f"BEGIN IMMEDIATE; {transition_guard_sql()}; COMMIT;")
 
     async def _query(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
@@ -290,13 +293,10 @@ class Database:
         rows = await self._query(sql, params)
         return rows[0] if rows else None
 
-    @staticmethod
-    async def _query_in(conn: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
-        """A read inside a transaction the caller holds."""
-        return list(await conn.execute_fetchall(sql, tuple(params)))
-
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction on the shared connection, for this module's own writes; the lifecycle gets one through
+        `writes()`, with the statements it may run."""
         async with self._write_lock:
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -306,25 +306,25 @@ class Database:
                 raise
             await self._conn.execute("COMMIT")
 
+    @asynccontextmanager
+    async def writes(self) -> AsyncIterator[BatchWrites]:
+        """One transaction for the lifecycle's writes to a batch row and what goes with them (its event, its
+        files, its Idempotency-Key): all committed together or none. Only `store/lifecycle.py` calls this
+        (tests/server/test_layers.py checks it), so the lifecycle is the one writer of the batches table."""
+        async with self._transaction() as conn:
+            yield BatchWrites(conn)
+
     # ---- files -------------------------------------------------------------------------------------------
 
     async def insert_file(self, file: FileRow, key: IdempotencyKey | None = None) -> FileRow:
         """Register an uploaded file, with the Idempotency-Key that created it in the same transaction. Raises
         sqlite3.IntegrityError if the key was recorded meanwhile."""
-        async with self.transaction() as conn:
-            await self._insert_file(conn, file)
+        async with self._transaction() as conn:
+            writes = BatchWrites(conn)  # the file and key statements only: no batch row is written here
+            await writes.insert_file(file)
             if key is not None:
-                await self._insert_idempotency_key(conn, key.route, key.key, key.fingerprint, file.id,
-                                                   file.created_at)
+                await writes.insert_idempotency_key(key, file.id, file.created_at)
         return file
-
-    @staticmethod
-    async def _insert_file(conn: aiosqlite.Connection, file: FileRow) -> None:
-        await conn.execute(
-            "INSERT OR IGNORE INTO files (id, filename, purpose, bytes, created_at, expires_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (file.id, file.filename, file.purpose, file.bytes, file.created_at, file.expires_at),
-        )
 
     async def get_file(self, file_id: str) -> FileRow | None:
         row = await self._query_one("SELECT * FROM files WHERE id = ?", (file_id,))
@@ -348,7 +348,7 @@ class Database:
         return [FileRow(**dict(row)) for row in await self._query(sql, (*params, limit + 1))]
 
     async def delete_file(self, file_id: str) -> bool:
-        async with self.transaction() as conn:
+        async with self._transaction() as conn:
             cursor = await conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
             return cursor.rowcount > 0
 
@@ -368,14 +368,6 @@ class Database:
         return _batch_from(row) if row else None
 
     # ---- batches -----------------------------------------------------------------------------------------
-
-    @staticmethod
-    async def _insert_batch(conn: aiosqlite.Connection, batch: BatchRow) -> None:
-        columns = ", ".join(_BATCH_COLUMNS)
-        marks = ", ".join("?" * len(_BATCH_COLUMNS))
-        values = [_encode(c, getattr(batch, c)) for c in _BATCH_COLUMNS]
-        cursor = await conn.execute(f"INSERT INTO batches ({columns}) VALUES ({marks})", values)
-        batch.seq = cursor.lastrowid
 
     async def get_batch(self, batch_id: str) -> BatchRow | None:
         row = await self._query_one("SELECT * FROM batches WHERE id = ?", (batch_id,))
@@ -409,41 +401,12 @@ class Database:
         rows = await self._query(f"SELECT * FROM batches WHERE status IN ({marks}) ORDER BY seq ASC", statuses)
         return [_batch_from(row) for row in rows]
 
-    async def update_batch(self, batch_id: str, **changes: Any) -> bool:
-        """Set columns other than the status (lifecycle.py alone moves statuses). One statement in autocommit
-        mode is its own durable transaction; the lock keeps it out of another coroutine's open transaction."""
-        if "status" in changes:
-            raise ValueError("a batch's status changes only through the lifecycle")
-        async with self._write_lock:
-            return await self._update_batch(self._conn, batch_id, None, changes)
-
-    @staticmethod
-    async def _update_batch(conn: aiosqlite.Connection, batch_id: str, only_if_status: Iterable[str] | None,
-                            changes: dict[str, Any]) -> bool:
-        sets = ", ".join(f"{column} = ?" for column in changes)
-        params: list[Any] = [_encode(c, v) for c, v in changes.items()]
-        sql = f"UPDATE batches SET {sets} WHERE id = ?"
-        params.append(batch_id)
-        if only_if_status is not None:
-            statuses = tuple(only_if_status)
-            sql += f" AND status IN ({','.join('?' * len(statuses))})"
-            params.extend(statuses)
-        cursor = await conn.execute(sql, params)
-        return cursor.rowcount > 0
-
     def checkpoint_committer(self) -> CheckpointCommitter:
+        """The writer of one running batch's progress columns, on a connection of its own. Only the lifecycle
+        hands these out (Lifecycle.checkpoint_committer)."""
         return CheckpointCommitter(self.path)
 
     # ---- the event log (written by lifecycle.py, read by events.py) -----------------------------------------
-
-    @staticmethod
-    async def _insert_event(conn: aiosqlite.Connection, event_id: str, type: str, batch_id: str,
-                            previous: str | None, created_at: int) -> int:
-        cursor = await conn.execute(
-            "INSERT INTO events (id, type, batch_id, previous, created_at) VALUES (?, ?, ?, ?, ?)",
-            (event_id, type, batch_id, previous, created_at))
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
 
     async def events_after(self, seq: int, limit: int, batch_id: str | None = None) -> list[aiosqlite.Row]:
         if batch_id is None:
@@ -519,7 +482,7 @@ class Database:
             return
         columns = ("id", "event_id", "event_type", "batch_id", "url", "source", "payload", "status",
                    "created_at", "next_attempt_at")
-        async with self.transaction() as conn:
+        async with self._transaction() as conn:
             await conn.executemany(
                 f"INSERT OR IGNORE INTO webhook_deliveries ({', '.join(columns)}) "
                 f"VALUES ({', '.join('?' * len(columns))})", [tuple(row[c] for c in columns) for row in rows])
@@ -563,13 +526,6 @@ class Database:
                                     (route, key))
         return (row[0], row[1]) if row else None
 
-    @staticmethod
-    async def _insert_idempotency_key(conn: aiosqlite.Connection, route: str, key: str, fingerprint: str,
-                                      object_id: str, created_at: int) -> None:
-        # Raises sqlite3.IntegrityError when another request recorded the same key first.
-        await conn.execute("INSERT INTO idempotency_keys (route, key, fingerprint, object_id, created_at) "
-                           "VALUES (?, ?, ?, ?, ?)", (route, key, fingerprint, object_id, created_at))
-
     async def forget_idempotency_key(self, route: str, key: str) -> None:
         async with self._write_lock:
             await self._conn.execute("DELETE FROM idempotency_keys WHERE route = ? AND key = ?", (route, key))
@@ -588,7 +544,7 @@ class Database:
 
     async def add_request_lines(self, batch_id: str, rows: list[tuple[str, int]]) -> None:
         """One chunk of (custom_id, line) for a batch whose index is being built."""
-        async with self.transaction() as conn:
+        async with self._transaction() as conn:
             await conn.executemany("INSERT OR IGNORE INTO request_lines (batch_id, custom_id, line) VALUES (?, ?, ?)",
                                    [(batch_id, custom_id, line) for custom_id, line in rows])
 
@@ -638,7 +594,7 @@ class Database:
     async def add_handler_runs(self, batch_id: str, event_id: str, handlers: Iterable[str], now: float) -> None:
         """A pending run of each handler for an ended batch; a run that exists already is left as it is, so an
         event read twice (at least once) adds nothing."""
-        async with self.transaction() as conn:
+        async with self._transaction() as conn:
             await conn.executemany(
                 "INSERT OR IGNORE INTO handler_runs (batch_id, handler, event_id, status, attempts, next_attempt_at, "
                 "created_at, updated_at) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?)",
@@ -672,6 +628,65 @@ class Database:
 
     async def handler_runs_of(self, batch_id: str) -> list[aiosqlite.Row]:
         return await self._query("SELECT * FROM handler_runs WHERE batch_id = ? ORDER BY handler", (batch_id,))
+
+
+
+class BatchWrites:
+    """The statements of one open transaction (`Database.writes()`), for the lifecycle: the batch row, its
+    event, the files it registers and the Idempotency-Key that created it. Nothing here commits; the
+    transaction does, all of it or none."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def batch_state(self, batch_id: str) -> tuple[BatchStatus, str | None] | None:
+        """(status, outcome) of a batch as this transaction sees it; None if there is no such batch."""
+        rows = list(await self._conn.execute_fetchall("SELECT status, outcome FROM batches WHERE id = ?",
+                                                      (batch_id,)))
+        return (BatchStatus(rows[0][0]), rows[0][1]) if rows else None
+
+    async def insert_batch(self, batch: BatchRow) -> None:
+        columns = ", ".join(_BATCH_COLUMNS)
+        marks = ", ".join("?" * len(_BATCH_COLUMNS))
+        values = [_encode(c, getattr(batch, c)) for c in _BATCH_COLUMNS]
+        cursor = await self._conn.execute(f"INSERT INTO batches ({columns}) VALUES ({marks})", values)
+        batch.seq = cursor.lastrowid
+
+    async def update_batch(self, batch_id: str, changes: dict[str, Any],
+                           only_if_status: Iterable[str] | None = None) -> bool:
+        """Set columns of a batch row (only while it is in one of `only_if_status`, when given). False if no
+        row matched."""
+        sets = ", ".join(f"{column} = ?" for column in changes)
+        params: list[Any] = [_encode(c, v) for c, v in changes.items()]
+        sql = f"UPDATE batches SET {sets} WHERE id = ?"
+        params.append(batch_id)
+        if only_if_status is not None:
+            statuses = tuple(only_if_status)
+            sql += f" AND status IN ({','.join('?' * len(statuses))})"
+            params.extend(statuses)
+        cursor = await self._conn.execute(sql, params)
+        return cursor.rowcount > 0
+
+    async def insert_file(self, file: FileRow) -> None:
+        await self._conn.execute(
+            "INSERT OR IGNORE INTO files (id, filename, purpose, bytes, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (file.id, file.filename, file.purpose, file.bytes, file.created_at, file.expires_at),
+        )
+
+    async def insert_event(self, event_id: str, type: str, batch_id: str, previous: str | None,
+                           created_at: int) -> int:
+        cursor = await self._conn.execute(
+            "INSERT INTO events (id, type, batch_id, previous, created_at) VALUES (?, ?, ?, ?, ?)",
+            (event_id, type, batch_id, previous, created_at))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    async def insert_idempotency_key(self, key: IdempotencyKey, object_id: str, created_at: int) -> None:
+        # Raises sqlite3.IntegrityError when another request recorded the same key first.
+        await self._conn.execute(
+            "INSERT INTO idempotency_keys (route, key, fingerprint, object_id, created_at) VALUES (?, ?, ?, ?, ?)",
+            (key.route, key.key, key.fingerprint, object_id, created_at))
 
 
 class CheckpointCommitter:

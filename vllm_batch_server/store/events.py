@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Literal
 
 from vllm_batch_server.aio import wait_event
+from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.database import Database
-from vllm_batch_server.store.lifecycle import BatchStatus, Event, Lifecycle
+from vllm_batch_server.store.lifecycle import Event, Lifecycle
 
 
 class EventLog:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
-
-from vllm_batch_server.store.database import Database
+from typing import Any, Protocol
 
 HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255
@@ -44,7 +42,14 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def replayed(db: Database, key: IdempotencyKey) -> str | None:
+class KeyLookup(Protocol):
+    """What `replayed` needs of the database (Database has it). A protocol, not the class: the database
+    stores keys of this module's type, so importing it here would make the two modules import each other."""
+
+    async def idempotent_object(self, route: str, key: str) -> tuple[str, str] | None: ...
+
+
+async def replayed(db: KeyLookup, key: IdempotencyKey) -> str | None:
     """The id of the object an earlier request with this key created, if any. Raises KeyReused when that
     request's content differed."""
     found = await db.idempotent_object(key.route, key.key)

@@ -1,8 +1,9 @@
 """The batch file format, both ways: request lines in (strict JSON, streamed) and result lines out.
 
 Validation and the runner both read input through here, so a line the validator accepted is parsed the same
-way when it runs; the result log and resume both write and read result lines through here, so resume can find
-a committed line's `custom_id` without parsing the (often large) body.
+way when it runs. Result lines are made where results are written (`queue/checkpoint.result_line`: the
+store knows no engine); resume reads a committed line's `custom_id` here without parsing the (often large)
+body, relying on that writer putting it right after "id".
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from vllm_batch_server import ids
-from vllm_batch_server.engines.base import Result
 
 BOM = b"\xef\xbb\xbf"
 
@@ -124,18 +124,6 @@ def requests_in(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, str, 
 # ---- result lines out ------------------------------------------------------------------------------------
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-def result_line(custom_id: str, result: Result) -> bytes:
-    """An engine's answer as an OpenAI batch output (or, for a non-200, error-file) line."""
-    # "custom_id" right after "id": custom_id_of() relies on finding it near the start.
-    if result.raw is not None:  # the same line, with the body as the engine serialized it
-        head = (f'{{"id":{_dumps(ids.new_request_id())},"custom_id":{_dumps(custom_id)},"response":'
-                f'{{"status_code":{int(result.status_code)},"request_id":{_dumps(ids.new_request_id())},"body":')
-        return b"".join((head.encode(), result.raw, b'},"error":null}\n'))
-    response = {"status_code": result.status_code, "request_id": ids.new_request_id(), "body": result.body}
-    line = {"id": ids.new_request_id(), "custom_id": custom_id, "response": response, "error": None}
-    return _dumps(line).encode() + b"\n"
 
 
 def error_line(custom_id: str, code: str, message: str) -> bytes:

@@ -1,4 +1,4 @@
-"""A batch's lifecycle: its statuses, which may follow which, and the one place that moves it.
+"""A batch's lifecycle: the one place that writes a batch row.
 
 Every status change goes through `Lifecycle` and appends an event (`batch.created`, `batch.in_progress`, ...,
 `batch.completed`) to the event log in the same SQLite transaction, so the log never misses a change and
@@ -11,11 +11,7 @@ previous statuses, so two racing moves (a cancel and the end of the run, say) re
 trigger made from the same table refuses any other UPDATE of the column, so an illegal move is impossible
 even for code that bypasses this module.
 
-    validating ──▶ in_progress ──▶ finalizing ──▶ completed
-        │  │           │  │  │
-        │  │           │  │  └──────▶ failed / expired   (results so far kept)
-        │  └───────────┼──┴─▶ cancelling ──▶ cancelled
-        └──▶ failed    └──▶ expired
+The statuses and their rules (`TRANSITIONS`) live in the leaf `vllm_batch_server/statuses.py`.
 """
 
 from __future__ import annotations
@@ -25,72 +21,15 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from vllm_batch_server.statuses import CREATED, OUTCOMES, STAMP, BatchStatus, event_type, predecessors
+
 if TYPE_CHECKING:
-    from vllm_batch_server.store.database import BatchRow, Database, FileRow
+    from vllm_batch_server.store.database import BatchRow, CheckpointCommitter, Database, FileRow
     from vllm_batch_server.store.idempotency import IdempotencyKey
 
-
-class BatchStatus(str, Enum):
-    """OpenAI's batch statuses, spelled as the API shows them."""
-
-    VALIDATING = "validating"
-    FAILED = "failed"
-    IN_PROGRESS = "in_progress"
-    FINALIZING = "finalizing"
-    COMPLETED = "completed"
-    EXPIRED = "expired"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-
-    def __str__(self) -> str:
-        return self.value
-
-
 S = BatchStatus
-
-# Which statuses may follow each status. A status that is not a key here is terminal.
-TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
-    S.VALIDATING: frozenset({S.IN_PROGRESS, S.FAILED, S.EXPIRED, S.CANCELLING}),
-    S.IN_PROGRESS: frozenset({S.FINALIZING, S.FAILED, S.EXPIRED, S.CANCELLING}),
-    S.FINALIZING: frozenset({S.COMPLETED}),
-    S.CANCELLING: frozenset({S.CANCELLED}),
-}
-ACTIVE = frozenset(TRANSITIONS)
-TERMINAL = frozenset(BatchStatus) - ACTIVE
-
-# How a run can end. `outcome` is recorded before finalizing renames anything, so a crash mid-way finishes the
-# same ending with the same file ids.
-OUTCOMES = frozenset({S.COMPLETED, S.FAILED, S.EXPIRED, S.CANCELLED})
-
-# The column stamped with the time a batch reached each status (a new batch has created_at).
-STAMP: dict[BatchStatus, str] = {status: f"{status.value}_at" for status in BatchStatus if status is not S.VALIDATING}
-
-CREATED = "batch.created"
-
-
-def event_type(status: BatchStatus) -> str:
-    return f"batch.{status.value}"
-
-
-EVENT_TYPES = (CREATED, *(event_type(status) for status in BatchStatus if status is not S.VALIDATING))
-
-
-def predecessors(status: BatchStatus) -> tuple[BatchStatus, ...]:
-    return tuple(source for source, targets in TRANSITIONS.items() if status in targets)
-
-
-def transition_guard_sql() -> str:
-    """A trigger that refuses every change of `batches.status` that TRANSITIONS does not allow."""
-    allowed = " OR ".join(
-        f"(OLD.status = '{source.value}' AND NEW.status IN ({', '.join(repr(t.value) for t in sorted(targets))}))"
-        for source, targets in TRANSITIONS.items())
-    return ("DROP TRIGGER IF EXISTS batches_legal_transition; "
-            "CREATE TRIGGER batches_legal_transition BEFORE UPDATE OF status ON batches "
-            f"WHEN NEW.status != OLD.status AND NOT ({allowed}) "
-            "BEGIN SELECT RAISE(ABORT, 'illegal batch status transition'); END")
 
 
 def new_event_id() -> str:
@@ -114,7 +53,9 @@ class Event:
 
 
 class Lifecycle:
-    """The only writer of batch statuses. The scheduler calls it; the API asks the scheduler."""
+    """The only writer of batch rows: statuses (each with its event), and the outcome, errors, engine failures
+    and checkpointed progress of a batch. The scheduler and the runners call it; the API asks the scheduler.
+    Each method is one transaction."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -130,12 +71,11 @@ class Lifecycle:
         """Insert a new batch (status validating) with its `batch.created` event, and the Idempotency-Key
         that created it, all in one transaction. Raises sqlite3.IntegrityError if the key was taken."""
         assert batch.status is S.VALIDATING
-        async with self._db.transaction() as conn:
-            await self._db._insert_batch(conn, batch)
-            await self._db._insert_event(conn, new_event_id(), CREATED, batch.id, None, batch.created_at)
+        async with self._db.writes() as tx:
+            await tx.insert_batch(batch)
+            await tx.insert_event(new_event_id(), CREATED, batch.id, None, batch.created_at)
             if key is not None:
-                await self._db._insert_idempotency_key(conn, key.route, key.key, key.fingerprint, batch.id,
-                                                       batch.created_at)
+                await tx.insert_idempotency_key(key, batch.id, batch.created_at)
         self._announce()
         return batch
 
@@ -152,16 +92,46 @@ class Lifecycle:
             raise ValueError(f"no batch may move to {to.value!r} from {only_from!r}")
         moment = now()
         changes = {**changes, "status": to, STAMP[to]: moment}
-        async with self._db.transaction() as conn:
-            rows = await self._db._query_in(conn, "SELECT status, outcome FROM batches WHERE id = ?", (batch_id,))
-            previous = BatchStatus(rows[0][0]) if rows else None
-            if previous not in sources:
+        async with self._db.writes() as tx:
+            state = await tx.batch_state(batch_id)
+            previous = state[0] if state else None
+            if state is None or previous not in sources:
                 return False
-            if to is S.CANCELLING and rows[0][1] is not None:
+            if to is S.CANCELLING and state[1] is not None:
                 return False  # already ending (its outcome is recorded): too late to cancel
             for file in files:
-                await self._db._insert_file(conn, file)
-            await self._db._update_batch(conn, batch_id, [p.value for p in sources], changes)
-            await self._db._insert_event(conn, new_event_id(), event_type(to), batch_id, previous, moment)
+                await tx.insert_file(file)
+            await tx.update_batch(batch_id, changes, [p.value for p in sources])
+            await tx.insert_event(new_event_id(), event_type(to), batch_id, previous, moment)
         self._announce()
         return True
+
+    # Writes that change no status, so announce nothing. Each is one transaction of its own, as the single
+    # autocommit UPDATE the scheduler used to issue was.
+
+    async def set_outcome(self, batch_id: str, outcome: BatchStatus, *, output_file_id: str | None = None,
+                          error_file_id: str | None = None) -> bool:
+        """Record how a batch will end and the ids its result files will get, before finalizing renames
+        anything (so a crash mid-way finishes the same ending with the same ids). The status stays as it is
+        until `move`. False if there is no such batch."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"{outcome.value!r} is not a way a batch ends")
+        return await self._write(batch_id, {"outcome": outcome.value, "output_file_id": output_file_id,
+                                            "error_file_id": error_file_id})
+
+    async def record_errors(self, batch_id: str, errors: list[dict[str, Any]]) -> bool:
+        """Set the batch's `errors` (what a failed batch reports); the status is moved separately."""
+        return await self._write(batch_id, {"errors": errors})
+
+    async def set_engine_failures(self, batch_id: str, failures: int) -> bool:
+        """How many times the engine failed under this batch (the scheduler fails it past a limit)."""
+        return await self._write(batch_id, {"engine_failures": failures})
+
+    def checkpoint_committer(self) -> CheckpointCommitter:
+        """The writer of one running batch's progress (offsets, request counts, usage), for its result log's
+        syncer thread: one statement per checkpoint on a connection of its own (see store/database.py)."""
+        return self._db.checkpoint_committer()
+
+    async def _write(self, batch_id: str, changes: dict[str, Any]) -> bool:
+        async with self._db.writes() as tx:
+            return await tx.update_batch(batch_id, changes)

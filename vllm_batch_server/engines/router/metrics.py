@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-PREFIX = "vllm_batch_"  # metrics.PREFIX: not imported, metrics.py imports the engines through the scheduler
+PREFIX = "vllm_batch_"  # observers/metrics.PREFIX, not imported: the engines know nothing above them
 LABELS = ["member", "kind"]
 
 
