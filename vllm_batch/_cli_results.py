@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from vllm_batch._cli_numbers import interval, number, seconds, whole
 from vllm_batch._export import FORMATS
 from vllm_batch._followup import results_as_lines
 from vllm_batch._labelstudio import label_studio_config
@@ -36,8 +37,8 @@ def add_commands(sub: Any, client_options: Callable[[argparse.ArgumentParser], N
     tail = add("tail", help="print result lines as they are committed, until the end")
     tail.add_argument("id")
     tail.add_argument("--no-errors", action="store_true", help="only successful results")
-    tail.add_argument("--poll-interval", type=float, default=5.0, help="longest wait between polls (s)")
-    tail.add_argument("--timeout", type=float, help="give up after this many seconds")
+    tail.add_argument("--poll-interval", type=interval, default=5.0, help="longest wait between polls (s)")
+    tail.add_argument("--timeout", type=seconds, help="give up after this many seconds")
 
     retry = add("retry", help="a new batch of the requests that failed")
     retry.add_argument("id", help="the batch to retry (with all its shards)")
@@ -45,8 +46,8 @@ def add_commands(sub: Any, client_options: Callable[[argparse.ArgumentParser], N
     retry.add_argument("--completion-window", help="default: the first batch's")
     retry.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
     retry.add_argument("--wait", action="store_true", help="wait for the new batch to end")
-    retry.add_argument("--poll-interval", type=float, default=60.0)
-    retry.add_argument("--timeout", type=float)
+    retry.add_argument("--poll-interval", type=interval, default=60.0)
+    retry.add_argument("--timeout", type=seconds)
     retry.add_argument("--no-progress", action="store_true")
 
     results = add("results", help="every request's result in input order, as JSONL")
@@ -58,7 +59,7 @@ def add_commands(sub: Any, client_options: Callable[[argparse.ArgumentParser], N
     mark.add_argument("id")
     mark.add_argument("custom_ids", nargs="+", metavar="CUSTOM_ID")
     mark.add_argument("--label", help='e.g. "gold" or "reject"')
-    mark.add_argument("--score", type=float)
+    mark.add_argument("--score", type=number())
     mark.add_argument("--note")
     mark.add_argument("--delete", action="store_true", help="remove the marks instead")
 
@@ -74,9 +75,9 @@ def add_commands(sub: Any, client_options: Callable[[argparse.ArgumentParser], N
     export.add_argument("--label", action="append", dest="labels", metavar="LABEL",
                         help="only results marked with this label (repeatable)")
     export.add_argument("--exclude-label", action="append", dest="exclude_labels", metavar="LABEL")
-    export.add_argument("--min-score", type=float)
+    export.add_argument("--min-score", type=number())
     export.add_argument("--errors", action="store_true", help="failed results too (label-studio only)")
-    export.add_argument("--limit", type=int)
+    export.add_argument("--limit", type=whole(0))
     export.add_argument("--with-retries", action="store_true", help="each request's best result over its retries")
 
     imports = add("import-marks", help="marks from a Label Studio annotation export")
