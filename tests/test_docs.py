@@ -296,7 +296,7 @@ def test_the_flag_check_catches_a_wrong_flag_and_skips_other_programs(tmp_path: 
 
 
 def test_serve_help_for_api_key_names_every_open_route() -> None:
-    from vllm_batch_server.api.auth import OPEN_PATHS, OPEN_PREFIXES
+    from vllm_batch_server.settings import OPEN_PATHS, OPEN_PREFIXES
 
     serve = _subparsers(ROOTS["vllm-batch-server"])["serve"]
     [api_key] = [a for a in serve._actions if "--api-key" in a.option_strings]
@@ -304,3 +304,14 @@ def test_serve_help_for_api_key_names_every_open_route() -> None:
     for path in (*OPEN_PATHS, *OPEN_PREFIXES):
         assert re.search(re.escape(path) + r"(?![\w-])", text), (path, text)
     assert "/metrics" in text and "--metrics-public" in text, text
+
+
+def test_reliability_names_the_open_routes_the_check_uses() -> None:
+    from vllm_batch_server.api import auth
+    from vllm_batch_server.settings import OPEN_PATHS, OPEN_PREFIXES
+
+    assert (auth.OPEN_PATHS, auth.OPEN_PREFIXES) == (OPEN_PATHS, OPEN_PREFIXES)  # one list, not two
+    text = (REPO / "docs" / "reliability.md").read_text(encoding="utf-8")
+    [paragraph] = [p for p in text.split("\n\n") if p.startswith("**With `--api-key`")]
+    named = set(re.findall(r"`(/[\w/.]*)`", paragraph))
+    assert named == {*OPEN_PATHS, *(p + "..." for p in OPEN_PREFIXES), "/metrics"}, named
