@@ -190,6 +190,11 @@ class Settings:
                              "(one server per directory: it is locked while the server runs)", group=SERVER)
     api_key: str | None = setting(None, help=f"require this Bearer token on every route but {OPEN_ROUTES_TEXT} "
                                   "and, with --metrics-public, /metrics", group=SERVER)
+    allowed_hosts: list[str] = setting(
+        factory=list, flag="--allowed-host", metavar="NAME",
+        help="a name the server is reached by, accepted in the Host header (host or host:port; * accepts any); "
+        "repeat for several. The loopback names and --host itself are always accepted; bound to all interfaces "
+        "(0.0.0.0, ::) without this flag, any Host is (see docs/deployment.md)", group=SERVER)
 
     # ---- queue and durability
     models: list[str] = setting(factory=lambda: list(DEFAULT_MODELS), flag="--model", metavar="MODEL",
