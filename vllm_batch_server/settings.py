@@ -350,7 +350,8 @@ class Settings:
                                        "OpenAI: three days)", group=OPERATIONS)
     webhook_backoff: float = setting(5.0, help="seconds before the first retry of a failed webhook; doubles with "
                                      "each attempt, up to an hour", group=OPERATIONS)
-    webhook_timeout: float = setting(10.0, help="seconds a webhook receiver has to answer", group=OPERATIONS)
+    webhook_timeout: float = setting(10.0, help="seconds a whole webhook attempt may take (connecting, sending, "
+                                     "the receiver's answer), however slowly it trickles", group=OPERATIONS)
 
     # ---- testing and benchmarking
     checkpointing: bool = setting(True, help="fsync and commit results as they come (turn off only to measure "
