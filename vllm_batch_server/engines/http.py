@@ -358,6 +358,17 @@ class HttpEngine:
             # Busy or rate-limited: it works, just not faster. Wait as asked; never the request's fault.
             raise BackendError(f"backend {self.spec}: answered {status}", busy=True,
                                retry_after=_retry_after(response) or 1.0, result=Result(status, answer))
+        code = answer.get("error", {}).get("code") if isinstance(answer.get("error"), dict) else None
+        if status == 503 and code in ("model_not_loaded", "model_loading"):
+            # Another vllm-batch server on its way to serving the model (loading it, or after its batches): a
+            # wait, as for a rate limit, neither the request's fault nor the backend's (docs/scale.md).
+            raise BackendError(f"backend {self.spec}: is loading {self._model} ({code})", busy=True,
+                               retry_after=_retry_after(response) or 1.0, result=Result(status, answer))
+        if status == 400 and code == "model_not_loaded":
+            # A vllm-batch server that will not serve the model now (kept on another with --online-model): not
+            # the request's fault; out of rotation until a health check finds it serving (or the others do).
+            raise BackendError(f"backend {self.spec}: does not serve {self._model} now (model_not_loaded)",
+                               down=True, result=Result(status, answer))
         if status in (502, 503, 504):
             # Restarting, or a gateway without a healthy upstream: not this request's fault either.
             raise BackendError(f"backend {self.spec}: answered {status}", retry_after=_retry_after(response),
