@@ -6,7 +6,8 @@ opens. Three checks, before any route (docs/reliability.md, docs/deployment.md):
 - **Host.** The `Host` header must be a name the server is reached by: the loopback names (`localhost`,
   `127.0.0.1`, `[::1]`), `--host` itself, and `--allowed-host` names. A page that rebinds its own DNS name
   to 127.0.0.1 sends its own name, so it can neither read nor change anything. The probes (/health, /ready)
-  answer any Host: load balancers probe by address. Bound to all interfaces
+  answer any Host: load balancers probe by address. Only requests that came over a socket are checked: an
+  app called in the same process has no DNS to rebind. Bound to all interfaces
   (0.0.0.0, ::) without `--allowed-host`, the server cannot know its names and any Host is served.
 - **Origin.** A request that may change state (any method but GET, HEAD, OPTIONS) sent by a browser from another
   origin is refused: `Sec-Fetch-Site` other than `same-origin` or `none`, or an `Origin` header naming another
@@ -68,6 +69,20 @@ def allowed_names(bind_host: str, extra: list[str]) -> frozenset[str] | None:
     return frozenset(with_loopback)
 
 
+def _on_a_socket(scope: Scope) -> bool:
+    """Whether the request came over a network socket (uvicorn puts the listening address, an IP, in `server`).
+    An app called in the same process (an ASGI transport, Starlette's TestClient) has no socket and no DNS to
+    rebind, and names a made-up host (`testserver`): its Host is not checked."""
+    server = scope.get("server")
+    if not server:
+        return False
+    try:
+        ipaddress.ip_address(str(server[0]).strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def _is_loopback_address(name: str) -> bool:
     try:
         return ipaddress.ip_address(name).is_loopback
@@ -86,7 +101,7 @@ class WebGuard:
             return
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1")
-        refusal = self._refusal(scope["method"], scope["path"], host, headers)
+        refusal = self._refusal(scope["method"], scope["path"] if _on_a_socket(scope) else "", host, headers)
         if refusal is None:
             await self.app(scope, receive, send)
             return
@@ -95,7 +110,7 @@ class WebGuard:
         await response(scope, receive, send)
 
     def _refusal(self, method: str, path: str, host: str, headers: dict[bytes, bytes]) -> tuple[str, str] | None:
-        if host and self._names is not None and path not in PROBES:
+        if host and self._names is not None and path and path not in PROBES:
             name, _ = host_name(host)
             if name not in self._names and not _is_loopback_address(name):
                 return (f"The Host header names '{host[:100]}', which is not a name this server is reached by; "
