@@ -296,7 +296,7 @@ def test_the_flag_check_catches_a_wrong_flag_and_skips_other_programs(tmp_path: 
 
 
 def test_serve_help_for_api_key_names_every_open_route() -> None:
-    from vllm_batch_server.api.auth import OPEN_PATHS, OPEN_PREFIXES
+    from vllm_batch_server.settings import OPEN_PATHS, OPEN_PREFIXES
 
     serve = _subparsers(ROOTS["vllm-batch-server"])["serve"]
     [api_key] = [a for a in serve._actions if "--api-key" in a.option_strings]
@@ -320,3 +320,13 @@ def test_the_readme_says_that_the_system_packages_start_services() -> None:
     """`dev.py tests` installs Debian's prometheus and postgresql, which start services of their own."""
     readme = " ".join((REPO / "README.md").read_text().split())
     assert "systemctl disable --now prometheus postgresql" in readme
+
+def test_reliability_names_the_open_routes_the_check_uses() -> None:
+    from vllm_batch_server.api import auth
+    from vllm_batch_server.settings import OPEN_PATHS, OPEN_PREFIXES
+
+    assert (auth.OPEN_PATHS, auth.OPEN_PREFIXES) == (OPEN_PATHS, OPEN_PREFIXES)  # one list, not two
+    text = (REPO / "docs" / "reliability.md").read_text(encoding="utf-8")
+    [paragraph] = [p for p in text.split("\n\n") if p.startswith("**With `--api-key`")]
+    named = set(re.findall(r"`(/[\w/.]*)`", paragraph))
+    assert named == {*OPEN_PATHS, *(p + "..." for p in OPEN_PREFIXES), "/metrics"}, named

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from vllm_batch import _cli_results
+from vllm_batch._cli_numbers import interval, number, seconds, whole
 from vllm_batch._errors import BatchFailedError, BatchTimeoutError, BatchValidationError, VLLMBatchError
 from vllm_batch._providers import PRESETS
 from vllm_batch._requests import CHAT, COMPLETIONS, EMBEDDINGS, dumps, normalize_endpoint, validate_body
@@ -73,8 +74,8 @@ def _add_download_paths(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_wait_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--poll-interval", type=float, default=60.0, help="longest wait between polls (s)")
-    parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit status 2)")
+    parser.add_argument("--poll-interval", type=interval, default=60.0, help="longest wait between polls (s)")
+    parser.add_argument("--timeout", type=seconds, help="give up waiting after this many seconds (exit status 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -102,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(the requests must not name a model: create them without --model)")
     submit.add_argument("--metadata", action="append", default=[], type=_pair, metavar="KEY=VALUE",
                         help="a metadata pair for the batch; repeatable")
-    submit.add_argument("--max-requests", type=int, help="shard past this many requests per batch")
-    submit.add_argument("--max-bytes", type=int, help="shard past this many bytes per batch file")
+    submit.add_argument("--max-requests", type=whole(1), help="shard past this many requests per batch")
+    submit.add_argument("--max-bytes", type=whole(1), help="shard past this many bytes per batch file")
     _add_download_paths(submit)
     _add_wait_options(submit)
 
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_download_paths(download)
 
     listing = command("list", "recent batches, newest first")
-    listing.add_argument("--limit", type=int, default=20, help="how many batches to show")
+    listing.add_argument("--limit", type=whole(1), default=20, help="how many batches to show")
     listing.add_argument("--json", action="store_true", help="print the server's batch objects as one JSON array")
 
     create = command("create", "turn a text file of prompts (one per line) into request JSONL", client=False)
@@ -133,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--endpoint", default="chat", choices=["chat", "completions", "embeddings"],
                         help="what the requests ask for")
     create.add_argument("--system", help="a system message for every chat request")
-    create.add_argument("--max-tokens", type=int, help="the most tokens to generate per answer (chat, completions)")
-    create.add_argument("--temperature", type=float,
+    create.add_argument("--max-tokens", type=whole(1),
+                        help="the most tokens to generate per answer (chat, completions)")
+    create.add_argument("--temperature", type=number(0),
                         help="sampling temperature, 0 to 2; 0 answers deterministically (chat, completions)")
     create.add_argument("-o", "--output", default="-", help="where the JSONL goes ('-' for stdout)")
     _cli_results.add_commands(command, _add_id)

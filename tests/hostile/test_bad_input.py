@@ -77,7 +77,7 @@ def test_malformed_upload_is_a_400_and_stores_nothing(server: InProcessServer, h
     before = set((server.data_dir / "files").iterdir())
     body, headers = MALFORMED[case]
     response = http.post("/v1/files", content=body, headers=headers)
-    assert_openai_error(response, 400)
+    assert_openai_error(response, 415 if case in ("json instead of multipart", "no content type") else 400)
     assert set((server.data_dir / "files").iterdir()) == before
     assert list((server.data_dir / "tmp").iterdir()) == []
 
@@ -209,7 +209,7 @@ def test_client_that_disconnects_mid_upload_leaves_nothing(server_factory: Serve
     head = (b"--bb\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
             b"--bb\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n")
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=bb\r\n"
+        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=bb\r\n"
                      b"Content-Length: 10000000\r\n\r\n" + head + b"x" * 200_000)
         tmp_dir = server.data_dir / "tmp"
         deadline = time.monotonic() + 10

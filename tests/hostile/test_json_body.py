@@ -65,7 +65,7 @@ def test_a_body_just_under_the_limit_is_read(server: InProcessServer) -> None:
 def test_an_oversize_body_is_refused_from_its_content_length_before_it_is_sent(process: RunningServer) -> None:
     server = process
     sock = rawhttp.connect(server.port)
-    sock.sendall(f"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"POST /v1/batches HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {400 * 1024 * 1024}\r\n\r\n".encode())
     started = time.monotonic()
     response = rawhttp.read_response(sock, timeout=10)  # not a byte of the body sent
@@ -80,7 +80,7 @@ def send_chunked_until_answered(port: int, total: int, chunk: int = 256 * 1024) 
     """Stream a chunked JSON body of up to `total` bytes, stopping as soon as the server answers; returns the bytes
     sent and what the server said."""
     sock = rawhttp.connect(port, timeout=60)
-    sock.sendall(b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/batches HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Transfer-Encoding: chunked\r\n\r\n")
     piece = f"{chunk:x}\r\n".encode() + b'{"a": "' + b"x" * (chunk - 7) + b"\r\n"
     sent = 0

@@ -51,7 +51,7 @@ def test_slowloris_headers_are_cut_off_after_the_header_timeout(server: RunningS
     head, so it is cut off (with a 408) all the same."""
     socks = [rawhttp.connect(server.port) for _ in range(20)]
     for sock in socks:
-        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
     started = time.monotonic()
     open_socks = set(socks)
     answers: dict[socket.socket, bytes] = {}
@@ -80,7 +80,7 @@ def test_slowloris_headers_are_cut_off_after_the_header_timeout(server: RunningS
 
 def test_headers_larger_than_the_limit_are_refused(server: RunningServer) -> None:
     sock = rawhttp.connect(server.port)
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
     try:
         for _ in range(64):
             sock.sendall(b"X-Big: " + b"a" * 4096 + b"\r\n")
@@ -93,7 +93,7 @@ def test_headers_larger_than_the_limit_are_refused(server: RunningServer) -> Non
 
 def test_idle_keep_alive_connections_are_closed(server: RunningServer) -> None:
     sock = rawhttp.connect(server.port)
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert rawhttp.read_response(sock).status == 200
     waited = rawhttp.closed_by_peer(sock, KEEP_ALIVE_TIMEOUT + SLACK)
     sock.close()
@@ -102,9 +102,9 @@ def test_idle_keep_alive_connections_are_closed(server: RunningServer) -> None:
 
 def test_a_second_request_on_a_kept_alive_connection_has_its_own_header_deadline(server: RunningServer) -> None:
     sock = rawhttp.connect(server.port)
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert rawhttp.read_response(sock).status == 200
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the end of the head
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # and never the end of the head
     response = rawhttp.read_response(sock, timeout=HEADER_TIMEOUT + SLACK)
     sock.close()
     assert response.status == 408
@@ -154,7 +154,7 @@ def test_a_slow_upload_that_keeps_making_progress_succeeds(server: RunningServer
 
 def test_a_stalled_json_body_is_cut_off_too(server: RunningServer) -> None:
     sock = rawhttp.connect(server.port)
-    sock.sendall(b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/batches HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100\r\n\r\n{\"input_file_id\": ")
     response = rawhttp.read_response(sock, timeout=BODY_IDLE_TIMEOUT + SLACK)
     sock.close()
@@ -165,7 +165,7 @@ def test_the_drain_after_an_early_answer_is_bounded(server: RunningServer) -> No
     """A request answered before its body was read (here: an unknown route) keeps being drained, so the client
     sees the answer; if the client then goes silent mid-body, the connection is closed."""
     sock = rawhttp.connect(server.port)
-    sock.sendall(b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+    sock.sendall(b"POST /v1/nothing HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
     assert rawhttp.read_response(sock).status == 404
     sock.sendall(b"x" * 1000)  # keeps sending a little after the answer, then stops
     waited = rawhttp.closed_by_peer(sock, BODY_IDLE_TIMEOUT + KEEP_ALIVE_TIMEOUT + SLACK)
@@ -219,7 +219,7 @@ def download(server: RunningServer, file_id: str) -> socket.socket:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # a small window, so the server's buffer fills
     sock.connect(("127.0.0.1", server.port))
-    sock.sendall(f"GET /v1/files/{file_id}/content HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    sock.sendall(f"GET /v1/files/{file_id}/content HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     return sock
 
 

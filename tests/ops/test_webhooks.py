@@ -235,3 +235,87 @@ def test_deliveries_of_an_unknown_batch_are_not_found(shared_server: Server) -> 
     client = sdk(shared_server)
     batch = submit(client, chat_lines(1))
     assert deliveries(shared_server, batch.id) == []  # no receiver configured: nothing to deliver
+
+
+class Trickler:
+    """A receiver that reads the request, then sends its answer one byte a second: every read gets a byte long
+    before any per-read timeout, so only a bound on the whole attempt ends it."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def _serve(self) -> None:
+        import threading
+
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: Any) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                for byte in b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok":
+                    if self._stop.wait(1.0):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+def test_a_receiver_trickling_its_answer_is_cut_off_at_the_webhook_timeout(server_factory: ServerFactory) -> None:
+    trickler = Trickler()
+    try:
+        server = server_factory(extra_args=[*hook(trickler.url), "--webhook-timeout", "2", "--webhook-backoff",
+                                            "0.5"])
+        client = sdk(server)
+        batch = wait_for(client, submit(client, chat_lines(1)).id)
+        began = time.monotonic()
+        (delivery,) = wait_deliveries(server, batch.id, lambda d: d and d[0]["attempts"] >= 2, timeout=15)
+        assert time.monotonic() - began < 12  # two attempts of 2 s each, and a back-off between
+        assert delivery["status"] == "pending" and "within 2s" in delivery["last_error"], delivery
+    finally:
+        trickler.stop()
+
+
+def test_per_batch_urls_on_one_host_never_starve_the_operators_endpoint(server_factory: ServerFactory,
+                                                                         receiver: Receiver) -> None:
+    stalled = Receiver(default="hang").start()
+    try:
+        server = server_factory(extra_args=[*hook(receiver.url), "--webhook-timeout", "60",
+                                            "--webhook-allowed-host", f"127.0.0.1:{stalled.port}",
+                                            "--webhook-secret", SECRET])
+        client = sdk(server)
+        # 16 batches, each with its own URL (another query) on the one stalled host.
+        batches = [submit(client, chat_lines(1, prefix=f"b{i}"), metadata={"webhook_url": f"{stalled.url}?b={i}"})
+                   for i in range(16)]
+        began = time.monotonic()
+        for batch in batches:
+            wait_for(client, batch.id, timeout=30)
+        received = receiver.wait_for(16, timeout=20)  # the operator's receiver got every one meanwhile
+        assert {unwrap(r).data.id for r in received} == {b.id for b in batches}
+        assert time.monotonic() - began < 20
+        time.sleep(0.5)
+        assert 1 <= len(stalled.received) <= 2  # the stalled host is one receiver: two attempts at a time
+    finally:
+        stalled.stop()

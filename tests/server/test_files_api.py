@@ -82,7 +82,8 @@ def test_oversize_upload_is_refused_with_413_and_leaves_nothing(server_factory: 
     assert caught.value.response.headers["x-should-retry"] == "false"
     # declared far too large: refused before the body is read
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=abc\r\n"
+        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: multipart/form-data; boundary=abc\r\n"
                      b"Content-Length: 52428800\r\n\r\n--abc\r\n")
         status_line = sock.recv(4096).split(b"\r\n", 1)[0]
     assert status_line.startswith(b"HTTP/1.1 413 ")  # the reason phrase differs by Python version

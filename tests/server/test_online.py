@@ -100,38 +100,45 @@ def test_online_requests_need_the_key_like_every_route(app_factory: AppFactory) 
     assert _chat(sdk(server)).choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
 
 
-def test_only_the_loaded_model_answers_and_online_never_switches(app_factory: AppFactory) -> None:
+def test_online_requests_load_a_served_model_once_no_batch_needs_the_engine(app_factory: AppFactory) -> None:
     server = app_factory()
     client = sdk(server)
-    # Nothing loaded yet (no --online-model, no batch): told so, and nothing is loaded because of it.
-    with pytest.raises(openai.BadRequestError) as idle:
+    # Nothing loaded yet (no --online-model, no batch): come back (503, retryable); the model is loaded meanwhile,
+    # as a batch of it would load it, so another vllm-batch server can route to this one with no flags.
+    with pytest.raises(openai.APIStatusError) as idle:
         _chat(client)
-    assert idle.value.code == "model_not_loaded" and "no model is loaded" in idle.value.message
-    assert "--online-model echo-model" in idle.value.message
-    assert server.http.get(server.root_url + "/health").json()["loaded_model"] is None
+    assert idle.value.status_code == 503 and idle.value.code == "model_not_loaded", idle.value
+    assert "no model is loaded" in idle.value.message and idle.value.response.headers["retry-after"] == "10"
+    assert idle.value.response.headers.get("x-should-retry") != "false"
+    deadline = time.monotonic() + 10
+    while server.http.get(server.root_url + "/health").json()["loaded_model"] != "echo-model":
+        assert time.monotonic() < deadline, "the model asked for was not loaded"
+        time.sleep(0.05)
+    assert _chat(client).choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
 
-    # A batch loads echo-embed; online requests for echo-model are refused naming it, and it stays loaded.
+    # A batch loads echo-embed; online requests for echo-model never switch the engine under it: told to come
+    # back, and echo-model is loaded again only once the batch is done.
     batch = wait_for(client, submit(client, [request_line("e", "x", model="echo-embed", url="/v1/embeddings")],
                                     endpoint="/v1/embeddings").id)
     assert batch.status == "completed"
-    with pytest.raises(openai.BadRequestError) as other:
-        _chat(client)
-    assert other.value.code == "model_not_loaded" and other.value.param == "model"
-    assert "the loaded model is 'echo-embed'" in other.value.message
     assert server.http.get(server.root_url + "/health").json()["loaded_model"] == "echo-embed"
     assert client.embeddings.create(model="echo-embed", input="fine").data[0].index == 0
+    with pytest.raises(openai.APIStatusError) as other:
+        _chat(client)
+    assert other.value.status_code == 503 and other.value.code == "model_not_loaded" and other.value.param == "model"
+    assert "the loaded model is 'echo-embed'" in other.value.message
 
     with pytest.raises(openai.NotFoundError) as unknown:
         client.embeddings.create(model="no-such-model", input="x")
     assert unknown.value.code == "model_not_found" and "echo-model, echo-embed" in unknown.value.message
 
 
-def test_a_model_the_server_is_switching_back_to_gets_503_and_one_it_will_not_serve_400(
+def test_a_model_the_server_is_switching_back_to_gets_503_and_so_does_one_only_online_requests_ask_for(
         app_factory: AppFactory) -> None:
     # Without --online-model. A batch loads echo-model; the next batch switches to echo-embed while a third waits
     # to switch back. While the switch drains an online request still in flight for echo-model, and while
     # echo-embed runs, requests for echo-model are told to come back (503, Retry-After, retryable): the server
-    # is on its way back to it. Once nothing queued needs echo-embed, a request for it gets 400.
+    # is on its way back to it. Once nothing queued needs echo-embed, a request for it asks for it (503 too).
     server = app_factory(extra_args=["--echo-delay", "2"])
     client = sdk(server)
     assert wait_for(client, submit(client, [request_line("a", "x")]).id).status == "completed"
@@ -166,10 +173,11 @@ def test_a_model_the_server_is_switching_back_to_gets_503_and_one_it_will_not_se
 
     assert wait_for(client, back.id).status == "completed"
     assert _chat(client).choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
-    not_coming = refused_for("echo-embed")
-    assert not_coming.status_code == 400 and not_coming.code == "model_not_loaded"
-    assert not_coming.response.headers["x-should-retry"] == "false"
-    assert "the loaded model is 'echo-model'" in not_coming.message
+    # Nothing queued needs echo-embed: an online request for it asks for it (503), and it is loaded once
+    # echo-model has had no online request for a few seconds (queue/online.py).
+    asked = refused_for("echo-embed")
+    assert asked.status_code == 503 and asked.code == "model_not_loaded"
+    assert "the loaded model is 'echo-model'" in asked.message and "loaded for online requests" in asked.message
 
 
 def test_bad_online_requests_get_openai_errors(app_factory: AppFactory) -> None:

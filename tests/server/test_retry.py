@@ -171,3 +171,20 @@ def test_a_retry_file_is_an_ordinary_batch_input(app_factory: AppFactory) -> Non
     assert wait_for(client, by_hand.id).request_counts.total == 1  # type: ignore[union-attr]
     assert client.files.delete(again.input_file_id).deleted
     assert upload(client, jsonl(lines))  # the server is fine
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/hook", "file:///etc/passwd", "not a url"])
+def test_a_retry_refuses_a_webhook_url_as_create_does(client: openai.OpenAI, url: str) -> None:
+    lines = chat_lines(2)
+    lines[0]["body"]["messages"] = []  # an error line: something to retry
+    failed_one = wait_for(client, submit(client, lines).id)
+    metadata = {"webhook_url": url}
+    with pytest.raises(openai.BadRequestError) as created:
+        client.batches.create(input_file_id=failed_one.input_file_id, endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata=metadata)
+    for path, body in ((f"/batches/{failed_one.id}/retry", {"metadata": metadata}),
+                       ("/batches/retry", {"batch_ids": [failed_one.id], "metadata": metadata})):
+        with pytest.raises(openai.BadRequestError) as retried:
+            client.post(path, cast_to=Batch, body=body)
+        assert retried.value.body == created.value.body  # type: ignore[comparison-overlap]
+        assert retried.value.body["code"] == "webhook_url_not_allowed"  # type: ignore[index]

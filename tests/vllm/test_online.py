@@ -81,9 +81,11 @@ def test_online_embeddings_score_and_rerank_on_minilm(embed_server: RunningServe
     assert rerank["results"][0]["document"]["text"] == EMBED_TEXTS[0]
     assert rerank["usage"]["total_tokens"] > 0
 
-    # Online requests for a model that is not loaded are refused, naming the loaded one; nothing switches.
-    with pytest.raises(openai.BadRequestError) as refused:
+    # Online requests for a model that is not loaded are told to come back (503), naming the loaded one; nothing
+    # switches under them (the model is loaded once the loaded one has no online traffic: queue/online.py).
+    with pytest.raises(openai.APIStatusError) as refused:
         client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.status_code == 503
     assert refused.value.code == "model_not_loaded" and EMBED_MODEL in refused.value.message
     assert _loaded(embed_server) == EMBED_MODEL
 

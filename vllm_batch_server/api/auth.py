@@ -9,9 +9,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vllm_batch_server.api.errors import error_response
-
-OPEN_PATHS = ("/health", "/ready", "/", "/ui")
-OPEN_PREFIXES = ("/ui/",)
+from vllm_batch_server.settings import OPEN_PATHS, OPEN_PREFIXES
 
 
 def is_open(path: str, also: tuple[str, ...] = ()) -> bool:

@@ -19,6 +19,7 @@ from vllm_batch_server.engines.base import SUPPORTED_ENDPOINTS
 from vllm_batch_server.observers import webhooks
 from vllm_batch_server.queue import priority
 from vllm_batch_server.queue.scheduler import NotCancellable
+from vllm_batch_server.settings import Settings
 from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.database import BatchRow
 from vllm_batch_server.store.idempotency import IdempotencyKey, KeyReused, fingerprint, replayed
@@ -55,6 +56,16 @@ def checked_metadata(value: Any) -> dict[str, str] | None:
     return value
 
 
+
+def check_webhook_url(metadata: dict[str, str] | None, settings: Settings) -> None:
+    """Refuse a `metadata.webhook_url` that no webhook would be sent to (create and retry alike): refused rather
+    than ignored, as its owner expects a webhook."""
+    if metadata and (url := metadata.get(webhooks.METADATA_KEY)) is not None:
+        refusal = webhooks.check_batch_url(url, settings)
+        if refusal is not None:
+            raise APIError(400, f"Invalid 'metadata.{webhooks.METADATA_KEY}': {refusal}.",
+                           param=f"metadata.{webhooks.METADATA_KEY}", code="webhook_url_not_allowed")
+
 async def create_batch(request: Request) -> Response:
     ctx = context(request)
     body = await json_object(request)
@@ -77,11 +88,7 @@ async def create_batch(request: Request) -> Response:
                           f"{', '.join(SUPPORTED_ENDPOINTS)}.", "endpoint", "unsupported_endpoint")
     window = window_seconds(body["completion_window"])
     metadata = checked_metadata(body.get("metadata"))
-    if metadata and (url := metadata.get(webhooks.METADATA_KEY)) is not None:
-        refusal = webhooks.check_batch_url(url, ctx.settings)
-        if refusal is not None:  # refused rather than ignored: its owner expects a webhook
-            raise APIError(400, f"Invalid 'metadata.{webhooks.METADATA_KEY}': {refusal}.",
-                           param=f"metadata.{webhooks.METADATA_KEY}", code="webhook_url_not_allowed")
+    check_webhook_url(metadata, ctx.settings)
     output_expiry = None
     if (policy := body.get("output_expires_after")) is not None:
         if not isinstance(policy, dict):

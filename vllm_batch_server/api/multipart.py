@@ -107,7 +107,9 @@ async def read_upload(request: Request, blobs: Blobs, limit: int, *, digest: boo
     """Parse the request's multipart body; the caller owns (commits or discards) `form.upload`, which has a
     sha256 of its content when `digest` is set."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
-    if content_type != b"multipart/form-data" or not options.get(b"boundary"):
+    if content_type != b"multipart/form-data":
+        raise APIError(415, "Uploads must be sent as multipart/form-data.", code="unsupported_media_type")
+    if not options.get(b"boundary"):
         raise bad_request("Uploads must be sent as multipart/form-data with a boundary.", code="invalid_multipart")
     declared = declared_length(request)
     if declared is not None and declared > limit + ENVELOPE_SLACK:

@@ -5,9 +5,11 @@ The body of an answer is the engine's (for vLLM, what `vllm serve` answers: its 
 streamed as server-sent events when the request asks for `"stream": true`. What this module adds is the
 sharing rule:
 
-- only the loaded model answers, and a request never makes the engine switch (the scheduler alone decides which
-  model is loaded; `--online-model` keeps one loaded). A request for another served model gets 503 with
-  Retry-After while the server is on its way to serving it, else a 400 naming the loaded one;
+- only the loaded model answers, and a request never makes the engine switch under a batch: the scheduler
+  decides which model is loaded. A request for another served model gets 503 with Retry-After while the
+  server is on its way to serving it; without `--online-model` it always is (the model is loaded for online
+  requests once no batch runs or waits, as a batch of it would be); with `--online-model`, which keeps that
+  one loaded, a request for another gets a 400 naming the loaded one;
 - online requests run ahead of batch work (priority 0, see priority.py);
 - at most `--online-max-requests` are admitted at once; the next one gets 429 with Retry-After at once,
   rather than a wait without end;
@@ -108,7 +110,7 @@ async def _serve(ctx: Context, request: Request, call: _Call, url: str, body: di
     if model not in served:
         raise APIError(404, f"The model '{model[:200]}' does not exist or is not served here (served: "
                        f"{', '.join(served)}).", param="model", code="model_not_found")
-    ctx.scheduler.online.arrived()
+    ctx.scheduler.online.arrived(model)
     await _check_loaded(ctx, model)
     try:
         priority = online_priority(body.pop("priority", None))
@@ -186,6 +188,13 @@ async def _check_loaded(ctx: Context, model: str) -> None:
         raise APIError(503, f"The model '{model}' is not loaded right now: {now}. A queued batch of '{model}' "
                        "loads it when its turn comes; retry then.", type="server_error", param="model",
                        code="model_not_loaded", headers=retry)
+    if ctx.settings.online_model is None:
+        # A model it lists is a model it serves: loaded for online requests as a batch of it would be, once the
+        # batches running or queued are done (so another vllm-batch server can route to this one with no flags).
+        ctx.scheduler.want_online(model)
+        raise APIError(503, f"The model '{model}' is not loaded right now: {now}. It is loaded for online "
+                       "requests once the batches running or queued are done; retry then.", type="server_error",
+                       param="model", code="model_not_loaded", headers=retry)
     raise APIError(400, f"The model '{model}' is not loaded: {now}. Online requests are answered by the loaded "
                    "model only and never switch it (batches decide which model is loaded; start the server "
                    f"with --online-model {model} to keep it loaded).", param="model", code="model_not_loaded")

@@ -107,9 +107,26 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def is_json_type(content_type: str) -> bool:
+    """`application/json` or a `+json` type (parameters such as charset aside)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def check_json_type(request: Request) -> None:
+    """JSON routes take JSON content types only: an HTML form (text/plain, urlencoded, multipart) cannot post to
+    them (api/guard.py). A request without a Content-Type is taken as JSON (hand-written clients)."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and content_type.strip() and not is_json_type(content_type):
+        raise APIError(415, f"Unsupported Content-Type '{content_type[:100]}': this route takes a JSON body, sent "
+                       "as application/json.", code="unsupported_media_type")
+
+
 async def json_object(request: Request, limit: int | None = None) -> dict[str, Any]:
     """The request's JSON object body, read with a size limit (default: the `max_json_bytes` setting) and parsed
-    strictly as JSON is defined: NaN, Infinity and numbers that overflow (1e999) are refused."""
+    strictly as JSON is defined: NaN, Infinity and numbers that overflow (1e999) are refused. Only with a JSON
+    content type (415 otherwise)."""
+    check_json_type(request)
     raw = await read_body(request, context(request).settings.max_json_bytes if limit is None else limit)
     try:
         body = jsonl.loads(raw)

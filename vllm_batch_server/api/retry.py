@@ -16,7 +16,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vllm_batch_server import ids
-from vllm_batch_server.api.batches import MAX_METADATA_PAIRS, _replayed, checked_metadata, window_seconds
+from vllm_batch_server.api.batches import (
+    MAX_METADATA_PAIRS,
+    _replayed,
+    check_webhook_url,
+    checked_metadata,
+    window_seconds,
+)
 from vllm_batch_server.api.context import Context, context
 from vllm_batch_server.api.errors import APIError, bad_request
 from vllm_batch_server.api.idempotency import key_header
@@ -64,6 +70,7 @@ async def _retry(request: Request, batch_ids: list[str], body: dict[str, Any], *
     if len(metadata) >= MAX_METADATA_PAIRS:
         raise bad_request(f"Invalid 'metadata': at most {MAX_METADATA_PAIRS - 1} pairs, as the server adds "
                           f"'{META_KEY}'.", "metadata")
+    check_webhook_url(metadata, ctx.settings)
     window = body.get("completion_window")
     if window is not None:
         window_seconds(window)

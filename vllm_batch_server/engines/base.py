@@ -7,6 +7,7 @@ part of the system testable at full speed with the echo engine, and keeps vLLM's
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -23,6 +24,30 @@ SUPPORTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, SCORE, RERANK)
 STREAMING_ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES)
 
 
+# The largest token count taken as one: anything above is no real count (and would not fit SQLite's integers).
+MAX_TOKEN_COUNT = 2**53
+
+# Usage fields an engine or backend gave that were not non-negative whole numbers (NaN, strings, negatives, null
+# where a count belongs), each counted as 0. Process-wide; GET /metrics reads it (vllm_batch_odd_usage_fields).
+odd_usage_fields = 0
+
+
+def _count(value: Any) -> int:
+    """A token count as given, or 0 (counted in `odd_usage_fields`) when it is not a non-negative whole number.
+    A missing field is no oddity: OpenAI leaves out what does not apply."""
+    global odd_usage_fields
+    if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    if type(value) is float and math.isfinite(value) and value.is_integer() and 0 <= value <= MAX_TOKEN_COUNT:
+        return int(value)
+    if value is not _MISSING:
+        odd_usage_fields += 1
+    return 0
+
+
+_MISSING: Any = object()
+
+
 @dataclass(frozen=True)
 class Usage:
     input_tokens: int = 0
@@ -32,23 +57,40 @@ class Usage:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Usage:
         """Read the OpenAI `usage` object of a response body (chat, completion, embedding, score, rerank or
-        responses, which names its counts `input_tokens`/`output_tokens`)."""
-        usage = body.get("usage") if isinstance(body, dict) else None
+        responses, which names its counts `input_tokens`/`output_tokens`). Never raises: a count that is not a
+        non-negative whole number (NaN, a string, a negative, null) is 0 for this result, and counted in
+        `odd_usage_fields`; what a backend puts there must not fail a batch."""
+        usage = body.get("usage", _MISSING) if isinstance(body, dict) else _MISSING
         if not isinstance(usage, dict):
+            if usage is not _MISSING and usage is not None:
+                _count(usage)  # counted as odd
             return cls()
-        if "input_tokens" in usage:  # the Responses API's names
-            details = usage.get("input_tokens_details") or {}
-            return cls(
-                input_tokens=int(usage.get("input_tokens") or 0),
-                cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
-                output_tokens=int(usage.get("output_tokens") or 0),
-            )
-        details = usage.get("prompt_tokens_details") or {}
+        responses = "input_tokens" in usage  # the Responses API's names
+        details = usage.get("input_tokens_details" if responses else "prompt_tokens_details")
+        cached = _count(details.get("cached_tokens", _MISSING)) if isinstance(details, dict) else 0
         return cls(
-            input_tokens=int(usage.get("prompt_tokens") or 0),
-            cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
-            output_tokens=int(usage.get("completion_tokens") or 0),
+            input_tokens=_count(usage.get("input_tokens" if responses else "prompt_tokens", _MISSING)),
+            cached_tokens=cached,
+            output_tokens=_count(usage.get("output_tokens" if responses else "completion_tokens", _MISSING)),
         )
+
+
+# Where each endpoint's successful answer keeps its results: a 200 without it (a list there) is no answer.
+_ANSWER_FIELD = {CHAT: "choices", COMPLETIONS: "choices", EMBEDDINGS: "data", SCORE: "data", RERANK: "results",
+                 RESPONSES: "output"}
+
+
+def is_answer(url: str, body: Any) -> bool:
+    """Whether `body` (parsed JSON) has the shape of a successful answer of endpoint `url`: an object with the
+    endpoint's list of results (`choices` for chat and completions, `data` for embeddings and score, `results`
+    for rerank, `output` for responses) and no error object. Cheap: a key or two, nothing serialized again. An
+    endpoint this does not know is not checked."""
+    if not isinstance(body, dict):
+        return False
+    key = _ANSWER_FIELD.get(url)
+    if key is None:
+        return True
+    return isinstance(body.get(key), list) and not isinstance(body.get("error"), dict)
 
 
 @dataclass

@@ -15,6 +15,7 @@ and never logged: a spec prints as its URL and where its key comes from.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from vllm_batch_server.engines.base import EngineError, Result, Usage
+from vllm_batch_server.engines.base import EngineError, Result, Usage, is_answer
 from vllm_batch_server.engines.inflight import InFlight
 from vllm_batch_server.settings import Settings
 
@@ -144,15 +145,18 @@ class BackendError(EngineError):
     to slow down (429, 408): a smaller window and a pause, nothing more. `charge`: the failure may be the
     request's own (a 500, a timeout), so it counts against the request's few attempts, after which the request
     gets `result` as its answer; an uncharged failure (overload, a dead backend) never fails a request.
-    `retry_after`: the backend asked for a pause (Retry-After).
+    `retry_after`: the backend asked for a pause (Retry-After). `bad_answer`: it answered 200 with something
+    that is no answer of the endpoint (not JSON, an error object, the wrong shape): charged, and counted
+    against the backend apart from its other failures, so one that keeps doing it is taken out.
     """
 
     def __init__(self, message: str, *, down: bool = False, busy: bool = False, charge: bool = False,
-                 retry_after: float | None = None, result: Result | None = None) -> None:
+                 retry_after: float | None = None, result: Result | None = None, bad_answer: bool = False) -> None:
         super().__init__(message)
         self.down = down
         self.busy = busy
-        self.charge = charge
+        self.charge = charge or bad_answer
+        self.bad_answer = bad_answer
         self.retry_after = retry_after
         self.result = result or Result.error(502, message, type="server_error", code="backend_error")
 
@@ -169,12 +173,23 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None  # an HTTP date: rare from model servers; the router's own back-off applies
 
 
-def _body(response: httpx.Response) -> dict[str, Any]:
-    """The backend's answer as it is when it is a JSON object; otherwise an OpenAI error object quoting it."""
+def _parsed(response: httpx.Response) -> Any:
+    """The response's JSON, or None when it is not JSON. NaN and Infinity, which are not JSON but which Python's
+    json writes, are read as null, so that what is written out parses everywhere (a usage count of NaN is then
+    an odd one, counted as 0)."""
     try:
-        body = response.json()
-    except (ValueError, UnicodeDecodeError):
-        body = None
+        return json.loads(response.content, parse_constant=_null)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+def _null(name: str) -> None:
+    return None
+
+
+def _body(response: httpx.Response, parsed: Any = None) -> dict[str, Any]:
+    """The backend's answer as it is when it is a JSON object; otherwise an OpenAI error object quoting it."""
+    body = _parsed(response) if parsed is None else parsed
     if isinstance(body, dict):
         return body
     text = response.text[:1000] if response.content else response.reason_phrase
@@ -278,7 +293,7 @@ class HttpEngine:
 
     async def _post(self, request_id: str, url: str, body: dict[str, Any]) -> Result:
         response = await self._send(request_id, url, body, stream=False)
-        return self._answer(response)
+        return self._answer(response, url)
 
     async def stream(self, request_id: str, url: str, body: dict[str, Any], *,
                      priority: int = 0) -> Result | AsyncIterator[bytes]:
@@ -291,7 +306,7 @@ class HttpEngine:
         if response.status_code != 200:
             await response.aread()
             await response.aclose()
-            return self._answer(response)
+            return self._answer(response, url)
         return self._relay(response)
 
     @staticmethod
@@ -319,12 +334,21 @@ class HttpEngine:
             # Refused, reset, closed mid-answer: the backend (or the way to it) is gone.
             raise BackendError(f"backend {self.spec}: {_describe(exc)}", down=True) from None
 
-    def _answer(self, response: httpx.Response) -> Result:
+    def _answer(self, response: httpx.Response, url: str) -> Result:
         """What a (read) response means: a Result for the request, or a BackendError (see the class)."""
         status = response.status_code
-        answer = _body(response)
+        parsed = _parsed(response)
         if status == 200:
-            return Result(200, answer, Usage.from_body(answer))
+            if not is_answer(url, parsed):
+                # Only an answer of the endpoint is a success: anything else is the backend's fault, never
+                # committed as a 200 (a proxy's error page, an error object, a truncated or foreign body).
+                what = "no JSON" if parsed is None else f"JSON that is no {url} answer"
+                message = f"backend {self.spec}: answered 200 with {what}"
+                raise BackendError(message, bad_answer=True, result=Result.error(
+                    502, f"The backends tried answered {url} with something that is not an answer of it "
+                    f"(the last: 200 with {what}).", type="server_error", code="bad_backend_response"))
+            return Result(200, parsed, Usage.from_body(parsed))
+        answer = _body(response, parsed)
         if 300 <= status < 400:
             raise BackendError(f"backend {self.spec}: redirected ({status}) to "
                                f"{response.headers.get('location')!r}; give its final URL", down=True)
@@ -334,6 +358,17 @@ class HttpEngine:
             # Busy or rate-limited: it works, just not faster. Wait as asked; never the request's fault.
             raise BackendError(f"backend {self.spec}: answered {status}", busy=True,
                                retry_after=_retry_after(response) or 1.0, result=Result(status, answer))
+        code = answer.get("error", {}).get("code") if isinstance(answer.get("error"), dict) else None
+        if status == 503 and code in ("model_not_loaded", "model_loading"):
+            # Another vllm-batch server on its way to serving the model (loading it, or after its batches): a
+            # wait, as for a rate limit, neither the request's fault nor the backend's (docs/scale.md).
+            raise BackendError(f"backend {self.spec}: is loading {self._model} ({code})", busy=True,
+                               retry_after=_retry_after(response) or 1.0, result=Result(status, answer))
+        if status == 400 and code == "model_not_loaded":
+            # A vllm-batch server that will not serve the model now (kept on another with --online-model): not
+            # the request's fault; out of rotation until a health check finds it serving (or the others do).
+            raise BackendError(f"backend {self.spec}: does not serve {self._model} now (model_not_loaded)",
+                               down=True, result=Result(status, answer))
         if status in (502, 503, 504):
             # Restarting, or a gateway without a healthy upstream: not this request's fault either.
             raise BackendError(f"backend {self.spec}: answered {status}", retry_after=_retry_after(response),

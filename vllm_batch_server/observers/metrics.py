@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from vllm_batch_server import __version__
+from vllm_batch_server.engines import base as engine_base
 from vllm_batch_server.engines.router.metrics import member_metrics
 from vllm_batch_server.exhaustion import Exhausted
 from vllm_batch_server.queue.engine_owner import EngineState
@@ -241,6 +242,9 @@ class LiveCollector:
         yield GaugeMetricFamily(PREFIX + "running_batches", "Batches with a runner feeding the engine.",
                                 value=len(scheduler.runners))
         yield from member_metrics(scheduler.engine)  # a router's backends and replicas; nothing for one engine
+        yield CounterMetricFamily(PREFIX + "odd_usage_fields", "Usage counts an engine or backend answered that "
+                                  "were not non-negative whole numbers (NaN, strings, negatives, null), each "
+                                  "counted as 0 for its result (process-wide).", value=engine_base.odd_usage_fields)
         yield GaugeMetricFamily(PREFIX + "webhook_pending_deliveries", "Webhook deliveries waiting for their "
                                 "next attempt.", value=snapshot.pending_deliveries)
         # Online requests (api/online.py), counted as they are answered, apart from batch work.

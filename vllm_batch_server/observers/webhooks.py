@@ -9,7 +9,11 @@ Two steps, each durable:
    allowed) and records one delivery per receiver before it acks the events. A crash before the ack reads the
    events again; the deliveries table keeps one row per (event, URL), so nothing is recorded twice.
 2. The sender posts every due delivery, a bounded number at a time and at most a few per receiver, so a dead
-   or slow receiver holds up neither the others nor, ever, a batch: nothing in the queue waits for it. A
+   or slow receiver holds up neither the others nor, ever, a batch: nothing in the queue waits for it. The
+   operator's endpoints (`--webhook`) and the batches' own URLs have a budget each, so per-batch URLs never
+   starve the operator's; per-batch URLs share their per-receiver limit by host (scheme, host and port), not
+   by URL, so a hundred URLs on one host are one receiver. `--webhook-timeout` bounds a whole attempt
+   (connecting, the answer's head, its body), so a receiver that answers a byte a second is cut off. A
    failed attempt is retried with exponential back-off until `--webhook-retry-for` has passed since the
    event. Every attempt carries the delivery's id as `webhook-id`, so a receiver can drop repeats: delivery
    is at least once (a kill -9 after a receiver answered, before the answer was recorded, sends it again).
@@ -49,8 +53,8 @@ log = logging.getLogger(__name__)
 
 READER = "webhooks"
 METADATA_KEY = "webhook_url"
-MAX_IN_FLIGHT = 16  # deliveries being attempted at once
-PER_RECEIVER = 2  # ... of which at most this many to one URL
+MAX_IN_FLIGHT = 16  # deliveries being attempted at once, for each source (the operator's, the batches')
+PER_RECEIVER = 2  # ... of which at most this many to one receiver (see `receiver_key`)
 MAX_BACKOFF = 3600.0
 IDLE_POLL = 5.0  # the longest the sender sleeps without looking at the table
 FROM_SETTINGS, FROM_METADATA = "settings", "metadata"
@@ -86,6 +90,18 @@ def check_batch_url(url: str, settings: Settings) -> str | None:
     if not host_allowed(url, settings.webhook_allowed_hosts):
         return f"the host of {url[:200]!r} is not one this server's operator allows for webhooks"
     return None
+
+
+def receiver_key(url: str, source: str) -> str:
+    """What the per-receiver limit counts by: an operator's endpoint by its URL; a batch's URL by its host (scheme,
+    host and port), so that many per-batch URLs on one host, differing in path or query, are one receiver."""
+    if source == FROM_SETTINGS:
+        return url
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{parts.port or ''}"
+    except ValueError:
+        return url
 
 
 def payload(event: Event) -> str:
@@ -130,7 +146,8 @@ class Webhooks:
         self._reader = events.reader(READER, start="end")
         self._wake = asyncio.Event()  # new deliveries, or a free slot
         self._in_flight: dict[str, asyncio.Task[None]] = {}
-        self._per_url: Counter[str] = Counter()
+        self._per_source: Counter[str] = Counter()
+        self._per_receiver: Counter[str] = Counter()
         self._tasks: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
 
@@ -204,13 +221,18 @@ class Webhooks:
             self._wake.clear()  # before looking, so a delivery recorded meanwhile wakes us again
             timeout = IDLE_POLL
             try:
-                due = await self._db.due_deliveries(time.time(), MAX_IN_FLIGHT * 4, self._in_flight)
                 blocked = False
-                for row in due:
-                    if len(self._in_flight) >= MAX_IN_FLIGHT or self._per_url[row["url"]] >= PER_RECEIVER:
+                for source in (FROM_SETTINGS, FROM_METADATA):  # each its own budget: neither starves the other
+                    if self._per_source[source] >= MAX_IN_FLIGHT:
                         blocked = True
                         continue
-                    self._begin(row)
+                    due = await self._db.due_deliveries(time.time(), MAX_IN_FLIGHT * 16, self._in_flight, source)
+                    for row in due:
+                        key = receiver_key(row["url"], source)
+                        if self._per_source[source] >= MAX_IN_FLIGHT or self._per_receiver[key] >= PER_RECEIVER:
+                            blocked = True
+                            continue
+                        self._begin(row)
                 if not blocked:
                     upcoming = await self._db.next_delivery_at(self._in_flight)
                     if upcoming is not None:
@@ -222,16 +244,19 @@ class Webhooks:
             await wait_event(self._wake, timeout)
 
     def _begin(self, row: Any) -> None:
-        delivery_id, url = row["id"], row["url"]
+        delivery_id, source = row["id"], row["source"]
+        key = receiver_key(row["url"], source)
         task = asyncio.create_task(self._attempt(row), name=f"webhook {delivery_id}")
         self._in_flight[delivery_id] = task
-        self._per_url[url] += 1
+        self._per_source[source] += 1
+        self._per_receiver[key] += 1
 
         def done(_: asyncio.Task[None]) -> None:
             self._in_flight.pop(delivery_id, None)
-            self._per_url[url] -= 1
-            if self._per_url[url] <= 0:
-                del self._per_url[url]
+            for counter, name in ((self._per_source, source), (self._per_receiver, key)):
+                counter[name] -= 1
+                if counter[name] <= 0:
+                    del counter[name]
             self._wake.set()
 
         task.add_done_callback(done)
@@ -299,9 +324,18 @@ class Webhooks:
             "webhook-signature": Webhook(secret).sign(row["id"], moment, body),
             "content-type": "application/json",
         }
+        limit = self._settings.webhook_timeout
         try:
-            async with self._client.stream("POST", row["url"], content=body.encode(), headers=headers) as response:
-                code = response.status_code
+            # The whole attempt within the timeout: httpx's own applies to each read, which a receiver sending a
+            # byte a second never exceeds.
+            code = await asyncio.wait_for(self._status_of(row["url"], body, headers), limit)
+        except asyncio.TimeoutError:
+            return None, f"no complete answer within {limit:g}s (--webhook-timeout)"
         except httpx.HTTPError as exc:
             return None, f"{type(exc).__name__}: {exc}"[:500] if str(exc) else type(exc).__name__
         return code, None if 200 <= code < 300 else f"HTTP {code}"
+
+    async def _status_of(self, url: str, body: str, headers: dict[str, str]) -> int:
+        assert self._client is not None
+        async with self._client.stream("POST", url, content=body.encode(), headers=headers) as response:
+            return response.status_code

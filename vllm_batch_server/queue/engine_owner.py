@@ -123,12 +123,16 @@ class EngineOwner:
 
     def model_to_keep(self) -> str | None:
         """With nothing to run: the model to have loaded anyway, if it is not — `--online-model`, or, after
-        an online request found the engine failed, the model it had."""
+        an online request found the engine failed, the model it had, or (without `--online-model`) the model
+        online requests asked for last."""
         if self._keep_failed_at is not None and time.monotonic() - self._keep_failed_at < KEEP_MODEL_RETRY_SECONDS:
             return None  # it failed to load a moment ago: do not retry in a tight loop
         model = self.settings.online_model
         if model is None and self.state is EngineState.FAILED and self._failed_under_online:
             model = self._last_model
+        if model is None and self.settings.online_model is None:
+            # An online request asked for a served model that is not loaded: load it, as a batch of it would.
+            model = self.online.wanted_model(self.engine.model if self.state is EngineState.READY else None)
         if model is None or self.serves(model):
             return None
         return model

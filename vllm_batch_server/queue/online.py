@@ -20,6 +20,11 @@ from vllm_batch_server.settings import Settings
 # How long after the last online answer batch work stays narrowed: an app sending requests one after another
 # leaves gaps of milliseconds, and refilling the engine with batch work in each would undo the narrowing.
 NARROW_GRACE_SECONDS = 1.0
+# How long an online request for a model that is not loaded keeps asking for it (callers retry within the
+# Retry-After they were given, 10 s), and how long the loaded model must have had no online request of its own
+# before the engine switches away from it for another's.
+WANT_SECONDS = 30.0
+SWITCH_QUIET_SECONDS = 5.0
 
 
 class BatchTurns:
@@ -76,13 +81,36 @@ class OnlineTraffic:
         self.metrics = metrics if metrics is not None else OnlineMetrics(models=settings.models)
         self.in_flight = 0
         self.last_arrival: float | None = None  # time.monotonic() of the last online request, any model
+        self._seen: dict[str, float] = {}  # model -> time.monotonic() of the last online request for it
+        self._wanted: dict[str, float] = {}  # model -> the last request for it while it was not loaded
         self.batch_turns = BatchTurns(settings.online_batch_window)
         self._idle = asyncio.Event()
         self._idle.set()
         self._widen: asyncio.TimerHandle | None = None
 
-    def arrived(self) -> None:
+    def arrived(self, model: str | None = None) -> None:
         self.last_arrival = time.monotonic()
+        if model is not None:
+            self._seen[model] = self.last_arrival
+
+    def want(self, model: str) -> None:
+        """An online request asked for `model`, served here but not loaded (and no batch of it queued): the
+        scheduler loads it when nothing else runs, as it would for a batch (see `wanted_model`)."""
+        self._wanted[model] = time.monotonic()
+
+    def wanted_model(self, loaded: str | None) -> str | None:
+        """The model online requests asked for most recently within WANT_SECONDS, if not `loaded` — unless the
+        loaded model answered an online request within SWITCH_QUIET_SECONDS (no switching back and forth
+        under two callers' feet)."""
+        now = time.monotonic()
+        for model, at in list(self._wanted.items()):
+            if now - at > WANT_SECONDS or model == loaded:
+                del self._wanted[model]
+        if not self._wanted:
+            return None
+        if loaded is not None and now - self._seen.get(loaded, -WANT_SECONDS * 10) < SWITCH_QUIET_SECONDS:
+            return None
+        return max(self._wanted, key=lambda model: self._wanted[model])
 
     def recent(self, seconds: float) -> bool:
         """Whether an online request arrived within the last `seconds`."""

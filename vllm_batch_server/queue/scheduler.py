@@ -305,6 +305,12 @@ class Scheduler:
         return (pinned is not None and batch.model is not None and batch.model != pinned
                 and self.online.recent(self.settings.online_idle_seconds))
 
+    def want_online(self, model: str) -> None:
+        """An online request asked for a served model that is not loaded: load it once nothing else runs (see
+        EngineOwner.model_to_keep)."""
+        self.online.want(model)
+        self._queue_changed.set()
+
     def online_engine_failed(self, exc: BaseException) -> None:
         """An online request found the engine broken: restart it before anything else runs on it (with no
         batch running, the run loop restarts it with the model it had)."""

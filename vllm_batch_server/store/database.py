@@ -487,13 +487,16 @@ class Database:
                 f"INSERT OR IGNORE INTO webhook_deliveries ({', '.join(columns)}) "
                 f"VALUES ({', '.join('?' * len(columns))})", [tuple(row[c] for c in columns) for row in rows])
 
-    async def due_deliveries(self, now: float, limit: int, skip: Iterable[str]) -> list[aiosqlite.Row]:
+    async def due_deliveries(self, now: float, limit: int, skip: Iterable[str],
+                             source: str | None = None) -> list[aiosqlite.Row]:
+        """Pending deliveries due by `now`, oldest first, but those in `skip`; only from `source` if given."""
         skip = tuple(skip)
         marks = ",".join("?" * len(skip))
         return await self._query(
             "SELECT * FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ? "
+            + ("AND source = ? " if source is not None else "")
             + (f"AND id NOT IN ({marks}) " if skip else "") + "ORDER BY next_attempt_at LIMIT ?",
-            (now, *skip, limit))
+            (now, *((source,) if source is not None else ()), *skip, limit))
 
     async def next_delivery_at(self, skip: Iterable[str]) -> float | None:
         """When the next pending delivery not in `skip` (being attempted) falls due."""

@@ -47,6 +47,8 @@ class Member:
     busy: int = 0  # requests assigned: in flight, or about to be sent
     inflight: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
     failures: int = 0  # consecutive failed attempts
+    garbage: float = 0.0  # recent 200s that were no answers: +1 each, decaying with every good answer
+    garbage_outs: int = 0  # times taken out for them since it last served a while: its pause out grows
     probe_failures: int = 0
     paused_until: float = 0.0  # time.monotonic(): asked to wait (Retry-After)
     recovery: asyncio.Task[None] | None = None
@@ -56,6 +58,7 @@ class Member:
     failed_attempts: int = 0
     moved: int = 0  # requests moved to other members when this one was taken out
     taken_out: int = 0
+    bad_answers: int = 0  # 200s that were no answer of the endpoint (also in failed_attempts)
 
     @property
     def bit(self) -> int:
@@ -68,7 +71,7 @@ class Member:
         return {"name": self.name, "kind": self.kind, "state": self.state.value, "reason": self.reason,
                 "window": self.window.limit, "window_cap": self.window.cap, "in_flight": len(self.inflight),
                 "completed": self.completed, "failed_attempts": self.failed_attempts, "moved": self.moved,
-                "taken_out": self.taken_out}
+                "taken_out": self.taken_out, "bad_answers": self.bad_answers}
 
 
 @dataclass(eq=False)

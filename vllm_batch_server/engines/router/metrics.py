@@ -36,6 +36,9 @@ def member_metrics(engine: Any) -> Iterator[Metric]:
     moved = CounterMetricFamily(PREFIX + "router_member_moved_requests", "In-flight requests moved to other "
                                 "members when this one was taken out of rotation: the work its loss cost.",
                                 labels=LABELS)
+    bad = CounterMetricFamily(PREFIX + "router_member_bad_answers", "Attempts the member answered 200 with "
+                              "something that is no answer of the endpoint (not JSON, an error object, the wrong "
+                              "shape): tried elsewhere, never committed as a success.", labels=LABELS)
     taken_out = CounterMetricFamily(PREFIX + "router_member_taken_out", "Times the member was taken out of "
                                     "rotation.", labels=LABELS)
     for member in members:
@@ -47,4 +50,5 @@ def member_metrics(engine: Any) -> Iterator[Metric]:
         failed.add_metric(labels, member["failed_attempts"])
         moved.add_metric(labels, member["moved"])
         taken_out.add_metric(labels, member["taken_out"])
-    yield from (up, window, in_flight, completed, failed, moved, taken_out)
+        bad.add_metric(labels, member["bad_answers"])
+    yield from (up, window, in_flight, completed, failed, moved, taken_out, bad)

@@ -14,6 +14,11 @@ answer per request, and only answers the runner commits count, whatever happened
   fails on a member for a reason that may be its own (a 500, a timeout) is tried on up to MAX_CHARGED members,
   then answered with the last error (its error line); a failure that is surely the member's (overload, a
   dead backend) never fails the request.
+- **Only answers are successes.** A 200 whose body is no answer of the endpoint (http.py checks it; the router
+  checks every member's) is the member's fault: charged, tried elsewhere, and counted against the member
+  apart from its other failures (a score that decays with each good answer), so a member that keeps answering
+  garbage is taken out like a dead one, for longer each time it comes back still doing so. When every attempt
+  got garbage, the request's answer is a 502 `bad_backend_response` error line.
 - **Engine failure** is only when nothing can serve: when no member is in rotation for
   `--backend-wait-seconds`, the waiting requests raise EngineError, which the scheduler treats as an engine
   failure of the batch (restart, resume from the checkpoint, bounded attempts).
@@ -28,7 +33,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vllm_batch_server.engines.base import Engine, EngineError, Result
+from vllm_batch_server.engines.base import Engine, EngineError, Result, is_answer
 from vllm_batch_server.engines.http import BackendError, HttpEngine, ModelNotServed
 from vllm_batch_server.engines.router.affinity import AffinityTable, prompt_chunks
 from vllm_batch_server.engines.router.dispatch import Dispatcher, Member, MemberState
@@ -48,6 +53,10 @@ FAILURES_TO_DOWN = 5
 PROBES_TO_DOWN = 2
 # Longest pause between attempts to bring a member back.
 MAX_RECOVERY_BACKOFF = 60.0
+# A member's garbage score (see `Member.garbage`) at which it is taken out, and how much of it each good
+# answer keeps: one answering 20% or more garbage is taken out, one at a few percent is not.
+GARBAGE_TO_DOWN = 5.0
+GARBAGE_DECAY = 0.95
 
 
 class Router:
@@ -190,19 +199,27 @@ class Router:
                         self._slots.release(member)
                     if request_id in self._aborted:
                         raise asyncio.CancelledError
+                error: BaseException | None = None
                 if task.cancelled() or moved:
+                    outcome = None
                     uncharged += 1  # moved off a member taken out of rotation
                     member.moved += 1
-                elif outcome is not None:
+                elif outcome is None:
+                    error = task.exception()
+                elif isinstance(outcome, Result) and outcome.ok and not is_answer(url, outcome.body):
+                    outcome, error = None, BackendError(
+                        f"{member.kind} {member.name}: answered 200 with no {url} answer", bad_answer=True,
+                        result=Result.error(502, f"The engines tried answered {url} with something that is not an "
+                                            "answer of it.", type="server_error", code="bad_backend_response"))
+                if outcome is not None:
                     if isinstance(outcome, Result):
                         self._succeeded(member, time.monotonic() - began, outcome)
                         return outcome
                     self._succeeded(member, time.monotonic() - began, None)
                     return self._held(member, outcome)
-                else:
-                    error = task.exception()
+                if error is not None:
                     if not isinstance(error, EngineError):
-                        raise error  # type: ignore[misc]  # ours, not the member's (a resource ran out, a bug)
+                        raise error  # ours, not the member's (a resource ran out, a bug)
                     self._failed(member, error, generation)
                     if isinstance(error, BackendError) and error.charge:
                         charged += 1
@@ -292,6 +309,10 @@ class Router:
         """An answer (None: a stream's first event) came back from a member."""
         member.completed += 1
         member.failures = 0
+        if member.garbage:
+            member.garbage *= GARBAGE_DECAY
+            if member.garbage < 0.5:
+                member.garbage, member.garbage_outs = 0.0, 0  # serving well again: forgiven
         if result is not None:  # the time to a stream's first event says little about the member's pace
             member.window.on_success(seconds, result.usage.output_tokens)
 
@@ -299,6 +320,13 @@ class Router:
         member.failed_attempts += 1
         if member.state is not MemberState.UP or member.generation != generation:
             return  # already taken out (its other requests are failing with it), maybe already back
+        if isinstance(error, BackendError) and error.bad_answer:
+            member.bad_answers += 1
+            member.garbage += 1.0
+            if member.garbage >= GARBAGE_TO_DOWN:
+                member.garbage_outs += 1
+                self._take_out(member, f"{str(error).split(': ', 1)[-1]} (and others before it)")
+                return
         if isinstance(error, BackendError) and not error.down:
             member.window.on_failure()
             if error.retry_after:
@@ -336,7 +364,9 @@ class Router:
         assert model is not None
         pause = self.settings.backend_probe_seconds
         if not first:
-            await asyncio.sleep(pause if member.kind == "http" else 0)
+            # Out for garbage answers: its health check may well pass, so it stays out longer each time.
+            out = min(pause * 2 ** member.garbage_outs, MAX_RECOVERY_BACKOFF) if member.garbage_outs else 0.0
+            await asyncio.sleep(max(out, pause if member.kind == "http" else 0))
         while True:
             try:
                 if member.kind != "http":
@@ -360,6 +390,7 @@ class Router:
             member.state, member.reason = MemberState.UP, None
             member.generation += 1
             member.failures = member.probe_failures = 0
+            member.garbage = 0.0
             member.paused_until = 0.0
             self._none_up_since = None
             log.info("%s %s is in rotation for %s (window %d of %d)", member.kind, member.name, model,
