@@ -81,13 +81,6 @@ def test_online_embeddings_score_and_rerank_on_minilm(embed_server: RunningServe
     assert rerank["results"][0]["document"]["text"] == EMBED_TEXTS[0]
     assert rerank["usage"]["total_tokens"] > 0
 
-    # Online requests for a model that is not loaded are told to come back (503), naming the loaded one; nothing
-    # switches under them (the model is loaded once the loaded one has no online traffic: queue/online.py).
-    with pytest.raises(openai.APIStatusError) as refused:
-        client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}])
-    assert refused.value.status_code == 503
-    assert refused.value.code == "model_not_loaded" and EMBED_MODEL in refused.value.message
-    assert _loaded(embed_server) == EMBED_MODEL
 
 
 def test_score_and_rerank_batches_match_online_answers(embed_server: RunningServer) -> None:
@@ -117,6 +110,26 @@ def test_score_and_rerank_batches_match_online_answers(embed_server: RunningServ
         else:
             assert [r["index"] for r in body["results"]] == [r["index"] for r in online["results"]]
     assert _loaded(embed_server) == EMBED_MODEL
+
+
+def test_a_model_only_online_requests_ask_for_is_loaded_once_the_loaded_one_is_quiet(
+        embed_server: RunningServer) -> None:
+    """After the embedding tests (so the switch it causes disturbs none of them, and the chat tests after it find
+    their model loaded): an online request for a served model that is not loaded is told to come back (503),
+    naming the loaded one, and nothing switches under it; once the loaded model has had no online traffic for a
+    few seconds and no batch needs the engine, the model asked for is loaded (queue/online.py)."""
+    client = sdk(embed_server, timeout=120)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"]
+    assert refused.value.code == "model_not_loaded" and EMBED_MODEL in refused.value.message
+    assert _loaded(embed_server) == EMBED_MODEL  # not at once: a request never switches the engine under another
+    deadline = time.monotonic() + BATCH_TIMEOUT
+    while _loaded(embed_server) != CHAT_MODEL:
+        assert time.monotonic() < deadline, "the model online requests asked for was never loaded"
+        time.sleep(1)
+    answer = client.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": "Hi"}], **GREEDY)
+    assert answer.choices[0].message.content
 
 
 def test_online_chat_completions_and_responses_through_the_sdk(chat_server: RunningServer) -> None:
