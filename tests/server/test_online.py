@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import json
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -24,13 +25,23 @@ from tests.faults.checks import assert_exactly_once
 ONLINE = ["--online-model", "echo-model"]
 
 
+def ready(server: Any) -> Any:
+    """A server started with ONLINE, once it has loaded its online model: the load runs beside start-up, and a
+    request that comes first is told to come back (503 model_loading), which these tests are not about."""
+    deadline = time.monotonic() + 30
+    while server.http.get(server.root_url + "/health").json()["loaded_model"] != "echo-model":
+        assert time.monotonic() < deadline, "the online model was not loaded at start"
+        time.sleep(0.05)
+    return server
+
+
 def _chat(client: openai.OpenAI, content: str = "hello online world", **kwargs: object) -> object:
     return client.chat.completions.create(model="echo-model", messages=[{"role": "user", "content": content}],
                                           **kwargs)  # type: ignore[call-overload]
 
 
 def test_sdk_answers_every_online_endpoint(app_factory: AppFactory) -> None:
-    server = app_factory(extra_args=ONLINE)
+    server = ready(app_factory(extra_args=ONLINE))
     client = sdk(server)
     chat = client.chat.completions.create(model="echo-model", messages=[{"role": "user", "content": "one two"}])
     assert chat.object == "chat.completion" and chat.choices[0].message.content == "one two"
@@ -57,7 +68,7 @@ def test_sdk_answers_every_online_endpoint(app_factory: AppFactory) -> None:
 
 
 def test_sdk_streams_chat_completions_and_responses(app_factory: AppFactory) -> None:
-    client = sdk(app_factory(extra_args=ONLINE))
+    client = sdk(ready(app_factory(extra_args=ONLINE)))
     chunks = list(client.chat.completions.create(
         model="echo-model", messages=[{"role": "user", "content": "stream these words"}], stream=True,
         stream_options={"include_usage": True}))
@@ -78,7 +89,7 @@ def test_sdk_streams_chat_completions_and_responses(app_factory: AppFactory) -> 
 
 
 def test_async_sdk_concurrent_and_streaming(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=[*ONLINE, "--echo-delay", "0.05"])
+    server = ready(server_factory(extra_args=[*ONLINE, "--echo-delay", "0.05"]))
 
     async def scenario() -> None:
         client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
@@ -94,7 +105,7 @@ def test_async_sdk_concurrent_and_streaming(server_factory: ServerFactory) -> No
 
 
 def test_online_requests_need_the_key_like_every_route(app_factory: AppFactory) -> None:
-    server = app_factory(extra_args=ONLINE, api_key="sk-online")
+    server = ready(app_factory(extra_args=ONLINE, api_key="sk-online"))
     with pytest.raises(openai.AuthenticationError):
         _chat(sdk(server, api_key="wrong"))
     assert _chat(sdk(server)).choices[0].message.content == "hello online world"  # type: ignore[attr-defined]
@@ -181,7 +192,7 @@ def test_a_model_the_server_is_switching_back_to_gets_503_and_so_does_one_only_o
 
 
 def test_bad_online_requests_get_openai_errors(app_factory: AppFactory) -> None:
-    server = app_factory(extra_args=ONLINE)
+    server = ready(app_factory(extra_args=ONLINE))
     url = server.base_url + "/chat/completions"
     messages = [{"role": "user", "content": "x"}]
     cases = [
@@ -204,7 +215,7 @@ def test_bad_online_requests_get_openai_errors(app_factory: AppFactory) -> None:
 
 
 def test_past_the_admission_limit_429_with_retry_after(app_factory: AppFactory) -> None:
-    server = app_factory(extra_args=[*ONLINE, "--online-max-requests", "2", "--echo-delay", "3"])
+    server = ready(app_factory(extra_args=[*ONLINE, "--online-max-requests", "2", "--echo-delay", "3"]))
     body = {"model": "echo-model", "messages": [{"role": "user", "content": "slow"}]}
 
     def post(_: int) -> httpx.Response:
@@ -225,7 +236,7 @@ def test_past_the_admission_limit_429_with_retry_after(app_factory: AppFactory) 
 
 
 def test_a_caller_who_leaves_frees_its_slot(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=[*ONLINE, "--online-max-requests", "1", "--echo-delay", "3"])
+    server = ready(server_factory(extra_args=[*ONLINE, "--online-max-requests", "1", "--echo-delay", "3"]))
     body = {"model": "echo-model", "messages": [{"role": "user", "content": "abandoned"}]}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.base_url + "/chat/completions", json=body, timeout=0.5)
@@ -237,7 +248,8 @@ def test_a_caller_who_leaves_frees_its_slot(server_factory: ServerFactory) -> No
 
 def test_online_request_finishes_before_batch_requests_queued_earlier(server_factory: ServerFactory) -> None:
     # One request computes at a time (as vLLM's max_num_seqs): the batch queues 40 in the engine first.
-    server = server_factory(extra_args=[*ONLINE, "--max-num-seqs", "1", "--echo-delay", "0.05", "--window", "64"])
+    server = ready(server_factory(extra_args=[*ONLINE, "--max-num-seqs", "1", "--echo-delay", "0.05",
+                                              "--window", "64"]))
     client = sdk(server)
     batch = submit(client, chat_lines(40, model="echo-model"))
     wait_for(client, batch.id, statuses=("in_progress",))
@@ -256,8 +268,8 @@ def test_online_request_finishes_before_batch_requests_queued_earlier(server_fac
 
 
 def test_without_priority_scheduling_first_come_first_served(server_factory: ServerFactory) -> None:
-    server = server_factory(extra_args=[*ONLINE, "--max-num-seqs", "1", "--echo-delay", "0.05", "--window", "64",
-                                        "--no-priority-scheduling"])
+    server = ready(server_factory(extra_args=[*ONLINE, "--max-num-seqs", "1", "--echo-delay", "0.05", "--window", "64",
+                                        "--no-priority-scheduling"]))
     client = sdk(server)
     batch = submit(client, chat_lines(40, model="echo-model"))
     wait_for(client, batch.id, statuses=("in_progress",))
@@ -317,12 +329,8 @@ def test_a_batch_line_cannot_set_its_own_priority(app_factory: AppFactory) -> No
 
 
 def test_online_model_is_kept_loaded_while_online_traffic_continues(app_factory: AppFactory) -> None:
-    server = app_factory(extra_args=[*ONLINE, "--online-idle-seconds", "3", "--echo-delay", "0.5"])
+    server = ready(app_factory(extra_args=[*ONLINE, "--online-idle-seconds", "3", "--echo-delay", "0.5"]))
     client = sdk(server)
-    deadline = time.monotonic() + 10  # loaded at start, with no request (the load runs beside start-up)
-    while server.http.get(server.root_url + "/health").json()["loaded_model"] != "echo-model":
-        assert time.monotonic() < deadline, "the online model was not loaded at start"
-        time.sleep(0.05)
     _chat(client)
     lines = [request_line(f"e{i}", "x", model="echo-embed", url="/v1/embeddings") for i in range(4)]
     batch = submit(client, lines, endpoint="/v1/embeddings")
@@ -350,7 +358,7 @@ def test_online_model_is_kept_loaded_while_online_traffic_continues(app_factory:
 
 
 def test_an_engine_failing_under_online_requests_is_restarted(app_factory: AppFactory) -> None:
-    server = app_factory(extra_args=[*ONLINE, "--echo-fault", "crash-after=2,times=1"])
+    server = ready(app_factory(extra_args=[*ONLINE, "--echo-fault", "crash-after=2,times=1"]))
     url = server.base_url + "/chat/completions"
     body = {"model": "echo-model", "messages": [{"role": "user", "content": "x"}]}
     assert [server.http.post(url, json=body).status_code for _ in range(2)] == [200, 200]
@@ -370,7 +378,7 @@ def test_online_model_must_be_a_served_model(server_factory: ServerFactory) -> N
 
 
 def test_streamed_events_are_server_sent_events(app_factory: AppFactory) -> None:
-    server = app_factory(extra_args=ONLINE)
+    server = ready(app_factory(extra_args=ONLINE))
     with server.http.stream("POST", server.base_url + "/chat/completions", json={
             "model": "echo-model", "messages": [{"role": "user", "content": "raw"}], "stream": True}) as answer:
         assert answer.headers["content-type"].startswith("text/event-stream")
@@ -384,8 +392,8 @@ def test_streamed_events_are_server_sent_events(app_factory: AppFactory) -> None
 def test_online_batch_window_narrows_batch_work_while_online_requests_run(server_factory: ServerFactory) -> None:
     # A window of 8 batch requests in the engine: narrowing takes effect once those already handed over finish
     # (nothing is taken back), here within a tenth of a second.
-    server = server_factory(extra_args=[*ONLINE, "--max-num-seqs", "4", "--echo-delay", "0.05", "--window", "8",
-                                        "--online-batch-window", "1", "--checkpoint-seconds", "0.2"])
+    server = ready(server_factory(extra_args=[*ONLINE, "--max-num-seqs", "4", "--echo-delay", "0.05", "--window", "8",
+                                        "--online-batch-window", "1", "--checkpoint-seconds", "0.2"]))
     client = sdk(server)
     batch = submit(client, chat_lines(1000, model="echo-model"))
     wait_for(client, batch.id, statuses=("in_progress",), until=lambda b: b.request_counts.completed > 0)
@@ -411,7 +419,7 @@ def test_online_traffic_is_in_the_metrics_by_model_and_endpoint_apart_from_batch
         app_factory: AppFactory) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    server = app_factory(extra_args=ONLINE)
+    server = ready(app_factory(extra_args=ONLINE))
     client = sdk(server)
     batch = wait_for(client, submit(client, chat_lines(3, model="echo-model")).id)
     assert batch.status == "completed"
