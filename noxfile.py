@@ -44,8 +44,9 @@ TORCH_EXTRAS_THAT_BREAK = ["torchvision", "torchaudio", "torchcodec"]
 # message on a developer's machine and fail the run in CI (nox does that when CI is set).
 OTHER_PYTHONS = ["3.10", "3.13"]
 # Each test's recorded duration, by which the fast suite is split in halves of equal time (`tests-durations`
-# records them again; a test not recorded counts as the average).
-DURATIONS = ["--splitting-algorithm", "least_duration", "--durations-path", "tests/.test_durations"]
+# records them again; a test not recorded counts as the average). Each half is a run of tests in collection
+# order, so a module's tests stay together (and its module-scoped servers start once).
+DURATIONS = ["--splitting-algorithm", "duration_based_chunks", "--durations-path", "tests/.test_durations"]
 # What a test run prints besides failures: its 25 slowest tests, to see where the suite's minutes go.
 PYTEST_REPORT = ["-q", "--durations=25"]
 
