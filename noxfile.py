@@ -47,9 +47,6 @@ OTHER_PYTHONS = ["3.10", "3.13"]
 # records them again; a test not recorded counts as the average). Each half is a run of tests in collection
 # order, so a module's tests stay together (and its module-scoped servers start once).
 DURATIONS = ["--splitting-algorithm", "duration_based_chunks", "--durations-path", "tests/.test_durations"]
-# The real-engine tests on two workers: the session server's tests on one (tests/vllm/conftest.py groups them),
-# the tests that start servers of their own on the other, so their model loads overlap.
-VLLM_WORKERS = ["-n", "2", "--dist", "loadgroup"]
 # What a test run prints besides failures: its 25 slowest tests, to see where the suite's minutes go.
 PYTEST_REPORT = ["-q", "--durations=25"]
 
@@ -249,8 +246,7 @@ def tests(session: nox.Session) -> None:
         install(session, engine=True)
         log = logs / "tests-vllm.log"
         runs["tests-vllm"] = (_start_in_background(
-            [str(PYTHON), "-m", "pytest", "-m", "vllm", *VLLM_WORKERS, *(session.posargs or PYTEST_REPORT)], log),
-            log)
+            [str(PYTHON), "-m", "pytest", "-m", "vllm", *(session.posargs or PYTEST_REPORT)], log), log)
         session.log(f"the real-engine tests run in the background (log: {log.relative_to(ROOT)})")
         step("lint", str(VENV / "bin" / "ruff"), "check", ".")
         step("layers", str(VENV / "bin" / "lint-imports"))

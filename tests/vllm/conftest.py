@@ -53,11 +53,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in item.path.resolve().parents:
             item.add_marker(pytest.mark.vllm)
-            # CI runs this tier on two pytest-xdist workers (`--dist loadgroup`): every test on the session's
-            # shared server on one of them, in file order (they share its loaded model, and some rely on what
-            # the tests before them left loaded), while the tests with servers of their own run on the other.
-            shared = "vllm_server" in getattr(item, "fixturenames", ())
-            item.add_marker(pytest.mark.xdist_group("vllm-session-server" if shared else f"vllm-{item.path.name}"))
 
 
 def _require_engine() -> None:
