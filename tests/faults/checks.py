@@ -48,3 +48,16 @@ def assert_echo_answers(lines: list[dict[str, Any]]) -> None:
             number = line["custom_id"].rsplit("-", 1)[1]
             content = line["response"]["body"]["choices"][0]["message"]["content"]
             assert content == f"message number {number}", line
+
+
+def assert_cancel_left_no_failure(client: openai.OpenAI, done: Any, at_least: int, total: int) -> list[dict[str, Any]]:
+    """A batch cancelled mid-run: what the cancel stopped has no line (neither an error line nor a failure in
+    the counts), and the output holds exactly the completed answers, at least `at_least` of `total`."""
+    assert done.status == "cancelled"
+    assert done.request_counts is not None
+    assert done.request_counts.failed == 0, read_jsonl(client, done.error_file_id)[:3]
+    assert done.error_file_id is None
+    output = read_jsonl(client, done.output_file_id)
+    assert at_least <= len(output) == done.request_counts.completed < total
+    assert all(line["response"]["status_code"] == 200 for line in output)
+    return output

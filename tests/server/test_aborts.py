@@ -8,6 +8,7 @@ stop it runs again."""
 from __future__ import annotations
 
 from tests.conftest import ServerFactory, chat_lines, read_jsonl, sdk, submit, wait_for
+from tests.faults.checks import assert_cancel_left_no_failure
 from tests.helpers.server import make_server
 
 DISCONNECTED = "Client disconnected"
@@ -22,13 +23,7 @@ def test_a_cancel_records_no_failure_for_the_requests_it_stopped(server_factory:
     client.batches.cancel(batch.id)
     done = wait_for(client, batch.id, timeout=30)
 
-    assert done.status == "cancelled"
-    assert done.request_counts is not None
-    assert done.request_counts.failed == 0, read_jsonl(client, done.error_file_id)[:3]
-    assert done.error_file_id is None
-    output = read_jsonl(client, done.output_file_id)
-    assert 8 <= len(output) == done.request_counts.completed < 200
-    assert all(line["response"]["status_code"] == 200 for line in output)
+    assert_cancel_left_no_failure(client, done, at_least=8, total=200)
 
 
 def test_an_expiry_marks_the_requests_in_flight_batch_expired(server_factory: ServerFactory) -> None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TERMINAL, read_jsonl, sdk, submit, wait_for
+from tests.conftest import TERMINAL, sdk, submit, wait_for
+from tests.faults.checks import assert_cancel_left_no_failure
 from tests.helpers.server import RunningServer
 from tests.vllm.conftest import BATCH_TIMEOUT, QUESTIONS, chat_line
 
@@ -29,10 +30,4 @@ def test_a_cancel_records_no_failure_for_what_it_stopped(vllm_server: RunningSer
     client.batches.cancel(batch.id)
     done = wait_for(client, batch.id, timeout=120)
 
-    assert done.status == "cancelled"
-    assert done.request_counts is not None
-    assert done.request_counts.failed == 0, read_jsonl(client, done.error_file_id)[:3]
-    assert done.error_file_id is None
-    output = read_jsonl(client, done.output_file_id)
-    assert 3 <= len(output) == done.request_counts.completed < len(lines)
-    assert all(line["response"]["status_code"] == 200 for line in output)
+    assert_cancel_left_no_failure(client, done, at_least=3, total=len(lines))
