@@ -47,6 +47,11 @@ OTHER_PYTHONS = ["3.10", "3.13"]
 # records them again; a test not recorded counts as the average). Each half is a run of tests in collection
 # order, so a module's tests stay together (and its module-scoped servers start once).
 DURATIONS = ["--splitting-algorithm", "duration_based_chunks", "--durations-path", "tests/.test_durations"]
+# The real-engine tests in two processes side by side: the session server's tests one after another (they share
+# its loaded models), and the tests that start servers of their own, whose model loads overlap the first's.
+# tests/vllm/conftest.py marks the first kind `vllm_session` by their fixtures.
+REAL_ENGINE_RUNS = {"tests-vllm-session": "vllm and vllm_session",
+                    "tests-vllm-own-servers": "vllm and not vllm_session"}
 # What a test run prints besides failures: its 25 slowest tests, to see where the suite's minutes go.
 PYTEST_REPORT = ["-q", "--durations=25"]
 
@@ -213,15 +218,15 @@ def _report(session: nox.Session, name: str, process: subprocess.Popen[bytes], l
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """What CI runs: lint, layers and types, the fast suite split over the oldest and newest Python, the real
-    engine; the three test runs side by side.
+    engine; the four test runs side by side.
 
     Every test runs once. The fast suite (everything but the real engine) is split in two by recorded test
     durations (pytest-split, `tests/.test_durations`): one half on 3.10, the other on 3.13, each in a small venv
     of its own, started at once; they mostly wait on servers, sockets and disks, not the CPU. Meanwhile .venv
-    is installed; then the real-engine tests start beside them, and ruff, import-linter, mypy (which checks
-    the code as 3.10 reads it; tests/test_every_module_imports.py imports every module on both Pythons) and
-    the wheel's smoke test (built, installed apart from the source tree, used) run while the first model
-    loads. The budget is 10 minutes on 2 cores (README).
+    is installed; then the real-engine tests start beside them in two processes (REAL_ENGINE_RUNS), and ruff,
+    import-linter, mypy (which checks the code as 3.10 reads it; tests/test_every_module_imports.py imports
+    every module on both Pythons) and the wheel's smoke test (built, installed apart from the source tree,
+    used) run while the first models load. The budget is 10 minutes on 2 cores (README).
     """
     ensure_system_programs(session)  # before the background suites start, which need them too
     logs = ROOT / ".nox" / "logs"
@@ -244,10 +249,11 @@ def tests(session: nox.Session) -> None:
 
     try:
         install(session, engine=True)
-        log = logs / "tests-vllm.log"
-        runs["tests-vllm"] = (_start_in_background(
-            [str(PYTHON), "-m", "pytest", "-m", "vllm", *(session.posargs or PYTEST_REPORT)], log), log)
-        session.log(f"the real-engine tests run in the background (log: {log.relative_to(ROOT)})")
+        for name, marks in REAL_ENGINE_RUNS.items():
+            log = logs / f"{name}.log"
+            runs[name] = (_start_in_background(
+                [str(PYTHON), "-m", "pytest", "-m", marks, *(session.posargs or PYTEST_REPORT)], log), log)
+            session.log(f"{name} runs in the background (log: {log.relative_to(ROOT)})")
         step("lint", str(VENV / "bin" / "ruff"), "check", ".")
         step("layers", str(VENV / "bin" / "lint-imports"))
         step("typecheck", str(VENV / "bin" / "mypy"))

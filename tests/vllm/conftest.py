@@ -49,10 +49,16 @@ HERE = Path(__file__).resolve().parent
 @pytest.hookimpl(tryfirst=True)  # before `-m "not vllm"` deselects by marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test in this folder is a real-engine test, marked or not: a file that forgot `pytestmark` once ran
-    its two-minute engine start in the fast suite. (A `pytestmark` here in conftest.py marks nothing.)"""
+    its two-minute engine start in the fast suite. (A `pytestmark` here in conftest.py marks nothing.)
+
+    The tests on the session server are marked `vllm_session` as well, found by their fixtures, so no file can
+    forget it: CI runs them in one process and the real-engine tests with servers of their own in another beside
+    it, and the session server is started once, by the one process that needs it."""
     for item in items:
         if HERE in item.path.resolve().parents:
             item.add_marker(pytest.mark.vllm)
+        if "vllm_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vllm_session)
 
 
 def _require_engine() -> None:
