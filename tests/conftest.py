@@ -129,16 +129,24 @@ def submit(client: openai.OpenAI, lines: list[Any] | bytes, endpoint: str = "/v1
                                  completion_window=kwargs.pop("completion_window", "24h"), **kwargs)
 
 
+SLOW_POLL_AFTER = 5.0  # seconds into a wait_for
+
+
 def wait_for(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...] = TERMINAL,
              timeout: float = 60.0, until: Callable[[Any], bool] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     while True:
         batch = client.batches.retrieve(batch_id)
         if batch.status in statuses or (until is not None and until(batch)):
             return batch
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise AssertionError(f"batch {batch_id} still {batch.status} after {timeout}s: {batch}")
-        time.sleep(0.05)
+        # Twenty polls a second while the echo engine's batches take a second or less; four once the wait is
+        # long, as through a real model's load, which the polls (a request and a database read each) would
+        # otherwise slow down on a 2-core machine.
+        time.sleep(0.05 if now - started < SLOW_POLL_AFTER else 0.25)
 
 
 def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
