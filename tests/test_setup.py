@@ -36,7 +36,8 @@ def test_the_ci_session_runs_lint_types_other_pythons_and_everything() -> None:
     # Every test once: the other Pythons split all but the real engine in halves, .venv runs exactly the real
     # engine.
     assert '"--splits", str(len(OTHER_PYTHONS)), "--group", str(group)' in source
-    assert '"-m", "not vllm"' in source and '[str(PYTHON), "-m", "pytest", "-m", "vllm"' in source
+    assert '"-m", "not vllm"' in source and '[str(PYTHON), "-m", "pytest", "-m", marks' in source
+    assert sorted(noxfile["REAL_ENGINE_RUNS"].values()) == ["vllm and not vllm_session", "vllm and vllm_session"]
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'python_version = "3.10"' in pyproject and 'requires-python = ">=3.10"' in pyproject
 
@@ -60,3 +61,20 @@ def test_the_halves_of_the_fast_suite_add_up_to_all_of_it() -> None:
     halves = [collected("--splits", "2", "--group", str(group), *noxfile["DURATIONS"]) for group in (1, 2)]
     assert halves[0] and halves[1] and not halves[0] & halves[1]
     assert halves[0] | halves[1] == everything
+
+
+def test_the_real_engine_runs_split_the_session_servers_tests_from_the_rest() -> None:
+    """tests/vllm/conftest.py marks the tests on the session server `vllm_session` from their fixtures, so CI's
+    two real-engine runs start the session server in one process only."""
+    import subprocess
+    import sys
+
+    def collected(marks: str) -> set[str]:
+        done = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-m", marks, "-p", "no:cacheprovider",
+                               "tests/vllm"], capture_output=True, text=True, cwd=REPO, check=True)
+        return {line.split("::")[0] for line in done.stdout.splitlines() if "::" in line}
+
+    session, own = collected("vllm and vllm_session"), collected("vllm and not vllm_session")
+    assert {"tests/vllm/test_e2e.py", "tests/vllm/test_online.py", "tests/vllm/test_engine_death.py"} <= session
+    assert {"tests/vllm/test_crash.py", "tests/vllm/test_online_preemption.py"} <= own
+    assert not session & own  # a module split over both would start the session server in both
