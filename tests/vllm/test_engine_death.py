@@ -38,7 +38,7 @@ def test_engine_core_killed_is_restarted_and_the_batch_completes(back_to_back: B
     b = back_to_back
     assert b.server.process is not None
     # The engine core of whichever model the tests before left loaded: killing it needs no switch.
-    model = httpx.get(b.server.root_url + "/health").json()["loaded_model"]
+    model = httpx.get(b.server.root_url + "/health", timeout=60).json()["loaded_model"]
     assert model in (CHAT_MODEL, EMBED_MODEL), model
     loads = b.server.log_path.read_text(errors="replace").count(f"vLLM loaded {model}")
     core = _engine_core(b.server.process.pid)

@@ -27,7 +27,8 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 
 def _loaded(server: RunningServer) -> str | None:
-    return httpx.get(server.root_url + "/health").json()["loaded_model"]  # type: ignore[no-any-return]
+    # A long timeout: the answer waits while a model loads (its imports, in a thread, hold the GIL).
+    return httpx.get(server.root_url + "/health", timeout=60).json()["loaded_model"]  # type: ignore[no-any-return]
 
 
 def _ensure_loaded(server: RunningServer, model: str) -> None:
