@@ -237,8 +237,19 @@ def _max_len(settings: Settings, config: dict[str, object]) -> int | None:
 
 
 def check_settings(settings: Settings) -> None:
-    """With several resident vLLM models: refuse to start, naming the numbers, when they cannot fit."""
-    if settings.max_loaded_models <= 1 or settings.engine != "vllm" or settings.backends:
+    """With several resident vLLM models: refuse to start, naming the numbers, when they cannot fit; with
+    sleeping models, where vLLM has no sleep mode."""
+    if settings.engine != "vllm" or settings.backends:
+        return
+    if settings.max_sleeping_models > 0:
+        from vllm_batch_server.engines.vllm_compat import load
+
+        platform = load("current_platform")
+        if not platform.is_sleep_mode_available():
+            raise SettingsError(f"--max-sleeping-models needs vLLM's sleep mode, which vLLM does not have on this "
+                                f"platform ({'CPU' if platform.is_cpu() else platform.device_name}); it runs on "
+                                "CUDA, ROCm and XPU GPUs")
+    if settings.max_loaded_models <= 1:
         return
     facts = machine()
     check_fit(settings, facts, [footprint(name, settings, cpu=facts.cpu) for name in settings.models])
