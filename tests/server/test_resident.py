@@ -343,3 +343,38 @@ def test_sleep_through_the_server_shows_in_status_and_metrics(app_factory: AppFa
     assert value(samples, "vllm_batch_model_load_seconds_count", model="echo-model") == 1  # woken, not loaded
     assert value(samples, "vllm_batch_model_state", model="echo-embed", state="asleep") == 1
     assert health(server)["loaded_models"] == ["echo-model"]
+
+
+def test_every_loaded_vllm_engines_own_metrics_are_scraped() -> None:
+    """vLLM takes every `vllm:` collector out of the process's registry when an engine starts; each engine keeps
+    the ones it registered, and the scrape merges them by family (here with stand-ins, as vLLM registers them)."""
+    import prometheus_client
+    from prometheus_client import Gauge
+
+    from vllm_batch_server.engines import vllm_metrics
+
+    def start(engine: object, model: str) -> Gauge:
+        for collector in vllm_metrics._registered():  # what vLLM's unregister_vllm_metrics does
+            prometheus_client.REGISTRY.unregister(collector)
+        gauge = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage.", ["model_name", "engine"])
+        gauge.labels(model, "0").set(0.25 if model == "chat" else 0.0)
+        vllm_metrics.adopt(engine)
+        return gauge
+
+    first, second = object(), object()
+    try:
+        start(first, "chat")
+        latest = start(second, "embed")
+        families = [f for f in vllm_metrics.Registry().collect() if f.name == "vllm:kv_cache_usage_perc"]
+        assert len(families) == 1  # one family, both engines' samples
+        assert sorted((s.labels["model_name"], s.value) for s in families[0].samples) == [("chat", 0.25),
+                                                                                          ("embed", 0.0)]
+        from vllm_batch_server.observers.metrics import vllm_kv_cache_usage
+
+        assert vllm_kv_cache_usage("chat") == 0.25 and vllm_kv_cache_usage("embed") == 0.0
+        vllm_metrics.release(first)  # unloaded: its metrics go
+        assert [s.labels["model_name"] for f in vllm_metrics.collect() for s in f.samples] == ["embed"]
+    finally:
+        vllm_metrics.release(first)
+        vllm_metrics.release(second)
+        prometheus_client.REGISTRY.unregister(latest)
