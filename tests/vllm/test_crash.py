@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import sdk, submit, wait_for
 from tests.faults.checks import assert_exactly_once
@@ -27,7 +29,7 @@ def test_kill_9_mid_batch_then_restart_yields_every_request_exactly_once(model_c
     # A small window and frequent checkpoints: the kill lands with some results committed and others in
     # flight inside vLLM, which is the case that must neither lose nor duplicate a line.
     server = start_vllm_server(tmp_path / "data", "--window", "8", "--checkpoint-every", "4",
-                               "--max-loaded-models", "2", "--preload", timeout=300)
+                               "--max-loaded-models", "2", "--preload", timeout=BATCH_TIMEOUT)
     try:
         client = sdk(server, timeout=60)
         lines = [chat_line(f"req-{i}", f"Write one sentence about the number {i}.", max_tokens=24)
@@ -45,7 +47,7 @@ def test_kill_9_mid_batch_then_restart_yields_every_request_exactly_once(model_c
         assert embedding.request_counts.completed < EMBEDDINGS, "the embeddings finished before the kill"
         server.kill()  # SIGKILL to the whole process group: the server and both vLLM engine-core processes
 
-        server.start(timeout=300)
+        server.start(timeout=BATCH_TIMEOUT)  # both models load before it listens (--preload)
         client = sdk(server, timeout=60)
         done = wait_for(client, batch.id, timeout=BATCH_TIMEOUT)
         assert done.status == "completed", done
@@ -56,6 +58,14 @@ def test_kill_9_mid_batch_then_restart_yields_every_request_exactly_once(model_c
         assert embedded.status == "completed", embedded
         embed_results = assert_exactly_once(client, embedded, {f"emb-{i}" for i in range(EMBEDDINGS)})
         assert all(len(line["response"]["body"]["data"][0]["embedding"]) == 384 for line in embed_results)
+        # Both engines' own metrics are scraped, though vLLM took the first one's out of the registry.
+        scraped = text_string_to_metric_families(httpx.get(server.root_url + "/metrics", timeout=30).text)
+        vllm_models = {sample.labels.get("model_name") for family in scraped if family.name.startswith("vllm:")
+                       for sample in family.samples}
+        assert {CHAT_MODEL, EMBED_MODEL} <= vllm_models, vllm_models
+        loaded = httpx.get(server.root_url + "/status", timeout=30).json()["engine"]["loaded_models"]
+        assert sorted((entry["model"], entry["state"]) for entry in loaded) == [(EMBED_MODEL, "ready"),
+                                                                                  (CHAT_MODEL, "ready")]
         # Each model was loaded once before the kill and once after it, side by side: never unloaded.
         log = server.log_path.read_text(errors="replace")
         assert log.count(f"vLLM loaded {CHAT_MODEL}") == 2 and log.count(f"vLLM loaded {EMBED_MODEL}") == 2
