@@ -232,8 +232,16 @@ def server_queue(args: argparse.Namespace, scratch: Path, name: str,
     """(c) as a user runs the same queue: a server that is up (started, no model loaded yet) gets all the files
     at once; timed from the first upload to the last download. The server's own start (to /health) is
     reported apart: a user starts it once, not per queue."""
-    server = new_server(args, scratch, name)
-    say(f"(c) our server, a queue of {len(files)} files submitted at once ({name})")
+    resident = getattr(args, "queue_max_loaded_models", 1)
+    env = vllm_env(args)
+    if resident > 1 and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        # The KV cache space is split between the resident models; the embedding model (encoder-only) uses
+        # none of its part, so this gives the chat model's engine the space (b) gets, and takes no more memory.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib * resident)
+    server = new_server(args, scratch, name, ("--max-loaded-models", str(resident)))
+    server.env = env
+    say(f"(c) our server, a queue of {len(files)} files submitted at once ({name}, up to {resident} models "
+        "loaded)")
     try:
         launched = server.launch()
         healthy_s = launched.wait_healthy(300)

@@ -40,7 +40,7 @@ from vllm_batch_server.api.errors import (
 )
 from vllm_batch_server.api.guard import WebGuard, allowed_names
 from vllm_batch_server.engines import check_settings as check_engine_settings
-from vllm_batch_server.engines import create_engine
+from vllm_batch_server.engines import create_engine, residency
 from vllm_batch_server.handlers.loading import load_handlers
 from vllm_batch_server.handlers.service import HandlerService
 from vllm_batch_server.observers import metrics, webhooks
@@ -63,6 +63,7 @@ def create_app(settings: Settings) -> Starlette:
     configured_handlers = load_handlers(settings.result_handlers)  # a bad configuration fails here, at once
     webhooks.check_settings(settings)  # raises SettingsError: refuse to start rather than drop events
     check_engine_settings(settings)  # raises SettingsError: a bad --backend is one line, not a failed start-up
+    residency.check_settings(settings)  # raises SettingsError: several resident models that cannot fit
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -81,7 +82,7 @@ def create_app(settings: Settings) -> Starlette:
         events = EventLog(db, lifecycle)
         app_metrics = metrics.Metrics()  # this app's registry: never the process's global one
         scheduler = Scheduler(db, blobs, create_engine(settings), settings, lifecycle,
-                              metrics.SchedulerMetrics(app_metrics))
+                              metrics.SchedulerMetrics(app_metrics), make_engine=lambda: create_engine(settings))
         result_handlers = HandlerService(db, blobs, events, configured_handlers)
         monitor = Monitor(db)
         lifecycle_metrics = metrics.LifecycleMetrics(db, events, app_metrics)

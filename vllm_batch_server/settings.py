@@ -247,6 +247,14 @@ class Settings:
     engine_max_restarts: int = setting(3, help="engine failures tolerated per batch before it is failed (its "
                                        "committed results are kept)", group=ENGINE)
     echo_delay: float = setting(0.0, help="seconds the echo engine takes per request", group=ENGINE)
+    max_loaded_models: int = setting(1, help="models kept loaded side by side, one engine each: a queue that "
+                                     "alternates between them switches nothing, and their batches run at the "
+                                     "same time; a model not loaded replaces the least recently used idle one, "
+                                     "loading while the other engines run. The memory is split between them: "
+                                     "the KV cache space on CPU (VLLM_CPU_KVCACHE_SPACE, else 2 GiB), "
+                                     "--gpu-memory-utilization (else 0.9) on a GPU; the server refuses to start "
+                                     "when they cannot fit (the in-process engines only, not with --backend or "
+                                     "--engine ray; docs/engines.md)", group=ENGINE)
 
     # ---- online requests (POST /v1/chat/completions etc. on the loaded model, ahead of batch work)
     online_model: str | None = setting(None, help="keep this model loaded for online requests: it is loaded at "
@@ -284,6 +292,10 @@ class Settings:
     priority_scheduling: bool = setting(True, help="vLLM priority scheduling: online requests run ahead of "
                                         "batch work, and a batch due sooner ahead of one due later (off: "
                                         "first come, first served)", group=VLLM)
+    max_sleeping_models: int = setting(0, help="GPU only (vLLM's sleep mode): instead of unloading a model to "
+                                       "make room for another, put its engine to sleep (weights parked in CPU "
+                                       "memory, woken in seconds), keeping up to this many asleep beside the "
+                                       "--max-loaded-models awake ones (default 0: unload)", group=VLLM)
     engine_args: dict[str, Any] = setting(factory=dict, flag="--engine-arg", metavar="KEY=VALUE",
                                           help="any other vLLM AsyncEngineArgs field; repeat the flag for "
                                           "several (environment: a JSON object)", group=VLLM)
@@ -369,6 +381,12 @@ class Settings:
                                 f"the served models (--model): {', '.join(self.models) or 'none'}")
         if self.online_max_requests < 1:
             raise SettingsError(f"--online-max-requests ({env_name('online_max_requests')}) must be at least 1")
+        if self.max_loaded_models < 1:
+            raise SettingsError(f"--max-loaded-models ({env_name('max_loaded_models')}) must be at least 1, got "
+                                f"{self.max_loaded_models}")
+        if self.max_sleeping_models < 0:
+            raise SettingsError(f"--max-sleeping-models ({env_name('max_sleeping_models')}) must be 0 or more, got "
+                                f"{self.max_sleeping_models}")
 
     @property
     def db_path(self) -> Path:

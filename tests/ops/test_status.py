@@ -37,7 +37,8 @@ def test_status_has_the_contracts_shape_and_follows_a_batch(app_factory: AppFact
     assert set(idle) == {"object", "version", "engine", "queue", "throughput", "disk", "checkpoint", "running"}
     assert idle["running"] == []
     assert idle["object"] == "server.status" and isinstance(idle["version"], str)
-    assert idle["engine"] == {"kind": "echo", "state": "idle", "model": None, "kv_cache_usage": None}
+    assert idle["engine"] == {"kind": "echo", "state": "idle", "model": None, "kv_cache_usage": None,
+                              "max_loaded_models": 1, "loaded_models": []}
     assert idle["queue"] == {"validating": 0, "in_progress": 0, "paused": []}
     assert idle["throughput"] == {"requests_per_second": 0.0, "output_tokens_per_second": 0.0}
     assert 0 < idle["disk"]["free_bytes"] <= idle["disk"]["total_bytes"]
@@ -51,7 +52,10 @@ def test_status_has_the_contracts_shape_and_follows_a_batch(app_factory: AppFact
         time.sleep(0.3)
     # Seen running: the engine loaded and the batch counted as in progress in the same answer.
     assert any(now["queue"]["in_progress"] == 1 and now["engine"]["state"] == "ready"
-               and now["engine"]["model"] == "echo-model" and now["running"] == [batch.id] for now in samples), samples
+               and now["engine"]["model"] == "echo-model" and now["running"] == [batch.id]
+               and now["engine"]["loaded_models"] == [{"model": "echo-model", "state": "ready", "running": [batch.id],
+                                                       "kv_cache_usage": None}]
+               for now in samples), samples
     # The busiest answer may come as the batch ends (the rate covers the last seconds, while the counts move
     # to completed), so it is judged on its rate alone.
     busiest = max(samples, key=lambda now: now["throughput"]["requests_per_second"])
@@ -67,8 +71,9 @@ def test_status_has_the_contracts_shape_and_follows_a_batch(app_factory: AppFact
 def test_ready_on_a_healthy_server_and_preload_loads_before_serving(app_factory: AppFactory) -> None:
     server = app_factory(api_key=KEY, extra_args=["--preload"])
     # /health answered, so start-up is over: the engine was loaded before the server listened.
-    assert get_status(server)["engine"] == {"kind": "echo", "state": "ready", "model": "echo-model",
-                                            "kv_cache_usage": None}
+    assert get_status(server)["engine"] == {
+        "kind": "echo", "state": "ready", "model": "echo-model", "kv_cache_usage": None, "max_loaded_models": 1,
+        "loaded_models": [{"model": "echo-model", "state": "ready", "running": [], "kv_cache_usage": None}]}
     assert get_ready(server) == (200, {"ready": True, "reasons": []})
 
 

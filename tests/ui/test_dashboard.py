@@ -440,6 +440,18 @@ def test_the_server_panel_shows_status(server_factory: ServerFactory, tab: Tab) 
     expect(panel.locator("[data-stat=disk] .value")).to_contain_text(re.compile(r"\d.* of .*\d"))
 
 
+def test_the_server_panel_shows_every_resident_model(server_factory: ServerFactory, tab: Tab) -> None:
+    server = server_factory(extra_args=["--max-loaded-models", "2"])
+    client = sdk(server)
+    wait_for(client, submit(client, chat_lines(2)).id)
+    embeddings = [request_line(f"e{i}", "text", model="echo-embed", url="/v1/embeddings") for i in range(2)]
+    wait_for(client, submit(client, embeddings, endpoint="/v1/embeddings").id)
+    page = tab.open(server)
+    models = page.locator("#server [data-stat=models]")
+    expect(models.locator(".label")).to_have_text("Models (up to 2 loaded)")
+    expect(models.locator(".value")).to_have_text("echo-model · echo-embed")  # least recently used first
+
+
 def test_the_server_panel_without_status(server_factory: ServerFactory, tab: Tab) -> None:
     """Against a server without GET /status (another OpenAI-compatible server, an older release) the panel
     says so and shows what the public /health gives. Our server has /status, so the browser is made to see

@@ -96,9 +96,9 @@ def embed_line(custom_id: str, text: str, **body: Any) -> dict[str, Any]:
             "body": {"model": EMBED_MODEL, "input": text, **body}}
 
 
-def start_vllm_server(data_dir: Path, *extra: str) -> RunningServer:
+def start_vllm_server(data_dir: Path, *extra: str, timeout: float = 120) -> RunningServer:
     return make_server(data_dir, engine="vllm", models=[CHAT_MODEL, EMBED_MODEL],
-                       extra_args=["--max-model-len", str(MAX_MODEL_LEN), *extra]).start(timeout=120)
+                       extra_args=["--max-model-len", str(MAX_MODEL_LEN), *extra]).start(timeout=timeout)
 
 
 # Lines that exercise OpenAI request options; each is checked by test_request_options_are_honoured.

@@ -1,44 +1,74 @@
-"""kill -9 of the server and its vLLM engine mid-batch; a restart finishes the batch, each request once."""
+"""kill -9 of the server and its vLLM engines mid-batch; a restart finishes the batches, each request once.
+
+The server keeps both embedded models loaded side by side (`--max-loaded-models 2`, `--preload`), so the kill
+lands while a chat batch and an embeddings batch run at the same time, each on its engine: one queue, two
+resident models, answered exactly once across the kill."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import sdk, submit, wait_for
 from tests.faults.checks import assert_exactly_once
-from tests.vllm.conftest import BATCH_TIMEOUT, chat_line, start_vllm_server
+from tests.vllm.conftest import BATCH_TIMEOUT, CHAT_MODEL, EMBED_MODEL, chat_line, embed_line, start_vllm_server
 
 pytestmark = pytest.mark.vllm
 
 N = 32  # four waves of the window of 8: the kill lands after the first, with the rest to run
+# Embeddings of ~200 tokens each: long enough to still be running when the chats have done a wave.
+EMBEDDINGS = 1500
+TEXT = "Batch inference keeps results durable across crashes. "
 
 
 def test_kill_9_mid_batch_then_restart_yields_every_request_exactly_once(model_cache: Path,
                                                                         tmp_path: Path) -> None:
     # A small window and frequent checkpoints: the kill lands with some results committed and others in
     # flight inside vLLM, which is the case that must neither lose nor duplicate a line.
-    server = start_vllm_server(tmp_path / "data", "--window", "8", "--checkpoint-every", "4")
+    server = start_vllm_server(tmp_path / "data", "--window", "8", "--checkpoint-every", "4",
+                               "--max-loaded-models", "2", "--preload", timeout=BATCH_TIMEOUT)
     try:
         client = sdk(server, timeout=60)
         lines = [chat_line(f"req-{i}", f"Write one sentence about the number {i}.", max_tokens=24)
                  for i in range(N)]
+        embeddings = [embed_line(f"emb-{i}", f"{i}: " + TEXT * 20) for i in range(EMBEDDINGS)]
         batch = submit(client, lines)
+        embed = submit(client, embeddings, endpoint="/v1/embeddings")
         running = wait_for(client, batch.id, timeout=BATCH_TIMEOUT,
                            until=lambda b: b.request_counts is not None and b.request_counts.completed >= 8)
-        assert running.status == "in_progress", running
-        assert running.request_counts.completed < N, "the batch finished before the kill; make it longer"
-        server.kill()  # SIGKILL to the whole process group: the server and vLLM's engine processes
+        embedding = wait_for(client, embed.id, timeout=BATCH_TIMEOUT,
+                             until=lambda b: b.request_counts is not None and b.request_counts.completed >= 8)
+        running = client.batches.retrieve(batch.id)
+        assert running.status == embedding.status == "in_progress", (running, embedding)
+        assert running.request_counts.completed < N, "the chats finished before the kill; make them longer"
+        assert embedding.request_counts.completed < EMBEDDINGS, "the embeddings finished before the kill"
+        server.kill()  # SIGKILL to the whole process group: the server and both vLLM engine-core processes
 
-        server.start(timeout=120)
+        server.start(timeout=BATCH_TIMEOUT)  # both models load before it listens (--preload)
         client = sdk(server, timeout=60)
         done = wait_for(client, batch.id, timeout=BATCH_TIMEOUT)
         assert done.status == "completed", done
         result_lines = assert_exactly_once(client, done, {f"req-{i}" for i in range(N)})
         assert all(line["response"]["status_code"] == 200 for line in result_lines)
         assert all(line["response"]["body"]["choices"][0]["message"]["content"] for line in result_lines)
-        # The engine was loaded once before the kill and once after it.
-        assert server.log_path.read_text(errors="replace").count("vLLM loaded smollm2-135m-instruct") == 2
+        embedded = wait_for(client, embed.id, timeout=BATCH_TIMEOUT)
+        assert embedded.status == "completed", embedded
+        embed_results = assert_exactly_once(client, embedded, {f"emb-{i}" for i in range(EMBEDDINGS)})
+        assert all(len(line["response"]["body"]["data"][0]["embedding"]) == 384 for line in embed_results)
+        # Both engines' own metrics are scraped, though vLLM took the first one's out of the registry.
+        scraped = text_string_to_metric_families(httpx.get(server.root_url + "/metrics", timeout=30).text)
+        vllm_models = {sample.labels.get("model_name") for family in scraped if family.name.startswith("vllm:")
+                       for sample in family.samples}
+        assert {CHAT_MODEL, EMBED_MODEL} <= vllm_models, vllm_models
+        loaded = httpx.get(server.root_url + "/status", timeout=30).json()["engine"]["loaded_models"]
+        assert sorted((entry["model"], entry["state"]) for entry in loaded) == [(EMBED_MODEL, "ready"),
+                                                                                  (CHAT_MODEL, "ready")]
+        # Each model was loaded once before the kill and once after it, side by side: never unloaded.
+        log = server.log_path.read_text(errors="replace")
+        assert log.count(f"vLLM loaded {CHAT_MODEL}") == 2 and log.count(f"vLLM loaded {EMBED_MODEL}") == 2
+        assert "unloading model" not in log
     finally:
         server.kill()

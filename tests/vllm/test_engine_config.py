@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,3 +133,107 @@ def test_stopping_gives_what_a_load_froze_back_to_the_garbage_collector(engine: 
         assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
+
+
+# ---- several resident models (--max-loaded-models) and vLLM's sleep mode (--max-sleeping-models) --------------
+
+
+def test_resident_models_split_the_cpu_kv_cache_space_and_sleep_mode_reaches_the_engine_arguments(
+        model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_batch_server.engines import model_files
+    from vllm_batch_server.engines.vllm import VLLMEngine, is_cpu_platform
+
+    if not is_cpu_platform():
+        pytest.skip("the CPU split; a GPU splits gpu_memory_utilization (tests/server/test_residency_fit.py)")
+    smollm2 = model_files.resolve(model_files.SMOLLM2, model_cache)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")  # the user's total: each of two engines gets half
+    engine = VLLMEngine(Settings(model_cache_dir=model_cache, max_model_len=1024, max_loaded_models=2,
+                                 max_sleeping_models=1))
+    kwargs = engine._engine_kwargs(smollm2)
+    assert kwargs["kv_cache_memory_bytes"] == 2 * 2**30 and kwargs["enable_sleep_mode"] is True
+    # vLLM's CPU build has no sleep mode: it refuses the argument, naming it (the server refuses the flag at
+    # start, see test_sleeping_models_are_refused_at_start_on_cpu).
+    with pytest.raises(Exception, match="Sleep mode is not supported on current platform"):
+        engine._engine_config(engine._build_args(smollm2)[0])
+    # vLLM's CPU platform would replace the share with the variable's whole 4 GiB: the config keeps the share.
+    two = VLLMEngine(Settings(model_cache_dir=model_cache, max_model_len=1024, max_loaded_models=2))
+    engine_args, _ = two._build_args(smollm2)
+    assert two._engine_config(engine_args).cache_config.kv_cache_memory_bytes == 2 * 2**30
+
+    # One model, as before: nothing split, nothing asked of sleep mode.
+    alone = VLLMEngine(Settings(model_cache_dir=model_cache, max_model_len=1024))._engine_kwargs(smollm2)
+    assert "kv_cache_memory_bytes" not in alone and "enable_sleep_mode" not in alone
+    # A share set per engine by hand is kept.
+    given = VLLMEngine(Settings(model_cache_dir=model_cache, max_loaded_models=2,
+                                engine_args={"kv_cache_memory_bytes": 3 * 2**30}))._engine_kwargs(smollm2)
+    assert given["kv_cache_memory_bytes"] == 3 * 2**30
+
+    # The spawned engine core gets no VLLM_CPU_KVCACHE_SPACE of ours with several models (it would override
+    # each engine's share); with one, the 2 GiB default as before.
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    engine._prepare_environment(smollm2)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in engine._set_env
+    one = VLLMEngine(Settings(model_cache_dir=model_cache))
+    one._prepare_environment(smollm2)
+    assert "VLLM_CPU_KVCACHE_SPACE" in one._set_env
+    for name in one._set_env + engine._set_env:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_sleep_and_wake_ask_vllm_for_level_1_and_wake_up(engine: VLLMEngine) -> None:
+    """What the engine owner's sleep and wake become (a GPU-only vLLM feature: a stand-in AsyncLLM records the
+    calls; the owner's order of operations is tested on echo engines in tests/server/test_resident.py)."""
+    import asyncio
+
+    calls: list[str] = []
+
+    class SleepyLLM:
+        async def sleep(self, level: int = 1) -> None:
+            calls.append(f"sleep level={level}")
+
+        async def wake_up(self, tags: list[str] | None = None) -> bool:
+            calls.append(f"wake_up tags={tags}")
+            return True
+
+    engine._llm = SleepyLLM()  # type: ignore[assignment]
+    asyncio.run(engine.sleep())
+    asyncio.run(engine.wake_up())
+    assert calls == ["sleep level=1", "wake_up tags=None"]
+
+    class Refusing(SleepyLLM):
+        async def sleep(self, level: int = 1) -> None:
+            raise ValueError("Sleep mode is not enabled")
+
+    engine._llm = Refusing()  # type: ignore[assignment]
+    with pytest.raises(EngineError, match=r"could not put .* to sleep"):
+        asyncio.run(engine.sleep())
+    engine._llm = None
+
+
+def _serve(tmp_path: Path, model_cache: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_batch_server.cli", "serve", "--data-dir", str(tmp_path / "data"),
+         "--port", "0", "--model-cache-dir", str(model_cache), *flags], env=env, capture_output=True, text=True,
+        timeout=300)
+
+
+def test_resident_models_that_cannot_fit_are_refused_at_start(model_cache: Path, tmp_path: Path) -> None:
+    """Three engines of 1 GiB / 3 of KV cache each cannot hold one 8,192-token sequence of SmolLM2 (360 MiB):
+    the server says so and exits before it starts anything."""
+    done = _serve(tmp_path, model_cache, "--max-loaded-models", "3", "--max-model-len", "8192")
+    assert done.returncode == 2, done.stderr
+    assert "--max-loaded-models 3: model 'smollm2-135m-instruct' needs 0.35 GiB of KV cache" in done.stderr
+    assert "each engine gets 0.33 GiB (VLLM_CPU_KVCACHE_SPACE 1 GiB / 3)" in done.stderr
+    assert not (tmp_path / "data" / "vllm-batch.sqlite3").exists()
+
+
+def test_sleeping_models_are_refused_at_start_on_cpu(model_cache: Path, tmp_path: Path) -> None:
+    from vllm_batch_server.engines.vllm import is_cpu_platform
+
+    if not is_cpu_platform():
+        pytest.skip("a GPU has vLLM's sleep mode")
+    done = _serve(tmp_path, model_cache, "--max-sleeping-models", "1")
+    assert done.returncode == 2, done.stderr
+    assert "--max-sleeping-models needs vLLM's sleep mode, which vLLM does not have on this platform (CPU)" in (
+        done.stderr)

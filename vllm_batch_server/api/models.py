@@ -9,6 +9,7 @@ from starlette.routing import Route
 from vllm_batch_server.api.context import context
 from vllm_batch_server.api.errors import not_found
 from vllm_batch_server.engines import served_models
+from vllm_batch_server.queue.engine_owner import EngineState
 
 
 def _model(name: str, created: int) -> dict[str, object]:
@@ -32,7 +33,11 @@ async def retrieve_model(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     ctx = context(request)
-    return JSONResponse({"status": "ok", "engine": ctx.settings.engine, "loaded_model": ctx.scheduler.engine.model})
+    owner = ctx.scheduler.engine_owner
+    return JSONResponse({"status": "ok", "engine": ctx.settings.engine, "loaded_model": ctx.scheduler.engine.model,
+                         # Every model an engine has ready (several with --max-loaded-models).
+                         "loaded_models": [slot.engine.model for slot in owner.resident() if slot.state is
+                                           EngineState.READY]})
 
 
 routes = [

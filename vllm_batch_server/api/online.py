@@ -40,7 +40,7 @@ from vllm_batch_server.engines.base import (
     Result,
     StreamingEngine,
 )
-from vllm_batch_server.queue.engine_owner import EngineState
+from vllm_batch_server.queue.engine_owner import EngineState, Slot
 from vllm_batch_server.queue.priority import online_priority
 from vllm_batch_server.statuses import BatchStatus
 
@@ -62,6 +62,7 @@ class _Call:
         self.model = model
         self.started = time.monotonic()
         self.admitted = False
+        self.slot: Slot | None = None  # the engine answering it: not stopped until it is answered
         self._done = False
 
     def admit(self) -> None:
@@ -70,6 +71,7 @@ class _Call:
                            f"at once; retry in {RETRY_AFTER_FULL}s.", code="rate_limit_exceeded",
                            headers={"retry-after": str(RETRY_AFTER_FULL)})
         self.admitted = True
+        self.slot = self.scheduler.engine_owner.online_began(self.model)
 
     def first_token(self) -> None:
         self.traffic.metrics.first_token(self.model, self.url, time.monotonic() - self.started)
@@ -80,6 +82,8 @@ class _Call:
         self._done = True
         if self.admitted:
             self.traffic.release()
+        if self.slot is not None:
+            self.scheduler.engine_owner.online_ended(self.slot)
         self.traffic.metrics.answered(self.model, self.url, status, time.monotonic() - self.started)
 
 
@@ -111,13 +115,13 @@ async def _serve(ctx: Context, request: Request, call: _Call, url: str, body: di
         raise APIError(404, f"The model '{model[:200]}' does not exist or is not served here (served: "
                        f"{', '.join(served)}).", param="model", code="model_not_found")
     ctx.scheduler.online.arrived(model)
-    await _check_loaded(ctx, model)
+    slot = await _check_loaded(ctx, model)
     try:
         priority = online_priority(body.pop("priority", None))
     except ValueError as exc:
         raise APIError(400, str(exc), param="priority", code="invalid_value") from None
     streaming = body.get("stream") is True
-    engine = ctx.scheduler.engine
+    engine = slot.engine
     if streaming and (url not in STREAMING_ENDPOINTS or not isinstance(engine, StreamingEngine)):
         raise APIError(400, f"'stream' is not supported for {url}" + (
             "" if url not in STREAMING_ENDPOINTS else f" by the {ctx.settings.engine} engine") + ".",
@@ -137,7 +141,7 @@ async def _serve(ctx: Context, request: Request, call: _Call, url: str, body: di
         else:
             result = await _unless_disconnected(request, engine.run(request_id, url, body, priority=priority))
     except EngineError as exc:
-        ctx.scheduler.online_engine_failed(exc)
+        ctx.scheduler.online_engine_failed(exc, model)
         raise APIError(503, "The engine failed while computing this request and is being restarted; retry in "
                        "a moment.", type="server_error", code="engine_unavailable",
                        headers={"retry-after": str(RETRY_AFTER_LOADING)}) from None
@@ -146,19 +150,22 @@ async def _serve(ctx: Context, request: Request, call: _Call, url: str, body: di
     return JSONResponse(result.body, status_code=result.status_code)
 
 
-async def _check_loaded(ctx: Context, model: str) -> None:
-    """Only the loaded model answers online requests. Any other served model gets 503 with Retry-After while
-    the server is on its way to serving it (loading it, restarting the engine that had it, keeping it for
-    online traffic, or with a batch of it queued), and 400 naming what is loaded when it will not serve it."""
+async def _check_loaded(ctx: Context, model: str) -> Slot:
+    """Only a loaded model answers online requests: the engine serving it. Any other served model gets 503
+    with Retry-After while the server is on its way to serving it (loading it, restarting the engine that had
+    it, keeping it for online traffic, or with a batch of it queued), and 400 naming what is loaded when it
+    will not serve it."""
     owner = ctx.scheduler.engine_owner
+    serving = owner.serving(model)
+    if serving is not None:
+        return serving
+    held = owner.holding(model)
     state, loaded, loading = owner.state, ctx.scheduler.engine.model, owner.loading_model
-    if state is EngineState.READY and loaded == model:
-        return
     retry = {"retry-after": str(RETRY_AFTER_LOADING)}
-    if state is EngineState.LOADING and loading == model:
+    if held is not None and held.state is EngineState.LOADING:
         raise APIError(503, f"The model '{model}' is being loaded; retry in a moment.", type="server_error",
                        param="model", code="model_loading", headers=retry)
-    if state is EngineState.FAILED and loaded == model:
+    if held is not None and held.state is EngineState.FAILED:
         raise APIError(503, f"The engine serving '{model}' failed and is being restarted; retry in a moment.",
                        type="server_error", code="engine_unavailable", headers=retry)
     if model == ctx.settings.online_model:
@@ -182,6 +189,10 @@ async def _check_loaded(ctx: Context, model: str) -> None:
         now = f"the loaded model is '{loaded}'"
     else:
         now = "no model is loaded"
+    if owner.max_loaded > 1:
+        ready = [slot.engine.model for slot in owner.slots if slot.state is EngineState.READY]
+        now = (f"the loaded models are {', '.join(repr(m) for m in ready)}" if ready else "no model is loaded") + (
+            f", and '{loading}' is loading" if loading else "")
     if ctx.settings.online_model is None and await _batch_queued_for(ctx, model):
         # The scheduler loads it for that batch. (With --online-model, batches of other models wait for online
         # traffic to be quiet, which this request is not: they do not count.)
@@ -258,7 +269,7 @@ class _EventStream(StreamingResponse):
         except EngineError as exc:
             # Too late for a status: end the stream with an error event, as `vllm serve` does (the SDK raises it).
             log.error("the engine failed during a streamed online request: %s", exc)
-            call.scheduler.online_engine_failed(exc)
+            call.scheduler.online_engine_failed(exc, call.model)
             call.finish(503)
             error = {"error": {"message": "The engine failed while streaming this answer and is being "
                                "restarted; retry in a moment.", "type": "server_error", "param": None,

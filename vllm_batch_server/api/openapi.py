@@ -268,8 +268,17 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "object": {"const": "server.status"}, "version": {"type": "string"},
             "engine": {"type": "object", "required": ["kind", "state", "model", "kv_cache_usage"], "properties": {
-                "kind": {"type": "string"}, "state": {"enum": ["idle", "loading", "ready", "failed"]},
-                "model": _NULLABLE_STR, "kv_cache_usage": {"type": ["number", "null"]}}},
+                "kind": {"type": "string"}, "state": {"enum": ["idle", "loading", "ready", "failed", "asleep"]},
+                "model": _NULLABLE_STR, "kv_cache_usage": {"type": ["number", "null"]},
+                "max_loaded_models": {"type": "integer"},
+                "loaded_models": {
+                    "type": "array", "description": "every model an engine holds, least recently used first",
+                    "items": {"type": "object", "required": ["model", "state", "running", "kv_cache_usage"],
+                              "properties": {
+                                  "model": {"type": "string"},
+                                  "state": {"enum": ["loading", "ready", "failed", "asleep"]},
+                                  "running": {"type": "array", "items": {"type": "string"}},
+                                  "kv_cache_usage": {"type": ["number", "null"]}}}}}},
             "queue": {"type": "object", "required": ["validating", "in_progress", "paused"], "properties": {
                 "validating": {"type": "integer"}, "in_progress": {"type": "integer"},
                 "paused": {"type": "array", "items": {"type": "object", "required": ["id", "reason"], "properties": {
@@ -505,7 +514,8 @@ def spec() -> dict[str, Any]:
                 "get": {"operationId": "health", "security": [],
                         "responses": {"200": _json({"type": "object", "properties": {
                             "status": {"type": "string"}, "engine": {"type": "string"},
-                            "loaded_model": _NULLABLE_STR}}, "The server is up")}},
+                            "loaded_model": _NULLABLE_STR,
+                            "loaded_models": {"type": "array", "items": {"type": "string"}}}}, "The server is up")}},
             },
             "/ready": {
                 "get": {"operationId": "ready", "security": [],

@@ -90,14 +90,31 @@ async def status(ctx: Context) -> dict[str, Any]:
     except OSError:
         free = total = 0
     lag, uncommitted = checkpoint_lag(scheduler)
+    vllm = ctx.settings.engine == "vllm"
+    owner = scheduler.engine_owner
+    primary = owner.engine.model if ready else None
+    running_on: dict[int, list[str]] = {}
+    for batch_id, slot in list(scheduler.runner_slots.items()):
+        running_on.setdefault(id(slot), []).append(batch_id)
+    loaded = [{
+        "model": slot.loading_model if slot.state is EngineState.LOADING else slot.model,
+        "state": slot.state.value,
+        "running": running_on.get(id(slot), []),
+        "kv_cache_usage": (vllm_kv_cache_usage(slot.model) if vllm and slot.state is EngineState.READY
+                           else None),
+    } for slot in owner.resident()]
     return {
         "object": "server.status",
         "version": __version__,
         "engine": {
             "kind": ctx.settings.engine,
-            "state": scheduler.engine_owner.state.value,
-            "model": scheduler.engine.model if ready else None,
-            "kv_cache_usage": vllm_kv_cache_usage() if ready and ctx.settings.engine == "vllm" else None,
+            "state": owner.state.value,
+            "model": primary,
+            "kv_cache_usage": vllm_kv_cache_usage(primary) if ready and vllm else None,
+            # Beyond the contract's fields (additions only): every model an engine holds, with
+            # --max-loaded-models several, least recently used first (the next to be unloaded).
+            "max_loaded_models": owner.max_loaded,
+            "loaded_models": loaded,
         },
         "queue": {
             "validating": snapshot.batch_counts.get(BatchStatus.VALIDATING.value, 0),

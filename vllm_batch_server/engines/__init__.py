@@ -27,6 +27,11 @@ def check_settings(settings: Settings) -> None:
         raise SettingsError("--engine http needs at least one --backend URL")
     if settings.engine == "ray" and settings.replicas < 1:
         raise SettingsError(f"--replicas must be at least 1, got {settings.replicas}")
+    if (settings.max_loaded_models > 1 or settings.max_sleeping_models > 0) and (
+            settings.engine not in ("vllm", "echo") or backends):
+        flag = "--max-loaded-models" if settings.max_loaded_models > 1 else "--max-sleeping-models"
+        raise SettingsError(f"{flag} keeps models loaded in this process's engines; with --backend or --engine "
+                            "ray each backend or replica holds its own model (docs/scale.md)")
 
 
 def create_engine(settings: Settings) -> Engine:

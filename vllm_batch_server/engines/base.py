@@ -184,3 +184,20 @@ class StreamingEngine(Protocol):
         completions; `event: <type>\\ndata: {...}\\n\\n` for responses). Closing the iterator (`aclose`)
         before its end aborts the request. Raises EngineError when the engine is broken."""
         ...
+
+
+@runtime_checkable
+class SleepingEngine(Protocol):
+    """Optional: an engine that can park its model and take it back without loading it again (vLLM's sleep
+    mode, on GPUs). With `--max-sleeping-models`, the engine owner puts an evicted model's engine to sleep
+    instead of stopping it, and wakes it when a batch needs that model again. Only idle engines are put to
+    sleep: nothing is in flight."""
+
+    async def sleep(self) -> None:
+        """Release the model's memory for other engines, keeping what is needed to take it back (vLLM: level 1,
+        the weights to CPU memory, the KV cache dropped). Raises EngineError if it cannot."""
+        ...
+
+    async def wake_up(self) -> None:
+        """Take the model back, ready to serve again. Raises EngineError if it cannot."""
+        ...

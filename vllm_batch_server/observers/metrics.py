@@ -16,7 +16,8 @@ Where each number comes from, so that none costs the request path anything:
 - Online requests are counted as they are answered, by model and endpoint (online_metrics.py), in the
   scheduler's own registry, collected with the live gauges.
 - vLLM registers its metrics in prometheus-client's global registry from inside the engine (`AsyncLLM` with
-  stats on, vLLM's default); they are appended to ours as they are.
+  stats on, vLLM's default); they are appended to ours as they are, every loaded engine's
+  (engines/vllm_metrics.py: a new engine takes the previous one's out of the registry).
 
 No label carries a batch id, a file name or anything a user sent: labels are model names (as configured),
 endpoints, statuses and outcomes.
@@ -31,12 +32,12 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from vllm_batch_server import __version__
 from vllm_batch_server.engines import base as engine_base
+from vllm_batch_server.engines import vllm_metrics
 from vllm_batch_server.engines.router.metrics import member_metrics
 from vllm_batch_server.exhaustion import Exhausted
 from vllm_batch_server.queue.engine_owner import EngineState
@@ -79,6 +80,11 @@ class Metrics:
             buckets=(0.1, 1, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200), registry=registry)
         self.model_switches = Counter(PREFIX + "model_switches", "Engine restarts to serve a different model.",
                                       registry=registry)
+        self.model_sleeps = Counter(PREFIX + "model_sleeps", "Idle engines put to sleep (vLLM's sleep mode) to "
+                                    "make room for another model, by model.", ["model"], registry=registry)
+        self.model_wake_seconds = Histogram(
+            PREFIX + "model_wake_seconds", "Time to wake a sleeping engine, by model.", ["model"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120), registry=registry)
         self.engine_restarts = Counter(PREFIX + "engine_restarts", "Engine restarts after it failed (died, hung "
                                        "or failed a health check).", registry=registry)
         self.resumed_batches = Counter(PREFIX + "resumed_batches", "Batches that resumed from their last "
@@ -109,6 +115,12 @@ class SchedulerMetrics:
             self._metrics.model_switches.inc()
         if restarted:
             self._metrics.engine_restarts.inc()
+
+    def model_slept(self, model: str) -> None:
+        self._metrics.model_sleeps.labels(model).inc()
+
+    def model_woken(self, model: str, seconds: float) -> None:
+        self._metrics.model_wake_seconds.labels(model).observe(seconds)
 
     def batch_started(self, batch: BatchRow) -> None:
         self._metrics.queue_wait_seconds.observe(max(0.0, time.time() - batch.created_at))
@@ -166,10 +178,11 @@ async def count_resumed(db: Database, metrics: Metrics) -> None:
     metrics.resumed_batches.inc(await db.resumable_batches())
 
 
-def vllm_kv_cache_usage() -> float | None:
-    """vLLM's KV-cache usage (0-1) from its own gauge, or None when no vLLM engine has reported one."""
-    values = [sample.value for metric in prometheus_client.REGISTRY.restricted_registry(
-        ["vllm:kv_cache_usage_perc"]).collect() for sample in metric.samples]
+def vllm_kv_cache_usage(model: str | None = None) -> float | None:
+    """vLLM's KV-cache usage (0-1) from its own gauge (of `model`'s engine, if given), or None when no vLLM
+    engine has reported one."""
+    values = [sample.value for metric in vllm_metrics.collect(["vllm:kv_cache_usage_perc"])
+              for sample in metric.samples if model is None or sample.labels.get("model_name") == model]
     return max(values) if values else None
 
 
@@ -215,15 +228,28 @@ class LiveCollector:
         yield from (requests, prompt, cached, completion)
 
         scheduler = self._scheduler
-        state = GaugeMetricFamily(PREFIX + "engine_state", "1 for the engine's current state.", labels=["state"])
+        owner = scheduler.engine_owner
+        state = GaugeMetricFamily(PREFIX + "engine_state", "1 for the engine's current state (with several "
+                                  "models loaded: the engine used last, or loading).", labels=["state"])
         for candidate in EngineState:
-            state.add_metric([candidate.value], 1 if scheduler.engine_owner.state is candidate else 0)
+            state.add_metric([candidate.value], 1 if owner.state is candidate else 0)
         yield state
-        loaded = GaugeMetricFamily(PREFIX + "loaded_model", "1 for the model the engine has loaded.",
+        slots = owner.slots
+        loaded = GaugeMetricFamily(PREFIX + "loaded_model", "1 for each model an engine has loaded and ready.",
                                    labels=["model"])
-        if scheduler.engine.model is not None and scheduler.engine_owner.state is EngineState.READY:
-            loaded.add_metric([scheduler.engine.model], 1)
+        for slot in slots:
+            if slot.state is EngineState.READY and slot.engine.model is not None:
+                loaded.add_metric([slot.engine.model], 1)
         yield loaded
+        models = GaugeMetricFamily(PREFIX + "model_state", "1 for each model an engine holds, by its state "
+                                   "(loading, ready, failed, asleep).", labels=["model", "state"])
+        for slot in slots:
+            model = slot.loading_model if slot.state is EngineState.LOADING else slot.model
+            if model is not None:
+                models.add_metric([model, slot.state.value], 1)
+        yield models
+        yield GaugeMetricFamily(PREFIX + "max_loaded_models", "Models that may be loaded side by side "
+                                "(--max-loaded-models).", value=owner.max_loaded)
 
         paused = GaugeMetricFamily(PREFIX + "paused_batches", "Batches paused until a resource of ours comes back, "
                                    "by what ran out.", labels=["reason"])
@@ -289,4 +315,4 @@ def render(live: LiveCollector) -> tuple[bytes, str]:
     Prometheus asks for first: prometheus-client 0.26 writes vLLM's sample names there with their colons
     turned into underscores (`vllm_num_requests_running`) under TYPE lines that keep them, so Prometheus
     would store none of vLLM's metrics under the names vLLM documents (seen with the real engine)."""
-    return generate_latest(_Combined([live, prometheus_client.REGISTRY])), TEXT_FORMAT
+    return generate_latest(_Combined([live, vllm_metrics.Registry()])), TEXT_FORMAT

@@ -1,22 +1,26 @@
-"""The batch queue: validates new batches, runs them FIFO on the engine, finalizes, cancels and expires them.
+"""The batch queue: validates new batches, runs them FIFO on the engines, finalizes, cancels and expires them.
 
-It decides which model the engine should hold: a batch whose model differs from the loaded one waits for the
-running batches to finish, then the engine switches. While a batch's last requests are still in flight, the
-next batch of the same model may start, so the engine is never idle at a batch's tail. The engine itself
-(start, stop, restart, health) is owned by an `EngineOwner` (engine_owner.py): the scheduler asks it for a
-model and tells it when the engine failed.
+It decides which models the engines should hold. With one model loaded at a time (the default), a batch whose
+model differs from the loaded one waits for the running batches to finish, then the engine switches. With
+`--max-loaded-models N`, up to N models stay loaded, one engine each: a batch of a loaded model starts at once
+on its engine, beside the batches of the others, and a model not loaded is loaded into a free engine, or into
+the least recently used idle one, in the background while the other engines keep running; while the head of
+the queue waits for its engine, the next model further back may load ahead of its turn. On every engine, while
+a batch's last requests are still in flight, the next batch of the same model may start, so the engine is
+never idle at a batch's tail. The engines themselves (start, stop, sleep, restart, health) are owned by an
+`EngineOwner` (engine_owner.py): the scheduler claims one for a model and tells it when one failed.
 
 Every status change is asked of the lifecycle (lifecycle.py), which commits it with its event; the API never
 writes a status, it calls `submit` and `cancel` here.
 
-Online requests share the loaded engine but never decide which model it holds: a model switch waits for the
-online requests in flight to finish, and `--online-model` keeps one model loaded while online requests keep
-coming. A batch due sooner (a shorter completion window) of the loaded model may start beside the running
-ones; the engine's priority scheduling then runs its requests first (priority.py).
+Online requests share the loaded engines but never decide which models they hold: unloading a model waits for
+the online requests in flight on it to finish, and `--online-model` keeps one model loaded while online
+requests keep coming. A batch due sooner (a shorter completion window) of a loaded model may start beside the
+running ones; the engine's priority scheduling then runs its requests first (priority.py).
 
-All state lives in SQLite; the scheduler's memory is only which runners are live, the engine's state (in the
-owner) and which batches wait for a resource to come back. A restart rebuilds everything: batches that were
-running resume from their checkpoint, half-finalized ones finish finalizing.
+All state lives in SQLite; the scheduler's memory is only which runners are live on which engine, the engines'
+states (in the owner) and which batches wait for a resource to come back. A restart rebuilds everything:
+batches that were running resume from their checkpoint, half-finalized ones finish finalizing.
 """
 
 from __future__ import annotations
@@ -24,17 +28,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol
 
 from vllm_batch_server import ids
 from vllm_batch_server.aio import wait_event
 from vllm_batch_server.engines import served_models
 from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.exhaustion import Exhausted, exhausted
-from vllm_batch_server.queue.engine_owner import EngineObserver, EngineOwner, EngineState
+from vllm_batch_server.queue.engine_owner import (
+    KEEP_MODEL_RETRY_SECONDS,
+    Claim,
+    EngineObserver,
+    EngineOwner,
+    EngineState,
+    RetryAlone,
+    Slot,
+)
 from vllm_batch_server.queue.online import OnlineTraffic
 from vllm_batch_server.queue.priority import batch_priority
 from vllm_batch_server.queue.runner import CANCELLED, EXPIRED, SHUTDOWN, BatchRunner
@@ -85,6 +97,12 @@ class _Unobserved:
     def model_loaded(self, model: str, seconds: float, *, switched: bool, restarted: bool) -> None:
         pass
 
+    def model_slept(self, model: str) -> None:
+        pass
+
+    def model_woken(self, model: str, seconds: float) -> None:
+        pass
+
     def batch_started(self, batch: BatchRow) -> None:
         pass
 
@@ -94,18 +112,25 @@ class _Unobserved:
 
 class Scheduler:
     def __init__(self, db: Database, blobs: Blobs, engine: Engine, settings: Settings,
-                 lifecycle: Lifecycle, observer: Observer | None = None) -> None:
+                 lifecycle: Lifecycle, observer: Observer | None = None,
+                 make_engine: Callable[[], Engine] | None = None) -> None:
+        """`make_engine` builds another engine like `engine`, for `--max-loaded-models` above 1 (without it,
+        one engine holds one model at a time)."""
         self.db = db
         self.blobs = blobs
         self.settings = settings
         self.lifecycle = lifecycle
         self.observer: Observer = observer or _Unobserved()
         self.online = OnlineTraffic(settings)
-        self.engine_owner = EngineOwner(engine, settings, self.online, self.observer)
+        self.engine_owner = EngineOwner(engine, settings, self.online, self.observer, make_engine)
         self.paused: dict[str, Pause] = {}  # batches waiting for a resource of ours to come back
         self._runners: dict[str, BatchRunner] = {}
         self.runners: Mapping[str, BatchRunner] = MappingProxyType(self._runners)  # read-only, for gauges
+        self._slot_of: dict[str, Slot] = {}  # batch id -> the engine its runner feeds
+        self.runner_slots: Mapping[str, Slot] = MappingProxyType(self._slot_of)  # read-only, for /status
         self._drivers: set[asyncio.Task[None]] = set()
+        self._drivers_on: dict[Slot, set[asyncio.Task[None]]] = {}
+        self._bringing = 0  # model loads started and not ended
         self._queue_changed = asyncio.Event()
         self._new_batch = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -136,17 +161,15 @@ class Scheduler:
         await self.engine_owner.stop()
 
     async def preload(self) -> None:
-        """Load a model before any batch asks for one: the oldest queued batch's model, else `--online-model`,
-        else the first configured one. Called before `start`, so nothing races it for the engine. A model that
-        cannot load leaves the engine idle with `load_error` set (readiness reports it); batches are
-        unaffected."""
+        """Load models before any batch asks for them: the queued batches' models, oldest first, then
+        `--online-model`, then the configured ones, as many as `--max-loaded-models` (one by default). Called
+        before `start`, so nothing races it for the engines. A model that cannot load leaves its engine idle
+        with `load_error` set (readiness reports it); batches are unaffected."""
         queued = [b.model for b in await self.db.batches_in([S.IN_PROGRESS]) if b.model and not b.outcome]
         # As the run loop would: the queue first, then the model kept for online requests.
-        model = queued[0] if queued else (self.settings.online_model or
-                                          (self.settings.models[0] if self.settings.models else None))
-        if model is None:
-            return
-        await self.engine_owner.preload(model)
+        wanted = [*queued, self.settings.online_model, *self.settings.models]
+        for model in list(dict.fromkeys(m for m in wanted if m))[:self.engine_owner.max_loaded]:
+            await self.engine_owner.preload(model)
 
     async def submit(self, batch: BatchRow, key: IdempotencyKey | None = None) -> BatchRow:
         """Accept a new batch (durable when this returns) and validate it soon. Raises sqlite3.IntegrityError
@@ -233,77 +256,104 @@ class Scheduler:
     async def _run_loop(self) -> None:
         while True:
             self._queue_changed.clear()  # before looking, so a change made meanwhile wakes us again
-            batch = await self._next_batch()
+            waiting = await self._waiting()
+            batch = self._pick(waiting)
+            owner = self.engine_owner
             if batch is None:
-                if not self._drivers and (model := self.engine_owner.model_to_keep()) is not None:
-                    await self.engine_owner.keep(model)
+                if (model := owner.model_to_keep()) is not None and (claim := owner.claim(model, self._busy)):
+                    self._bring(claim, None)
                     continue
                 await wait_event(self._queue_changed, self.settings.sweep_seconds)
                 continue
-            if not await self._engine_ready_for(batch):
-                continue  # the engine changed, or the queue may have: look again
+            slot = await self._slot_for(batch, waiting)
+            if slot is None:
+                continue  # an engine changed, or the queue may have: look again
+            feeding = [runner for runner in self._runners_on(slot) if not runner.input_exhausted.is_set()]
+            if feeding and not self._sooner_than_running(batch, slot):
+                # Its engine is still being handed an earlier batch's requests: start this one once they are all
+                # out (so the engine is never idle at that batch's tail), or at once if it is due sooner.
+                # Meanwhile the model of a batch further back may load into a free engine.
+                self._prefetch(waiting, batch)
+                await self._until_changed([asyncio.ensure_future(r.input_exhausted.wait()) for r in feeding],
+                                          self._drivers_on.get(slot, set()))
+                continue
             # Look again right before registering: a cancel or expiry may have ended it meanwhile, and the
             # engine may have failed. No await separates these checks from the registration, so the API's
             # cancel either sees the runner or finds the batch unclaimed and finalizes it itself.
             batch = await self.db.get_batch(batch.id)
             if (batch is None or batch.status is not S.IN_PROGRESS or batch.id in self._runners
-                    or not self.engine_owner.serves(batch.model)):
+                    or not slot.serves(batch.model)):
                 continue
-            runner = BatchRunner(self.lifecycle, self.blobs, self.engine, self.settings, batch, self.online.batch_turns,
-                                 self.observer.checkpoint_committed)
-            self._runners[batch.id] = runner
-            if batch.output_offset == 0 and batch.error_offset == 0 and batch.engine_failures == 0:
-                self.observer.batch_started(batch)
-            driver = asyncio.create_task(self._drive(runner), name=f"run {batch.id}")
-            self._drivers.add(driver)
-            driver.add_done_callback(self._drivers.discard)
-            # Start the next batch once this one has handed out all its requests (or ended), or sooner when
-            # a batch due sooner arrives for the loaded model.
-            exhausted_input = asyncio.create_task(runner.input_exhausted.wait())
-            while not (exhausted_input.done() or driver.done()):
-                changed = asyncio.create_task(self._queue_changed.wait())
-                await asyncio.wait([exhausted_input, driver, changed], return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
-                if changed.done() and not changed.cancelled() and not exhausted_input.done():
-                    self._queue_changed.clear()
-                    if await self._sooner_batch_waiting():
-                        break
-            exhausted_input.cancel()
+            self._start_runner(batch, slot)
+
+    def _start_runner(self, batch: BatchRow, slot: Slot) -> None:
+        runner = BatchRunner(self.lifecycle, self.blobs, slot.engine, self.settings, batch, self.online.batch_turns,
+                             self.observer.checkpoint_committed)
+        self._runners[batch.id] = runner
+        self._slot_of[batch.id] = slot
+        self.engine_owner.used(slot)
+        if batch.output_offset == 0 and batch.error_offset == 0 and batch.engine_failures == 0:
+            self.observer.batch_started(batch)
+        driver = asyncio.create_task(self._drive(runner), name=f"run {batch.id}")
+        on_slot = self._drivers_on.setdefault(slot, set())
+        for drivers in (self._drivers, on_slot):
+            drivers.add(driver)
+            driver.add_done_callback(drivers.discard)
+
+    async def _until_changed(self, waits: list[asyncio.Future[Any]], drivers: Iterable[asyncio.Task[None]]) -> None:
+        """Until one of `waits` or `drivers` ends, the queue changes, or a sweep interval passes (the waits are
+        then cancelled; the drivers go on)."""
+        changed = asyncio.ensure_future(self._queue_changed.wait())
+        try:
+            await asyncio.wait([changed, *waits, *drivers], timeout=self.settings.sweep_seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            for wait in waits:
+                wait.cancel()
 
     async def _next_batch(self) -> BatchRow | None:
+        return self._pick(await self._waiting())
+
+    async def _waiting(self) -> list[BatchRow]:
+        """The batches that wait for a runner, in creation order (validating ones included: nothing newer
+        overtakes them)."""
+        return [batch for batch in await self.db.batches_in([S.VALIDATING, S.IN_PROGRESS])
+                # A batch with an outcome is being finalized; a paused one waits for a resource.
+                if not (batch.id in self._runners or batch.outcome or batch.id in self.paused
+                        or self._held_for_online(batch))]
+
+    def _pick(self, waiting: list[BatchRow]) -> BatchRow | None:
         """The batch to run next: the oldest ready one, in creation order (while an older batch is still being
         validated, nothing newer starts: it would overtake it, and could force an extra model switch) — unless
-        a batch of the loaded model is due sooner than that one and than every running batch: it goes first,
+        a batch of a loaded model is due sooner than that one and than every running batch: it goes first,
         with no model switch. Batches of other models than `--online-model` wait while online requests keep
-        coming."""
-        waiting = [batch for batch in await self.db.batches_in([S.VALIDATING, S.IN_PROGRESS])
-                   # A batch with an outcome is being finalized; a paused one waits for a resource.
-                   if not (batch.id in self._runners or batch.outcome or batch.id in self.paused
-                           or self._held_for_online(batch))]
+        coming (with one model loaded at a time)."""
         if not waiting:
             return None
         head = waiting[0]
-        if self.engine_owner.state is EngineState.READY:
+        owner = self.engine_owner
+        if any(slot.state is EngineState.READY for slot in owner.slots):
             bar = min([batch_priority(head.completion_window),
                        *(batch_priority(r.batch.completion_window) for r in self._runners.values())])
-            sooner = min((b for b in waiting if b.status is S.IN_PROGRESS and b.model == self.engine.model),
+            sooner = min((b for b in waiting if b.status is S.IN_PROGRESS and owner.serves(b.model)),
                          key=lambda b: (batch_priority(b.completion_window), b.seq), default=None)
             if sooner is not None and batch_priority(sooner.completion_window) < bar:
                 return sooner
         return head if head.status is S.IN_PROGRESS else None
 
-    async def _sooner_batch_waiting(self) -> bool:
-        """Whether a batch of the loaded model, due sooner than every running batch, waits to start."""
-        batch = await self._next_batch()
-        return (batch is not None and batch.model == self.engine.model and self._runners != {} and
-                batch_priority(batch.completion_window) <
-                min(batch_priority(r.batch.completion_window) for r in self._runners.values()))
+    def _sooner_than_running(self, batch: BatchRow, slot: Slot) -> bool:
+        """Whether `batch` is due sooner than every batch running on `slot`'s engine (it then starts beside
+        them, and the engine's priority scheduling runs its requests first)."""
+        running = [batch_priority(r.batch.completion_window) for r in self._runners_on(slot)]
+        return bool(running) and batch_priority(batch.completion_window) < min(running)
 
     def _held_for_online(self, batch: BatchRow) -> bool:
-        """A batch of another model than `--online-model` waits while online requests keep coming."""
+        """A batch of another model than `--online-model` waits while online requests keep coming — with one
+        model loaded at a time; with several, the online model keeps its engine and the batch gets another."""
         pinned = self.settings.online_model
-        return (pinned is not None and batch.model is not None and batch.model != pinned
-                and self.online.recent(self.settings.online_idle_seconds))
+        return (self.engine_owner.max_loaded == 1 and pinned is not None and batch.model is not None
+                and batch.model != pinned and self.online.recent(self.settings.online_idle_seconds))
 
     def want_online(self, model: str) -> None:
         """An online request asked for a served model that is not loaded: load it once nothing else runs (see
@@ -311,59 +361,123 @@ class Scheduler:
         self.online.want(model)
         self._queue_changed.set()
 
-    def online_engine_failed(self, exc: BaseException) -> None:
-        """An online request found the engine broken: restart it before anything else runs on it (with no
-        batch running, the run loop restarts it with the model it had)."""
-        self.engine_owner.failed_under_online(exc)
+    def online_engine_failed(self, exc: BaseException, model: str | None = None) -> None:
+        """An online request found the engine of `model` broken: restart it before anything else runs on it
+        (with no batch running on it, the run loop restarts it with the model it had)."""
+        self.engine_owner.failed_under_online(exc, model)
         self._queue_changed.set()
 
-    async def _engine_ready_for(self, batch: BatchRow) -> bool:
-        """Whether the engine is ready to run `batch` now. If it is not (another model, failed, suspect), wait
-        for the running batches to end, then restart or switch it, and return False so the caller picks again:
-        a batch that ended in an engine failure is older than this one and must resume first."""
-        if await self.engine_owner.ready_for(batch.model, idle=not self._drivers):
-            return True
-        if self._drivers:
-            # Never switch or restart the engine under a running batch.
-            await self._wait_runners()
-            return False
-        await self._load(batch)
-        return False
+    # ---- engines: which one runs a batch, loading, unloading -------------------------------------------
 
-    async def _wait_runners(self) -> None:
-        while self._drivers:
-            await asyncio.wait(set(self._drivers))
+    def _busy(self, slot: Slot) -> bool:
+        """Whether a batch runs on `slot`'s engine (its driver has not ended)."""
+        return bool(self._drivers_on.get(slot))
 
-    async def _load(self, batch: BatchRow) -> None:
-        """(Re)start the engine with the batch's model. A model that cannot load fails the batch; a resource
-        of ours that ran out pauses it."""
+    def _runners_on(self, slot: Slot) -> list[BatchRunner]:
+        return [self._runners[batch_id] for batch_id, on in list(self._slot_of.items())
+                if on is slot and batch_id in self._runners]
+
+    async def _slot_for(self, batch: BatchRow, waiting: list[BatchRow]) -> Slot | None:
+        """The engine to run `batch` on now. If none is ready for it (another model, failed, suspect, asleep),
+        claim one (never one running a batch) and load the model in the background, or wait for a batch to
+        end; return None either way, so the caller picks again: a batch that ended in an engine failure is
+        older than this one and must resume first."""
+        owner = self.engine_owner
+        held = owner.holding(batch.model)
+        if held is not None:
+            if held.state is EngineState.READY and await owner.ready_in(held, idle=not self._busy(held)):
+                return held
+            if held.state is EngineState.LOADING or (held.state is not EngineState.ASLEEP and self._busy(held)):
+                # Loading (its end is a queue change), or failed or suspect: never restarted under a batch.
+                await self._until_changed([], self._drivers_on.get(held, set()))
+                return None
         assert batch.model is not None
+        claim = owner.claim(batch.model, self._busy, needed=self._needed(waiting))
+        if claim is None:
+            await self._until_changed([], set(self._drivers))  # every engine that could make room runs a batch
+            return None
+        self._bring(claim, batch)
+        return None
+
+    @staticmethod
+    def _needed(waiting: list[BatchRow]) -> set[str]:
+        return {batch.model for batch in waiting if batch.model is not None}
+
+    def _prefetch(self, waiting: list[BatchRow], head: BatchRow) -> None:
+        """While `head` waits for its engine's earlier batch, start loading the first model further back in
+        the queue that no engine holds — where that costs nothing queued: into an engine that is free, or
+        whose model no waiting batch needs and online requests have not used lately."""
+        if self.engine_owner.max_loaded == 1 or self._bringing:
+            return
+        for batch in waiting:
+            if batch is head or batch.status is not S.IN_PROGRESS or batch.model is None:
+                continue
+            if self.engine_owner.holding(batch.model) is not None:
+                continue
+            claim = self.engine_owner.claim(batch.model, self._busy, prefetch=True, needed=self._needed(waiting))
+            if claim is not None:
+                log.info("loading model %s ahead of its batch %s", batch.model, batch.id)
+                self._bring(claim, batch)
+            return
+
+    def _bring(self, claim: Claim, batch: BatchRow | None) -> None:
+        """Carry out a claim in the background (the run loop goes on starting batches on the other engines);
+        its end is a queue change. `batch`: the batch it is for (None: the model kept for online requests)."""
+        self._bringing += 1
+        task = asyncio.create_task(self._bring_and_report(claim, batch), name=f"load {claim.model}")
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _bring_and_report(self, claim: Claim, batch: BatchRow | None) -> None:
+        """A model that cannot load fails its batch; a resource of ours that ran out pauses it."""
+        owner = self.engine_owner
         try:
-            await self.engine_owner.load(batch.model)
-        except Exception as exc:  # the model, not the server, is broken: fail this batch only
-            if (kind := exhausted(exc)) is not None:
+            await owner.bring(claim)
+            if batch is None:
+                owner.keep_loaded()
+        except RetryAlone:
+            pass  # picked again: loaded alone this time
+        except Exception as exc:
+            if batch is None:
+                log.exception("could not load model %s for online requests; retrying in %.0fs", claim.model,
+                              KEEP_MODEL_RETRY_SECONDS)
+                owner.keep_failed()
+            elif (kind := exhausted(exc)) is not None:
                 self._pause(batch.id, kind, exc)
-                return
-            log.exception("could not load model %s", batch.model)
-            await self._fail(batch, "model_load_failed", f"The model {batch.model!r} could not be loaded: {exc}")
+            else:
+                log.exception("could not load model %s", claim.model)
+                try:
+                    current = await self.db.get_batch(batch.id) or batch
+                    if current.id not in self._runners and current.status in (S.IN_PROGRESS, S.CANCELLING):
+                        await self._fail(current, "model_load_failed",
+                                         f"The model {claim.model!r} could not be loaded: {exc}")
+                except Exception as failing:
+                    if (kind := exhausted(failing)) is None:
+                        raise
+                    self._pause(batch.id, kind, failing)
+        finally:
+            self._bringing -= 1
+            self._queue_changed.set()
 
     async def _drive(self, runner: BatchRunner) -> None:
         """Run a batch and end it. The runner stays registered until the batch is finalized, so neither the
         run loop nor the expiry sweep can start a second runner for it in between."""
         batch = runner.batch
+        slot = self._slot_of.get(batch.id)
         try:
             try:
                 outcome = await runner.run()
             except EngineError as exc:
                 # First, before any await: nothing more may be given to this engine until it is restarted.
-                self.engine_owner.failed()
+                if slot is not None:
+                    self.engine_owner.failed(slot)
                 if (kind := exhausted(exc)) is not None:
                     self._pause(batch.id, kind, exc)  # it died because we ran out, not because of the batch
                     return
                 await self._engine_failed(batch, exc)
                 return
-            if runner.aborted and outcome in (CANCELLED, EXPIRED):
-                self.engine_owner.suspect()
+            if runner.aborted and outcome in (CANCELLED, EXPIRED) and slot is not None:
+                self.engine_owner.suspect(slot)
             if outcome is None:
                 return  # a shutdown: stays in_progress and resumes at the next start
             current = await self.db.get_batch(batch.id)
@@ -380,6 +494,9 @@ class Scheduler:
             await self._fail(batch, "server_error", f"The batch stopped on an internal error: {exc}")
         finally:
             self._runners.pop(batch.id, None)
+            self._slot_of.pop(batch.id, None)
+            if slot is not None:
+                self.engine_owner.used(slot)
             self._queue_changed.set()
 
     async def _engine_failed(self, batch: BatchRow, exc: Exception) -> None:

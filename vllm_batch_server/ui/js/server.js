@@ -1,5 +1,5 @@
-// The server panel: GET /status (loaded model, engine state, queue, throughput, KV cache, disk), refreshed
-// every few seconds while the tab is visible. A server without /status gets "status unavailable" and what the
+// The server panel: GET /status (loaded model, or every loaded model with --max-loaded-models, engine state,
+// queue, throughput, KV cache, disk), refreshed every few seconds while the tab is visible. A server without /status gets "status unavailable" and what the
 // public /health says (engine kind and loaded model).
 
 import { ApiError, get } from "./api.js";
@@ -12,7 +12,20 @@ const ENGINE_STATES = {
   loading: "loading",
   ready: "ready",
   failed: "failed — restarting",
+  asleep: "asleep",
 };
+
+// One resident model: its name, then what is not plain "ready and idle".
+function resident(entry) {
+  const notes = [];
+  if (entry.state !== "ready") notes.push(ENGINE_STATES[entry.state] || entry.state);
+  const running = (entry.running || []).length;
+  if (running) notes.push(`${running} running`);
+  if (entry.kv_cache_usage !== null && entry.kv_cache_usage !== undefined) {
+    notes.push(`KV ${Math.round(entry.kv_cache_usage * 100)}%`);
+  }
+  return notes.length ? `${entry.model} (${notes.join(", ")})` : entry.model;
+}
 
 function stat(label, value, name) {
   return h("div", { class: "stat", "data-stat": name },
@@ -62,8 +75,13 @@ export class ServerPanel {
     const depth = (queue.validating || 0) + (queue.in_progress || 0);
     const kv = engine.kv_cache_usage;
     const free = disk.total_bytes ? `${bytes(disk.free_bytes)} of ${bytes(disk.total_bytes)}` : bytes(disk.free_bytes);
+    const loaded = engine.loaded_models || [];
+    const several = (engine.max_loaded_models || 1) > 1 || loaded.length > 1;
     replace(this.el,
-      stat("Model", engine.model || "none loaded", "model"),
+      several
+        ? stat(`Models (up to ${engine.max_loaded_models || loaded.length} loaded)`,
+          loaded.length ? loaded.map(resident).join(" · ") : "none loaded", "models")
+        : stat("Model", engine.model || "none loaded", "model"),
       stat("Engine", `${engine.kind || "?"}: ${ENGINE_STATES[engine.state] || engine.state || "?"}`, "engine"),
       stat("Queue", `${depth} active` + (paused.length ? `, ${paused.length} paused` : ""), "queue"),
       stat("Throughput", `${rate(throughput.requests_per_second)} req/s · ${rate(throughput.output_tokens_per_second)} tok/s`, "throughput"),
