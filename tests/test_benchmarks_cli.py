@@ -45,3 +45,23 @@ def test_grouping_speed_names_the_shapes_when_none_matches(capsys: pytest.Captur
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "no shape matches --shapes 'tables'" in err and "multi-turn conversations" in err
+
+
+def test_frontend_profile_counts_a_sample_for_the_innermost_code_that_owns_it() -> None:
+    """Library frames (pydantic, json, starlette) count for whoever called them; vLLM's tokenizer called from our
+    engine adapter is tokenizing; py-spy's raw lines are `frame;frame;... count`, outermost first."""
+    from benchmarks.frontend_profile import OTHER, component_of, read_raw
+
+    ours = "VLLMEngine._parse (vllm_batch_server/engines/vllm.py:420)"
+    validate = "TypeAdapter.validate_python (pydantic/type_adapter.py:410)"
+    chat = "OpenAIServingChat.create_chat_completion (vllm/entrypoints/openai/chat_completion/serving.py:292)"
+    tokenize = "TokenizerPool.__call__ (vllm/tokenizers/hf.py:93);_encode_plus (transformers/tokenization.py:1)"
+    status = ("run_asgi (uvicorn/protocols/http/httptools_impl.py:420);retrieve_batch (vllm_batch_server/api/"
+              "batches.py:145);Database.get_batch (vllm_batch_server/store/database.py:373)")
+    run_batch = "run_request (vllm/entrypoints/launchers/run_batch.py:561)"
+    lines = [f"Runner.run (asyncio/runners.py:118);{ours};{validate} 7\n", f"{ours};{chat};{tokenize} 3\n",
+             f"{status} 2\n", f"{run_batch};{validate} 4\n", "Runner.run (asyncio/runners.py:118) 1\n", "\n"]
+    samples = [(component_of(stack), count) for stack, count in read_raw(lines)]
+    assert samples == [("ours: engine adapter (validation, result body)", 7), ("vLLM: tokenize", 3),
+                       ("ours: SQLite", 2), ("run_batch: reading the file, result lines", 4), (OTHER, 1)]
+
