@@ -202,11 +202,13 @@ class OurServer:
         assert self.api is not None
         self.warm(workload)
         say(f"(c) our server: {workload.name}")
-        # Polled every 0.25 s: a status call costs the server ~1 ms of CPU, which on 2 cores is taken from the
-        # engine (polling every 50 ms cost 2% of a run's CPU); the poll adds at most 0.25 s to the wall time.
+        # The end is learned from the server's event stream, as (b)'s is from its log line: polling the status
+        # instead was late by up to its interval (0.25 s), and its status calls (1-2 ms of server CPU each,
+        # taken from the engine on 2 cores) were half of the server's own CPU in a chat batch (py-spy,
+        # benchmarks.frontend_profile).
         before = cpu_split(self.server.pid)
         trip = round_trip(self.api, source, workload.endpoint, self.scratch / f"server-{workload.name}.out.jsonl",
-                          poll=0.25)
+                          events=True)
         return {"wall_s": trip.wall_s, "upload_s": trip.upload_s, "run_s": trip.run_s,
                 "download_s": trip.download_s, **cpu_used(before, cpu_split(self.server.pid)),
                 **batch_usage(trip.batch)}

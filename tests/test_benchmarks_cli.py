@@ -5,6 +5,7 @@ on its "±25%" until it was escaped."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,18 @@ def test_frontend_profile_counts_a_sample_for_the_innermost_code_that_owns_it() 
     assert samples == [("ours: engine adapter (validation, result body)", 7), ("vLLM: tokenize", 3),
                        ("ours: SQLite", 2), ("run_batch: reading the file, result lines", 4), (OTHER, 1)]
 
+
+def test_the_event_watch_returns_at_the_end_of_its_batch_and_not_another() -> None:
+    from benchmarks._harness import EventWatch
+
+    def message(seq: int, kind: str, batch: str) -> list[str]:
+        data = json.dumps({"object": "event", "type": kind, "data": {"id": batch}})
+        return [f"id: {seq}", f"event: {kind}", f"data: {data}", ""]
+
+    stream = iter(["retry: 2000", "", ": keep-alive", "", *message(1, "batch.in_progress", "batch_a"),
+                   *message(2, "batch.completed", "batch_b"), *message(3, "batch.completed", "batch_a"),
+                   *message(4, "batch.failed", "batch_c")])
+    EventWatch(stream).until_ended("batch_a")
+    assert next(stream) == "id: 4"  # it stopped reading at the end of batch_a's message
+    with pytest.raises(RuntimeError, match="batch_z"):
+        EventWatch(iter(message(5, "batch.completed", "batch_y"))).until_ended("batch_z")
