@@ -173,6 +173,7 @@ class OurServer:
                  extra_args: tuple[str, ...] = ()) -> None:
         self.scratch = scratch
         self.server = new_server(args, scratch, name, extra_args)
+        self.poll = float(getattr(args, "poll", 0.0) or 0.0)  # 0: follow the event stream
         self.api: BatchAPI | None = None
         self.loaded: str | None = None
 
@@ -205,10 +206,10 @@ class OurServer:
         # The end is learned from the server's event stream, as (b)'s is from its log line: polling the status
         # instead was late by up to its interval (0.25 s), and its status calls (1-2 ms of server CPU each,
         # taken from the engine on 2 cores) were half of the server's own CPU in a chat batch (py-spy,
-        # benchmarks.frontend_profile).
+        # benchmarks.frontend_profile). --poll measures a polling client.
         before = cpu_split(self.server.pid)
         trip = round_trip(self.api, source, workload.endpoint, self.scratch / f"server-{workload.name}.out.jsonl",
-                          events=True)
+                          poll=self.poll, events=not self.poll)
         return {"wall_s": trip.wall_s, "upload_s": trip.upload_s, "run_s": trip.run_s,
                 "download_s": trip.download_s, **cpu_used(before, cpu_split(self.server.pid)),
                 **batch_usage(trip.batch)}

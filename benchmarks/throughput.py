@@ -317,6 +317,9 @@ def build_parser(prog: str = "python -m benchmarks.throughput", description: str
     parser.add_argument("--server-flags", default="", metavar="FLAGS",
                         help="more flags for our server, one string (to see what a setting costs: "
                              "--server-flags='--no-priority-scheduling')")
+    parser.add_argument("--poll", type=float, default=0.0, metavar="SECONDS",
+                        help="learn that our server's batch ended by asking for its status every SECONDS (what a "
+                             "polling client costs the server) instead of from its event stream (default)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the plain workloads")
     parser.add_argument("--documents-repeats", type=int, default=1, help="rounds of the documents workloads")
     parser.add_argument("--queue-repeats", type=int, default=1, help="rounds of the queue")
