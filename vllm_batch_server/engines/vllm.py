@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -126,6 +127,30 @@ class _RequestModel:
         embedding_request = vllm_compat.load("EmbeddingRequest")
         members = [m for m in typing.get_args(typing.get_args(embedding_request)[0]) if hasattr(m, "model_fields")]
         return cls(TypeAdapter(embedding_request).validate_python, _field_names(*members))
+
+
+@functools.cache
+def _json_decoder() -> Callable[[bytes], Any] | None:
+    """msgspec's JSON decoder, which vLLM requires (it serializes with it): an embedding's answer is mostly
+    floats, and reading 384 of them back took json.loads 120 µs, msgspec 12 µs (a tenth of the server's own
+    CPU per embedding then). None where it is missing."""
+    try:
+        import msgspec
+    except ImportError:
+        return None
+    decode: Callable[[bytes], Any] = msgspec.json.Decoder().decode
+    return decode
+
+
+def _loads(raw: bytes) -> Any:
+    """`json.loads(raw)`, faster. Anything msgspec refuses (NaN, which vLLM's JSON never has) is read by json."""
+    decode = _json_decoder()
+    if decode is not None:
+        try:
+            return decode(raw)
+        except Exception:  # json.loads raises the error the caller expects, if any
+            pass
+    return json.loads(raw)
 
 
 def _model_len_limit(resolved: model_files.ResolvedModel) -> int | None:
@@ -359,7 +384,7 @@ class VLLMEngine:
         raw = getattr(response, "body", None)
         if isinstance(raw, (bytes, bytearray, memoryview)):
             raw = bytes(raw)
-            loaded = json.loads(raw)
+            loaded = _loads(raw)
             if not isinstance(loaded, dict):
                 return None, None
             return loaded, raw if b"\n" not in raw and getattr(response, "status_code", 200) == 200 else None
