@@ -96,11 +96,6 @@ def _field_names(*model_classes: Any) -> frozenset[str]:
     return frozenset(names)
 
 
-# The endpoints whose bodies are one pydantic model in vLLM (embeddings and score take a union of shapes).
-_REQUEST_CLASSES: dict[str, vllm_compat.Name] = {CHAT: "ChatCompletionRequest", COMPLETIONS: "CompletionRequest",
-                                                 RESPONSES: "ResponsesRequest", RERANK: "RerankRequest"}
-
-
 @dataclasses.dataclass(frozen=True)
 class _RequestModel:
     """How a request body for one endpoint becomes vLLM's request object: its validator and the fields it
@@ -115,9 +110,12 @@ class _RequestModel:
     def of(cls, url: str) -> _RequestModel:
         from pydantic import TypeAdapter
 
-        name = _REQUEST_CLASSES.get(url)
-        if name is not None:
-            model_cls = vllm_compat.load(name)
+        # Each name spelled out where it is loaded: tests/test_vllm_imports.py checks them against vllm_compat.
+        if url in (CHAT, COMPLETIONS, RESPONSES, RERANK):  # one pydantic model each
+            model_cls = (vllm_compat.load("ChatCompletionRequest") if url == CHAT else
+                         vllm_compat.load("CompletionRequest") if url == COMPLETIONS else
+                         vllm_compat.load("ResponsesRequest") if url == RESPONSES else
+                         vllm_compat.load("RerankRequest"))
             return cls(model_cls.model_validate, _field_names(model_cls))
         if url == SCORE:
             # A union of request shapes (queries/documents, queries/items, data_1/data_2, text_1/text_2).
