@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,10 @@ def cpu_used(before: tuple[float, float], after: tuple[float, float]) -> dict[st
     return {"frontend_cpu_s": round(after[0] - before[0], 2), "engine_cpu_s": round(after[1] - before[1], 2)}
 
 
-def run_batch_cli(args: argparse.Namespace, scratch: Path, name: str, model: str, source: Path) -> dict[str, Any]:
-    """vLLM's run_batch as a user runs it; timed from its 'Reading batch' log line to its exit."""
+def run_batch_cli(args: argparse.Namespace, scratch: Path, name: str, model: str, source: Path,
+                  watch: Callable[[int, bool], None] | None = None) -> dict[str, Any]:
+    """vLLM's run_batch as a user runs it; timed from its 'Reading batch' log line to its exit. `watch(pid,
+    started)` is told the process at the two lines that bound the measurement (a profiler attaches there)."""
     say(f"(b) vLLM run_batch: {name}")
     output = scratch / f"run-batch-{name}.out.jsonl"
     kw = engine_kwargs(args)
@@ -109,9 +112,13 @@ def run_batch_cli(args: argparse.Namespace, scratch: Path, name: str, model: str
                 if not reading and b"Reading batch from" in line:
                     reading.append(time.perf_counter())
                     cpu.append(cpu_split(proc.pid))
+                    if watch is not None:
+                        watch(proc.pid, True)
                 elif not writing and b"Writing outputs" in line:
                     writing.append(time.perf_counter())
                     cpu.append(cpu_split(proc.pid))
+                    if watch is not None:
+                        watch(proc.pid, False)
                 log.write(line)
 
         reader = threading.Thread(target=pump, daemon=True)
@@ -166,6 +173,7 @@ class OurServer:
                  extra_args: tuple[str, ...] = ()) -> None:
         self.scratch = scratch
         self.server = new_server(args, scratch, name, extra_args)
+        self.poll = float(getattr(args, "poll", 0.0) or 0.0)  # 0: follow the event stream
         self.api: BatchAPI | None = None
         self.loaded: str | None = None
 
@@ -180,7 +188,8 @@ class OurServer:
             self.api.close()
         self.server.stop()
 
-    def run(self, workload: Workload, source: Path) -> dict[str, Any]:
+    def warm(self, workload: Workload) -> None:
+        """Load `workload`'s model, if it is not the one loaded, with a one-line batch."""
         assert self.api is not None
         if workload.model != self.loaded:
             say(f"(c) loading {workload.model} with a one-line batch")
@@ -189,12 +198,18 @@ class OurServer:
             round_trip(self.api, first.write(self.scratch / f"warm-{workload.name}.jsonl"), workload.endpoint,
                        self.scratch / "warm.out.jsonl", poll=0.2)
             self.loaded = workload.model
+
+    def run(self, workload: Workload, source: Path) -> dict[str, Any]:
+        assert self.api is not None
+        self.warm(workload)
         say(f"(c) our server: {workload.name}")
-        # Polled every 0.25 s: a status call costs the server ~1 ms of CPU, which on 2 cores is taken from the
-        # engine (polling every 50 ms cost 2% of a run's CPU); the poll adds at most 0.25 s to the wall time.
+        # The end is learned from the server's event stream, as (b)'s is from its log line: polling the status
+        # instead was late by up to its interval (0.25 s), and its status calls (1-2 ms of server CPU each,
+        # taken from the engine on 2 cores) were half of the server's own CPU in a chat batch (py-spy,
+        # benchmarks.frontend_profile). --poll measures a polling client.
         before = cpu_split(self.server.pid)
         trip = round_trip(self.api, source, workload.endpoint, self.scratch / f"server-{workload.name}.out.jsonl",
-                          poll=0.25)
+                          poll=self.poll, events=not self.poll)
         return {"wall_s": trip.wall_s, "upload_s": trip.upload_s, "run_s": trip.run_s,
                 "download_s": trip.download_s, **cpu_used(before, cpu_split(self.server.pid)),
                 **batch_usage(trip.batch)}

@@ -304,8 +304,10 @@ def print_tables(args: argparse.Namespace, summary: dict[str, dict[str, Any]], r
         print(f"targets c/a ≥ 0.97 and c/b ≥ 1.0 on medians — {plain_goals}")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = common_args(argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
+def build_parser(prog: str = "python -m benchmarks.throughput", description: str | None = __doc__
+                 ) -> argparse.ArgumentParser:
+    """The workloads' and engine settings' flags (benchmarks.frontend_profile takes the same ones)."""
+    parser = common_args(argparse.ArgumentParser(prog=prog, description=description,
                                                  formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--model", default="smollm2-135m-instruct", help="generation model (name, folder or id)")
     parser.add_argument("--embed-model", default="all-minilm-l6-v2", help="embedding model")
@@ -317,6 +319,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--server-flags", default="", metavar="FLAGS",
                         help="more flags for our server, one string (to see what a setting costs: "
                              "--server-flags='--no-priority-scheduling')")
+    parser.add_argument("--poll", type=float, default=0.0, metavar="SECONDS",
+                        help="learn that our server's batch ended by asking for its status every SECONDS (what a "
+                             "polling client costs the server) instead of from its event stream (default)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the plain workloads")
     parser.add_argument("--documents-repeats", type=int, default=1, help="rounds of the documents workloads")
     parser.add_argument("--queue-repeats", type=int, default=1, help="rounds of the queue")
@@ -344,6 +349,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--report", type=Path, metavar="JSON",
                         help="measure nothing: print the tables of earlier measurements (a throughput-*.json, or "
                              "throughput-partial.json from an interrupted run)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.report is not None:
         saved = json.loads(args.report.read_text())

@@ -5,6 +5,7 @@ on its "±25%" until it was escaped."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,38 @@ def test_grouping_speed_names_the_shapes_when_none_matches(capsys: pytest.Captur
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "no shape matches --shapes 'tables'" in err and "multi-turn conversations" in err
+
+
+def test_frontend_profile_counts_a_sample_for_the_innermost_code_that_owns_it() -> None:
+    """Library frames (pydantic, json, starlette) count for whoever called them; vLLM's tokenizer called from our
+    engine adapter is tokenizing; py-spy's raw lines are `frame;frame;... count`, outermost first."""
+    from benchmarks.frontend_profile import OTHER, component_of, read_raw
+
+    ours = "VLLMEngine._parse (vllm_batch_server/engines/vllm.py:420)"
+    validate = "TypeAdapter.validate_python (pydantic/type_adapter.py:410)"
+    chat = "OpenAIServingChat.create_chat_completion (vllm/entrypoints/openai/chat_completion/serving.py:292)"
+    tokenize = "TokenizerPool.__call__ (vllm/tokenizers/hf.py:93);_encode_plus (transformers/tokenization.py:1)"
+    status = ("run_asgi (uvicorn/protocols/http/httptools_impl.py:420);retrieve_batch (vllm_batch_server/api/"
+              "batches.py:145);Database.get_batch (vllm_batch_server/store/database.py:373)")
+    run_batch = "run_request (vllm/entrypoints/launchers/run_batch.py:561)"
+    lines = [f"Runner.run (asyncio/runners.py:118);{ours};{validate} 7\n", f"{ours};{chat};{tokenize} 3\n",
+             f"{status} 2\n", f"{run_batch};{validate} 4\n", "Runner.run (asyncio/runners.py:118) 1\n", "\n"]
+    samples = [(component_of(stack), count) for stack, count in read_raw(lines)]
+    assert samples == [("ours: engine adapter (validation, result body)", 7), ("vLLM: tokenize", 3),
+                       ("ours: SQLite", 2), ("run_batch: reading the file, result lines", 4), (OTHER, 1)]
+
+
+def test_the_event_watch_returns_at_the_end_of_its_batch_and_not_another() -> None:
+    from benchmarks._harness import EventWatch
+
+    def message(seq: int, kind: str, batch: str) -> list[str]:
+        data = json.dumps({"object": "event", "type": kind, "data": {"id": batch}})
+        return [f"id: {seq}", f"event: {kind}", f"data: {data}", ""]
+
+    stream = iter(["retry: 2000", "", ": keep-alive", "", *message(1, "batch.in_progress", "batch_a"),
+                   *message(2, "batch.completed", "batch_b"), *message(3, "batch.completed", "batch_a"),
+                   *message(4, "batch.failed", "batch_c")])
+    EventWatch(stream).until_ended("batch_a")
+    assert next(stream) == "id: 4"  # it stopped reading at the end of batch_a's message
+    with pytest.raises(RuntimeError, match="batch_z"):
+        EventWatch(iter(message(5, "batch.completed", "batch_y"))).until_ended("batch_z")

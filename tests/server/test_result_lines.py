@@ -65,3 +65,24 @@ def test_the_vllm_engine_keeps_the_json_of_a_whole_answer_only() -> None:
     pretty = JSONResponse(BODY)
     pretty.body = json.dumps(BODY, indent=1).encode()  # more than one line: not a JSONL line's part
     assert VLLMEngine._body_of(pretty) == (BODY, None)
+
+
+def test_the_vllm_engine_reads_the_engines_json_as_json_does() -> None:
+    """Read with msgspec (ten times json.loads on an embedding's floats), the body is the one json.loads gives,
+    floats to the last bit; what msgspec refuses is read by json (NaN, never in vLLM's own JSON)."""
+    import random
+
+    from starlette.responses import JSONResponse
+
+    from vllm_batch_server.engines.vllm import VLLMEngine, _loads
+
+    rng = random.Random(7)
+    body = {**BODY, "data": [{"index": 0, "object": "embedding",
+                              "embedding": [rng.uniform(-1, 1) * 10 ** rng.randint(-30, 3) for _ in range(384)]}]}
+    answer = JSONResponse(body)
+    parsed, raw = VLLMEngine._body_of(answer)
+    assert parsed == json.loads(answer.body) == body and raw == answer.body
+    odd = _loads(b'{"x":NaN,"n":12345678901234567890123}')
+    assert odd["x"] != odd["x"] and odd["n"] == 12345678901234567890123
+    with pytest.raises(ValueError):
+        _loads(b'{"x":')

@@ -237,3 +237,35 @@ def test_sleeping_models_are_refused_at_start_on_cpu(model_cache: Path, tmp_path
     assert done.returncode == 2, done.stderr
     assert "--max-sleeping-models needs vLLM's sleep mode, which vLLM does not have on this platform (CPU)" in (
         done.stderr)
+
+def test_each_endpoint_s_request_validator_is_built_once_not_per_request(engine: VLLMEngine,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pydantic TypeAdapter builds its whole validator when it is constructed (1.4 ms for vLLM's embedding
+    request union, 20 µs to validate with it once built): one per request was half of the server's own CPU on
+    an embeddings batch. Bodies still validate, and bad ones are still refused by name, with the one built."""
+    import pydantic
+
+    from vllm_batch_server.engines.base import RERANK, SCORE
+
+    built: list[object] = []
+
+    class Counting(pydantic.TypeAdapter):  # type: ignore[type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pydantic, "TypeAdapter", Counting)
+    bodies = {EMBEDDINGS: {"model": "m", "input": "hi"}, SCORE: {"model": "m", "text_1": "q", "text_2": "a"},
+              CHAT: {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+              RERANK: {"model": "m", "query": "q", "documents": ["a"]}}
+    after_first: int | None = None
+    for i in range(20):
+        for url, body in bodies.items():
+            parsed = engine._parse(f"r{i}", url, dict(body))
+            assert not isinstance(parsed, Result), (url, parsed.body)
+        # The first round may import vLLM's request modules, which build adapters of their own.
+        after_first = len(built) if after_first is None else after_first
+    assert len(built) == after_first
+    refused = engine._parse("r", EMBEDDINGS, {"model": "m", "input": 3.5})
+    assert isinstance(refused, Result) and refused.status_code == 400 and "input" in refused.body["error"]["param"]
+    assert len(built) == after_first

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -31,7 +32,7 @@ import time
 import typing
 import weakref
 from argparse import Namespace
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from vllm_batch_server.engines import model_files, residency, vllm_compat, vllm_metrics
@@ -91,6 +92,61 @@ def _field_names(*model_classes: Any) -> frozenset[str]:
     return frozenset(names)
 
 
+@dataclasses.dataclass(frozen=True)
+class _RequestModel:
+    """How a request body for one endpoint becomes vLLM's request object: its validator and the fields it
+    knows. Built once per endpoint: a pydantic TypeAdapter builds its whole validator when constructed, and
+    building one per request (the embeddings' and score's unions) was half of the server's own CPU on an
+    embeddings batch (py-spy, 1,000 requests; docs/performance.md)."""
+
+    validate: Callable[[dict[str, Any]], Any]
+    fields: frozenset[str]
+
+    @classmethod
+    def of(cls, url: str) -> _RequestModel:
+        from pydantic import TypeAdapter
+
+        # Each name spelled out where it is loaded: tests/test_vllm_imports.py checks them against vllm_compat.
+        if url in (CHAT, COMPLETIONS, RESPONSES, RERANK):  # one pydantic model each
+            model_cls = (vllm_compat.load("ChatCompletionRequest") if url == CHAT else
+                         vllm_compat.load("CompletionRequest") if url == COMPLETIONS else
+                         vllm_compat.load("ResponsesRequest") if url == RESPONSES else
+                         vllm_compat.load("RerankRequest"))
+            return cls(model_cls.model_validate, _field_names(model_cls))
+        if url == SCORE:
+            # A union of request shapes (queries/documents, queries/items, data_1/data_2, text_1/text_2).
+            score_request = vllm_compat.load("ScoreRequest")
+            return cls(TypeAdapter(score_request).validate_python, _field_names(*typing.get_args(score_request)))
+        # EmbeddingRequest is Annotated[Union[...], validator]: accept the fields of any member.
+        embedding_request = vllm_compat.load("EmbeddingRequest")
+        members = [m for m in typing.get_args(typing.get_args(embedding_request)[0]) if hasattr(m, "model_fields")]
+        return cls(TypeAdapter(embedding_request).validate_python, _field_names(*members))
+
+
+@functools.cache
+def _json_decoder() -> Callable[[bytes], Any] | None:
+    """msgspec's JSON decoder, which vLLM requires (it serializes with it): an embedding's answer is mostly
+    floats, and reading 384 of them back took json.loads 120 µs, msgspec 12 µs (a tenth of the server's own
+    CPU per embedding then). None where it is missing."""
+    try:
+        import msgspec
+    except ImportError:
+        return None
+    decode: Callable[[bytes], Any] = msgspec.json.Decoder().decode
+    return decode
+
+
+def _loads(raw: bytes) -> Any:
+    """`json.loads(raw)`, faster. Anything msgspec refuses (NaN, which vLLM's JSON never has) is read by json."""
+    decode = _json_decoder()
+    if decode is not None:
+        try:
+            return decode(raw)
+        except Exception:  # json.loads raises the error the caller expects, if any
+            pass
+    return json.loads(raw)
+
+
 def _model_len_limit(resolved: model_files.ResolvedModel) -> int | None:
     """The longest context a local model folder declares (as vLLM derives it), or None if unknown."""
     if not resolved.local:
@@ -146,7 +202,7 @@ class VLLMEngine:
         self._data_parallel = settings.data_parallel_size or 1
         self._inflight = InFlight()
         self._set_env: list[str] = []
-        self._fields: dict[str, frozenset[str]] = {}
+        self._request_models: dict[str, _RequestModel] = {}
         self._priority_scheduling = False  # as the loaded engine was configured
         # Measured, for logs and benchmarks.
         self.last_start_seconds: float | None = None
@@ -355,7 +411,7 @@ class VLLMEngine:
         raw = getattr(response, "body", None)
         if isinstance(raw, (bytes, bytearray, memoryview)):
             raw = bytes(raw)
-            loaded = json.loads(raw)
+            loaded = _loads(raw)
             if not isinstance(loaded, dict):
                 return None, None
             return loaded, raw if b"\n" not in raw and getattr(response, "status_code", 200) == 200 else None
@@ -368,7 +424,7 @@ class VLLMEngine:
     def _parse(self, request_id: str, url: str, body: dict[str, Any], priority: int = 0, *,
                streaming: bool = False) -> Any:
         """The body as vLLM's request model, or a 400 Result naming the offending field."""
-        from pydantic import TypeAdapter, ValidationError
+        from pydantic import ValidationError
 
         if not isinstance(body, dict):
             return Result.error(400, "the request body must be a JSON object", param="body")
@@ -385,48 +441,26 @@ class VLLMEngine:
             body.pop("stream_options", None)
 
         if url == CHAT:
-            model_cls: Any = vllm_compat.load("ChatCompletionRequest")
-            known = self._known_fields(url, model_cls)
             if body.get("modalities") in (["text"], None):
                 body.pop("modalities", None)
             if body.get("functions") is not None or body.get("function_call") is not None:
                 return Result.error(400, "functions/function_call are deprecated and not supported; use "
                                     "tools/tool_choice", param="functions")
         elif url == COMPLETIONS:
-            model_cls = vllm_compat.load("CompletionRequest")
-            known = self._known_fields(url, model_cls)
             best_of = body.pop("best_of", None)
             if best_of not in (None, 1, body.get("n", 1)):
                 return Result.error(400, "best_of is not supported (vLLM returns exactly n choices)",
                                     param="best_of")
         elif url == RESPONSES:
-            model_cls = vllm_compat.load("ResponsesRequest")
-            known = self._known_fields(url, model_cls)
             if body.get("background"):
                 return Result.error(400, "background is not supported: the server already runs the request "
                                     "(a batch in the background, an online request while you wait)",
                                     param="background")
-        elif url in (SCORE, RERANK):
-            if url == RERANK:
-                model_cls = vllm_compat.load("RerankRequest")
-                members = [model_cls]
-            else:
-                # A union of request shapes (queries/documents, queries/items, data_1/data_2, text_1/text_2).
-                score_request = vllm_compat.load("ScoreRequest")
-                model_cls, members = TypeAdapter(score_request), list(typing.get_args(score_request))
-            known = self._known_fields(url, *members)
-        else:
-            embedding_request = vllm_compat.load("EmbeddingRequest")
-            model_cls = TypeAdapter(embedding_request)
-            # EmbeddingRequest is Annotated[Union[...], validator]: accept the fields of any member.
-            members = [m for m in typing.get_args(typing.get_args(embedding_request)[0])
-                       if hasattr(m, "model_fields")]
-            known = self._known_fields(url, *members)
-            if body.get("encoding_format") not in (None, "float", "base64"):
-                return Result.error(400, f"encoding_format {body['encoding_format']!r} is not supported in a "
-                                    "batch; use 'float' or 'base64'", param="encoding_format")
-
-        unknown = sorted(set(body) - known)
+        elif url == EMBEDDINGS and body.get("encoding_format") not in (None, "float", "base64"):
+            return Result.error(400, f"encoding_format {body['encoding_format']!r} is not supported in a batch; "
+                                "use 'float' or 'base64'", param="encoding_format")
+        model = self._request_model(url)
+        unknown = sorted(set(body) - model.fields)
         if unknown:
             return Result.error(400, f"unsupported parameter{'s' if len(unknown) > 1 else ''}: "
                                 f"{', '.join(unknown)}", param=unknown[0], code="unsupported_parameter")
@@ -438,9 +472,7 @@ class VLLMEngine:
         else:
             body.pop("priority", None)
         try:
-            if isinstance(model_cls, TypeAdapter):
-                return model_cls.validate_python(body)
-            return model_cls.model_validate(body)
+            return model.validate(body)
         except ValidationError as exc:
             errors = exc.errors()
             loc = ".".join(str(p) for p in errors[0]["loc"] if not isinstance(p, int)) if errors else ""
@@ -456,10 +488,11 @@ class VLLMEngine:
             error = vllm_compat.load("create_error_response")(exc)
             return Result(int(error.error.code), error.model_dump(mode="json"))
 
-    def _known_fields(self, url: str, *model_classes: Any) -> frozenset[str]:
-        if url not in self._fields:
-            self._fields[url] = _field_names(*model_classes)
-        return self._fields[url]
+    def _request_model(self, url: str) -> _RequestModel:
+        model = self._request_models.get(url)
+        if model is None:
+            model = self._request_models[url] = _RequestModel.of(url)
+        return model
 
     # ------------------------------------------------------------------------------------------ loading
 
