@@ -238,6 +238,7 @@ def test_sleeping_models_are_refused_at_start_on_cpu(model_cache: Path, tmp_path
     assert "--max-sleeping-models needs vLLM's sleep mode, which vLLM does not have on this platform (CPU)" in (
         done.stderr)
 
+
 def test_each_endpoint_s_request_validator_is_built_once_not_per_request(engine: VLLMEngine,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A pydantic TypeAdapter builds its whole validator when it is constructed (1.4 ms for vLLM's embedding
