@@ -247,6 +247,13 @@ class Settings:
     engine_max_restarts: int = setting(3, help="engine failures tolerated per batch before it is failed (its "
                                        "committed results are kept)", group=ENGINE)
     echo_delay: float = setting(0.0, help="seconds the echo engine takes per request", group=ENGINE)
+    echo_step_seconds: float = setting(0.0, help="the echo engine computes in engine steps as vLLM does (the "
+                                       "requests computing advance one token per step together): the cost of "
+                                       "a step, plus --echo-step-seconds-per-request for each request in it "
+                                       "(default 0: no steps)", group=ENGINE)
+    echo_step_seconds_per_request: float = setting(0.0, help="what each request in an echo engine step adds to "
+                                                   "its cost: above 0, a step's cost grows with the batch, as on a "
+                                                   "CPU", group=ENGINE)
 
     # ---- online requests (POST /v1/chat/completions etc. on the loaded model, ahead of batch work)
     online_model: str | None = setting(None, help="keep this model loaded for online requests: it is loaded at "

@@ -135,3 +135,35 @@ def test_online_traffic_narrows_batch_work_and_widens_a_grace_period_after() -> 
         assert not traffic.batch_turns.narrowed
 
     asyncio.run(scenario())
+
+
+def test_echo_steps_cost_more_with_more_requests_in_them() -> None:
+    from vllm_batch_server.engines.echo import StepClock
+
+    async def seconds(clock: StepClock, requests: int) -> float:
+        began = asyncio.get_running_loop().time()
+        await asyncio.gather(*(clock.generate(5) for _ in range(requests)))
+        return asyncio.get_running_loop().time() - began
+
+    async def scenario() -> tuple[float, float, float]:
+        cpu = StepClock(0.01, 0.01)  # 20 ms a step alone, 50 ms with four in it
+        gpu = StepClock(0.02, 0.0)
+        return await seconds(cpu, 1), await seconds(cpu, 4), await seconds(gpu, 4)
+
+    alone, four, flat = asyncio.run(scenario())
+    assert 0.1 <= alone < 0.6 * four  # five steps each: 0.1 s alone, 0.25 s beside three others
+    assert flat < 0.6 * four  # a step that costs the same for any batch: 0.1 s
+
+
+def test_echo_step_clock_lets_an_aborted_request_leave() -> None:
+    from vllm_batch_server.engines.echo import StepClock
+
+    async def scenario() -> None:
+        clock = StepClock(0.01, 0.0)
+        long = asyncio.create_task(clock.generate(1000))
+        await asyncio.sleep(0.03)
+        long.cancel()
+        await asyncio.wait_for(clock.generate(2), 1)  # steps go on for the others
+        assert long.cancelled()
+
+    asyncio.run(scenario())
