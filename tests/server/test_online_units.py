@@ -97,11 +97,11 @@ def test_admission_is_bounded_and_metrics_count_by_model_and_endpoint() -> None:
 
 def test_batch_turns_narrow_only_while_online_requests_are_answered() -> None:
     async def scenario() -> None:
-        turns = BatchTurns(narrow_to=2)
+        turns = BatchTurns()
         for _ in range(5):
             await turns.take()  # not narrowed: no limit
         assert turns.in_flight == 5
-        turns.narrow(True)
+        turns.set_limit(2)
         waiting = asyncio.create_task(turns.take())
         for _ in range(3):
             turns.give_back()
@@ -114,9 +114,10 @@ def test_batch_turns_narrow_only_while_online_requests_are_answered() -> None:
         later = asyncio.create_task(turns.take())
         await asyncio.sleep(0)
         cancelled.cancel()
-        turns.narrow(False)  # online traffic over: everyone goes
+        turns.set_limit(None)  # online traffic over: everyone goes
         await asyncio.sleep(0)
         assert later.done() and turns.in_flight == 3
+        assert turns.taken == 7  # every turn given, the cancelled waiter's excepted
 
     asyncio.run(scenario())
 

@@ -100,7 +100,7 @@ class Scheduler:
         self.settings = settings
         self.lifecycle = lifecycle
         self.observer: Observer = observer or _Unobserved()
-        self.online = OnlineTraffic(settings)
+        self.online = OnlineTraffic(settings, capacity=lambda: self.engine.capacity)
         self.engine_owner = EngineOwner(engine, settings, self.online, self.observer)
         self.paused: dict[str, Pause] = {}  # batches waiting for a resource of ours to come back
         self._runners: dict[str, BatchRunner] = {}
