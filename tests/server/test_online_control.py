@@ -179,12 +179,41 @@ def test_online_traffic_applies_the_window_while_online_requests_run_and_lifts_i
         assert admission is not None and admission.batch_in_flight == 100 and traffic.batch_window() == 128
         await asyncio.sleep(0.05)  # far slower than the idle answers: narrowing at once
         traffic.release(admission, model="m", endpoint="/v1/chat/completions", tokens=1)
-        assert traffic.control.changes["narrow"] == 1 and traffic.batch_window() == RUNNING // 2
-        assert traffic.controller_window() == RUNNING // 2
+        narrowed = int(RUNNING * online_control.MIN_CUT)  # the deepest cut at once: this was far off the target
+        assert traffic.control.changes["narrow"] == 1 and traffic.batch_window() == narrowed
+        assert traffic.controller_window() == narrowed
         await asyncio.sleep(0.1)
         assert traffic.batch_turns.narrowed  # within the hold: the app's next request finds it in place
         await asyncio.sleep(0.2)
         assert not traffic.batch_turns.narrowed and traffic.batch_window() == 128  # no online traffic: open
-        assert traffic.controller_window() == RUNNING // 2  # what was learned is kept for the next ones
+        assert traffic.controller_window() == narrowed  # what was learned is kept for the next ones
+
+    asyncio.run(scenario())
+
+
+def test_a_streamed_answer_far_slower_than_the_target_narrows_before_it_ends() -> None:
+    plant = Plant(cpu())
+    plant.idle_answers()
+    control = plant.control
+    slow_so_far = Sample("m", "/v1/chat/completions", IDLE * 3.5, 2 * RUNNING, idle=False)  # 4 tokens in
+    assert not control.observe_early(slow_so_far) and control.window is None  # within twice the target: wait
+    very_slow = Sample("m", "/v1/chat/completions", IDLE * 20, 2 * RUNNING, idle=False)
+    assert control.observe_early(very_slow) and control.window == int(RUNNING * online_control.MIN_CUT)
+    assert not control.observe_early(very_slow)  # it began before that window took effect: not again
+    assert control.ratio is None  # the exported ratio is of whole answers
+
+
+def test_streamed_answers_tell_the_controller_their_progress() -> None:
+    async def scenario() -> None:
+        traffic = OnlineTraffic(Settings(models=["m"]), capacity=lambda: 2 * RUNNING)
+        for _ in range(3):
+            traffic.release(traffic.try_admit(), model="m", endpoint="/v1/chat/completions", tokens=10)
+        for _ in range(100):
+            await traffic.batch_turns.take()
+        admission = traffic.try_admit()
+        assert admission is not None
+        await asyncio.sleep(0.05)
+        assert traffic.progress(admission, "m", "/v1/chat/completions", 4)
+        assert traffic.batch_turns.limit == int(RUNNING * online_control.MIN_CUT)
 
     asyncio.run(scenario())

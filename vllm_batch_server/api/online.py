@@ -66,6 +66,7 @@ class _Call:
         # Output tokens of a successful answer (the usage of a whole one; a stream's events, about one a token):
         # the latency controller's time per token (queue/online_control.py).
         self.tokens: int | None = None
+        self._early_acted = False
         self._done = False
 
     @property
@@ -81,6 +82,11 @@ class _Call:
 
     def first_token(self) -> None:
         self.traffic.metrics.first_token(self.model, self.url, time.monotonic() - self.started)
+
+    def progress(self, tokens: int) -> None:
+        """A stream's tokens so far, told to the latency controller until it has acted on them once."""
+        if self.admission is not None and not self._early_acted and isinstance(self.model, str):
+            self._early_acted = self.traffic.progress(self.admission, self.model, self.url, tokens)
 
     def finish(self, status: int) -> None:
         if self._done:
@@ -267,6 +273,8 @@ class _EventStream(StreamingResponse):
                     call.first_token()
                     first = False
                 count += 1
+                if count >= 5 and (count - 1) & (count - 2) == 0:  # after 4, 8, 16, ... tokens (and the role's event)
+                    call.progress(count - 1)
                 yield chunk
         except EngineError as exc:
             # Too late for a status: end the stream with an error event, as `vllm serve` does (the SDK raises it).

@@ -214,6 +214,17 @@ class OnlineTraffic:
             self._widen = asyncio.get_running_loop().call_later(self._hold, self._widen_now)
         self._apply()
 
+    def progress(self, admission: Admission, model: str, endpoint: str, tokens: int) -> bool:
+        """A streamed answer has sent `tokens` so far: a very slow one narrows at once (online_control.py's
+        observe_early). Whether the window changed."""
+        seconds = time.monotonic() - admission.started
+        changed = self.control.observe_early(Sample(model, endpoint, seconds / max(1, tokens),
+                                                    admission.batch_in_flight, idle=False))
+        if changed:
+            self.metrics.controlled(self.control)
+            self._apply()
+        return changed
+
     def _widen_now(self) -> None:
         self._widen = None
         if self.in_flight == 0:

@@ -20,7 +20,8 @@ right for both, nor for one machine under different loads, so the server measure
 - **The law** (AIMD with a dead band). Decisions use answers that began once the window in force had taken
   effect (at most that many batch requests were in the engine): a narrower window only takes effect as batch
   requests already in the engine finish, since nothing is taken back. Every DECIDE_SAMPLES such answers (or
-  one, when it is more than twice the target), their median ratio `r` decides:
+  one, when it is more than twice the target: a streamed answer counts as soon as its tokens so far are that
+  slow), their median ratio `r` decides:
   `r > target`: narrow multiplicatively, by `target / r` clamped to [MIN_CUT, MAX_CUT];
   `r < target × LOW`: widen additively, by 1/32 of the engine's sequence slots, back to open;
   in between: hold. Starting open, the first cut is from the engine's running slots (vLLM's `max_num_seqs`,
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 HOLD_SECONDS = 10.0
 LOW = 0.8  # below target × LOW the window widens; between that and the target it holds
 DECIDE_SAMPLES = 3
-MIN_CUT, MAX_CUT = 0.5, 0.9
+MIN_CUT, MAX_CUT = 0.25, 0.9
 FUTILE_SHRINK = 0.25
 FUTILE_GAIN = 0.25
 FUTILE_HOLD_SECONDS = 300.0
@@ -152,6 +153,23 @@ class LatencyController:
         measured = statistics.median(self._decide)
         self._decide.clear()
         self._step(measured, now)
+
+    def observe_early(self, sample: Sample) -> bool:
+        """A streamed answer still running, its tokens so far: acted on only when it is already more than
+        twice the target (the first online requests beside a full batch take tens of seconds on a CPU; their
+        end is too late to start narrowing). Whether the window changed."""
+        samples = self._idle.get((sample.model, sample.endpoint))
+        if not self.enabled or self._probe is not None or not samples or sample.model != self._model:
+            return False
+        if self.window is not None and sample.batch_at_start > self.window:
+            return False
+        ratio = sample.seconds_per_token / statistics.median(s for _, s in samples)
+        if ratio <= 2 * self.target:
+            return False
+        before = self.window
+        self._decide.clear()
+        self._step(ratio, self._clock())
+        return self.window != before
 
     # ---- the law
 
