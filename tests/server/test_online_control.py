@@ -69,13 +69,23 @@ def test_it_narrows_under_load_until_online_latency_is_within_the_target_and_set
     plant.idle_answers()
     plant.answers(150)
     assert plant.ratios[0] > 7  # the full batch beside it: 64 sequences in every step
-    assert plant.control.changes["narrow"] >= 3 and plant.control.changes["futile"] == 0
+    assert plant.control.changes["narrow"] >= 2 and plant.control.changes["futile"] == 0
     settled = plant.windows[-50:]
     assert len(set(settled)) == 1, settled  # no oscillation once within the band
     window = settled[0]
     assert window is not None and 6 <= window <= 10  # ratio 1 + 0.1 n: within [0.8, 1] × 2 for n in 6..10
     assert max(plant.ratios[-50:]) <= 2.0
     assert plant.control.ratio is not None and 1.6 <= plant.control.ratio <= 2.0
+
+
+def test_a_cut_that_went_too_far_widens_back_into_the_band() -> None:
+    # Beside a full batch an online request also waits for one of the engine's slots to free: far slower than
+    # its steps alone explain, so the first cut is the deepest allowed, more than needed.
+    plant = Plant(lambda running: IDLE * (1 + 0.02 * running + (15 if running >= RUNNING else 0)))
+    plant.idle_answers()
+    plant.answers(100)
+    assert plant.control.changes["narrow"] == 1 and plant.control.changes["widen"] >= 1
+    assert plant.control.window is not None and 1.6 <= 1 + 0.02 * plant.control.window <= 2.0
 
 
 def test_it_widens_back_to_open_when_narrowing_is_no_longer_needed() -> None:
@@ -85,7 +95,7 @@ def test_it_widens_back_to_open_when_narrowing_is_no_longer_needed() -> None:
     assert plant.control.window is not None and plant.control.window <= 10
     plant.latency = cpu(per_sequence=0.005)  # the batch's steps got cheap: 64 sequences cost 1.3 × idle
     plant.answers(200)
-    assert plant.control.changes["widen"] >= 5
+    assert plant.control.changes["widen"] >= 2
     assert plant.control.window is None and plant.control.limit() is None  # open
 
 

@@ -17,15 +17,19 @@ right for both, nor for one machine under different loads, so the server measure
   requests only ever came while batches ran), or one older than REFRESH_SECONDS, the controller *probes*:
   batch work takes no new turns until one online request has run alone (at most PROBE_SECONDS, at most once
   per PROBE_RETRY_SECONDS).
-- **The law** (AIMD with a dead band). Decisions use answers that began once the window in force had taken
-  effect (at most that many batch requests were in the engine): a narrower window only takes effect as batch
-  requests already in the engine finish, since nothing is taken back. Every DECIDE_SAMPLES such answers (or
-  one, when it is more than twice the target: a streamed answer counts as soon as its tokens so far are that
-  slow), their median ratio `r` decides:
-  `r > target`: narrow multiplicatively, by `target / r` clamped to [MIN_CUT, MAX_CUT];
-  `r < target × LOW`: widen additively, by 1/32 of the engine's sequence slots, back to open;
-  in between: hold. Starting open, the first cut is from the engine's running slots (vLLM's `max_num_seqs`,
-  half the runner's window), since the rest of an open window only waits in vLLM's queue.
+- **The law**: multiplicative steps toward the target, with a dead band. Decisions use answers that began once
+  the window in force had taken effect (at most that many batch requests were in the engine): a narrower window
+  only takes effect as batch requests already in the engine finish, since nothing is taken back. Every
+  DECIDE_SAMPLES such answers (or one, when it is more than twice the target: a streamed answer counts as soon
+  as its tokens so far are that slow), their median ratio `r` decides. Above the target, the window narrows;
+  below target × LOW it widens; in between it holds. Each change aims at target × AIM as if the ratio grew in
+  proportion to the batch sequences beside the online request (`window × (aim − 1) / (r − 1)`, the shape of a
+  CPU's step cost), clamped to [MIN_CUT, MAX_CUT] when narrowing and to at most MAX_GROWTH (and at least one
+  more) when widening; starting open, the first cut is from the engine's running slots (vLLM's
+  `max_num_seqs`, half the runner's window), since the rest of an open window only waits in vLLM's queue.
+  Why not additive increase: each decision needs online answers that take seconds, and a narrower window a
+  batch generation to act; steps of one or two requests would take minutes to find the window, while the
+  proportional step lands within a few decisions and the clamps and the band keep noise from swinging it.
 - **Narrowing must help, or it stops**: once a run of cuts has shrunk the window by FUTILE_SHRINK or more, the
   ratio must have fallen by at least FUTILE_GAIN of that share; if not (a GPU, or latency that comes from
   elsewhere), the window goes back to where the cuts began (open, usually) and stays at least that wide for
@@ -51,7 +55,9 @@ from dataclasses import dataclass
 HOLD_SECONDS = 10.0
 LOW = 0.8  # below target × LOW the window widens; between that and the target it holds
 DECIDE_SAMPLES = 3
+AIM = 0.9  # each change aims at target × AIM, inside the band
 MIN_CUT, MAX_CUT = 0.25, 0.9
+MAX_GROWTH = 2.0
 FUTILE_SHRINK = 0.25
 FUTILE_GAIN = 0.25
 FUTILE_HOLD_SECONDS = 300.0
@@ -187,7 +193,7 @@ class LatencyController:
                     self.changes["futile"] += 1
                     return
             floor = self._floor[0] if self._floor is not None and now < self._floor[1] else 0
-            narrower = max(1, floor, int(current * min(MAX_CUT, max(MIN_CUT, self.target / ratio))))
+            narrower = max(1, floor, int(current * min(MAX_CUT, max(MIN_CUT, self._scale(ratio)))))
             if narrower >= current:
                 return  # as narrow as it may go
             if self._cuts_from is None:
@@ -197,11 +203,16 @@ class LatencyController:
         elif ratio < self.target * LOW:
             self._cuts_from = None
             if self.window is not None:
-                wider = self.window + max(1, running // 32)
+                wider = max(self.window + 1, int(self.window * min(MAX_GROWTH, self._scale(ratio))))
                 self.window = None if wider >= running else wider
                 self.changes["widen"] += 1
         else:
             self._cuts_from = None  # within the band: settled
+
+    def _scale(self, ratio: float) -> float:
+        """What the window is multiplied by to bring the ratio to target × AIM, were it to grow in proportion to
+        the batch sequences beside (1 with none: a CPU's step cost, roughly)."""
+        return (self.target * AIM - 1) / max(ratio - 1, 1e-3)
 
     def _start_probe(self, key: Key, now: float) -> None:
         last = self._probed.get(key)
