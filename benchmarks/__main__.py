@@ -30,7 +30,7 @@ BENCHMARKS = {
     "dashboard": "10,000 batches: queue page load in Chromium, status-call p99 with dashboards open",
     "throughput": "real vLLM: offline LLM vs run_batch vs our server: documents, a queue of files, 4 workloads",
     "scale": "echo backends: throughput against 1-8 backends, cost of losing one (real vLLM: --parts affinity)",
-    "online": "real vLLM: online latency idle and beside a batch, with and without priorities; batch kept",
+    "online": "real vLLM: online latency idle and beside a batch: the controller, priority only, a fixed window",
 }
 
 
@@ -89,12 +89,12 @@ def targets_of(name: str, payload: dict[str, Any]) -> list[list[Any]]:
         rows = []
         for policy, ratios in payload.get("ratios", {}).items():
             met = t.get(policy, {})
-            rows.append(["online", f"{policy}: e2e p50 beside a batch ≤ 1.5 × idle",
-                         f"{ratios.get('e2e_p50_shared_over_idle') or 0:.2f} ×", met.get("latency_met")])
+            share = f"online {ratios.get('online_request_share', 0):.1%} of requests"
+            rows.append(["online", f"{policy}: e2e p50 beside a batch ≤ 2 × idle, online ≤ 10%",
+                         f"{ratios.get('e2e_p50_shared_over_idle') or 0:.2f} × ({share})", met.get("latency_met")])
             if "batch_kept" in ratios:
-                rows.append(["online", f"{policy}: batch keeps ≥ 90% with online ≤ 10%",
-                             f"{ratios['batch_kept']:.1%} (online {ratios['online_share']:.1%})",
-                             met.get("batch_kept_met")])
+                rows.append(["online", f"{policy}: batch keeps ≥ 75% with online ≤ 10%",
+                             f"{ratios['batch_kept']:.1%} ({share})", met.get("batch_kept_met")])
         return rows
     return []
 

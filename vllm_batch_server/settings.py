@@ -255,6 +255,13 @@ class Settings:
                                      "--gpu-memory-utilization (else 0.9) on a GPU; the server refuses to start "
                                      "when they cannot fit (the in-process engines only, not with --backend or "
                                      "--engine ray; docs/engines.md)", group=ENGINE)
+    echo_step_seconds: float = setting(0.0, help="the echo engine computes in engine steps as vLLM does (the "
+                                       "requests computing advance one token per step together): the cost of "
+                                       "a step, plus --echo-step-seconds-per-request for each request in it "
+                                       "(default 0: no steps)", group=ENGINE)
+    echo_step_seconds_per_request: float = setting(0.0, help="what each request in an echo engine step adds to "
+                                                   "its cost: above 0, a step's cost grows with the batch, as on a "
+                                                   "CPU", group=ENGINE)
 
     # ---- online requests (POST /v1/chat/completions etc. on the loaded model, ahead of batch work)
     online_model: str | None = setting(None, help="keep this model loaded for online requests: it is loaded at "
@@ -272,8 +279,14 @@ class Settings:
     online_batch_window: int | None = setting(None, help="while online requests are being answered, batch work "
                                               "keeps at most this many requests in the engine (default: no "
                                               "limit); where an engine step's cost grows with the sequences in it "
-                                              "(CPU), this trades batch throughput for online latency",
+                                              "(CPU), this trades batch throughput for online latency; "
+                                              "set, it replaces --online-latency-target's controller",
                                               group=ONLINE)
+    online_latency_target: float = setting(2.0, help="while online requests are being answered, batch work in "
+                                           "the engine is narrowed as far as needed to keep their time per token "
+                                           "within this many times what it is on an idle engine (measured by the "
+                                           "server), and widened again when narrowing is not needed or does not "
+                                           "help (docs/online.md); 0 turns the controller off", group=ONLINE)
 
     # ---- vLLM engine
     max_model_len: int | None = setting(None, help="context length", group=VLLM)
@@ -379,6 +392,10 @@ class Settings:
         if self.online_model is not None and self.online_model not in self.models:
             raise SettingsError(f"--online-model {self.online_model!r} ({env_name('online_model')}) is not one of "
                                 f"the served models (--model): {', '.join(self.models) or 'none'}")
+        if 0 < self.online_latency_target <= 1:
+            raise SettingsError(f"--online-latency-target ({env_name('online_latency_target')}) is a multiple of "
+                                "the idle latency, so it must be above 1 (or 0 to turn the controller off); got "
+                                f"{self.online_latency_target:g}")
         if self.online_max_requests < 1:
             raise SettingsError(f"--online-max-requests ({env_name('online_max_requests')}) must be at least 1")
         if self.max_loaded_models < 1:

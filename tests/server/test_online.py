@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import AppFactory, ServerFactory, chat_lines, read_jsonl, request_line, sdk, submit, wait_for
-from tests.faults.checks import assert_exactly_once
+from tests.faults.checks import assert_at_most_once, assert_exactly_once
 
 ONLINE = ["--online-model", "echo-model"]
 
@@ -450,3 +450,55 @@ def test_online_traffic_is_in_the_metrics_by_model_and_endpoint_apart_from_batch
     # The batch's requests are counted as batch work only; the online ones are not among them.
     assert samples[("vllm_batch_requests_total", (("endpoint", "/v1/chat/completions"), ("model", "echo-model"),
                                                   ("outcome", "succeeded")))] == 3
+
+
+def _metric_samples(server: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = server.http.get(server.root_url + "/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_latency_controller_narrows_batch_work_under_online_load_and_widens_when_it_stops(
+        app_factory: AppFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No flag: the controller is on by default. The echo engine computes in steps whose cost grows with the
+    # requests in them (as on a CPU): 4 ms + 1 ms per request, 16 at once. Alone, a 10-token answer takes 10
+    # steps of 5 ms; beside 16 batch requests, steps of 21 ms and a wait for a slot: over four times as long.
+    from vllm_batch_server.queue import online as online_module
+
+    monkeypatch.setattr(online_module, "HOLD_SECONDS", 0.3)  # narrowing kept after the last answer (10 s)
+    server = ready(app_factory(extra_args=[*ONLINE, "--max-num-seqs", "16", "--echo-step-seconds", "0.004",
+                                           "--echo-step-seconds-per-request", "0.001"]))
+    client = sdk(server)
+    words = " ".join(f"w{i}" for i in range(10))
+    for _ in range(5):
+        _chat(client, words)  # on the idle engine: the baseline
+    samples = _metric_samples(server)
+    assert samples[("vllm_batch_online_latency_target", ())] == 2.0
+    assert samples[("vllm_batch_online_batch_window_full", ())] == 32  # 2 x max-num-seqs
+    assert samples[("vllm_batch_online_idle_seconds_per_token",
+                    (("endpoint", "/v1/chat/completions"), ("model", "echo-model")))] > 0.004
+
+    lines = [request_line(f"req-{i}", words) for i in range(1500)]
+    batch = submit(client, lines)
+    wait_for(client, batch.id, statuses=("in_progress",), until=lambda b: b.request_counts.completed > 0)
+    windows: list[float] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for _ in range(3):
+            _chat(client, words)
+        samples = _metric_samples(server)
+        windows.append(samples[("vllm_batch_online_batch_window", ())])
+        if len(windows) >= 4 and samples[("vllm_batch_online_latency_ratio", ())] <= 2.0:
+            break
+    assert samples[("vllm_batch_online_window_changes_total", (("decision", "narrow"),))] >= 1, windows
+    assert min(windows) < 16, windows  # narrowed below the engine's 16 slots while online requests ran
+    assert samples[("vllm_batch_online_latency_ratio", ())] <= 2.0, (windows, samples)
+    assert samples[("vllm_batch_online_window_changes_total", (("decision", "futile"),))] == 0
+
+    time.sleep(0.6)  # online traffic stopped: past the hold, batch work is no longer narrowed
+    assert _metric_samples(server)[("vllm_batch_online_batch_window", ())] == 32
+    assert client.batches.retrieve(batch.id).status == "in_progress"  # widened while the batch still ran
+    client.batches.cancel(batch.id)  # the rest would take another 15 s
+    assert_at_most_once(client, wait_for(client, batch.id), {f"req-{i}" for i in range(1500)})

@@ -97,11 +97,11 @@ def test_admission_is_bounded_and_metrics_count_by_model_and_endpoint() -> None:
 
 def test_batch_turns_narrow_only_while_online_requests_are_answered() -> None:
     async def scenario() -> None:
-        turns = BatchTurns(narrow_to=2)
+        turns = BatchTurns()
         for _ in range(5):
             await turns.take()  # not narrowed: no limit
         assert turns.in_flight == 5
-        turns.narrow(True)
+        turns.set_limit(2)
         waiting = asyncio.create_task(turns.take())
         for _ in range(3):
             turns.give_back()
@@ -114,9 +114,10 @@ def test_batch_turns_narrow_only_while_online_requests_are_answered() -> None:
         later = asyncio.create_task(turns.take())
         await asyncio.sleep(0)
         cancelled.cancel()
-        turns.narrow(False)  # online traffic over: everyone goes
+        turns.set_limit(None)  # online traffic over: everyone goes
         await asyncio.sleep(0)
         assert later.done() and turns.in_flight == 3
+        assert turns.taken == 7  # every turn given, the cancelled waiter's excepted
 
     asyncio.run(scenario())
 
@@ -133,5 +134,37 @@ def test_online_traffic_narrows_batch_work_and_widens_a_grace_period_after() -> 
         traffic.release()
         await asyncio.sleep(NARROW_GRACE_SECONDS + 0.2)
         assert not traffic.batch_turns.narrowed
+
+    asyncio.run(scenario())
+
+
+def test_echo_steps_cost_more_with_more_requests_in_them() -> None:
+    from vllm_batch_server.engines.echo import StepClock
+
+    async def seconds(clock: StepClock, requests: int) -> float:
+        began = asyncio.get_running_loop().time()
+        await asyncio.gather(*(clock.generate(5) for _ in range(requests)))
+        return asyncio.get_running_loop().time() - began
+
+    async def scenario() -> tuple[float, float, float]:
+        cpu = StepClock(0.01, 0.01)  # 20 ms a step alone, 50 ms with four in it
+        gpu = StepClock(0.02, 0.0)
+        return await seconds(cpu, 1), await seconds(cpu, 4), await seconds(gpu, 4)
+
+    alone, four, flat = asyncio.run(scenario())
+    assert 0.1 <= alone < 0.6 * four  # five steps each: 0.1 s alone, 0.25 s beside three others
+    assert flat < 0.6 * four  # a step that costs the same for any batch: 0.1 s
+
+
+def test_echo_step_clock_lets_an_aborted_request_leave() -> None:
+    from vllm_batch_server.engines.echo import StepClock
+
+    async def scenario() -> None:
+        clock = StepClock(0.01, 0.0)
+        long = asyncio.create_task(clock.generate(1000))
+        await asyncio.sleep(0.03)
+        long.cancel()
+        await asyncio.wait_for(clock.generate(2), 1)  # steps go on for the others
+        assert long.cancelled()
 
     asyncio.run(scenario())

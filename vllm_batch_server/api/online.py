@@ -41,6 +41,7 @@ from vllm_batch_server.engines.base import (
     StreamingEngine,
 )
 from vllm_batch_server.queue.engine_owner import EngineState, Slot
+from vllm_batch_server.queue.online import Admission
 from vllm_batch_server.queue.priority import online_priority
 from vllm_batch_server.statuses import BatchStatus
 
@@ -61,27 +62,42 @@ class _Call:
         self.url = url
         self.model = model
         self.started = time.monotonic()
-        self.admitted = False
         self.slot: Slot | None = None  # the engine answering it: not stopped until it is answered
+        self.admission: Admission | None = None
+        # Output tokens of a successful answer (the usage of a whole one; a stream's events, about one a token):
+        # the latency controller's time per token (queue/online_control.py).
+        self.tokens: int | None = None
+        self._early_acted = False
         self._done = False
 
+    @property
+    def admitted(self) -> bool:
+        return self.admission is not None
+
     def admit(self) -> None:
-        if not self.traffic.try_admit():
+        self.admission = self.traffic.try_admit()
+        if self.admission is None:
             raise APIError(429, f"The server is answering its limit of {self.traffic.limit} online requests "
                            f"at once; retry in {RETRY_AFTER_FULL}s.", code="rate_limit_exceeded",
                            headers={"retry-after": str(RETRY_AFTER_FULL)})
-        self.admitted = True
         self.slot = self.scheduler.engine_owner.online_began(self.model)
 
     def first_token(self) -> None:
         self.traffic.metrics.first_token(self.model, self.url, time.monotonic() - self.started)
 
+    def progress(self, tokens: int) -> None:
+        """A stream's tokens so far, told to the latency controller until it has acted on them once."""
+        if self.admission is not None and not self._early_acted and isinstance(self.model, str):
+            self._early_acted = self.traffic.progress(self.admission, self.model, self.url, tokens)
+
     def finish(self, status: int) -> None:
         if self._done:
             return
         self._done = True
-        if self.admitted:
-            self.traffic.release()
+        if self.admission is not None:
+            measured = status == 200 and self.tokens is not None and isinstance(self.model, str)
+            self.traffic.release(self.admission, model=self.model if measured else None, endpoint=self.url,
+                                 tokens=self.tokens)
         if self.slot is not None:
             self.scheduler.engine_owner.online_ended(self.slot)
         self.traffic.metrics.answered(self.model, self.url, status, time.monotonic() - self.started)
@@ -145,6 +161,7 @@ async def _serve(ctx: Context, request: Request, call: _Call, url: str, body: di
         raise APIError(503, "The engine failed while computing this request and is being restarted; retry in "
                        "a moment.", type="server_error", code="engine_unavailable",
                        headers={"retry-after": str(RETRY_AFTER_LOADING)}) from None
+    call.tokens = result.usage.output_tokens
     if result.raw is not None:  # already JSON, as the engine wrote it
         return Response(result.raw, status_code=result.status_code, media_type="application/json")
     return JSONResponse(result.body, status_code=result.status_code)
@@ -260,11 +277,15 @@ class _EventStream(StreamingResponse):
     @staticmethod
     async def _relay(events: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:
         first = True
+        count = 0
         try:
             async for chunk in events:
                 if first:
                     call.first_token()
                     first = False
+                count += 1
+                if count >= 5 and (count - 1) & (count - 2) == 0:  # after 4, 8, 16, ... tokens (and the role's event)
+                    call.progress(count - 1)
                 yield chunk
         except EngineError as exc:
             # Too late for a status: end the stream with an error event, as `vllm serve` does (the SDK raises it).
@@ -276,6 +297,7 @@ class _EventStream(StreamingResponse):
                                "code": 503}}
             yield b"data: " + json.dumps(error).encode() + b"\n\n"
             return
+        call.tokens = max(1, count - 2)  # less the role's first event and the last ([DONE], or completed)
         call.finish(200)
 
 

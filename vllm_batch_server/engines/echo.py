@@ -111,6 +111,46 @@ class PriorityGate:
         self._free += 1
 
 
+class _Sequence:
+    def __init__(self, tokens: int, done: asyncio.Future[None]) -> None:
+        self.tokens = tokens
+        self.done = done
+
+
+class StepClock:
+    """Continuous batching as vLLM runs it, in time only: the requests computing take engine steps together,
+    each advancing one token per step, and a step costs `base + per_request × requests in it`. With
+    `per_request` > 0 a step's cost grows with the batch, as on a CPU (on a GPU it barely does): what makes an
+    online request beside a full batch slower than alone, at echo speed (the online controller's tests)."""
+
+    def __init__(self, base: float, per_request: float) -> None:
+        self._base = base
+        self._per_request = per_request
+        self._running: dict[_Sequence, None] = {}  # in arrival order
+        self._stepping: asyncio.Task[None] | None = None
+
+    async def generate(self, tokens: int) -> None:
+        sequence = _Sequence(max(1, tokens), asyncio.get_running_loop().create_future())
+        self._running[sequence] = None
+        if self._stepping is None or self._stepping.done():
+            self._stepping = asyncio.create_task(self._steps())
+        try:
+            await sequence.done
+        finally:
+            self._running.pop(sequence, None)  # cancelled (aborted): it leaves the next step
+
+    async def _steps(self) -> None:
+        while self._running:
+            in_step = list(self._running)  # who joins during a step starts at the next one, as in vLLM
+            await asyncio.sleep(self._base + self._per_request * len(in_step))
+            for sequence in in_step:
+                sequence.tokens -= 1
+                if sequence.tokens <= 0 and sequence in self._running:
+                    del self._running[sequence]
+                    if not sequence.done.done():
+                        sequence.done.set_result(None)
+
+
 @dataclass
 class FaultPlan:
     """Opt-in fault injection (`--echo-fault`), so reliability tests can break the engine on purpose.
@@ -157,6 +197,8 @@ class FaultPlan:
 class EchoEngine:
     def __init__(self, settings: Settings) -> None:
         self._delay = settings.echo_delay
+        self._steps = (StepClock(settings.echo_step_seconds, settings.echo_step_seconds_per_request)
+                       if settings.echo_step_seconds > 0 or settings.echo_step_seconds_per_request > 0 else None)
         # As vLLM's: twice the sequences it would batch, when that is set (the router's replicas use this).
         self._capacity = settings.window or (2 * settings.max_num_seqs if settings.max_num_seqs else 256)
         # --max-num-seqs caps how many requests compute at once, as it does for vLLM; the rest wait in
@@ -255,6 +297,8 @@ class EchoEngine:
                 if self._delay > 0:
                     await asyncio.sleep(self._delay)
                 result = self._compute(request_id, url, body)
+                if self._steps is not None:  # one step per output token (one for an embedding or a score)
+                    await self._steps.generate(result.usage.output_tokens)
         except asyncio.CancelledError:
             # As vLLM's serving layer does: a request cancelled while it waits or computes is answered with
             # 400 "Client disconnected" rather than raising, so the fast suite meets what the real engine does

@@ -121,7 +121,9 @@ class Scheduler:
         self.settings = settings
         self.lifecycle = lifecycle
         self.observer: Observer = observer or _Unobserved()
-        self.online = OnlineTraffic(settings)
+        # The latency controller's full window is the first engine's capacity; with several resident models
+        # it narrows every engine's batch work alike, as they share the machine's cores (or the GPU).
+        self.online = OnlineTraffic(settings, capacity=lambda: self.engine.capacity)
         self.engine_owner = EngineOwner(engine, settings, self.online, self.observer, make_engine)
         self.paused: dict[str, Pause] = {}  # batches waiting for a resource of ours to come back
         self._runners: dict[str, BatchRunner] = {}
