@@ -274,19 +274,20 @@ def _ids_on_lines(path: Path, lines: list[int]) -> Iterator[tuple[int, str]]:
 
 # ---- lines already done (resume) -------------------------------------------------------------------------
 
-_FAST_KEY = b'{"custom_id":"'
+_FAST_KEYS = (b'{"custom_id":"', b'{"custom_id": "')
 
 
 def input_custom_id(raw: bytes) -> str:
     """The custom_id of a request line that passed validation: parsed only when it must be.
 
-    Lines written the compact way (`{"custom_id":"...",`: every SDK and most scripts) are cut at the closing
-    quote. That is exact when the line has no backslash (no escape can hide a quote, or spell the key
-    differently) and names the key once (JSON's last duplicate key would win): otherwise the line is parsed.
+    Lines that start with the key (`{"custom_id":"...` or `{"custom_id": "...`, as json.dumps writes a dict
+    built in that order) are cut at the closing quote. That is exact when the line has no backslash (no escape
+    can hide a quote, or spell the key differently) and names the key once (JSON's last duplicate key would
+    win): otherwise the line is parsed.
     """
-    if raw.startswith(_FAST_KEY) and b"\\" not in raw and raw.count(b'"custom_id"') == 1:
-        end = raw.find(b'"', len(_FAST_KEY))
-        return raw[len(_FAST_KEY):end].decode()
+    if raw.startswith(_FAST_KEYS) and b"\\" not in raw and raw.count(b'"custom_id"') == 1:
+        start = 14 if raw[13] == 34 else 15  # 34: the opening quote right after the colon
+        return raw[start:raw.find(b'"', start)].decode()
     custom_id: str = loads(raw)["custom_id"]
     return custom_id
 
