@@ -41,6 +41,7 @@ class RunningServer:
     api_key: str | None = None
     starts: int = field(default=0)
     nofile: int | None = None  # the server's descriptor limit (RLIMIT_NOFILE, soft and hard), if set
+    module: str = "vllm_batch_server.cli"  # what `python -m` runs: the CLI, or a test's wrapper of it
     _http: httpx.Client | None = None
 
     @property
@@ -64,7 +65,7 @@ class RunningServer:
         log.write(f"\n===== start #{self.starts} =====\n".encode())
         log.flush()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vllm_batch_server.cli", "serve", *self.args],
+            [sys.executable, "-m", self.module, "serve", *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
             preexec_fn=self._limit_descriptors if self.nofile else None,
         )
@@ -131,7 +132,7 @@ class RunningServer:
 def make_server(data_dir: Path, *, engine: str = "echo", models: list[str] | None = None,
                 extra_args: list[str] | None = None, api_key: str | None = None,
                 env: dict[str, str] | None = None, port: int | None = None,
-                nofile: int | None = None) -> RunningServer:
+                nofile: int | None = None, module: str = "vllm_batch_server.cli") -> RunningServer:
     """Build (not start) a server on a free loopback port with its data in `data_dir`."""
     port = port or free_port()
     args = ["--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir), "--engine", engine]
@@ -145,4 +146,4 @@ def make_server(data_dir: Path, *, engine: str = "echo", models: list[str] | Non
     data_dir.mkdir(parents=True, exist_ok=True)
     return RunningServer(data_dir=data_dir, port=port, args=args, env=full_env,
                          log_path=data_dir.parent / f"{data_dir.name}-server.log", api_key=api_key,
-                         nofile=nofile)
+                         nofile=nofile, module=module)

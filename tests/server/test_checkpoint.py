@@ -64,7 +64,7 @@ def test_only_checkpointed_results_survive_and_the_torn_tail_is_cut(tmp_path: Pa
         assert row is not None
         assert (row.completed, row.failed) == (3, 1)
         assert (row.input_tokens, row.cached_tokens, row.output_tokens) == (6, 3, 9)
-        assert ResultLog.recover(blobs, row) == {"ok-0", "ok-1", "ok-2", "bad-0"}
+        assert list(ResultLog.committed_ids(blobs, row)) == ["ok-0", "ok-1", "ok-2", "bad-0"]
 
         resumed = ResultLog(Lifecycle(db), blobs, settings, row)  # opening cuts the parts back
         assert out_part.stat().st_size == row.output_offset
@@ -295,7 +295,7 @@ def test_recovery_reads_back_any_custom_id(tmp_path: Path, custom_id: str) -> No
             await log.checkpoint()
             row = await db.get_batch(batch.id)
             assert row is not None
-            assert ResultLog.recover(Blobs(tmp_path), row) == {custom_id, f"{custom_id}-2"}
+            assert list(ResultLog.committed_ids(Blobs(tmp_path), row)) == [custom_id, f"{custom_id}-2"]
 
     asyncio.run(scenario())
 

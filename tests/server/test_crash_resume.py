@@ -76,3 +76,28 @@ def test_graceful_stop_checkpoints_and_resumes(tmp_path: Path) -> None:
     finally:
         server.kill()
     assert sorted(ids) == sorted(f"req-{i}" for i in range(200))
+
+
+def test_kill9_resume_is_exact_when_custom_id_hashes_collide(tmp_path: Path) -> None:
+    """Resume matches committed ids to input lines by hash, confirming by the ids themselves when two input lines
+    share one. Here every id of the same length shares one (tests/helpers/colliding_ids.py), so the resume takes
+    that path for every line: still each request exactly once, and validation still finds no duplicate."""
+    server = make_server(tmp_path / "data", module="tests.helpers.colliding_ids", extra_args=[
+        "--echo-delay", "0.02", "--window", "4", "--checkpoint-every", "10", "--checkpoint-seconds", "0.2"])
+    server.start()
+    try:
+        client = sdk(server)
+        lines = chat_lines(300)  # req-0 ... req-299: three lengths, so three hashes
+        batch_id = submit(client, lines).id
+        wait_for(client, batch_id, timeout=60, until=lambda b: b.request_counts.completed >= 100)
+        server.kill()
+        server.start()
+        resumed = client.batches.retrieve(batch_id)
+        assert resumed.status == "in_progress" and resumed.request_counts is not None
+        assert resumed.request_counts.completed >= 80
+        done = wait_for(client, batch_id, timeout=60)
+        assert done.status == "completed"
+        ids = [line["custom_id"] for line in read_jsonl(client, done.output_file_id)]
+    finally:
+        server.kill()
+    assert len(ids) == 300 and set(ids) == {line["custom_id"] for line in lines}

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from tests.conftest import AppFactory, chat_lines, jsonl, request_line, sdk, submit, wait_for
+from vllm_batch_server.queue import custom_ids
 
 
 def _failed(client: openai.OpenAI, data: bytes, endpoint: str = "/v1/chat/completions") -> list[dict[str, Any]]:
@@ -56,6 +57,35 @@ def test_line_numbers_count_blank_lines_and_several_errors_are_reported(client: 
     data = b"\n".join([lines[0], b"", b"not json", lines[1], json.dumps(request_line("r0")).encode()]) + b"\n"
     errors = _failed(client, data)
     assert [(e["line"], e["code"]) for e in errors] == [(3, "invalid_json_line"), (5, "duplicate_custom_id")]
+    assert "'r0' on line 5 is already used on line 1" in errors[1]["message"]
+
+
+def test_ids_whose_hashes_collide_are_no_duplicates_and_real_duplicates_still_name_both_lines(
+        client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Duplicates are found by hash and confirmed by the ids themselves: with a hash on which every id of the
+    same length collides (a test seam), distinct ids still pass and repeated ones are still refused."""
+    monkeypatch.setattr(custom_ids, "custom_id_hash", len)
+    lines = chat_lines(30)  # req-0 ... req-29: two hashes for 30 ids
+    batch = wait_for(client, submit(client, lines).id)
+    assert batch.status == "completed"
+    assert batch.request_counts is not None and batch.request_counts.completed == 30
+    repeated = [*lines, lines[12], lines[3], lines[12]]
+    errors = _failed(client, jsonl(repeated))
+    assert [(e["line"], e["code"]) for e in errors] == [(31, "duplicate_custom_id"), (32, "duplicate_custom_id"),
+                                                        (33, "duplicate_custom_id")]
+    assert "'req-12' on line 31 is already used on line 13" in errors[0]["message"]
+    assert "'req-3' on line 32 is already used on line 4" in errors[1]["message"]
+    assert "'req-12' on line 33 is already used on line 13" in errors[2]["message"]
+
+
+def test_duplicates_beyond_the_errors_listed_are_cut_in_line_order(app_factory: AppFactory) -> None:
+    """More duplicates than `--max-errors-reported`: the first ones by line, mixed with the other errors."""
+    client = sdk(app_factory(extra_args=["--max-errors-reported", "3"]))
+    lines = [json.dumps(request_line(f"r{i % 2}")).encode() for i in range(6)]
+    lines[2] = b"not json"
+    errors = _failed(client, b"\n".join(lines) + b"\n")
+    assert [(e["line"], e["code"]) for e in errors] == [(3, "invalid_json_line"), (4, "duplicate_custom_id"),
+                                                        (5, "duplicate_custom_id")]
 
 
 def test_empty_file(client: openai.OpenAI) -> None:

@@ -4,7 +4,8 @@ A result is either committed (inside the output or error part, below the byte of
 produced yet. Results are appended in any order. A checkpoint is a snapshot of both parts' sizes and the
 counters, taken on the event loop right after a flush; a syncer thread then fsyncs the parts and only then
 commits the snapshot in one statement. On resume the parts are cut back to the committed offsets and the
-committed `custom_id`s are read back, so exactly the requests without a committed result run again.
+committed `custom_id`s are read back and matched to their input lines (`custom_ids.lines_done`), so exactly the
+requests without a committed result run again.
 
 Why a thread of its own: with an engine that answers at once, the event loop is busy for up to 20 ms at a
 time, and a checkpoint that had to come back to the loop between its fsync and its commit took several times
@@ -25,7 +26,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from vllm_batch_server import ids
@@ -97,11 +98,12 @@ class ResultLog:
                               on_commit)
 
     @staticmethod
-    def recover(blobs: Blobs, batch: BatchRow) -> set[str]:
-        """custom_ids already committed for this batch (blocking: run it in a thread for big batches)."""
+    def committed_ids(blobs: Blobs, batch: BatchRow) -> Iterator[str]:
+        """custom_ids already committed for this batch, streamed from its parts (blocking: iterate it in a
+        thread for big batches; `custom_ids.lines_done` turns them into input lines)."""
         out_part, err_part = blobs.part_paths(batch.id)
-        return jsonl.custom_ids_in(out_part, batch.output_offset) | jsonl.custom_ids_in(
-            err_part, batch.error_offset)
+        yield from jsonl.iter_custom_ids(out_part, batch.output_offset)
+        yield from jsonl.iter_custom_ids(err_part, batch.error_offset)
 
     def append(self, custom_id: str, result: Result) -> None:
         usage = result.usage

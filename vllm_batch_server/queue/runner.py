@@ -2,9 +2,9 @@
 
 A fixed pool of `window` workers pulls the next request as soon as it has finished its last one, so the engine
 always has `window` requests in flight and never waits at a chunk boundary for the slowest request of a chunk.
-Only the input's read position, the current in-flight requests and one chunk of `--prefix-lookahead` requests
-(reordered so that those sharing a long prompt prefix run together, see grouping.py) are in memory, whatever the
-batch's size.
+Only the input's read position, the current in-flight requests, one chunk of `--prefix-lookahead` requests
+(reordered so that those sharing a long prompt prefix run together, see grouping.py) and one bit per input line
+(which have a result) are in memory, whatever the batch's size.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from operator import itemgetter
+from pathlib import Path
 from typing import Any
 
 from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.exhaustion import exhausted
 from vllm_batch_server.queue.checkpoint import ResultLog
+from vllm_batch_server.queue.custom_ids import LineSet, lines_done
 from vllm_batch_server.queue.grouping import group_by_prefix, prompt_reader
 from vllm_batch_server.queue.online import BatchTurns
 from vllm_batch_server.queue.priority import batch_priority
@@ -27,7 +30,7 @@ from vllm_batch_server.settings import Settings
 from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store.blobs import Blobs
 from vllm_batch_server.store.database import BatchRow
-from vllm_batch_server.store.jsonl import iter_requests
+from vllm_batch_server.store.jsonl import iter_raw_lines, requests_in
 from vllm_batch_server.store.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -75,12 +78,15 @@ class BatchRunner:
         stays in_progress. Raises EngineError when the engine failed, or the error itself when one of our
         resources ran out (exhaustion.py): neither is the batch's fault."""
         input_path = self._blobs.file_path(self.batch.input_file_id)
-        done = await asyncio.to_thread(ResultLog.recover, self._blobs, self.batch)
+        # The input lines with a committed result (after a restart), one bit each; lines get theirs as their
+        # results are appended, for an expiry to know which have none.
+        done = await asyncio.to_thread(lines_done, input_path, partial(ResultLog.committed_ids, self._blobs,
+                                                                       self.batch), self._blobs.tmp_dir)
         results = self.results = ResultLog(self._lifecycle, self._blobs, self._settings, self.batch,
                                                   self._on_checkpoint)
         try:
             if self.stop_reason is None:
-                pending = (request for request in iter_requests(input_path) if request[1] not in done)
+                pending = requests_in(line for line in iter_raw_lines(input_path) if line[0] not in done)
                 grouped = group_by_prefix(pending, prompt_reader(itemgetter(2)), self._settings.prefix_lookahead)
                 await self._feed(results, grouped, done)
             if self.stop_reason == EXPIRED:
@@ -105,7 +111,7 @@ class BatchRunner:
         return self.stop_reason if isinstance(self.stop_reason, BatchStatus) else BatchStatus.COMPLETED
 
     async def _feed(self, results: ResultLog, requests: Iterator[tuple[int, str, dict[str, Any]]],
-                    done: set[str]) -> None:
+                    done: LineSet) -> None:
         batch_id, url = self.batch.id, self.batch.endpoint
         # Behind online requests, and behind batches due sooner (priority.py).
         priority = batch_priority(self.batch.completion_window)
@@ -139,7 +145,7 @@ class BatchRunner:
                     # batch_expired (an expiry) or runs again (a shutdown).
                     return
                 results.append(custom_id, result)
-                done.add(custom_id)
+                done.add(line_no)
                 if results.behind():
                     # Two intervals wait for their commit: wait, so a crash never costs more however slowly
                     # the disk runs. (The syncer thread commits without the loop, so at any engine speed the
@@ -198,11 +204,11 @@ class BatchRunner:
                     "the engine appears to hang")
                 self.stop(SHUTDOWN)
 
-    async def _expire_rest(self, results: ResultLog, input_path: Any, done: set[str]) -> None:
+    async def _expire_rest(self, results: ResultLog, input_path: Path, done: LineSet) -> None:
         """Every request without a result gets a `batch_expired` error line, as OpenAI does."""
-        for _, custom_id, _ in iter_requests(input_path):
-            if custom_id not in done:
-                results.append_error(custom_id, "batch_expired", EXPIRED_MESSAGE)
-                done.add(custom_id)
-                if results.behind():
-                    await results.wait_caught_up()
+        for line_no, custom_id, _ in requests_in(line for line in iter_raw_lines(input_path)
+                                                  if line[0] not in done):
+            results.append_error(custom_id, "batch_expired", EXPIRED_MESSAGE)
+            done.add(line_no)
+            if results.behind():
+                await results.wait_caught_up()

@@ -243,7 +243,8 @@ class Scheduler:
         served = await served_models(self.engine, self.settings)  # with backends: what they serve now
         report = await asyncio.to_thread(
             validate_input, path, endpoint=batch.endpoint, served_models=served,
-            max_lines=self.settings.max_batch_lines, max_errors=self.settings.max_errors_reported)
+            max_lines=self.settings.max_batch_lines, max_errors=self.settings.max_errors_reported,
+            scratch=self.blobs.tmp_dir)
         if report.ok:
             changed = await self.lifecycle.move(batch.id, S.IN_PROGRESS, only_from=[S.VALIDATING],
                                                 total=report.total, model=report.model)

@@ -1,7 +1,8 @@
 """The batch input file: validated once, line by line, before a batch is accepted for running.
 
-Both validation and the runner stream the file, so a batch's memory does not grow with its size. Errors name
-the 1-based line, the offending parameter and a code, as OpenAI's `errors.data[]` does.
+Both validation and the runner stream the file, so a batch's memory does not grow with its size: custom_ids are
+checked for duplicates through `custom_ids.DuplicateFinder` (hashes on a temporary file), not a set of them
+all. Errors name the 1-based line, the offending parameter and a code, as OpenAI's `errors.data[]` does.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_batch_server.queue.custom_ids import DuplicateFinder
 from vllm_batch_server.store.jsonl import TooDeep, has_lone_surrogate, iter_raw_lines, loads
 
 
@@ -37,13 +39,14 @@ class Report:
 
 
 class _Validator:
-    def __init__(self, endpoint: str, served_models: list[str], max_lines: int, max_errors: int) -> None:
+    def __init__(self, endpoint: str, served_models: list[str], max_lines: int, max_errors: int,
+                 ids: DuplicateFinder) -> None:
         self.endpoint = endpoint
         self.served = set(served_models)
         self.max_lines = max_lines
         self.max_errors = max_errors
         self.report = Report()
-        self.seen: set[str] = set()
+        self.ids = ids  # duplicates are found once the whole file is read, and merged in by line
 
     def error(self, code: str, message: str, line: int | None = None, param: str | None = None) -> None:
         if len(self.report.errors) < self.max_errors:
@@ -77,12 +80,8 @@ class _Validator:
                        "custom_id")
         elif not isinstance(custom_id, str) or not custom_id:
             self.error("invalid_custom_id", "'custom_id' must be a non-empty string.", number, "custom_id")
-        elif custom_id in self.seen:
-            self.error("duplicate_custom_id",
-                       f"The custom_id '{custom_id[:200]}' is used on more than one line; each request in a "
-                       "batch needs a unique custom_id.", number, "custom_id")
         else:
-            self.seen.add(custom_id)
+            self.ids.add(custom_id, number)
 
         method = line.get("method")
         if method is None:
@@ -127,16 +126,31 @@ class _Validator:
 
 
 def validate_input(path: Path, *, endpoint: str, served_models: list[str], max_lines: int,
-                   max_errors: int = 100) -> Report:
-    validator = _Validator(endpoint, served_models, max_lines, max_errors)
-    report = validator.report
-    for number, raw in iter_raw_lines(path):
-        report.total += 1
-        if report.total > max_lines:
-            validator.error("too_many_requests", f"The input file has more than the {max_lines} requests "
-                            "allowed in one batch; split it into several batches.", number)
-            break
-        validator.check(number, raw)
-    if report.total == 0:
-        validator.error("empty_file", "The input file contains no requests.")
+                   max_errors: int = 100, scratch: Path | None = None) -> Report:
+    """`scratch`: where the custom_ids' hashes may go on disk (a temporary file without a name)."""
+    with DuplicateFinder(path.stat().st_size, scratch) as ids:
+        validator = _Validator(endpoint, served_models, max_lines, max_errors, ids)
+        report = validator.report
+        for number, raw in iter_raw_lines(path):
+            report.total += 1
+            if report.total > max_lines:
+                validator.error("too_many_requests", f"The input file has more than the {max_lines} requests "
+                                "allowed in one batch; split it into several batches.", number)
+                break
+            validator.check(number, raw)
+        if report.total == 0:
+            validator.error("empty_file", "The input file contains no requests.")
+        # One more than can be listed: then the list is known to be cut.
+        duplicates = [
+            LineError("duplicate_custom_id", f"The custom_id '{d.custom_id[:200]}' on line {d.line} is already "
+                      f"used on line {d.first}; each request in a batch needs a unique custom_id.", d.line,
+                      "custom_id")
+            for d in ids.duplicates(path, max_errors + 1)]
+    if duplicates:
+        # In line order, as if found while reading: on its line, the custom_id's error comes before the others
+        # (the checks after it), and a stable sort keeps those in their order.
+        merged = sorted(report.errors + duplicates,
+                        key=lambda e: (e.line or 0, e.code != "duplicate_custom_id"))
+        report.truncated = report.truncated or len(merged) > max_errors
+        report.errors = merged[:max_errors]
     return report

@@ -133,11 +133,10 @@ def error_line(custom_id: str, code: str, message: str) -> bytes:
     return _dumps(line).encode() + b"\n"
 
 
-def custom_ids_in(path: Path, size: int) -> set[str]:
-    """The custom_ids of the whole result lines in the first `size` bytes of `path`."""
-    found: set[str] = set()
+def iter_custom_ids(path: Path, size: int) -> Iterator[str]:
+    """The custom_ids of the whole result lines in the first `size` bytes of `path`, streamed."""
     if size <= 0 or not path.exists():
-        return found
+        return
     with open(path, "rb") as fh:
         remaining = size
         for raw in fh:
@@ -146,8 +145,12 @@ def custom_ids_in(path: Path, size: int) -> set[str]:
             remaining -= len(raw)
             if remaining < 0:  # a torn line past the committed size: not ours
                 break
-            found.add(custom_id_of(raw))
-    return found
+            yield custom_id_of(raw)
+
+
+def custom_ids_in(path: Path, size: int) -> set[str]:
+    """The custom_ids of the whole result lines in the first `size` bytes of `path`."""
+    return set(iter_custom_ids(path, size))
 
 
 _CUSTOM_ID_KEY = b'"custom_id":'
