@@ -148,6 +148,7 @@ class Server:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
+    module: str = "vllm_batch_server.cli"  # what `python -m` runs: the CLI, or a benchmark's wrapper of it
 
     @property
     def base_url(self) -> str:
@@ -174,7 +175,7 @@ class Server:
         with open(self.log_path, "ab") as log:
             self.started_at = time.monotonic()
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "vllm_batch_server.cli", "serve", *args, *self.extra_args],
+                [sys.executable, "-m", self.module, "serve", *args, *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO)
         return self
 

@@ -25,9 +25,10 @@ from typing import IO
 
 from vllm_batch_server.store.jsonl import iter_raw_lines, loads
 
-# A custom_id's 64-bit hash. Python's own string hash (SipHash, keyed per process: nothing crafted in a file
-# collides on purpose) is the fastest there is here, and nothing hashed outlives the process. A test seam:
-# tests replace it with a function that collides, so that the confirmation paths run.
+# A custom_id's 64-bit hash. Python's own string hash is the fastest there is here, and nothing hashed outlives
+# the process; it is SipHash keyed per process, so a file cannot be crafted to collide (unless PYTHONHASHSEED
+# fixes the key: collisions then cost time, never correctness). A test seam: tests replace it with a function
+# that collides, so that the confirmation paths run.
 custom_id_hash: Callable[[str], int] = hash
 
 # Values (hash, line) buffered per partition before they go to the file: 8 KiB, header included.
