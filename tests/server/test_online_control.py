@@ -227,3 +227,19 @@ def test_streamed_answers_tell_the_controller_their_progress() -> None:
         assert traffic.batch_turns.limit == int(RUNNING * online_control.MIN_CUT)
 
     asyncio.run(scenario())
+
+
+def test_when_the_machine_gets_busier_it_steps_back_once_then_stops_narrowing() -> None:
+    # Settled on a CPU, then other work takes the cores: online requests are 8 × slower at any window, which no
+    # narrowing fixes. It goes back to the last window that met the target, finds no gain, and holds there
+    # rather than starving the batch.
+    plant = Plant(cpu(0.02))
+    plant.idle_answers()
+    plant.answers(120)
+    settled = plant.control.window
+    assert settled is not None and 1.6 <= 1 + 0.02 * settled <= 2.0
+    plant.latency = lambda running: 8 * IDLE * (1 + 0.02 * running)
+    plant.answers(60)
+    assert plant.control.changes["futile"] == 1
+    assert min(w for w in plant.windows[-60:] if w is not None) >= settled // 4
+    assert plant.control.window is not None and plant.control.window >= settled

@@ -108,3 +108,12 @@ def test_the_default_connection_cap_fits_the_descriptor_limit(monkeypatch: pytes
 
     monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, soft))
     assert connections.connection_cap(configured) == expected
+
+
+def test_the_online_latency_target_is_above_one_or_zero_for_off() -> None:
+    with pytest.raises(SettingsError, match=r"--online-latency-target \(BATCH_SERVER_ONLINE_LATENCY_TARGET\).*above 1"):
+        Settings(online_latency_target=0.5)
+    with pytest.raises(SettingsError, match="above 1"):
+        Settings(online_latency_target=1.0)  # no answer beside a batch is faster than alone
+    assert Settings(online_latency_target=0).online_latency_target == 0
+    assert Settings().online_latency_target == 2.0

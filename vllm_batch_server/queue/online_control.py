@@ -26,10 +26,11 @@ right for both, nor for one machine under different loads, so the server measure
   proportion to the batch sequences beside the online request (`window × (aim − 1) / (r − 1)`, the shape of a
   CPU's step cost), clamped to [MIN_CUT, MAX_CUT] when narrowing and to at most MAX_GROWTH (and at least one
   more) when widening; starting open, the first cut is from the engine's running slots (vLLM's
-  `max_num_seqs`, half the runner's window), since the rest of an open window only waits in vLLM's queue.
-  Why not additive increase: each decision needs online answers that take seconds, and a narrower window a
-  batch generation to act; steps of one or two requests would take minutes to find the window, while the
-  proportional step lands within a few decisions and the clamps and the band keep noise from swinging it.
+  `max_num_seqs`, half the runner's window), since the rest of an open window only waits in vLLM's queue. A cut
+  right after a widening goes back to the window that met the target first. Why not additive increase: each
+  decision needs online answers that take seconds, and a narrower window a batch generation to act; steps of
+  one or two requests would take minutes to find the window, while the proportional step lands within a few
+  decisions and the clamps and the band keep noise from swinging it.
 - **Narrowing must help, or it stops**: once a run of cuts has shrunk the window by FUTILE_SHRINK or more, the
   ratio must have fallen by at least FUTILE_GAIN of that share; if not (a GPU, or latency that comes from
   elsewhere), the window goes back to where the cuts began (open, usually) and stays at least that wide for
@@ -44,10 +45,13 @@ online requests, and forgotten when another model is loaded.
 from __future__ import annotations
 
 import collections
+import logging
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 # Narrowing stays in force this long after the last online answer. An app that pauses between requests would
 # otherwise find the engine refilled with batch work each time, and narrowing takes a batch generation's length
@@ -99,6 +103,7 @@ class LatencyController:
         self._decide: list[float] = []
         self._cuts_from: tuple[int, float] | None = None  # (window, ratio) where a run of cuts began
         self._floor: tuple[int, float] | None = None  # (window, until): no narrower, narrowing did not help
+        self._good: int | None = None  # the window at the last decision that met the target
         self._probe: tuple[Key, float] | None = None
         self._probed: dict[Key, float] = {}
         self._model: str | None = None
@@ -191,23 +196,39 @@ class LatencyController:
                     self._floor = (began, now + FUTILE_HOLD_SECONDS)
                     self._cuts_from = None
                     self.changes["futile"] += 1
+                    log.info("online latency controller: narrowing batch work from %d to %d requests took online "
+                             "requests from %.2f to %.2f × idle only: back to %s for %.0f s", began, current,
+                             began_ratio, ratio, "open" if self.window is None else began, FUTILE_HOLD_SECONDS)
                     return
             floor = self._floor[0] if self._floor is not None and now < self._floor[1] else 0
             narrower = max(1, floor, int(current * min(MAX_CUT, max(MIN_CUT, self._scale(ratio)))))
+            if self._good is not None and narrower < self._good < current:
+                # Just widened from a window that met the target: back there first. A jump far beyond what the
+                # few added requests explain is more likely the machine (other work on its cores) than the
+                # batch, and the futility check needs that step to tell.
+                narrower = self._good
+            self._good = None
             if narrower >= current:
                 return  # as narrow as it may go
             if self._cuts_from is None:
                 self._cuts_from = (current, ratio)
             self.window = narrower
             self.changes["narrow"] += 1
+            log.info("online latency controller: online requests at %.2f × idle (target %.2f): batch work narrowed "
+                     "from %d to %d requests", ratio, self.target, current, narrower)
         elif ratio < self.target * LOW:
             self._cuts_from = None
+            self._good = current
             if self.window is not None:
                 wider = max(self.window + 1, int(self.window * min(MAX_GROWTH, self._scale(ratio))))
+                log.info("online latency controller: online requests at %.2f × idle (target %.2f): batch work "
+                         "widened from %d to %s", ratio, self.target, self.window,
+                         "open" if wider >= running else f"{wider} requests")
                 self.window = None if wider >= running else wider
                 self.changes["widen"] += 1
         else:
             self._cuts_from = None  # within the band: settled
+            self._good = current
 
     def _scale(self, ratio: float) -> float:
         """What the window is multiplied by to bring the ratio to target × AIM, were it to grow in proportion to
@@ -221,6 +242,8 @@ class LatencyController:
         self._probe = (key, now)
         self._probed[key] = now
         self.changes["probe"] += 1
+        log.info("online latency controller: no idle latency measured yet for %s %s: batch work pauses until an "
+                 "online request has run alone (at most %.0f s)", key[0], key[1], PROBE_SECONDS)
 
     def _forget_window(self) -> None:
         self.window = None
@@ -228,5 +251,6 @@ class LatencyController:
         self._decide.clear()
         self._cuts_from = None
         self._floor = None
+        self._good = None
         self._probe = None
         self.ratio = None
