@@ -249,8 +249,9 @@ def run_resume(scratch: Path, source: Path, lines: int, size: int, kill_at: floa
             after_kill = api.batch(batch_id)["request_counts"]
             committed = after_kill["completed"] + after_kill["failed"]
             while True:  # the first result committed after the restart: recovery is over
-                counts = api.batch(batch_id)["request_counts"]
-                if counts["completed"] + counts["failed"] > committed:
+                batch = api.batch(batch_id)
+                counts = batch["request_counts"]
+                if counts["completed"] + counts["failed"] > committed or batch["status"] != "in_progress":
                     break
                 time.sleep(0.05)
             phases.mark("resumed")

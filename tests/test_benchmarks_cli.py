@@ -81,3 +81,16 @@ def test_the_event_watch_returns_at_the_end_of_its_batch_and_not_another() -> No
     assert next(stream) == "id: 4"  # it stopped reading at the end of batch_a's message
     with pytest.raises(RuntimeError, match="batch_z"):
         EventWatch(iter(message(5, "batch.completed", "batch_y"))).until_ended("batch_z")
+
+def test_big_batch_checks_every_id_and_survives_its_own_kill() -> None:
+    """benchmarks.big_batch at toy sizes: the exactly-once check, the kill -9 resume and the GC timing work."""
+    from benchmarks import big_batch
+
+    payload = big_batch.main(["--lines", "2000", "--resume-lines", "8000", "--kill-at", "0.3", "--sample", "0.05",
+                              "--poll", "0.05", "--no-json"])
+    (run,) = payload["runs"]
+    assert (run["results"], run["duplicated"], run["missing"], run["exactly_once"]) == (2000, 0, 0, True)
+    assert run["peak_rss_mib"] > 0 and run["gc_during_run"] is not None
+    resume = payload["resume"]
+    assert resume["exactly_once"] and resume["results"] == 8000
+    assert payload["targets"]["exactly_once"] is True
