@@ -243,3 +243,18 @@ def test_when_the_machine_gets_busier_it_steps_back_once_then_stops_narrowing() 
     assert plant.control.changes["futile"] == 1
     assert min(w for w in plant.windows[-60:] if w is not None) >= settled // 4
     assert plant.control.window is not None and plant.control.window >= settled
+
+
+def test_one_slow_answer_may_make_the_first_cut_but_only_a_median_judges_after_it() -> None:
+    plant = Plant(cpu())
+    plant.idle_answers()
+    control = plant.control
+    slow = Sample("m", "/v1/chat/completions", IDLE * 10, 2 * RUNNING, idle=False)
+    control.observe(slow)  # beside the full batch: one answer cuts 64 -> 16 at once
+    assert control.window == 16
+    as_slow_at_16 = Sample("m", "/v1/chat/completions", IDLE * 10, 16, idle=False)
+    for _ in range(2):  # a busy moment of the machine, or the batch? two answers do not tell
+        control.observe(as_slow_at_16)
+    assert control.window == 16 and control.changes["narrow"] == 1 and control.changes["futile"] == 0
+    control.observe(as_slow_at_16)  # three do: a quarter of the batch, no faster
+    assert control.changes["futile"] == 1 and control.window is None

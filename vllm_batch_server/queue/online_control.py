@@ -20,8 +20,8 @@ right for both, nor for one machine under different loads, so the server measure
 - **The law**: multiplicative steps toward the target, with a dead band. Decisions use answers that began once
   the window in force had taken effect (at most that many batch requests were in the engine): a narrower window
   only takes effect as batch requests already in the engine finish, since nothing is taken back. Every
-  DECIDE_SAMPLES such answers (or one, when it is more than twice the target: a streamed answer counts as soon
-  as its tokens so far are that slow), their median ratio `r` decides. Above the target, the window narrows;
+  DECIDE_SAMPLES such answers (or, for the first cut, one more than twice the target: a streamed answer counts
+  as soon as its tokens so far are that slow), their median ratio `r` decides. Above the target, the window narrows;
   below target × LOW it widens; in between it holds. Each change aims at target × AIM as if the ratio grew in
   proportion to the batch sequences beside the online request (`window × (aim − 1) / (r − 1)`, the shape of a
   CPU's step cost), clamped to [MIN_CUT, MAX_CUT] when narrowing and to at most MAX_GROWTH (and at least one
@@ -159,36 +159,39 @@ class LatencyController:
         if self.window is not None and sample.batch_at_start > self.window:
             return  # it began before the window in force took effect
         self._decide.append(ratio)
-        if len(self._decide) < DECIDE_SAMPLES and ratio <= 2 * self.target:
+        if len(self._decide) < DECIDE_SAMPLES and not self._first_cut(ratio):
             return
-        measured = statistics.median(self._decide)
+        measured, count = statistics.median(self._decide), len(self._decide)
         self._decide.clear()
-        self._step(measured, now)
+        self._step(measured, now, count)
 
     def observe_early(self, sample: Sample) -> bool:
-        """A streamed answer still running, its tokens so far: acted on only when it is already more than
-        twice the target (the first online requests beside a full batch take tens of seconds on a CPU; their
-        end is too late to start narrowing). Whether the window changed."""
+        """A streamed answer still running, its tokens so far: acted on only for a first cut, when it is already
+        more than twice the target (the first online requests beside a full batch take tens of seconds on a CPU;
+        their end is too late to start narrowing). Whether the window changed."""
         samples = self._idle.get((sample.model, sample.endpoint))
         if not self.enabled or self._probe is not None or not samples or sample.model != self._model:
             return False
         if self.window is not None and sample.batch_at_start > self.window:
             return False
         ratio = sample.seconds_per_token / statistics.median(s for _, s in samples)
-        if ratio <= 2 * self.target:
+        if not self._first_cut(ratio):
             return False
         before = self.window
         self._decide.clear()
-        self._step(ratio, self._clock())
+        self._step(ratio, self._clock(), 1)
         return self.window != before
 
     # ---- the law
 
-    def _step(self, ratio: float, now: float) -> None:
+    def _step(self, ratio: float, now: float, samples: int) -> None:
+        """`ratio`: the median of `samples` answers. One very slow answer may narrow, but only a median of
+        DECIDE_SAMPLES may judge that narrowing did not help: on a machine shared with other work single answers
+        swing by several times (seen here: 1.5 × and 4.4 × idle a few seconds apart at one window)."""
         running = max(1, self._running())
         current = running if self.window is None else min(self.window, running)
         if ratio > self.target:
-            if self._cuts_from is not None:
+            if self._cuts_from is not None and samples >= DECIDE_SAMPLES:
                 began, began_ratio = self._cuts_from
                 shrunk = 1 - current / began
                 if shrunk >= FUTILE_SHRINK and (began_ratio - ratio) / began_ratio < FUTILE_GAIN * shrunk:
@@ -229,6 +232,11 @@ class LatencyController:
         else:
             self._cuts_from = None  # within the band: settled
             self._good = current
+
+    def _first_cut(self, ratio: float) -> bool:
+        """Whether one answer suffices: one more than twice the target, not already cutting. Beside a full
+        batch the first cut cannot come soon enough; the next ones wait for a median of DECIDE_SAMPLES."""
+        return ratio > 2 * self.target and self._cuts_from is None
 
     def _scale(self, ratio: float) -> float:
         """What the window is multiplied by to bring the ratio to target × AIM, were it to grow in proportion to
