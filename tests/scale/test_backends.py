@@ -178,6 +178,36 @@ def test_models_are_discovered_from_each_backend(server_factory: ServerFactory,
     assert unknown.errors is not None and unknown.errors.data[0].code == "model_not_found"
 
 
+def test_a_batch_waits_to_validate_until_a_backend_has_listed_its_models(server_factory: ServerFactory,
+                                                                           echo_backend: BackendFactory) -> None:
+    # Regression: a backend that had not yet answered /v1/models (starting, or slower than a health check on a
+    # loaded machine) made every batch fail validation with model_not_found.
+    late = echo_backend("late")
+    late.kill()  # its address is known; it starts after the batch is accepted
+    server = server_factory(engine="http", extra_args=backend_args(late, extra=("--backend-wait-seconds", "60")))
+    client = sdk(server)
+    batch_id = submit(client, chat_lines(20)).id
+    time.sleep(2.5)  # several validation attempts, each finding no model list
+    assert client.batches.retrieve(batch_id).status == "validating"
+    assert "has not yet listed its models" in full_log(server)
+    late.start()
+    batch = wait_for(client, batch_id, timeout=60)
+    assert batch.status == "completed", batch
+    assert_exactly_once(client, batch, {f"req-{i}" for i in range(20)})
+
+
+def test_a_model_no_backend_lists_fails_once_they_never_answered_for_the_wait(
+        server_factory: ServerFactory, echo_backend: BackendFactory) -> None:
+    gone = echo_backend("gone")
+    gone.kill()
+    server = server_factory(engine="http", extra_args=backend_args(gone, extra=("--backend-wait-seconds", "1")))
+    client = sdk(server)
+    batch = wait_for(client, submit(client, chat_lines(3)).id, timeout=30)
+    assert batch.status == "failed"
+    assert batch.errors is not None and batch.errors.data[0].code == "model_not_found"
+    assert "never answered /v1/models" in full_log(server)
+
+
 def test_each_backend_gets_only_its_own_key(server_factory: ServerFactory, echo_backend: BackendFactory) -> None:
     key_a, key_b = "sk-backend-a-0123456789", "sk-backend-b-9876543210"
     with_a = echo_backend("a", "--api-key", key_a, "--delay", "0.005")

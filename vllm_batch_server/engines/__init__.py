@@ -10,7 +10,8 @@ from vllm_batch_server.engines.base import Engine, EngineError, Result, Usage
 from vllm_batch_server.engines.in_process import in_process_engine
 from vllm_batch_server.settings import Settings, SettingsError
 
-__all__ = ["Engine", "EngineError", "Result", "Usage", "check_settings", "create_engine", "served_models"]
+__all__ = ["Engine", "EngineError", "Result", "Usage", "check_settings", "create_engine", "served_models",
+           "unlisted_backends"]
 
 
 def check_settings(settings: Settings) -> None:
@@ -64,3 +65,9 @@ async def served_models(engine: Engine, settings: Settings) -> list[str]:
         return list(settings.models)
     names: list[str] = await discover()
     return names
+
+
+def unlisted_backends(engine: Engine) -> list[str]:
+    """The backends whose model lists are not known yet (none without backends)."""
+    unlisted = getattr(engine, "unlisted_backends", None)
+    return list(unlisted()) if unlisted is not None else []

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from vllm_batch_server import ids
 from vllm_batch_server.aio import wait_event
-from vllm_batch_server.engines import served_models
+from vllm_batch_server.engines import served_models, unlisted_backends
 from vllm_batch_server.engines.base import Engine, EngineError
 from vllm_batch_server.exhaustion import Exhausted, exhausted
 from vllm_batch_server.queue.engine_owner import (
@@ -50,7 +50,7 @@ from vllm_batch_server.queue.engine_owner import (
 from vllm_batch_server.queue.online import OnlineTraffic
 from vllm_batch_server.queue.priority import batch_priority
 from vllm_batch_server.queue.runner import CANCELLED, EXPIRED, SHUTDOWN, BatchRunner
-from vllm_batch_server.queue.validate import validate_input
+from vllm_batch_server.queue.validate import Report, validate_input
 from vllm_batch_server.settings import Settings
 from vllm_batch_server.statuses import BatchStatus
 from vllm_batch_server.store import idempotency
@@ -135,6 +135,7 @@ class Scheduler:
         self._bringing = 0  # model loads started and not ended
         self._queue_changed = asyncio.Event()
         self._new_batch = asyncio.Event()
+        self._unlisted_wait: set[str] = set()  # batches waiting for a backend's model list to validate
         self._tasks: list[asyncio.Task[None]] = []
         self._finalizing: set[str] = set()
         self._keys_swept = 0  # when old Idempotency-Keys were last forgotten
@@ -227,7 +228,9 @@ class Scheduler:
     async def _validate_loop(self) -> None:
         while True:
             self._new_batch.clear()  # before looking, so a batch created meanwhile wakes us again
-            for batch in await self.db.batches_in([S.VALIDATING]):
+            validating = await self.db.batches_in([S.VALIDATING])
+            self._unlisted_wait.intersection_update(batch.id for batch in validating)  # cancelled ones leave
+            for batch in validating:
                 try:
                     await self._validate(batch)
                 except Exception as exc:
@@ -236,7 +239,7 @@ class Scheduler:
                         continue
                     log.exception("could not validate batch %s", batch.id)
                     await self._fail(batch, "server_error", "The input file could not be validated.")
-            await wait_event(self._new_batch, 5)
+            await wait_event(self._new_batch, 1 if self._unlisted_wait else 5)
 
     async def _validate(self, batch: BatchRow) -> None:
         path = self.blobs.file_path(batch.input_file_id)
@@ -245,6 +248,9 @@ class Scheduler:
             validate_input, path, endpoint=batch.endpoint, served_models=served,
             max_lines=self.settings.max_batch_lines, max_errors=self.settings.max_errors_reported,
             scratch=self.blobs.tmp_dir)
+        if not report.ok and self._wait_for_model_lists(batch, report):
+            return
+        self._unlisted_wait.discard(batch.id)
         if report.ok:
             changed = await self.lifecycle.move(batch.id, S.IN_PROGRESS, only_from=[S.VALIDATING],
                                                 total=report.total, model=report.model)
@@ -253,6 +259,23 @@ class Scheduler:
                                                 errors=[e.as_dict() for e in report.errors], total=report.total)
         if changed:
             self._queue_changed.set()  # either way, the batches queued behind it may go now
+
+    def _wait_for_model_lists(self, batch: BatchRow, report: Report) -> bool:
+        """A model no backend lists is no reason to fail the batch while a backend has not said what it serves
+        (starting, or slower than a health check under load): it stays validating, retried every second, for
+        up to --backend-wait-seconds after it was created."""
+        unlisted = unlisted_backends(self.engine)
+        if not unlisted or not any(e.code == "model_not_found" for e in report.errors):
+            return False
+        if time.time() - batch.created_at > self.settings.backend_wait_seconds:
+            log.warning("batch %s: its model is not listed by any backend, and %s never answered /v1/models "
+                        "within --backend-wait-seconds (%gs)", batch.id, ", ".join(unlisted),
+                        self.settings.backend_wait_seconds)
+            return False
+        if batch.id not in self._unlisted_wait:
+            log.info("batch %s waits to validate: %s has not yet listed its models", batch.id, ", ".join(unlisted))
+            self._unlisted_wait.add(batch.id)
+        return True
 
     # ---- running -----------------------------------------------------------------------------------------
 

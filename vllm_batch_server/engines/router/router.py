@@ -288,6 +288,11 @@ class Router:
             names.extend(backend.models or [])  # the last list it gave, if it is down now
         return list(dict.fromkeys(names))
 
+    def unlisted_backends(self) -> list[str]:
+        """The backends that have not yet answered /v1/models once: what they serve is not known, so a model
+        missing from served_models() may still be theirs (a backend starting, or too slow under load)."""
+        return [m.name for m in self.members if isinstance(m.engine, HttpEngine) and m.engine.models is None]
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Each member's state and counters (for logs, benchmarks and, later, metrics)."""
         return [member.snapshot() for member in self.members]
