@@ -78,3 +78,32 @@ def test_the_real_engine_runs_split_the_session_servers_tests_from_the_rest() ->
     assert {"tests/vllm/test_e2e.py", "tests/vllm/test_online.py", "tests/vllm/test_engine_death.py"} <= session
     assert {"tests/vllm/test_crash.py", "tests/vllm/test_online_preemption.py"} <= own
     assert not session & own  # a module split over both would start the session server in both
+
+
+def test_cpu_account_counts_the_cpu_of_the_processes_a_test_starts(tmp_path: Path) -> None:
+    """`pytest -p tests.helpers.cpu_account`: which tests cost CPU (on 2 busy cores, what the suite's time is
+    made of), the processes they start included, which `--durations` cannot tell from waiting."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_costs.py").write_text(
+        "import subprocess, sys, time\n"
+        "def test_burns_in_a_child():\n"
+        "    subprocess.run([sys.executable, '-c', 'import time\\nend = time.process_time() + 1.0\\n"
+        "while time.process_time() < end: pass'], check=True)\n"
+        "def test_waits():\n"
+        "    time.sleep(1.0)\n")
+    out = tmp_path / "cpu.jsonl"
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.helpers.cpu_account", "-q",
+                           "-p", "no:cacheprovider", str(tmp_path / "test_costs.py")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(repo), "BATCH_TEST_CPU": str(out)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "CPU seconds: the 25 costliest tests" in done.stdout
+    seconds = {json.loads(line)["test"].split("::")[1]: json.loads(line)["cpu_seconds"]
+               for line in out.read_text().splitlines()}
+    assert seconds["test_burns_in_a_child"] >= 0.9, seconds
+    assert seconds["test_waits"] < 0.5, seconds
