@@ -39,12 +39,6 @@ def _descendants() -> dict[int, float]:
     return seconds
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    _totals.setdefault(item.nodeid, 0.0)
-    return (yield)
-
-
 def _phase(item: pytest.Item) -> Iterator[None]:
     own, alive = _own(), _descendants()
     try:

@@ -135,7 +135,8 @@ class Scheduler:
         self._bringing = 0  # model loads started and not ended
         self._queue_changed = asyncio.Event()
         self._new_batch = asyncio.Event()
-        self._unlisted_wait: set[str] = set()  # batches waiting for a backend's model list to validate
+        # Batches waiting for backends' model lists to validate, with the backends they wait for.
+        self._unlisted_wait: dict[str, frozenset[str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._finalizing: set[str] = set()
         self._keys_swept = 0  # when old Idempotency-Keys were last forgotten
@@ -229,7 +230,8 @@ class Scheduler:
         while True:
             self._new_batch.clear()  # before looking, so a batch created meanwhile wakes us again
             validating = await self.db.batches_in([S.VALIDATING])
-            self._unlisted_wait.intersection_update(batch.id for batch in validating)  # cancelled ones leave
+            still = {batch.id for batch in validating}
+            self._unlisted_wait = {k: v for k, v in self._unlisted_wait.items() if k in still}  # cancelled leave
             for batch in validating:
                 try:
                     await self._validate(batch)
@@ -244,13 +246,16 @@ class Scheduler:
     async def _validate(self, batch: BatchRow) -> None:
         path = self.blobs.file_path(batch.input_file_id)
         served = await served_models(self.engine, self.settings)  # with backends: what they serve now
+        unchanged = self._unlisted_wait.get(batch.id) == frozenset(unlisted_backends(self.engine))
+        if unchanged and not self._waited_out(batch):
+            return  # no backend has listed its models since the last try: reading the file again would tell nothing
         report = await asyncio.to_thread(
             validate_input, path, endpoint=batch.endpoint, served_models=served,
             max_lines=self.settings.max_batch_lines, max_errors=self.settings.max_errors_reported,
             scratch=self.blobs.tmp_dir)
         if not report.ok and self._wait_for_model_lists(batch, report):
             return
-        self._unlisted_wait.discard(batch.id)
+        self._unlisted_wait.pop(batch.id, None)
         if report.ok:
             changed = await self.lifecycle.move(batch.id, S.IN_PROGRESS, only_from=[S.VALIDATING],
                                                 total=report.total, model=report.model)
@@ -267,15 +272,18 @@ class Scheduler:
         unlisted = unlisted_backends(self.engine)
         if not unlisted or not any(e.code == "model_not_found" for e in report.errors):
             return False
-        if time.time() - batch.created_at > self.settings.backend_wait_seconds:
+        if self._waited_out(batch):
             log.warning("batch %s: its model is not listed by any backend, and %s never answered /v1/models "
                         "within --backend-wait-seconds (%gs)", batch.id, ", ".join(unlisted),
                         self.settings.backend_wait_seconds)
             return False
         if batch.id not in self._unlisted_wait:
             log.info("batch %s waits to validate: %s has not yet listed its models", batch.id, ", ".join(unlisted))
-            self._unlisted_wait.add(batch.id)
+        self._unlisted_wait[batch.id] = frozenset(unlisted)
         return True
+
+    def _waited_out(self, batch: BatchRow) -> bool:
+        return time.time() - batch.created_at > self.settings.backend_wait_seconds
 
     # ---- running -----------------------------------------------------------------------------------------
 
