@@ -159,9 +159,11 @@ def test_a_graceful_stop_ends_open_streams_at_once(server: RunningServer) -> Non
     """SIGTERM with dashboards connected: the streams end and the server exits well within uvicorn's graceful
     timeout (5 s), instead of waiting it out for connections that would never close by themselves."""
     ended: list[float] = []
+    connected = threading.Semaphore(0)
 
     def follow() -> None:
         with httpx.stream("GET", server.root_url + "/v1/events/stream", timeout=30) as response:
+            connected.release()
             for _ in response.iter_lines():
                 pass
         ended.append(time.monotonic())
@@ -169,7 +171,9 @@ def test_a_graceful_stop_ends_open_streams_at_once(server: RunningServer) -> Non
     readers = [threading.Thread(target=follow) for _ in range(3)]
     for reader in readers:
         reader.start()
-    time.sleep(0.7)
+    # Signal only once every stream is open: on a loaded machine a fixed sleep let SIGTERM beat a connect.
+    for _ in readers:
+        assert connected.acquire(timeout=30)
     assert server.process is not None
     asked = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
