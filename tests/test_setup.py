@@ -94,7 +94,15 @@ def test_cpu_account_counts_the_cpu_of_the_processes_a_test_starts(tmp_path: Pat
         "    subprocess.run([sys.executable, '-c', 'import time\\nend = time.process_time() + 1.0\\n"
         "while time.process_time() < end: pass'], check=True)\n"
         "def test_waits():\n"
-        "    time.sleep(1.0)\n")
+        "    time.sleep(1.0)\n"
+        "BURN = 'import time\\nend = time.process_time() + 1.0\\nwhile time.process_time() < end: pass\\n"
+        "time.sleep(60)'\n"
+        "held = []\n"
+        "def test_starts_a_process_that_burns_and_outlives_it():\n"
+        "    held.append(subprocess.Popen([sys.executable, '-c', BURN]))\n"
+        "    time.sleep(2.0)\n"
+        "def test_stops_it():\n"
+        "    held[0].kill(); held[0].wait()\n")
     out = tmp_path / "cpu.jsonl"
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.helpers.cpu_account", "-q",
@@ -107,3 +115,7 @@ def test_cpu_account_counts_the_cpu_of_the_processes_a_test_starts(tmp_path: Pat
                for line in out.read_text().splitlines()}
     assert seconds["test_burns_in_a_child"] >= 0.9, seconds
     assert seconds["test_waits"] < 0.5, seconds
+    # A process is counted once, where it used its CPU, not again by the test that reaps it (a session's
+    # server was counted twice: its whole life went to the last test).
+    assert seconds["test_starts_a_process_that_burns_and_outlives_it"] >= 0.9, seconds
+    assert seconds["test_stops_it"] < 0.5, seconds

@@ -3,9 +3,10 @@
 On 2 cores the suite's processes run side by side and every one is CPU-bound, so its wall time is its CPU seconds
 over two: wall durations (`--durations`) say which tests wait, this says which tests cost. Each phase (setup, call,
 teardown) counts its own CPU, the CPU its reaped children used, and what the processes still alive under it used
-since the phase began (a server and its vLLM engine core, before the test's teardown kills them). Not counted: a
-process killed by a signal to its group and never reaped by us (a vLLM engine core after `kill -9`), after the
-last phase that saw it alive. Prints the 25 costliest tests; `BATCH_TEST_CPU=path` writes every test's seconds
+since the phase began (a server and its vLLM engine core, before the test's teardown kills them). A process that
+ends is counted once: what earlier phases saw it use is taken back when its reaper's totals take it in (a
+session's server, stopped after the last test, costs that test only its last seconds). Not counted: what an
+orphan (a vLLM engine core whose server was killed with it by `kill -9`) used after the last phase that saw it. Prints the 25 costliest tests; `BATCH_TEST_CPU=path` writes every test's seconds
 as JSON lines.
 """
 
@@ -28,15 +29,17 @@ def _own() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
-def _descendants() -> dict[int, float]:
-    seconds: dict[int, float] = {}
+def _descendants() -> dict[int, tuple[float, int]]:
+    """Each live process under this one: its CPU seconds, with what it reaped (which then leaves the list), and
+    its parent."""
+    seen: dict[int, tuple[float, int]] = {}
     for child in psutil.Process().children(recursive=True):
         try:
-            times = child.cpu_times()
-            seconds[child.pid] = times.user + times.system
+            times, parent = child.cpu_times(), child.ppid()
         except psutil.Error:
             continue  # gone meanwhile: its parent's reaping counts it, or nothing can
-    return seconds
+        seen[child.pid] = (times.user + times.system + times.children_user + times.children_system, parent)
+    return seen
 
 
 def _phase(item: pytest.Item) -> Iterator[None]:
@@ -44,9 +47,14 @@ def _phase(item: pytest.Item) -> Iterator[None]:
     try:
         yield
     finally:
-        used = _own() - own
-        for pid, seconds in _descendants().items():
-            used += seconds - alive.get(pid, 0.0)
+        now = _descendants()
+        used = _own() - own + sum(seconds - alive.get(pid, (0.0, 0))[0] for pid, (seconds, _) in now.items())
+        me = os.getpid()
+        for pid, (seconds, parent) in alive.items():
+            # Ended: its reaper's totals (ours for our children, a live parent's) hold all of it now, and the part
+            # seen before this phase began was counted then. An orphan's is in no total: it keeps what it had.
+            if pid not in now and (parent == me or parent in now):
+                used -= seconds
         _totals[item.nodeid] = _totals.get(item.nodeid, 0.0) + max(used, 0.0)
 
 
