@@ -18,9 +18,8 @@ from tests.vllm.conftest import BATCH_TIMEOUT, CHAT_MODEL, EMBED_MODEL, chat_lin
 
 pytestmark = pytest.mark.vllm
 
-N = 32  # four waves of the window of 8: the kill lands after the first, with the rest to run
-# Embeddings of ~200 tokens each: long enough to still be running when the chats have done a wave.
-EMBEDDINGS = 1500
+N = 40  # five waves of the window of 8, each 64 tokens long: the kill lands after the first, with four to run
+EMBEDDINGS = 240  # ~200 tokens each: thirty waves of 8, far from done when the kill lands after the first
 TEXT = "Batch inference keeps results durable across crashes. "
 
 
@@ -32,13 +31,17 @@ def test_kill_9_mid_batch_then_restart_yields_every_request_exactly_once(model_c
                                "--max-loaded-models", "2", "--preload", timeout=BATCH_TIMEOUT)
     try:
         client = sdk(server, timeout=60)
-        lines = [chat_line(f"req-{i}", f"Write one sentence about the number {i}.", max_tokens=24)
-                 for i in range(N)]
+        # ignore_eos: every chat runs its 64 tokens, so the chats' waves have a known length on any machine.
+        lines = [chat_line(f"req-{i}", f"Write one sentence about the number {i}.", max_tokens=64,
+                           ignore_eos=True) for i in range(N)]
         embeddings = [embed_line(f"emb-{i}", f"{i}: " + TEXT * 20) for i in range(EMBEDDINGS)]
+        # The embeddings start once the chats have done a wave, so they need not outlast the chats' first wave
+        # (1,500 of them did, which made this the suite's costliest test); the four waves the chats still have
+        # to run outlast the embeddings' first.
         batch = submit(client, lines)
+        wait_for(client, batch.id, timeout=BATCH_TIMEOUT,
+                 until=lambda b: b.request_counts is not None and b.request_counts.completed >= 8)
         embed = submit(client, embeddings, endpoint="/v1/embeddings")
-        running = wait_for(client, batch.id, timeout=BATCH_TIMEOUT,
-                           until=lambda b: b.request_counts is not None and b.request_counts.completed >= 8)
         embedding = wait_for(client, embed.id, timeout=BATCH_TIMEOUT,
                              until=lambda b: b.request_counts is not None and b.request_counts.completed >= 8)
         running = client.batches.retrieve(batch.id)
