@@ -6,6 +6,8 @@ import re
 import runpy
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,39 +44,40 @@ def test_the_ci_session_runs_lint_types_other_pythons_and_everything() -> None:
     assert 'python_version = "3.10"' in pyproject and 'requires-python = ">=3.10"' in pyproject
 
 
-def test_the_halves_of_the_fast_suite_add_up_to_all_of_it() -> None:
-    """Each fast test runs in exactly one half (and the recorded durations are where the split reads them)."""
+@pytest.fixture(scope="module")
+def selections() -> dict[str, set[str]]:
+    """What the fast suite, its two halves and the two real-engine runs select, collected in one process."""
+    import json
     import subprocess
     import sys
 
     noxfile = runpy.run_path(str(REPO / "noxfile.py"))
     assert (REPO / noxfile["DURATIONS"][-1]).is_file()
+    # Two folders stand for the whole fast suite: collecting all of it three times takes half a minute.
+    fast = ["-m", "not vllm", "tests/server", "tests/client"]
+    wanted = {"everything": fast,
+              **{f"half {group}": [*fast, "--splits", "2", "--group", str(group), *noxfile["DURATIONS"]]
+                 for group in (1, 2)},
+              **{marks: ["-m", marks, "tests/vllm"] for marks in noxfile["REAL_ENGINE_RUNS"].values()}}
+    done = subprocess.run([sys.executable, "-m", "tests.helpers.collect", json.dumps(list(wanted.values()))],
+                          capture_output=True, text=True, cwd=REPO, check=True)
+    found = json.loads(done.stdout.splitlines()[-1])
+    return {name: set(ids) for name, ids in zip(wanted, found, strict=True)}
 
-    def collected(*args: str) -> set[str]:
-        # Two folders stand for the whole suite: collecting it all three times takes half a minute.
-        done = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-m", "not vllm", "-p", "no:cacheprovider",
-                               "tests/server", "tests/client", *args], capture_output=True, text=True, cwd=REPO,
-                              check=True)
-        return {line for line in done.stdout.splitlines() if "::" in line}
 
-    everything = collected()
-    halves = [collected("--splits", "2", "--group", str(group), *noxfile["DURATIONS"]) for group in (1, 2)]
+def test_the_halves_of_the_fast_suite_add_up_to_all_of_it(selections: dict[str, set[str]]) -> None:
+    """Each fast test runs in exactly one half (and the recorded durations are where the split reads them)."""
+    halves = [selections["half 1"], selections["half 2"]]
     assert halves[0] and halves[1] and not halves[0] & halves[1]
-    assert halves[0] | halves[1] == everything
+    assert halves[0] | halves[1] == selections["everything"]
 
 
-def test_the_real_engine_runs_split_the_session_servers_tests_from_the_rest() -> None:
+def test_the_real_engine_runs_split_the_session_servers_tests_from_the_rest(
+        selections: dict[str, set[str]]) -> None:
     """tests/vllm/conftest.py marks the tests on the session server `vllm_session` from their fixtures, so CI's
     two real-engine runs start the session server in one process only."""
-    import subprocess
-    import sys
-
-    def collected(marks: str) -> set[str]:
-        done = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-m", marks, "-p", "no:cacheprovider",
-                               "tests/vllm"], capture_output=True, text=True, cwd=REPO, check=True)
-        return {line.split("::")[0] for line in done.stdout.splitlines() if "::" in line}
-
-    session, own = collected("vllm and vllm_session"), collected("vllm and not vllm_session")
+    session = {nodeid.split("::")[0] for nodeid in selections["vllm and vllm_session"]}
+    own = {nodeid.split("::")[0] for nodeid in selections["vllm and not vllm_session"]}
     assert {"tests/vllm/test_e2e.py", "tests/vllm/test_online.py", "tests/vllm/test_engine_death.py"} <= session
     assert {"tests/vllm/test_crash.py", "tests/vllm/test_online_preemption.py"} <= own
     assert not session & own  # a module split over both would start the session server in both

@@ -6,8 +6,8 @@ teardown) counts its own CPU, the CPU its reaped children used, and what the pro
 since the phase began (a server and its vLLM engine core, before the test's teardown kills them). A process that
 ends is counted once: what earlier phases saw it use is taken back when its reaper's totals take it in (a
 session's server, stopped after the last test, costs that test only its last seconds). Not counted: what an
-orphan (a vLLM engine core whose server was killed with it by `kill -9`) used after the last phase that saw it. Prints the 25 costliest tests; `BATCH_TEST_CPU=path` writes every test's seconds
-as JSON lines.
+orphan (a vLLM engine core whose server was killed with it by `kill -9`) used after the last phase that saw it.
+Prints the 25 costliest tests; `BATCH_TEST_CPU=path` writes every test's seconds as JSON lines.
 """
 
 from __future__ import annotations
