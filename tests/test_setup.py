@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import runpy
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -91,21 +92,31 @@ def test_cpu_account_counts_the_cpu_of_the_processes_a_test_starts(tmp_path: Pat
     import subprocess
     import sys
 
-    (tmp_path / "test_costs.py").write_text(
-        "import subprocess, sys, time\n"
-        "def test_burns_in_a_child():\n"
-        "    subprocess.run([sys.executable, '-c', 'import time\\nend = time.process_time() + 1.0\\n"
-        "while time.process_time() < end: pass'], check=True)\n"
-        "def test_waits():\n"
-        "    time.sleep(1.0)\n"
-        "BURN = 'import time\\nend = time.process_time() + 1.0\\nwhile time.process_time() < end: pass\\n"
-        "time.sleep(60)'\n"
-        "held = []\n"
-        "def test_starts_a_process_that_burns_and_outlives_it():\n"
-        "    held.append(subprocess.Popen([sys.executable, '-c', BURN]))\n"
-        "    time.sleep(2.0)\n"
-        "def test_stops_it():\n"
-        "    held[0].kill(); held[0].wait()\n")
+    (tmp_path / "test_costs.py").write_text(textwrap.dedent("""
+        import signal, subprocess, sys, time
+        BURN = "import time\\nend = time.process_time() + 1.0\\nwhile time.process_time() < end: pass\\n"
+        HOLD = BURN + "print('burnt', flush=True)\\ntime.sleep(60)\\n"  # burns, says so, lives on
+        # A parent that starts a burning child and, on SIGTERM, reaps it and exits: a server and its engine.
+        TREE = ("import signal, subprocess, sys\\n"
+                f"child = subprocess.Popen([sys.executable, '-c', {HOLD!r}])\\n"
+                "signal.signal(signal.SIGTERM, lambda *_: (child.kill(), child.wait(), sys.exit(0)))\\n"
+                "signal.pause()\\n")
+        held = []
+        def test_burns_in_a_child():
+            subprocess.run([sys.executable, "-c", BURN], check=True)
+        def test_waits():
+            time.sleep(1.0)
+        def test_starts_processes_that_burn_and_outlive_it():
+            held.append(subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE))
+            held.append(subprocess.Popen([sys.executable, "-c", TREE], stdout=subprocess.PIPE))
+            for process in held:
+                assert process.stdout.readline() == b"burnt\\n"
+        def test_stops_them():
+            held[0].kill()
+            held[1].send_signal(signal.SIGTERM)
+            for process in held:
+                process.wait()
+        """))
     out = tmp_path / "cpu.jsonl"
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.helpers.cpu_account", "-q",
@@ -119,6 +130,6 @@ def test_cpu_account_counts_the_cpu_of_the_processes_a_test_starts(tmp_path: Pat
     assert seconds["test_burns_in_a_child"] >= 0.9, seconds
     assert seconds["test_waits"] < 0.5, seconds
     # A process is counted once, where it used its CPU, not again by the test that reaps it (a session's
-    # server was counted twice: its whole life went to the last test).
-    assert seconds["test_starts_a_process_that_burns_and_outlives_it"] >= 0.9, seconds
-    assert seconds["test_stops_it"] < 0.5, seconds
+    # server was counted twice: its whole life went to the last test), nor a child its parent reaped.
+    assert seconds["test_starts_processes_that_burn_and_outlive_it"] >= 1.8, seconds
+    assert seconds["test_stops_them"] < 0.5, seconds

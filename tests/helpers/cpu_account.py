@@ -5,8 +5,9 @@ over two: wall durations (`--durations`) say which tests wait, this says which t
 teardown) counts its own CPU, the CPU its reaped children used, and what the processes still alive under it used
 since the phase began (a server and its vLLM engine core, before the test's teardown kills them). A process that
 ends is counted once: what earlier phases saw it use is taken back when its reaper's totals take it in (a
-session's server, stopped after the last test, costs that test only its last seconds). Not counted: what an
-orphan (a vLLM engine core whose server was killed with it by `kill -9`) used after the last phase that saw it.
+session's server, or Chromium, stopped after the last test, costs that test only its last seconds). Not counted
+at all: a process killed together with its parent, which then never reaps it (a vLLM engine core under `kill -9`
+of its server's process group); the machine's own CPU counters (/proc/stat) measure such tests.
 Prints the 25 costliest tests; `BATCH_TEST_CPU=path` writes every test's seconds as JSON lines.
 """
 
@@ -49,11 +50,10 @@ def _phase(item: pytest.Item) -> Iterator[None]:
     finally:
         now = _descendants()
         used = _own() - own + sum(seconds - alive.get(pid, (0.0, 0))[0] for pid, (seconds, _) in now.items())
-        me = os.getpid()
-        for pid, (seconds, parent) in alive.items():
-            # Ended: its reaper's totals (ours for our children, a live parent's) hold all of it now, and the part
-            # seen before this phase began was counted then. An orphan's is in no total: it keeps what it had.
-            if pid not in now and (parent == me or parent in now):
+        for pid, (seconds, _) in alive.items():
+            # Ended: its reaper's totals (ours, or those of a live ancestor) hold all of it now, including the part
+            # seen before this phase began, which was counted then.
+            if pid not in now:
                 used -= seconds
         _totals[item.nodeid] = _totals.get(item.nodeid, 0.0) + max(used, 0.0)
 
