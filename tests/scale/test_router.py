@@ -123,14 +123,22 @@ def test_a_prefix_every_request_shares_spills_to_idle_engines() -> None:
 def test_lower_priority_values_go_first() -> None:
     async def scenario() -> list[str]:
         log: list[tuple[str, str]] = []
-        engine = Recording("only", log, window=1, echo_delay=0.05)
+        engine = Recording("only", log, window=1, echo_delay=0.3)
         router = router_of(engine)
         await router.start(MODEL)
+
+        async def waiting(count: int) -> None:
+            # Not a fixed sleep: on CI's loaded cores "first" once finished before "online" was even queued.
+            while router._slots.waiting < count:  # noqa: ASYNC110 (the router has no event to wait on)
+                await asyncio.sleep(0.001)
+
         first = asyncio.create_task(router.run("first", CHAT, chat("x")))
-        await asyncio.sleep(0.01)  # "first" holds the only slot; the next two wait
+        await asyncio.sleep(0.01)  # "first" holds the only slot (for 0.3 s); the next two wait
         later = asyncio.create_task(router.run("batch", CHAT, chat("y"), priority=5))
-        await asyncio.sleep(0.001)
+        await asyncio.wait_for(waiting(1), 10)
         sooner = asyncio.create_task(router.run("online", CHAT, chat("z"), priority=0))
+        await asyncio.wait_for(waiting(2), 10)
+        assert not log, log  # both queued while "first" still ran
         await asyncio.gather(first, later, sooner)
         await router.stop()
         return [request_id for _, request_id in log]
