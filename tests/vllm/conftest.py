@@ -17,6 +17,8 @@ import openai
 import pytest
 
 from tests.conftest import TERMINAL, sdk, submit, wait_for
+from tests.helpers import postgres
+from tests.helpers.handlers import handler_flags
 from tests.helpers.server import RunningServer, make_server
 
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -174,3 +176,34 @@ def back_to_back(vllm_server: RunningServer) -> BackToBack:
     completions = wait_for(client, completions.id, timeout=BATCH_TIMEOUT)
     embed = wait_for(client, embed.id, timeout=BATCH_TIMEOUT)
     return BackToBack(vllm_server, client, chat_lines, embed_lines, chat, completions, embed)
+
+
+# The environment variable the small-cache server's PostgreSQL result handler reads its DSN from.
+RESULTS_DSN_ENV = "VB_E2E_RESULTS_DSN"
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[postgres.Postgres]:
+    with postgres.running() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def small_cache_server(model_cache: Path, pg: postgres.Postgres,
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One chat model on a KV cache far too small for its batches (`num_gpu_blocks_override=9`: 8 usable blocks of
+    128 tokens, as vLLM keeps one back, for at most 8 sequences), every batch's results delivered to PostgreSQL.
+    No --online-model: the first batch loads the model, and a restart with nothing to run loads none.
+
+    Shared by test_online_preemption.py, which needs the small cache, and test_results_e2e.py, which kills and
+    restarts it: one model load for both (each had a server and a load of its own; a load is ~25 s of CPU).
+    Files run in name order, so the preemption test runs first."""
+    flags = handler_flags(warehouse={"type": "postgres", "dsn_env": RESULTS_DSN_ENV, "table": "answers",
+                                     "backoff_seconds": 0.5, "max_attempts": 1000})
+    server = make_server(tmp_path_factory.mktemp("small-cache") / "data", engine="vllm", models=[CHAT_MODEL],
+                         env={RESULTS_DSN_ENV: pg.dsn},
+                         extra_args=["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8",
+                                     "--engine-arg", "num_gpu_blocks_override=9",
+                                     "--checkpoint-seconds", "0.2", *flags]).start(timeout=BATCH_TIMEOUT)
+    yield server
+    server.kill()

@@ -1,45 +1,25 @@
 """From results to a dataset on the real CPU engine: run a chat batch while following its results, mark answers gold
 from the CLI, export them to a fine-tuning file that `datasets` loads and the model's chat template renders, and a
-PostgreSQL result handler that has every row after a kill -9 between the batch's end and the delivery."""
+PostgreSQL result handler that has every row after a kill -9 between the batch's end and the delivery. On the
+server test_online_preemption.py used before (`small_cache_server`), which this test kills and restarts."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import postgres
-from tests.helpers.handlers import handler_flags, run_of
-from tests.helpers.server import RunningServer, make_server
-from tests.vllm.conftest import CHAT_MODEL, MAX_MODEL_LEN, MAX_TOKENS, QUESTIONS, chat_line
+from tests.helpers.handlers import run_of
+from tests.helpers.server import RunningServer
+from tests.vllm.conftest import CHAT_MODEL, MAX_TOKENS, QUESTIONS, chat_line
 from vllm_batch import VLLMBatch
 from vllm_batch._cli import main
 
 pytestmark = pytest.mark.vllm
 
-DSN_ENV = "VB_E2E_RESULTS_DSN"
 SYSTEM = "Answer in a few words."
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[postgres.Postgres]:
-    with postgres.running() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def server(model_cache: Path, pg: postgres.Postgres,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    flags = handler_flags(warehouse={"type": "postgres", "dsn_env": DSN_ENV, "table": "answers",
-                                     "backoff_seconds": 0.5, "max_attempts": 1000})
-    running = make_server(tmp_path_factory.mktemp("results-e2e") / "data", engine="vllm", models=[CHAT_MODEL],
-                          env={DSN_ENV: pg.dsn},
-                          extra_args=["--max-model-len", str(MAX_MODEL_LEN), "--checkpoint-seconds", "0.2",
-                                      *flags]).start(timeout=120)
-    yield running
-    running.kill()
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[str, str]:
@@ -52,7 +32,9 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[str, str]:
 
 
 def test_batch_to_gold_fine_tuning_data_and_postgres_rows_after_kill9(
-        server: RunningServer, pg: postgres.Postgres, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        small_cache_server: RunningServer, pg: postgres.Postgres, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    server = small_cache_server  # its batches fit its small KV cache: 8 short chats of one block each
     import psycopg
     from datasets import load_dataset
     from transformers import AutoTokenizer
