@@ -175,6 +175,9 @@ def test_back_to_back_batches_switch_models(back_to_back: BackToBack) -> None:
     assert f"vLLM loaded {CHAT_MODEL}" in log
     assert f"vLLM loaded {EMBED_MODEL}" in log
     assert log.index(f"vLLM loaded {CHAT_MODEL}") < log.index(f"vLLM loaded {EMBED_MODEL}")
+    # vLLM is imported once, from the engine's construction at start, not by the first load (which then waits
+    # for that import, if the first batch came sooner, instead of running its own).
+    assert log.count("vLLM imported ahead of the first model load") == 1
     # Each load takes what is alive out of the garbage collector's full collections, and says how much. (That
     # the switch gives the first model's objects back first is test_engine_config.py's: a count cannot tell.)
     frozen = [int(n) for n in re.findall(r"(\d+) objects frozen out of garbage collection", log)]

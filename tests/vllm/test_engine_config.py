@@ -270,3 +270,18 @@ def test_each_endpoint_s_request_validator_is_built_once_not_per_request(engine:
     refused = engine._parse("r", EMBEDDINGS, {"model": "m", "input": 3.5})
     assert isinstance(refused, Result) and refused.status_code == 400 and "input" in refused.body["error"]["param"]
     assert len(built) == after_first
+
+
+def test_vllm_is_imported_once_in_the_background_when_the_engine_is_built(engine: VLLMEngine) -> None:
+    """Building the engine starts importing vLLM in a thread, once per process, so the first model load does not
+    spend its first seconds importing it (docs/performance.md §1.5)."""
+    import sys
+
+    from vllm_batch_server.engines import vllm as vllm_module
+
+    thread = vllm_module.import_vllm_in_background()
+    assert thread is not None and thread is vllm_module.import_vllm_in_background()
+    assert not thread.daemon  # a server stopped meanwhile waits for the import rather than exiting inside it
+    thread.join(300)
+    assert not thread.is_alive()
+    assert {"vllm.engine.arg_utils", "vllm.v1.engine.async_llm"} <= set(sys.modules)

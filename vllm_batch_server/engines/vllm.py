@@ -192,9 +192,39 @@ def _freeze_what_is_loaded() -> int:
     return gc.get_freeze_count()
 
 
+# What the first load imports in this process (the engine arguments, the engine client, the serving objects).
+_FIRST_LOAD_IMPORTS: tuple[vllm_compat.Name, ...] = ("AsyncEngineArgs", "AsyncLLM", "UsageContext",
+                                                      "init_app_state", "make_arg_parser", "current_platform")
+_importing: threading.Thread | None = None
+
+
+def import_vllm_in_background() -> threading.Thread | None:
+    """Start importing vLLM in this process, once, in a thread: the first model load (often the first batch,
+    or the first switch after a restart) would otherwise spend its first ~7 s (2 cores) importing it, with the
+    import holding the GIL beside the API. Not a daemon: a server stopped meanwhile waits for the import to end
+    rather than exiting inside it. The load needs nothing from the thread: Python's import lock makes it wait
+    for a module being imported, and a failure is the load's to report."""
+    global _importing
+    if _importing is None:
+        def run() -> None:
+            began = time.monotonic()
+            try:
+                for name in _FIRST_LOAD_IMPORTS:
+                    vllm_compat.load(name)
+            except Exception as exc:  # the load imports it again and reports what is wrong
+                log.debug("importing vLLM ahead of the first load failed: %s", exc)
+                return
+            log.info("vLLM imported ahead of the first model load in %.1f s", time.monotonic() - began)
+
+        _importing = threading.Thread(target=run, name="import vLLM")
+        _importing.start()
+    return _importing
+
+
 class VLLMEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        import_vllm_in_background()
         self._llm: AsyncLLM | None = None
         self._serving: _Serving | None = None
         self._model: str | None = None
