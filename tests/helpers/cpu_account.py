@@ -30,17 +30,16 @@ def _own() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
-def _descendants() -> dict[int, tuple[float, int]]:
-    """Each live process under this one: its CPU seconds, with what it reaped (which then leaves the list), and
-    its parent."""
-    seen: dict[int, tuple[float, int]] = {}
+def _descendants() -> dict[int, float]:
+    """Each live process under this one: its CPU seconds, with what it reaped (which then leaves the list)."""
+    seconds: dict[int, float] = {}
     for child in psutil.Process().children(recursive=True):
         try:
-            times, parent = child.cpu_times(), child.ppid()
+            times = child.cpu_times()
         except psutil.Error:
             continue  # gone meanwhile: its parent's reaping counts it, or nothing can
-        seen[child.pid] = (times.user + times.system + times.children_user + times.children_system, parent)
-    return seen
+        seconds[child.pid] = times.user + times.system + times.children_user + times.children_system
+    return seconds
 
 
 def _phase(item: pytest.Item) -> Iterator[None]:
@@ -49,8 +48,8 @@ def _phase(item: pytest.Item) -> Iterator[None]:
         yield
     finally:
         now = _descendants()
-        used = _own() - own + sum(seconds - alive.get(pid, (0.0, 0))[0] for pid, (seconds, _) in now.items())
-        for pid, (seconds, _) in alive.items():
+        used = _own() - own + sum(seconds - alive.get(pid, 0.0) for pid, seconds in now.items())
+        for pid, seconds in alive.items():
             # Ended: its reaper's totals (ours, or those of a live ancestor) hold all of it now, including the part
             # seen before this phase began, which was counted then.
             if pid not in now:

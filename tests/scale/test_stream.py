@@ -57,6 +57,16 @@ def http_member(url: str, config: Settings) -> tuple[str, str, HttpEngine]:
     return spec.name, "http", HttpEngine(spec, config)
 
 
+async def all_in_rotation(router: Router) -> None:
+    """Wait (up to 30 s) until every member is in rotation: a backend that misses its first /v1/models (0.2 s
+    here, on loaded cores) joins on a later try."""
+    for _ in range(600):
+        if all(member.state is MemberState.UP for member in router.members):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not every member came into rotation: {router.snapshot()}")
+
+
 async def collect(outcome: Any) -> str:
     """The text of a chat stream (asserting it is one)."""
     assert not isinstance(outcome, Result), outcome
@@ -111,10 +121,7 @@ def test_streams_go_only_to_members_that_can_stream(echo_backend: BackendFactory
         plain = Plain(Recording("plain", log, window=64))
         router = Router([("plain", "local", plain), http_member(backend.url, config)], config)
         await router.start(MODEL)  # returns once one member is up: wait for the other too
-        for _ in range(3000):
-            if all(member.state is MemberState.UP for member in router.members):
-                break
-            await asyncio.sleep(0.01)
+        await all_in_rotation(router)
 
         async def one(i: int) -> str:
             return await collect(await router.stream(f"s{i}", CHAT, {**chat(f"n {i}"), "stream": True}))
@@ -135,14 +142,7 @@ def test_a_backend_gone_before_the_first_event_is_replaced(echo_backend: Backend
         config = settings()
         router = Router([http_member(gone.url, config), http_member(alive.url, config)], config)
         await router.start(MODEL)
-
-        # A backend that misses its first /v1/models (0.2 s here, on loaded cores) joins on a later try; it must
-        # be in rotation before it is killed, or there is nothing to take out.
-        for _ in range(600):
-            if all(member.state is MemberState.UP for member in router.members):
-                break
-            await asyncio.sleep(0.05)
-        assert all(member.state is MemberState.UP for member in router.members), router.snapshot()
+        await all_in_rotation(router)  # in rotation before it is killed, or there is nothing to take out
         gone.kill()
         texts = [await collect(await router.stream(f"s{i}", CHAT, {**chat(f"hello {i}"), "stream": True}))
                  for i in range(6)]

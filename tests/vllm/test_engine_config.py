@@ -274,7 +274,7 @@ def test_each_endpoint_s_request_validator_is_built_once_not_per_request(engine:
 
 def test_vllm_is_imported_once_in_the_background_when_the_engine_is_built(engine: VLLMEngine) -> None:
     """Building the engine starts importing vLLM in a thread, once per process, so the first model load does not
-    spend its first seconds importing it (docs/performance.md §1.5)."""
+    spend its first seconds importing it (docs/engines.md)."""
     import sys
 
     from vllm_batch_server.engines import vllm as vllm_module

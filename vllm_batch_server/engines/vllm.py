@@ -198,7 +198,7 @@ _FIRST_LOAD_IMPORTS: tuple[vllm_compat.Name, ...] = ("AsyncEngineArgs", "AsyncLL
 _importing: threading.Thread | None = None
 
 
-def import_vllm_in_background() -> threading.Thread | None:
+def import_vllm_in_background() -> threading.Thread:
     """Start importing vLLM in this process, once, in a thread: the first model load (often the first batch,
     or the first switch after a restart) would otherwise spend its first ~7 s (2 cores) importing it, with the
     import holding the GIL beside the API. Not a daemon: a server stopped meanwhile waits for the import to end
