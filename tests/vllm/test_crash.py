@@ -6,14 +6,17 @@ resident models, answered exactly once across the kill."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import sdk, submit, wait_for
 from tests.faults.checks import assert_exactly_once
+from tests.helpers.server import RunningServer
 from tests.vllm.conftest import BATCH_TIMEOUT, CHAT_MODEL, EMBED_MODEL, chat_line, embed_line, start_vllm_server
 
 pytestmark = pytest.mark.vllm
@@ -46,6 +49,10 @@ def test_kill_9_mid_batch_then_restart_yields_every_request_exactly_once(model_c
                              until=lambda b: b.request_counts is not None and b.request_counts.completed >= 8)
         running = client.batches.retrieve(batch.id)
         assert running.status == embedding.status == "in_progress", (running, embedding)
+        if len(os.sched_getaffinity(0)) >= 2:
+            # Each resident model computes on cores of its own (engines/cpu_cores.py), not both on vLLM's pick.
+            pinned = workers_cores(server)
+            assert len(pinned) == 2 and not set.intersection(*pinned), pinned
         assert running.request_counts.completed < N, "the chats finished before the kill; make them longer"
         assert embedding.request_counts.completed < EMBEDDINGS, "the embeddings finished before the kill"
         server.kill()  # SIGKILL to the whole process group: the server and both vLLM engine-core processes
@@ -75,3 +82,20 @@ def test_kill_9_mid_batch_then_restart_yields_every_request_exactly_once(model_c
         assert "unloading model" not in log
     finally:
         server.kill()
+
+
+def workers_cores(server: RunningServer) -> list[set[int]]:
+    """The CPUs each vLLM worker process under the server runs its threads on (the union of its threads')."""
+    assert server.process is not None
+    found = []
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            if "VLLM::Worker" not in " ".join(child.cmdline()):
+                continue
+            cpus: set[int] = set()
+            for thread in child.threads():
+                cpus |= os.sched_getaffinity(thread.id)
+            found.append(cpus)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return found

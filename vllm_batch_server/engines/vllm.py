@@ -35,7 +35,7 @@ from argparse import Namespace
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from vllm_batch_server.engines import model_files, residency, vllm_compat, vllm_metrics
+from vllm_batch_server.engines import cpu_cores, model_files, residency, vllm_compat, vllm_metrics
 from vllm_batch_server.engines.base import (
     CHAT,
     COMPLETIONS,
@@ -221,6 +221,28 @@ def import_vllm_in_background() -> threading.Thread:
     return _importing
 
 
+_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+_SPAWN_ENVIRONMENT = threading.Lock()
+_core_shares: dict[tuple[int, int], cpu_cores.CoreShares] = {}  # (resident models, workers each) -> shares
+
+
+def _cpu_share(engine: object, settings: Settings) -> str | None:
+    """The CPU cores `engine` computes on, when several resident models share a CPU (cpu_cores.py); None to
+    leave the choice to vLLM: one model at a time, a binding the user set, data parallelism, too few cores."""
+    if settings.max_loaded_models <= 1 or os.environ.get(_BIND, "auto") != "auto":
+        return None
+    if (settings.data_parallel_size or 1) > 1:
+        return None
+    key = (settings.max_loaded_models, (settings.tensor_parallel_size or 1) * (settings.pipeline_parallel_size or 1))
+    if key not in _core_shares:
+        binds = cpu_cores.split(cpu_cores.read_topology(), *key)
+        if binds is None:
+            log.info("%d resident models share this machine's CPU cores as vLLM binds them: too few cores to give "
+                     "each its own", settings.max_loaded_models)
+        _core_shares[key] = cpu_cores.CoreShares(binds or [])
+    return _core_shares[key].take(engine)
+
+
 class VLLMEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -232,6 +254,7 @@ class VLLMEngine:
         self._data_parallel = settings.data_parallel_size or 1
         self._inflight = InFlight()
         self._set_env: list[str] = []
+        self._cores: str | None = None  # the CPU cores its worker computes on, when the server chose them
         self._request_models: dict[str, _RequestModel] = {}
         self._priority_scheduling = False  # as the loaded engine was configured
         # Measured, for logs and benchmarks.
@@ -265,7 +288,7 @@ class VLLMEngine:
             # weights and profile memory (tens of seconds).
             engine_args, frontend = await asyncio.to_thread(self._build_args, resolved)
             await asyncio.to_thread(self._prepare_environment, resolved)
-            self._llm = await self._create_llm_in_thread(engine_args)
+            self._llm = await self._create_llm_in_thread(engine_args, self._cores)
             self._serving = await self._init_serving(self._llm, frontend)
         except EngineError:
             await self.stop()
@@ -284,6 +307,9 @@ class VLLMEngine:
         log.info("vLLM loaded %s in %.1f s (max_num_seqs=%d, capacity=%d, scheduling=%s; %d objects frozen out "
                  "of garbage collection)", model, self.last_start_seconds, self._max_num_seqs, self.capacity,
                  "priority" if self._priority_scheduling else "fcfs", frozen)
+        if self._cores is not None:
+            log.info("model %s computes on CPU cores %s (VLLM_CPU_OMP_THREADS_BIND), its share beside the other "
+                     "resident models", model, self._cores)
 
     async def stop(self) -> None:
         await self._inflight.end_all()
@@ -304,6 +330,9 @@ class VLLMEngine:
         for name in self._set_env:
             os.environ.pop(name, None)
         self._set_env.clear()
+        for shares in _core_shares.values():
+            shares.give_back(self)
+        self._cores = None
         # The serving objects and the engine client form reference cycles; collect them now so the next
         # model does not start while the previous one's memory is still held (left frozen, as
         # `_freeze_what_is_loaded` left them, they would never be collected).
@@ -616,9 +645,12 @@ class VLLMEngine:
             setdefault("HF_HUB_OFFLINE", "1")
         # The server has threads (uvicorn, aiosqlite): forking it would be unsafe.
         setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        if is_cpu_platform():
+            self._cores = _cpu_share(self, self.settings)
 
-    async def _create_llm_in_thread(self, engine_args: Any) -> AsyncLLM:
-        building = asyncio.ensure_future(asyncio.to_thread(self._create_llm, engine_args))
+
+    async def _create_llm_in_thread(self, engine_args: Any, cores: str | None) -> AsyncLLM:
+        building = asyncio.ensure_future(asyncio.to_thread(self._create_llm, engine_args, cores))
         try:
             return await asyncio.shield(building)
         except asyncio.CancelledError:
@@ -642,15 +674,28 @@ class VLLMEngine:
         return vllm_config
 
     @classmethod
-    def _create_llm(cls, engine_args: Any) -> AsyncLLM:
+    def _create_llm(cls, engine_args: Any, cores: str | None = None) -> AsyncLLM:
         usage_context = vllm_compat.load("UsageContext")
         vllm_config = cls._engine_config(engine_args)
-        llm: AsyncLLM = vllm_compat.load("AsyncLLM").from_vllm_config(
-            vllm_config=vllm_config,
-            usage_context=usage_context.OPENAI_BATCH_RUNNER,
-            enable_log_requests=engine_args.enable_log_requests,
-            disable_log_stats=engine_args.disable_log_stats,
-        )
+        # The engine core process reads VLLM_CPU_OMP_THREADS_BIND from the environment it is spawned with, and
+        # is spawned inside from_vllm_config: the variable is this engine's only while it is built, under a lock
+        # (another engine built at the same time would otherwise be spawned with it).
+        with _SPAWN_ENVIRONMENT:
+            previous = os.environ.get(_BIND)
+            if cores is not None:
+                os.environ[_BIND] = cores
+            try:
+                llm: AsyncLLM = vllm_compat.load("AsyncLLM").from_vllm_config(
+                    vllm_config=vllm_config,
+                    usage_context=usage_context.OPENAI_BATCH_RUNNER,
+                    enable_log_requests=engine_args.enable_log_requests,
+                    disable_log_stats=engine_args.disable_log_stats,
+                )
+            finally:
+                if previous is None:
+                    os.environ.pop(_BIND, None)
+                else:
+                    os.environ[_BIND] = previous
         return llm
 
     @staticmethod
