@@ -264,15 +264,24 @@ def server_queue(args: argparse.Namespace, scratch: Path, name: str,
         try:
             began = time.perf_counter()
             batch_ids = [api.create_batch(api.upload(path), w.endpoint)["id"] for w, path in files]
-            batches, done_at = [], []
-            for (w, _), batch_id in zip(files, batch_ids, strict=True):
-                batch = api.wait(batch_id, poll=0.25)
-                if batch["status"] != "completed":
-                    raise RuntimeError(f"queue batch {w.name} ended {batch['status']}: {batch.get('errors')}")
-                api.download(batch["output_file_id"], scratch / f"{name}-{w.name}.out.jsonl")
-                batches.append(batch)
-                done_at.append(time.perf_counter() - began)
-            wall = time.perf_counter() - began
+            # Each file's end as it happens (the files are watched together, not waited for in order: a file
+            # done early would otherwise be timed when the ones before it are), downloaded at once, as a user
+            # would take each output.
+            ended: dict[str, tuple[dict[str, Any], float]] = {}
+            while len(ended) < len(batch_ids):
+                for (w, _), batch_id in zip(files, batch_ids, strict=True):
+                    if batch_id in ended:
+                        continue
+                    batch = api.batch(batch_id)
+                    if batch["status"] in ("failed", "expired", "cancelled"):
+                        raise RuntimeError(f"queue batch {w.name} ended {batch['status']}: {batch.get('errors')}")
+                    if batch["status"] == "completed":
+                        api.download(batch["output_file_id"], scratch / f"{name}-{w.name}.out.jsonl")
+                        ended[batch_id] = (batch, time.perf_counter() - began)
+                time.sleep(0.25)
+            wall = max(done for _, done in ended.values())
+            batches = [ended[batch_id][0] for batch_id in batch_ids]
+            done_at = [ended[batch_id][1] for batch_id in batch_ids]
         finally:
             api.close()
     finally:

@@ -125,8 +125,9 @@ def test_the_engine_takes_a_share_only_with_several_resident_models(monkeypatch:
 def test_a_binding_the_user_set_is_theirs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     assert vllm_engine._cpu_share(object(), Settings(max_loaded_models=2)) is None
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")  # vLLM's default, said out loud: split
-    assert vllm_engine._cpu_share(object(), Settings(max_loaded_models=2)) == "0"
+    # vLLM's default said out loud: every engine binds as vLLM would alone (the way to opt out of the split).
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    assert vllm_engine._cpu_share(object(), Settings(max_loaded_models=2)) is None
 
 
 @pytest.mark.usefixtures("fresh_shares")

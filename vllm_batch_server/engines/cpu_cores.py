@@ -12,8 +12,10 @@ So with N > 1 resident models on CPU, the server gives each engine a share of it
 process may use (one logical CPU per core, as vLLM picks on x86), in the order of their NUMA node, split into N
 contiguous shares, with one core kept back for the frontend and the engine core processes once there are more
 than two per model. Each engine takes the lowest share no other resident engine holds, for as long as it is
-loaded. A `VLLM_CPU_OMP_THREADS_BIND` the user set (anything but `auto`) is theirs and is used as it is; so is
-one model at a time (vLLM's own choice), and a machine with fewer cores than models (nothing to split).
+loaded. The price: one model running alone computes on its share only (on 2 cores nothing is lost: vLLM's own
+choice there is one core too). A `VLLM_CPU_OMP_THREADS_BIND` the user set is theirs and is used as it is for
+every engine (`auto`: each binds as vLLM would alone, for machines that mostly run one model at a time); one
+model at a time is left to vLLM, and so is a machine with fewer cores than models (nothing to split).
 
 The topology is read from sysfs and passed in, so the arithmetic is tested on any machine.
 """

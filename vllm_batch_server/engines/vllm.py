@@ -229,7 +229,7 @@ _core_shares: dict[tuple[int, int], cpu_cores.CoreShares] = {}  # (resident mode
 def _cpu_share(engine: object, settings: Settings) -> str | None:
     """The CPU cores `engine` computes on, when several resident models share a CPU (cpu_cores.py); None to
     leave the choice to vLLM: one model at a time, a binding the user set, data parallelism, too few cores."""
-    if settings.max_loaded_models <= 1 or os.environ.get(_BIND, "auto") != "auto":
+    if settings.max_loaded_models <= 1 or _BIND in os.environ:
         return None
     if (settings.data_parallel_size or 1) > 1:
         return None
