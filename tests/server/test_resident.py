@@ -24,7 +24,7 @@ from tests.ops.test_metrics import scrape, value
 from vllm_batch_server.engines import check_settings
 from vllm_batch_server.engines.base import EngineError
 from vllm_batch_server.engines.echo import EchoEngine
-from vllm_batch_server.queue.engine_owner import EngineOwner, EngineState
+from vllm_batch_server.queue.engine_owner import EngineOwner, EngineState, RetryAlone
 from vllm_batch_server.queue.online import OnlineTraffic
 from vllm_batch_server.settings import Settings, SettingsError
 
@@ -326,6 +326,76 @@ def test_sleep_is_off_by_default_and_an_evicted_model_is_unloaded(tmp_path: Path
         assert "sleep" not in engines[0].calls and len(engines) == 2
 
     asyncio.run(scenario())
+
+
+def refusing_beside_others(engines: list[EchoEngine], model: str, *, even_alone: bool = False) -> Any:
+    """EchoEngine.start, except that `model` fails to load while another engine holds a model (as a model too
+    large for its share of the memory would), or always (`even_alone`)."""
+    real_start = EchoEngine.start
+
+    async def start(self: EchoEngine, name: str) -> None:
+        others = [engine.model for engine in engines if engine is not self and engine.model is not None]
+        if name == model and (others or even_alone):
+            raise EngineError(f"{name} does not fit beside {others}")
+        await real_start(self, name)
+
+    return start
+
+
+def test_a_model_that_cannot_load_beside_the_others_is_loaded_alone_next(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        owner, recorder, engines = owner_with_sleep(tmp_path, max_loaded_models=2)
+        monkeypatch.setattr(EchoEngine, "start", refusing_beside_others(engines, "b"))
+        await bring(owner, "a")
+        with pytest.raises(RetryAlone):  # not the batch's failure yet
+            await bring(owner, "b")
+        assert states(owner) == {"a": "ready"} and owner.load_error is None
+        await bring(owner, "b")  # alone this time: "a" is unloaded first
+        assert states(owner) == {"b": "ready"}
+        assert recorder.events == ["loaded a", "loaded b"]
+        await bring(owner, "a")  # "a" itself loads beside others as before
+        assert states(owner) == {"a": "ready", "b": "ready"}
+
+    asyncio.run(scenario())
+
+
+def test_a_model_that_cannot_load_even_alone_fails_with_the_reason(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        owner, _, engines = owner_with_sleep(tmp_path, max_loaded_models=2)
+        monkeypatch.setattr(EchoEngine, "start", refusing_beside_others(engines, "b", even_alone=True))
+        await bring(owner, "a")
+        with pytest.raises(RetryAlone):
+            await bring(owner, "b")
+        with pytest.raises(EngineError, match="b does not fit"):
+            await bring(owner, "b")
+        assert states(owner) == {}  # "a" was unloaded for the attempt alone
+        assert owner.load_error is not None and "model 'b' could not be loaded" in owner.load_error
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_of_a_model_that_fits_only_alone_completes(app_factory: AppFactory,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the scheduler: the first attempt beside the other model is retried alone, and the batch never
+    sees the failure."""
+    made: list[EchoEngine] = []
+    real_init = EchoEngine.__init__
+
+    def init(self: EchoEngine, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(EchoEngine, "__init__", init)
+    monkeypatch.setattr(EchoEngine, "start", refusing_beside_others(made, "echo-embed"))
+    server = app_factory(extra_args=TWO)
+    client = sdk(server)
+    run(client, chat_lines(5))
+    done = run(client, embed_lines(5), endpoint="/v1/embeddings")
+    assert_exactly_once(client, done, {f"emb-{n}" for n in range(5)})
+    assert health(server)["loaded_models"] == ["echo-embed"]  # loaded alone: the chat model was unloaded
+    assert "could not be loaded beside" in server.log()
 
 
 def test_sleep_through_the_server_shows_in_status_and_metrics(app_factory: AppFactory) -> None:

@@ -116,8 +116,6 @@ class OnlineTraffic:
         # kept longer (see online_control.HOLD_SECONDS).
         self._hold = NARROW_GRACE_SECONDS if self._fixed is not None else HOLD_SECONDS
         self._active = False  # online requests being answered, or answered within the hold
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._widen: asyncio.TimerHandle | None = None
         self.metrics.watch_control(window=self.batch_window, full=self.full_window,
                                    controller_window=self.controller_window,
@@ -189,7 +187,6 @@ class OnlineTraffic:
             return None
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
-        self._idle.clear()
         if self._widen is not None:
             self._widen.cancel()
             self._widen = None
@@ -210,7 +207,6 @@ class OnlineTraffic:
             self.control.observe(Sample(model, endpoint, seconds / max(1, tokens), admission.batch_in_flight, idle))
             self.metrics.controlled(self.control)
         if self.in_flight == 0:
-            self._idle.set()
             self._widen = asyncio.get_running_loop().call_later(self._hold, self._widen_now)
         self._apply()
 
@@ -230,12 +226,3 @@ class OnlineTraffic:
         if self.in_flight == 0:
             self._active = False
             self._apply()
-
-    async def drained(self, timeout: float) -> bool:
-        """Wait until no online request is in flight (or `timeout` passed); whether none is."""
-        waiter = asyncio.ensure_future(self._idle.wait())
-        try:
-            await asyncio.wait([waiter], timeout=timeout)
-        finally:
-            waiter.cancel()
-        return self.in_flight == 0
