@@ -6,9 +6,10 @@ before it ran). Given a batch and its earlier retries, a request that succeeded 
 not retried again.
 
 The new input file is built by streaming the given batches' input files line by line, copying the lines of
-failed requests byte for byte; only the custom_ids are held in memory (as resume does). It is written to a
-temporary file, fsynced and renamed into place like an upload, and then registered; the batch is created
-through the scheduler like any other, with `metadata.retry_of` naming the batches it retries.
+failed requests byte for byte; which lines those are is found by sorting custom_ids on disk (failed_lines.py),
+so memory does not grow with the batches. It is written to a temporary file, fsynced and renamed into place
+like an upload, and then registered; the batch is created through the scheduler like any other, with
+`metadata.retry_of` naming the batches it retries.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_batch_server.results.failed_lines import TooMany, failed_lines
 from vllm_batch_server.statuses import TERMINAL, BatchStatus
 from vllm_batch_server.store import jsonl
 from vllm_batch_server.store.blobs import Blobs
@@ -79,30 +81,28 @@ def write_retry_input(sources: list[Source], blobs: Blobs, max_lines: int, file_
     """Write the request lines of the failed requests, in the order of the batches given and of their inputs,
     as the file `file_id` (durably: fsync, rename, fsync the directory); returns (lines, bytes). Nothing is
     published when no request failed. Blocking: run it in a worker thread."""
-    succeeded: set[str] = set()
-    for source in sources:
-        if source.output_path is not None:
-            succeeded |= jsonl.custom_ids_in(source.output_path, source.output_path.stat().st_size)
+    try:
+        chosen = failed_lines([source.input_path for source in sources],
+                              [source.output_path for source in sources], max_lines, blobs.tmp_dir)
+    except TooMany:
+        raise RetryError(400, f"More than {max_lines} requests failed in these batches, more than one batch may "
+                         "hold; retry fewer batches at once.", "too_many_requests") from None
     path = blobs.tmp_dir / f"retry-{secrets.token_hex(8)}"
-    written: set[str] = set()
-    size = 0
+    lines = size = 0
     out = open(path, "wb")  # noqa: SIM115 - closed by publish, or below
     try:
-        for source in sources:
-            for _, raw in jsonl.iter_raw_lines(source.input_path):
-                custom_id = jsonl.loads(raw)["custom_id"]
-                if custom_id in succeeded or custom_id in written:
-                    continue
-                if len(written) >= max_lines:
-                    raise RetryError(400, f"More than {max_lines} requests failed in these batches, more than one "
-                                     "batch may hold; retry fewer batches at once.", "too_many_requests")
-                out.write(raw + b"\n")
-                size += len(raw) + 1
-                written.add(custom_id)
-        if written:
+        for source, lines_of in zip(sources, chosen, strict=True):
+            if not lines_of:
+                continue
+            for line, raw in jsonl.iter_raw_lines(source.input_path):
+                if line in lines_of:
+                    out.write(raw + b"\n")
+                    size += len(raw) + 1
+                    lines += 1
+        if lines:
             blobs.publish(out, path, blobs.file_path(file_id))
     finally:
         if not out.closed:
             out.close()
         path.unlink(missing_ok=True)
-    return len(written), size
+    return lines, size

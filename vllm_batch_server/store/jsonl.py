@@ -148,11 +148,6 @@ def iter_custom_ids(path: Path, size: int) -> Iterator[str]:
             yield custom_id_of(raw)
 
 
-def custom_ids_in(path: Path, size: int) -> set[str]:
-    """The custom_ids of the whole result lines in the first `size` bytes of `path`."""
-    return set(iter_custom_ids(path, size))
-
-
 _CUSTOM_ID_KEY = b'"custom_id":'
 _scan = json.JSONDecoder().raw_decode
 
