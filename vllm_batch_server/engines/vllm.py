@@ -229,9 +229,9 @@ _core_shares: dict[tuple[int, int], cpu_cores.CoreShares] = {}  # (resident mode
 def _cpu_share(engine: object, settings: Settings) -> str | None:
     """The CPU cores `engine` computes on, when several resident models share a CPU (cpu_cores.py); None to
     leave the choice to vLLM: one model at a time, a binding the user set, data parallelism, too few cores."""
-    if settings.max_loaded_models <= 1 or _BIND in os.environ:
-        return None
-    if (settings.data_parallel_size or 1) > 1:
+    with _SPAWN_ENVIRONMENT:  # not the value another engine's build has set for itself meanwhile
+        user_set = _BIND in os.environ
+    if settings.max_loaded_models <= 1 or user_set or (settings.data_parallel_size or 1) > 1:
         return None
     key = (settings.max_loaded_models, (settings.tensor_parallel_size or 1) * (settings.pipeline_parallel_size or 1))
     if key not in _core_shares:
@@ -647,7 +647,6 @@ class VLLMEngine:
         setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         if is_cpu_platform():
             self._cores = _cpu_share(self, self.settings)
-
 
     async def _create_llm_in_thread(self, engine_args: Any, cores: str | None) -> AsyncLLM:
         building = asyncio.ensure_future(asyncio.to_thread(self._create_llm, engine_args, cores))
