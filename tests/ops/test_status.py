@@ -54,7 +54,7 @@ def test_status_has_the_contracts_shape_and_follows_a_batch(app_factory: AppFact
     assert any(now["queue"]["in_progress"] == 1 and now["engine"]["state"] == "ready"
                and now["engine"]["model"] == "echo-model" and now["running"] == [batch.id]
                and now["engine"]["loaded_models"] == [{"model": "echo-model", "state": "ready", "running": [batch.id],
-                                                       "kv_cache_usage": None}]
+                                                       "kv_cache_usage": None, "cpu_cores": None}]
                for now in samples), samples
     # The busiest answer may come as the batch ends (the rate covers the last seconds, while the counts move
     # to completed), so it is judged on its rate alone.
@@ -73,7 +73,8 @@ def test_ready_on_a_healthy_server_and_preload_loads_before_serving(app_factory:
     # /health answered, so start-up is over: the engine was loaded before the server listened.
     assert get_status(server)["engine"] == {
         "kind": "echo", "state": "ready", "model": "echo-model", "kv_cache_usage": None, "max_loaded_models": 1,
-        "loaded_models": [{"model": "echo-model", "state": "ready", "running": [], "kv_cache_usage": None}]}
+        "loaded_models": [{"model": "echo-model", "state": "ready", "running": [], "kv_cache_usage": None,
+                           "cpu_cores": None}]}
     assert get_ready(server) == (200, {"ready": True, "reasons": []})
 
 

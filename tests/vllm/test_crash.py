@@ -77,6 +77,10 @@ def test_kill_9_mid_batch_then_restart_yields_every_request_exactly_once(model_c
         loaded = httpx.get(server.root_url + "/status", timeout=30).json()["engine"]["loaded_models"]
         assert sorted((entry["model"], entry["state"]) for entry in loaded) == [(EMBED_MODEL, "ready"),
                                                                                   (CHAT_MODEL, "ready")]
+        if cpu_cores.split(cpu_cores.read_topology(), 2) is not None:
+            # /status names each model's cores: after the restart too, a share each.
+            assert sorted(entry["cpu_cores"] for entry in loaded) == sorted(cpu_cores.split(
+                cpu_cores.read_topology(), 2) or []), loaded
         # Each model was loaded once before the kill and once after it, side by side: never unloaded.
         log = server.log_path.read_text(errors="replace")
         assert log.count(f"vLLM loaded {CHAT_MODEL}") == 2 and log.count(f"vLLM loaded {EMBED_MODEL}") == 2

@@ -278,7 +278,10 @@ SCHEMAS: dict[str, Any] = {
                                   "model": {"type": "string"},
                                   "state": {"enum": ["loading", "ready", "failed", "asleep"]},
                                   "running": {"type": "array", "items": {"type": "string"}},
-                                  "kv_cache_usage": {"type": ["number", "null"]}}}}}},
+                                  "kv_cache_usage": {"type": ["number", "null"]},
+                                  "cpu_cores": {"type": ["string", "null"], "description":
+                                                "the CPU cores its engine computes on, when the server split them "
+                                                "between resident models (VLLM_CPU_OMP_THREADS_BIND's form)"}}}}}},
             "queue": {"type": "object", "required": ["validating", "in_progress", "paused"], "properties": {
                 "validating": {"type": "integer"}, "in_progress": {"type": "integer"},
                 "paused": {"type": "array", "items": {"type": "object", "required": ["id", "reason"], "properties": {

@@ -102,6 +102,8 @@ async def status(ctx: Context) -> dict[str, Any]:
         "running": running_on.get(id(slot), []),
         "kv_cache_usage": (vllm_kv_cache_usage(slot.model) if vllm and slot.state is EngineState.READY
                            else None),
+        # The cores its worker is pinned to when several resident models split a CPU (engines/cpu_cores.py).
+        "cpu_cores": getattr(slot.engine, "cpu_cores", None),
     } for slot in owner.resident()]
     return {
         "object": "server.status",

@@ -273,6 +273,12 @@ class VLLMEngine:
     def model(self) -> str | None:
         return self._model
 
+    @property
+    def cpu_cores(self) -> str | None:
+        """The CPU cores this engine's worker computes on, when the server chose them for several resident
+        models (cpu_cores.py); None when vLLM chose (one model, a GPU, a binding the user set)."""
+        return self._cores if self._llm is not None else None
+
     async def start(self, model: str) -> None:
         if self._model == model and self._llm is not None and not self._llm.errored:
             return
