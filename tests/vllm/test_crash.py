@@ -31,6 +31,7 @@ def test_kill_9_mid_batch_then_restart_yields_every_request_exactly_once(model_c
                                                                         tmp_path: Path) -> None:
     # A small window and frequent checkpoints: the kill lands with some results committed and others in
     # flight inside vLLM, which is the case that must neither lose nor duplicate a line.
+    shares = cpu_cores.split(cpu_cores.read_topology(), 2)  # None on fewer than two physical cores
     server = start_vllm_server(tmp_path / "data", "--window", "8", "--checkpoint-every", "4",
                                "--max-loaded-models", "2", "--preload", timeout=BATCH_TIMEOUT)
     try:
@@ -50,7 +51,7 @@ def test_kill_9_mid_batch_then_restart_yields_every_request_exactly_once(model_c
                              until=lambda b: b.request_counts is not None and b.request_counts.completed >= 8)
         running = client.batches.retrieve(batch.id)
         assert running.status == embedding.status == "in_progress", (running, embedding)
-        if cpu_cores.split(cpu_cores.read_topology(), 2) is not None:  # two physical cores or more
+        if shares is not None:
             # Each resident model computes on cores of its own (engines/cpu_cores.py), not both on vLLM's pick.
             pinned = workers_cores(server)
             assert len(pinned) == 2 and not set.intersection(*pinned), pinned
@@ -77,10 +78,9 @@ def test_kill_9_mid_batch_then_restart_yields_every_request_exactly_once(model_c
         loaded = httpx.get(server.root_url + "/status", timeout=30).json()["engine"]["loaded_models"]
         assert sorted((entry["model"], entry["state"]) for entry in loaded) == [(EMBED_MODEL, "ready"),
                                                                                   (CHAT_MODEL, "ready")]
-        if cpu_cores.split(cpu_cores.read_topology(), 2) is not None:
+        if shares is not None:
             # /status names each model's cores: after the restart too, a share each.
-            assert sorted(entry["cpu_cores"] for entry in loaded) == sorted(cpu_cores.split(
-                cpu_cores.read_topology(), 2) or []), loaded
+            assert sorted(entry["cpu_cores"] for entry in loaded) == sorted(shares), loaded
         # Each model was loaded once before the kill and once after it, side by side: never unloaded.
         log = server.log_path.read_text(errors="replace")
         assert log.count(f"vLLM loaded {CHAT_MODEL}") == 2 and log.count(f"vLLM loaded {EMBED_MODEL}") == 2
